@@ -1,0 +1,54 @@
+"""What every numbered script shares: `--config FILE`, `--set key=value` overrides, printing the resolved
+config once, and turning a `UserError` into one clear paragraph with exit code 2 instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from lib.config import Config, dump_yaml, load_config
+from lib.errors import UserError
+
+DEFAULT_CONFIG = "config/default.yaml"
+
+
+def config_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config file (default: {DEFAULT_CONFIG})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value with a dotted key, e.g. --set tokenizer.vocab_size=4096 (repeatable)")
+    p.add_argument("--quiet-config", action="store_true", help="do not print the resolved config")
+    return p
+
+
+def run_main(fn: Callable[[], int | None]) -> int:
+    """Call fn; a UserError becomes `error: <message>` on stderr and exit code 2; Ctrl+C exit code 130."""
+    try:
+        return fn() or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def stage_main(description: str, run: Callable[[Config, argparse.Namespace], int | None],
+               argv: list[str] | None = None, add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """The body of a numbered stage script: parse args, load + print the config, run the stage."""
+    parser = config_parser(description)
+    if add_args:
+        add_args(parser)
+    args = parser.parse_args(argv)
+
+    def body():
+        cfg = load_config(args.config, args.overrides)
+        if not args.quiet_config:
+            print(f"# resolved config ({args.config}{' + ' + ', '.join(args.overrides) if args.overrides else ''})")
+            print(dump_yaml(cfg), flush=True)
+        return run(cfg, args)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    return run_main(body)
