@@ -92,6 +92,8 @@ def stage_output(cfg: Config, stage: str):
     """
     final = stage_dir(cfg, stage)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed run (kill -9 skips cleanup)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     extra: dict = {}
     start = time.time()

@@ -1,0 +1,119 @@
+# Models at Home — the pipeline DAG.
+#
+#   snakemake --cores all                                  # the embedded demo (config/default.yaml)
+#   snakemake --cores all --configfile config/smoke.yaml   # any other config file
+#   snakemake --cores all tokens                           # stop after a stage (targets: data, tokenizer, tokens, ...)
+#
+# Every stage writes artifacts/<NN_stage>/<hash>/ where <hash> covers only that stage's own config section, the
+# hashes of the stages it reads and a format version (lib/config.py). Editing one section reruns that stage and
+# what depends on it; reverting the edit finds the old directories again, so nothing runs. A directory is complete
+# iff its manifest.json exists, and that file is each rule's declared output.
+#
+# The config file is deliberately NOT a rule input: its mtime would rerun everything on any edit. The hashes in the
+# output paths carry the config instead. Each rule's own script is an input, so editing a script reruns its stage.
+
+import sys
+
+from lib.config import load_config, stage_dir
+
+CONFIG_FILE = workflow.overwrite_configfiles[-1] if workflow.overwrite_configfiles else "config/default.yaml"
+CFG = load_config(CONFIG_FILE)  # validates: a bad config stops here with the key and what was expected
+PY = sys.executable
+LOGS = f"{CFG.artifacts_dir}/logs"
+
+
+def done(stage):
+    """The declared output of a stage: its manifest, written last."""
+    return f"{stage_dir(CFG, stage)}/manifest.json"
+
+
+def log(stage):
+    return f"{LOGS}/{stage}/{stage_dir(CFG, stage).name}.log"
+
+
+def bench(stage):
+    return f"{LOGS}/{stage}/{stage_dir(CFG, stage).name}.benchmark.tsv"
+
+
+rule all:
+    input:
+        done("03_pretrain"),
+
+
+rule data:
+    input:
+        done("01_data"),
+
+
+rule tokenizer:
+    input:
+        done("02_tokenizer"),
+
+
+rule tokens:
+    input:
+        done("02_tokens"),
+
+
+rule pretrained:
+    input:
+        done("03_pretrain"),
+
+
+rule prepare_data:
+    input:
+        script="01_prepare_data.py",
+    output:
+        manifest=done("01_data"),
+    log:
+        log("01_data"),
+    benchmark:
+        bench("01_data")
+    shell:
+        "{PY} {input.script} --config {CONFIG_FILE} > {log} 2>&1"
+
+
+rule train_tokenizer:
+    input:
+        script="02_train_tokenizer.py",
+        data=[done(s) for s in ("01_data",) if not CFG.tokenizer.pretrained],
+    output:
+        manifest=done("02_tokenizer"),
+    log:
+        log("02_tokenizer"),
+    benchmark:
+        bench("02_tokenizer")
+    shell:
+        "{PY} {input.script} --config {CONFIG_FILE} > {log} 2>&1"
+
+
+rule encode_corpus:
+    input:
+        script="02_train_tokenizer.py",
+        data=done("01_data"),
+        tokenizer=done("02_tokenizer"),
+    output:
+        manifest=done("02_tokens"),
+    log:
+        log("02_tokens"),
+    benchmark:
+        bench("02_tokens")
+    threads: workflow.cores
+    shell:
+        "RAYON_NUM_THREADS={threads} {PY} {input.script} --config {CONFIG_FILE} --encode > {log} 2>&1"
+
+
+rule pretrain:
+    input:
+        script="03_pretrain.py",
+        tokens=done("02_tokens"),
+        tokenizer=done("02_tokenizer"),
+    output:
+        manifest=done("03_pretrain"),
+    log:
+        log("03_pretrain"),
+    benchmark:
+        bench("03_pretrain")
+    threads: workflow.cores
+    shell:
+        "OMP_NUM_THREADS={threads} {PY} {input.script} --config {CONFIG_FILE} > {log} 2>&1"

