@@ -13,13 +13,23 @@
 # output paths carry the config instead. Each rule's own script is an input, so editing a script reruns its stage.
 
 import sys
+from pathlib import Path
 
 from lib.config import load_config, stage_dir
 
-CONFIG_FILE = workflow.overwrite_configfiles[-1] if workflow.overwrite_configfiles else "config/default.yaml"
+SRC = Path(workflow.basedir)  # the scripts live beside this file; artifacts go to the working directory
+DEFAULT_CONFIG = "config/default.yaml" if Path("config/default.yaml").is_file() else str(SRC / "config/default.yaml")
+CONFIG_FILE = workflow.overwrite_configfiles[-1] if workflow.overwrite_configfiles else DEFAULT_CONFIG
 CFG = load_config(CONFIG_FILE)  # validates: a bad config stops here with the key and what was expected
 PY = sys.executable
+
+
+def script(name):
+    return str(SRC / name)
 LOGS = f"{CFG.artifacts_dir}/logs"
+
+
+ENV = "envs/pipeline.yaml"
 
 
 def done(stage):
@@ -62,20 +72,25 @@ rule pretrained:
 
 rule prepare_data:
     input:
-        script="01_prepare_data.py",
+        script=script("01_prepare_data.py"),
     output:
         manifest=done("01_data"),
     log:
         log("01_data"),
     benchmark:
         bench("01_data")
+    params:
+        py=PY,
+        config=CONFIG_FILE,
+    conda:
+        ENV
     shell:
-        "{PY} {input.script} --config {CONFIG_FILE} > {log} 2>&1"
+        "{params.py} {input.script} --config {params.config} > {log} 2>&1"
 
 
 rule train_tokenizer:
     input:
-        script="02_train_tokenizer.py",
+        script=script("02_train_tokenizer.py"),
         data=[done(s) for s in ("01_data",) if not CFG.tokenizer.pretrained],
     output:
         manifest=done("02_tokenizer"),
@@ -83,13 +98,18 @@ rule train_tokenizer:
         log("02_tokenizer"),
     benchmark:
         bench("02_tokenizer")
+    params:
+        py=PY,
+        config=CONFIG_FILE,
+    conda:
+        ENV
     shell:
-        "{PY} {input.script} --config {CONFIG_FILE} > {log} 2>&1"
+        "{params.py} {input.script} --config {params.config} > {log} 2>&1"
 
 
 rule encode_corpus:
     input:
-        script="02_train_tokenizer.py",
+        script=script("02_train_tokenizer.py"),
         data=done("01_data"),
         tokenizer=done("02_tokenizer"),
     output:
@@ -99,13 +119,18 @@ rule encode_corpus:
     benchmark:
         bench("02_tokens")
     threads: workflow.cores
+    params:
+        py=PY,
+        config=CONFIG_FILE,
+    conda:
+        ENV
     shell:
-        "RAYON_NUM_THREADS={threads} {PY} {input.script} --config {CONFIG_FILE} --encode > {log} 2>&1"
+        "RAYON_NUM_THREADS={threads} {params.py} {input.script} --config {params.config} --encode > {log} 2>&1"
 
 
 rule pretrain:
     input:
-        script="03_pretrain.py",
+        script=script("03_pretrain.py"),
         tokens=done("02_tokens"),
         tokenizer=done("02_tokenizer"),
     output:
@@ -115,5 +140,10 @@ rule pretrain:
     benchmark:
         bench("03_pretrain")
     threads: workflow.cores
+    params:
+        py=PY,
+        config=CONFIG_FILE,
+    conda:
+        ENV
     shell:
-        "OMP_NUM_THREADS={threads} {PY} {input.script} --config {CONFIG_FILE} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.py} {input.script} --config {params.config} > {log} 2>&1"

@@ -216,15 +216,42 @@ class ExportConfig:
 
 @dataclass
 class CheckConfig:
+    """05_check: what a model needs and whether it fits this machine (no weights are downloaded or read)."""
+
+    # inference estimates: batch and context (None = the model's own context length) for KV cache + activations
     batch_size: int = field(default=1, metadata=_range(1))
     seq_len: Optional[int] = field(default=None, metadata=_range(1))
+    # training estimates (LoRA and full fine-tuning) at this batch x sequence length, and the LoRA rank assumed
+    train_batch_size: int = field(default=8, metadata=_range(1))
+    train_seq_len: int = field(default=512, metadata=_range(1))
+    lora_rank: int = field(default=16, metadata=_range(1))
+    # hub ids: the revision to check (None = main) and a file holding an access token for private/gated models.
+    # HF_TOKEN in the environment wins over the file. Never put the token itself into a config file: configs
+    # are hashed and copied into manifests.
+    revision: Optional[str] = None
+    hf_token_file: Optional[str] = None
+    # seconds before a hub request gives up (offline machines fail fast instead of hanging)
+    hub_timeout_s: float = field(default=10.0, metadata=_range(0.1, 600.0))
 
 
 @dataclass
 class InstallConfig:
+    """06_install: a self-contained model folder under models_dir."""
+
+    # where installed models live. Left at this default, the directory set with `06_install.py config DIR`
+    # (if any) is used instead; `--models-dir` beats both (see lib.install.models_dir_for)
     models_dir: str = "~/LLM/models"
+    # install name (None: derived from the model: owner_name for a hub id, the folder or file name otherwise)
+    name: Optional[str] = None
+    # create an isolated venv inside the install (with --system-site-packages, so present packages are reused)
     venv: bool = False
+    # replace an existing install of the same name without asking
     force: bool = False
+    # load the installed model on CPU and generate a few tokens before declaring the install complete
+    post_test: bool = True
+    post_test_tokens: int = field(default=8, metadata=_range(1, 256))
+    # allow models whose config asks for custom Python code (auto_map); off: such models are refused
+    trust_remote_code: bool = False
 
 
 @dataclass

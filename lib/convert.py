@@ -60,6 +60,10 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in [tmp, *tmp.iterdir()]:  # mkdtemp and safetensors make private files; these are ordinary ones
+            os.chmod(p, (0o755 if p.is_dir() else 0o644) & ~umask)
         if out_dir.exists():  # an empty directory (checked above)
             out_dir.rmdir()
         os.replace(tmp, out_dir)

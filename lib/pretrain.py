@@ -103,9 +103,9 @@ def make_accelerator(precision: str, cpu_only: bool):
 
 def sampler(tokenizer, prompts: list[str], max_new_tokens: int, seed: int):
     """A function that samples a continuation of each prompt (logged at every eval)."""
-    from lib.generate import SamplingParams, generate
-
     def sample(model) -> list[str]:
+        from lib.generate import SamplingParams, generate
+
         was_training = model.training
         model.eval()
         out = []
@@ -159,7 +159,9 @@ def run_pretrain(cfg: Config) -> Path:
     torch.manual_seed(cfg.seed)
     model = HomeLLM(args)  # phase 1 always starts from random weights
     if t.grad_checkpointing:
-        model.gradient_checkpointing = True
+        model.set_grad_checkpointing(True)
+    if t.compile:  # compile the forward only, so state_dict names stay Llama's (no _orig_mod. prefix)
+        model.forward = torch.compile(model.forward)
     accelerator.print(f"model: {args} — {model.num_params() / 1e6:.2f}M parameters")
     world = accelerator.num_processes
     windows = dict(dtype=meta["dtype"], seq_len=t.seq_len, batch_size=t.batch_size, grad_accum=t.grad_accum,
@@ -170,8 +172,9 @@ def run_pretrain(cfg: Config) -> Path:
     result = fit(model, train, val, t, work, seed=cfg.seed, accelerator=accelerator, precision_note=note,
                  world_batch_tokens=t.batch_size * t.seq_len * t.grad_accum * world,
                  flops_per_token=model.estimate_flops_per_token(t.seq_len),
-                 bytes_per_token=meta.get("bytes_per_token"),
-                 sample_fn=sampler(tokenizer, t.sample_prompts, t.sample_tokens, cfg.seed), config_name="pretrain")
+                 bytes_per_token=meta["val_bytes_per_token"],
+                 sample_fn=sampler(tokenizer, t.sample_prompts, t.sample_tokens, cfg.seed) if t.sample_prompts else None,
+                 config_name="pretrain")
     final = stage_dir(cfg, "03_pretrain")
     if not accelerator.is_main_process:
         return final

@@ -251,8 +251,8 @@ def read_jsonl(path: Path, field: str, bad: BadRecords) -> Iterator[str]:
                 if line.isspace():
                     continue
                 hint = " - the line looks truncated" if not line.endswith("\n") else ""
-                bad(f"{path}:{lineno}", f"invalid JSON ({e.msg} at column {e.colno}{hint}); expected one JSON "
-                    f"object per line with a {field!r} field")
+                bad(f"{path}:{lineno}", f"invalid JSON: {e.msg} (column {e.colno}){hint}; expected one JSON object "
+                    f"per line with a {field!r} field")
                 continue
             text = _get_field(rec, field, f"{path}:{lineno}", bad)
             if text is not None:
@@ -500,13 +500,13 @@ def read_chitchat(path: Path, bad: BadRecords) -> Iterator[str]:
                 '{"messages": [[{"text": ...}, ...], ...]}')
 
 
-def read_hf(src: SourceConfig, key: str, bad: BadRecords) -> Iterator[str]:
-    """A hub dataset streamed with `datasets` (nothing is downloaded in full)."""
+def read_hf(src: SourceConfig, name: str, key: str, bad: BadRecords) -> Iterator[str]:
+    """A hub dataset (or a local dataset directory) streamed with `datasets`: nothing is downloaded in full."""
     import datasets
 
     label = f"{src.name}{'/' + src.subset if src.subset else ''} split {src.split!r}"
     try:
-        ds = datasets.load_dataset(src.name, src.subset, split=src.split, streaming=True)
+        ds = datasets.load_dataset(name, src.subset, split=src.split, streaming=True)
         for i, rec in enumerate(ds):
             text = _get_field(rec, src.text_field, f"{key} ({label}) record {i + 1}", bad)
             if text is not None:
@@ -550,8 +550,11 @@ def open_source(src: SourceConfig, index: int, base_dir: str, bad: BadRecords, m
             raise UserError(f"{key}: type 'chitchat' needs the chitchat-dataset package (pip install chitchat-dataset==0.9.0)")
         return lambda: read_chitchat(path, bad)
     if src.type == "hf":
-        check_hub_reachable(src.name, key)
-        return lambda: read_hf(src, key, bad)
+        local = Path(src.name).expanduser()
+        local = local if local.is_absolute() else Path(base_dir) / local
+        name = str(local) if local.is_dir() else src.name  # a local dataset directory, relative to the config
+        check_hub_reachable(name, key)
+        return lambda: read_hf(src, name, key, bad)
     assert src.type == "files", src.type
     files = resolve_files(src.path, base_dir, f"{key}.path")
 

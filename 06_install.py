@@ -1,0 +1,51 @@
+"""Stage 06: install a model as a portable, self-contained folder (model/, model_info.json, config.yaml,
+start.sh, install.log, SHA256SUMS), and manage installed models.
+
+    python 06_install.py install --config config/default.yaml      # this pipeline's export, as "homellm"
+    python 06_install.py install path/to/hf_model_dir --name mymodel
+    python 06_install.py install ~/Downloads/model.Q4_K_M.gguf      # converted to safetensors on the way
+    python 06_install.py install HuggingFaceTB/SmolLM2-135M-Instruct --venv   # hub id: needs network
+    python 06_install.py list
+    python 06_install.py info mymodel
+    python 06_install.py remove mymodel
+    python 06_install.py config ~/LLM/models                        # show (no argument) or set the models dir
+
+Models go to ~/LLM/models/<name> unless --models-dir, install.models_dir in the config, or `config DIR` say
+otherwise. The model is checked first (05_check's report is reused when current) and refused if it cannot run
+here. An existing install is replaced only after a yes, or with --force.
+"""
+
+from lib.cli import config_parser, run_main
+from lib.config import dump_yaml, load_config
+from lib.install import run_command
+
+COMMANDS = ("install", "list", "info", "remove", "config")
+
+
+def main(argv=None) -> int:
+    parser = config_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=COMMANDS, help="what to do")
+    parser.add_argument("target", nargs="?", default=None,
+                        help="install: model dir, .gguf file or hub id (default: the pipeline's export); "
+                             "info/remove: an installed name; config: the models dir to set")
+    parser.add_argument("--name", default=None, help="install under this name (default: from the model)")
+    parser.add_argument("--models-dir", default=None, help="where installed models live (default: ~/LLM/models)")
+    parser.add_argument("--force", action="store_true", help="replace an existing install / remove without asking")
+    parser.add_argument("--yes", action="store_true", help="remove without asking")
+    parser.add_argument("--venv", action="store_true", help="create an isolated venv inside the install")
+    parser.add_argument("--no-test", action="store_true", help="skip the post-install load-and-generate test")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a model whose config asks for its own Python code (off by default)")
+    args = parser.parse_args(argv)
+
+    def body():
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "install" and not args.quiet_config:
+            print(f"# resolved config ({args.config})\n{dump_yaml(cfg)}", flush=True)
+        return run_command(cfg, args)
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

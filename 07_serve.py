@@ -1,0 +1,31 @@
+"""Stage 07 — serve a model: Gradio chat UI + OpenAI-compatible API in one process, or chat in the terminal.
+
+    python 07_serve.py                                   # the latest pipeline model on http://127.0.0.1:7860/
+    python 07_serve.py --model mymodel                   # an installed model (see 06_install.py)
+    python 07_serve.py --model artifacts/04_sft/<hash>   # any model directory
+    python 07_serve.py --cli                             # chat in the terminal (/reset, /system TEXT, /quit)
+    python 07_serve.py --prompt "Tell me a joke"         # one answer on stdout, for scripts
+    python 07_serve.py --host 0.0.0.0 --api-key SECRET   # reachable from the network, key required
+    python 07_serve.py --set serve.temperature=0.2 --set serve.max_new_tokens=512
+
+The API speaks OpenAI's protocol, so the official client works:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="unused-unless---api-key")
+    client.chat.completions.create(model=client.models.list().data[0].id, messages=[{"role": "user", "content": "Hi"}])
+"""
+
+from lib.cli import config_parser, run_main
+
+
+def main(argv=None) -> int:
+    from lib.serving.server import add_serve_args, serve_command
+
+    parser = config_parser(__doc__.splitlines()[0])
+    add_serve_args(parser)
+    args = parser.parse_args(argv)
+    return run_main(lambda: serve_command(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

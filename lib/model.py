@@ -1,0 +1,566 @@
+"""HomeLLM: our decoder-only transformer, with Llama's parameter names and maths, and HF-format save/load.
+
+What it is for: the model that pretraining and SFT train, that `lib.generate` runs with a KV cache, and that
+leaves every stage as a plain Hugging Face Llama directory (config.json + model.safetensors), so transformers,
+llama.cpp's converter and every other Llama tool load it unchanged. `load_hf` reads any Llama-architecture
+safetensors directory back (our exports, SmolLM2-135M, ...). What it is not: a general HF model zoo.
+
+    args = model_args(cfg.model, vocab_size=8192)     # ModelConfig (preset + overrides) -> ModelArgs
+    model = HomeLLM(args)
+    _, loss = model(idx, targets)                       # idx, targets: (B, T) int64
+    save_hf(model, "out/", bos_token_id=1, eos_token_id=2)
+    model = load_hf("out/")
+
+`python -m lib.model` prints the presets and their parameter counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lib.artifacts import atomic_write_json
+from lib.config import ModelConfig
+from lib.errors import UserError
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets and resolved arguments.
+
+# Structural fields only; everything a preset leaves out comes from ModelConfig's defaults. Parameter counts
+# (printed by `python -m lib.model`; "body" = the transformer blocks without embedding and LM head, "total"
+# with the tied embedding, at vocab 8192 / 32000):
+#   tiny         dim 64,   2 layers,  4 heads (2 kv)    body  0.09M   total  0.61M / 2.14M (tests only)
+#   demo         dim 256,  4 layers,  4 heads           body  3.15M   total  5.24M / 11.3M
+#   512-8-8      dim 512,  8 layers,  8 heads           body  25.7M   total  29.9M / 42.1M
+#   768-12-12    dim 768,  12 layers, 12 heads          body  84.9M   total  91.2M / 109.5M
+#   1024-16-16   dim 1024, 16 layers, 16 heads          body  202.5M  total  210.9M / 235.3M
+# The demo preset is sized so that ~2000 steps of 16 x 256 tokens fit the demo's time budget on a 2-core CPU
+# (see bench/bench_train_step.py --shape demo for the measured step time).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128),
+    "demo": dict(dim=256, n_layers=4, n_heads=4, max_seq_len=256),
+    "512-8-8": dict(dim=512, n_layers=8, n_heads=8, max_seq_len=1024),
+    "768-12-12": dict(dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
+    "1024-16-16": dict(dim=1024, n_layers=16, n_heads=16, max_seq_len=2048),
+}
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Every architectural number, resolved (no None): what HomeLLM is built from and what config.json stores."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int  # usually dim // n_heads; HF checkpoints may set it explicitly
+    ffn_dim: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+
+def default_ffn_dim(dim: int) -> int:
+    """SwiGLU hidden size: 8/3 * dim (same parameter count as a 4*dim GELU MLP), rounded up to a multiple of 64."""
+    return 64 * math.ceil(8 * dim / 3 / 64)
+
+
+def model_args(cfg: ModelConfig, vocab_size: int) -> ModelArgs:
+    """Resolve a ModelConfig (preset + explicit fields) into ModelArgs; UserError names the bad `model.<key>`."""
+    if cfg.preset is not None and cfg.preset not in PRESETS:
+        raise UserError(f"model.preset: unknown preset {cfg.preset!r}; available: {', '.join(PRESETS)} "
+                        "(or null to give dim, n_layers, n_heads and max_seq_len yourself)")
+    base = dict(PRESETS[cfg.preset]) if cfg.preset is not None else {}
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        if getattr(cfg, key) is not None:  # an explicit field beats the preset
+            base[key] = getattr(cfg, key)
+    missing = [k for k in ("dim", "n_layers", "n_heads", "max_seq_len") if k not in base]
+    if missing:
+        raise UserError("model: " + ", ".join(f"model.{k}" for k in missing) + " required when model.preset is null "
+                        f"(or choose a preset: {', '.join(PRESETS)})")
+    dim, n_heads = base["dim"], base["n_heads"]
+    n_kv_heads = base.get("n_kv_heads") or n_heads
+    if dim % n_heads:
+        raise UserError(f"model.n_heads: must divide model.dim ({dim}); got {n_heads}")
+    if (dim // n_heads) % 2:
+        raise UserError(f"model.n_heads: dim / n_heads must be even for rotary embeddings; got {dim} / {n_heads}")
+    if n_kv_heads > n_heads or n_heads % n_kv_heads:
+        raise UserError(f"model.n_kv_heads: must divide model.n_heads ({n_heads}); got {n_kv_heads}")
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise UserError(f"vocab_size: expected a positive integer from the tokenizer, got {vocab_size!r}")
+    return ModelArgs(vocab_size=vocab_size, dim=dim, n_layers=base["n_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     head_dim=dim // n_heads, ffn_dim=base.get("ffn_dim") or default_ffn_dim(dim),
+                     max_seq_len=base["max_seq_len"], rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
+                     tie_embeddings=cfg.tie_embeddings, dropout=cfg.dropout)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The transformer. Parameter names follow transformers' LlamaForCausalLM exactly, so a state_dict is a Llama one.
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Llama's order: normalise in fp32, cast back to the activation dtype, then scale by the weight.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_len, head_dim) in fp32; the frequencies are duplicated (cat(freqs, freqs)) as Llama does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hd/2,)
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, h, T, hd); cos, sin: (T, hd). Llama's rotate_half pairs dimension i with i + hd/2."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.dropout = args.dropout
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, kv=None, start_pos: int = 0):
+        """x: (B, T, dim). kv: this layer's preallocated (k, v) cache buffers (B, n_kv, max_len, hd), or None."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, T > 1
+        if kv is not None:
+            k_buf, v_buf = kv
+            end = start_pos + T
+            k_buf[:, :, start_pos:end] = k
+            v_buf[:, :, start_pos:end] = v
+            k, v = k_buf[:, :, :end], v_buf[:, :, :end]  # (B, nkv, end, hd)
+            if start_pos > 0 and T > 1:
+                # a chunk after cached tokens: query i (absolute position start_pos + i) sees keys 0..start_pos + i
+                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+                causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return F.dropout(self.o_proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.dropout = args.dropout
+        self.gate_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return F.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, kv=None, start_pos: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The `model.` part of a Llama checkpoint: embedding, blocks, final norm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class HomeLLM(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.grad_checkpointing = False
+        self.hf_config: dict = {}  # the config.json a loaded model came from (eos ids etc.); empty when built here
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hd), fp32
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if self.lm_head.weight.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Normal(0, 0.02) everywhere; the projections that write into the residual stream (o_proj, down_proj) get
+        std 0.02 / sqrt(2 * n_layers) so the residual's variance does not grow with depth (GPT-2's scheme).
+        Deterministic given torch's seed."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, std / math.sqrt(2 * self.args.n_layers))
+            else:
+                p.normal_(0.0, std)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, idx, targets=None, loss_mask=None, *, kv_cache=None, start_pos: int = 0, last_only: bool = False):
+        """idx: (B, T) token ids. Returns (logits, loss).
+
+        Without targets: logits (B, T, vocab) — only the last position (B, 1, vocab) with last_only — and loss None.
+        With targets (B, T): the mean cross-entropy over positions whose target is not -100 and whose loss_mask
+        (B, T, 0/1) is 1; logits are then None, because the loss is computed chunk by chunk without ever holding
+        the full (B, T, vocab) logits (the largest tensor of a training step). kv_cache: per-layer (k, v) buffers
+        from lib.generate.KVCache; idx then holds the tokens at positions start_pos .. start_pos + T - 1.
+        """
+        B, T = idx.shape
+        assert start_pos + T <= self.args.max_seq_len, f"position {start_pos + T} beyond max_seq_len {self.args.max_seq_len}"
+        x = self.model.embed_tokens(idx)  # (B, T, dim)
+        cos = self.rope_cos[start_pos:start_pos + T]  # (T, hd)
+        sin = self.rope_sin[start_pos:start_pos + T]
+        if torch.is_autocast_enabled(x.device.type):
+            # Llama computes the rotary tables in fp32 and casts them to the dtype of q/k (the autocast dtype)
+            cos, sin = cos.to(torch.get_autocast_dtype(x.device.type)), sin.to(torch.get_autocast_dtype(x.device.type))
+        else:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for i, block in enumerate(self.model.layers):
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, None if kv_cache is None else kv_cache[i], start_pos)
+        x = self.model.norm(x)  # (B, T, dim)
+        if targets is None:
+            if last_only:
+                x = x[:, -1:]
+            return self.lm_head(x), None
+        if loss_mask is not None:
+            targets = targets.masked_fill(loss_mask == 0, -100)
+        loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+        return None, loss
+
+    def set_grad_checkpointing(self, enabled: bool = True):
+        """Recompute each block's activations in the backward pass: ~1/n_layers of the activation memory, ~30% slower."""
+        self.grad_checkpointing = enabled
+
+    # ------------------------------------------------------------------ sizes
+
+    def num_params(self, body_only: bool = False) -> int:
+        """Unique parameters (a tied LM head counts once). body_only: the blocks and norms, without embedding/LM head."""
+        n = sum(p.numel() for p in self.parameters())
+        if body_only:
+            n -= self.model.embed_tokens.weight.numel()
+            if not self.args.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def estimate_flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 per weight that multiplies an activation (the body and the
+        LM head; the embedding lookup is free) plus attention's QK^T and AV, 12 * layers * heads * head_dim * T
+        (PaLM's appendix B, as nanoGPT counts it)."""
+        a = self.args
+        T = seq_len or a.max_seq_len
+        matmul_weights = self.num_params(body_only=True) + a.vocab_size * a.dim
+        return 6 * matmul_weights + 12 * a.n_layers * a.n_heads * a.head_dim * T
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss: LM head + cross-entropy, chunked.
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean over rows of CE(h @ W^T, target), computed `chunk` rows at a time.
+
+    Gradients are computed in the forward pass, chunk by chunk (d loss / d logits = softmax - onehot), so only
+    one chunk of logits (chunk, vocab) ever exists instead of the (B*T, vocab) logits, their fp32 upcast and the
+    saved log-softmax. Same FLOPs as the plain version (one forward and two backward matmuls per chunk).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, n_valid, chunk):
+        # h: (N, D) valid rows only; weight: (V, D); targets: (N,) in [0, V)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        dtype = h.dtype  # the compute dtype: under autocast the caller passes bf16 activations
+        w = weight.to(dtype)
+        grad_h = torch.empty_like(h) if needs_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk]  # (c, D), (c,)
+            logits = (hc @ w.t()).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if needs_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
+                probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0
+                g = probs.div_(n_valid).to(dtype)  # d loss / d logits
+                grad_h[s:s + chunk] = g @ w
+                grad_w += (g.t() @ hc).float()
+        if needs_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype), None, None, None
+
+
+def linear_cross_entropy(h, weight, targets, chunk: int = 1024):
+    """Mean CE of logits h @ weight^T against targets, ignoring targets == -100. h: (N, D), targets: (N,).
+
+    Returns 0 (with zero gradients) when no target is valid, rather than NaN, so a fully masked batch is harmless.
+    """
+    valid = targets != -100
+    if not bool(valid.all()):  # SFT masks: skip the masked rows entirely (no logits for them)
+        h, targets = h[valid], targets[valid]
+    if torch.is_autocast_enabled(h.device.type):
+        h = h.to(torch.get_autocast_dtype(h.device.type))
+    n_valid = max(int(targets.numel()), 1)
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, targets, n_valid, chunk)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Llama-format save / load (config.json + model.safetensors). Safetensors only: no pickle, ever.
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float32, extra: Optional[dict] = None) -> dict:
+    """The config.json of a LlamaForCausalLM with these arguments."""
+    dtype_name = next(k for k, v in _DTYPES.items() if v == dtype)
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        # transformers >= 5 reads rope_parameters; older versions and llama.cpp's converter read rope_theta
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_theta": args.rope_theta,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": args.tie_embeddings,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+        "use_cache": True,
+        "dtype": dtype_name,
+        "torch_dtype": dtype_name,  # the pre-5.0 name of "dtype"
+    }
+    cfg.update(extra or {})
+    return cfg
+
+
+def save_hf(model: HomeLLM, out_dir: str | Path, extra_config: Optional[dict] = None, *,
+            bos_token_id: Optional[int] = None, eos_token_id: int | list[int] | None = None,
+            pad_token_id: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> Path:
+    """Write `out_dir/config.json` and `out_dir/model.safetensors` (each atomically; config last).
+
+    With tied embeddings only `model.embed_tokens.weight` is stored, as transformers does for
+    tie_word_embeddings=True. dtype: the stored dtype (default: the model's). extra_config: more config.json keys.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or model.lm_head.weight.dtype
+    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()
+               if not (model.args.tie_embeddings and name == "lm_head.weight")}
+    _atomic_save_safetensors(tensors, out_dir / "model.safetensors")
+    extra = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id,
+             **(extra_config or {})}
+    atomic_write_json(out_dir / "config.json", hf_config(model.args, dtype, extra))
+    return out_dir
+
+
+def _atomic_save_safetensors(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
+    """ModelArgs from a Llama config.json; UserError for anything we do not implement."""
+    model_type = cfg.get("model_type")
+    if model_type != "llama":
+        raise UserError(f"{where}: model_type is {model_type!r}; HomeLLM loads Llama-architecture models only "
+                        "(model_type 'llama', e.g. our exports or SmolLM2). Use transformers directly for other types.")
+    problems = []
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
+    if rope_type != "default":
+        problems.append(f"rope type {rope_type!r} (only plain RoPE, 'default', is implemented)")
+    if cfg.get("rope_scaling") and cfg.get("rope_parameters") is not None and cfg["rope_scaling"] != cfg["rope_parameters"]:
+        scaling_type = cfg["rope_scaling"].get("rope_type", cfg["rope_scaling"].get("type"))
+        if scaling_type != "default":
+            problems.append(f"rope_scaling {cfg['rope_scaling']!r} (only plain RoPE is implemented)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {cfg.get('hidden_act')!r} (only 'silu' is implemented)")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            problems.append(f"{key}: true (biases are not implemented)")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    problems += [f"{k}: missing" for k in required if not isinstance(cfg.get(k), int)]
+    if problems:
+        raise UserError(f"{where}: this Llama variant is not supported: " + "; ".join(problems))
+    n_heads = cfg["num_attention_heads"]
+    theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or cfg.get("rope_theta") or 10000.0
+    return ModelArgs(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                     n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+                     head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads, ffn_dim=cfg["intermediate_size"],
+                     max_seq_len=cfg.get("max_position_embeddings") or 2048, rope_theta=float(theta),
+                     norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                     # transformers' LlamaConfig defaults tie_word_embeddings to False
+                     tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def _read_safetensors(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (d / "model.safetensors").is_file():
+        files = [d / "model.safetensors"]
+    elif (d / "model.safetensors.index.json").is_file():  # sharded checkpoint
+        index = json.loads((d / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        files = [d / name for name in sorted(set(index["weight_map"].values()))]
+    else:
+        pickles = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt*"))
+        hint = (f" It has {', '.join(pickles)}: pickle files are never loaded (they can run code); convert them to "
+                "safetensors with transformers' save_pretrained in a trusted environment.") if pickles else ""
+        raise UserError(f"{d}: no model.safetensors (or model.safetensors.index.json) found.{hint}")
+    tensors = {}
+    for f in files:
+        if not f.is_file():
+            raise UserError(f"{f}: listed in model.safetensors.index.json but missing")
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> HomeLLM:
+    """Load any Llama-architecture HF directory with safetensors weights into a HomeLLM (in eval mode).
+
+    dtype: the parameter dtype (default float32, whatever the file stores). The parsed config.json is kept in
+    `model.hf_config` (bos/eos ids for generation).
+    """
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        raise UserError(f"{d}: not a model directory (no config.json). Expected a Hugging Face Llama folder "
+                        "with config.json and model.safetensors.")
+    try:
+        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{d / 'config.json'}:{e.lineno}: invalid JSON ({e.msg})") from None
+    args = args_from_hf_config(cfg, str(d / "config.json"))
+    tensors = _read_safetensors(d)
+    # buffers some older checkpoints store; we recompute them
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    if args.tie_embeddings:
+        tensors.pop("lm_head.weight", None)  # some exports store the tied copy too
+
+    with torch.device("meta"):
+        model = HomeLLM(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        def show(keys):
+            return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        parts = ([f"missing tensors: {show(missing)}"] if missing else []) + \
+                ([f"unexpected tensors: {show(unexpected)}"] if unexpected else []) + \
+                ([f"wrong shapes: " + show([f'{k} {tuple(tensors[k].shape)} != {tuple(expected[k])}' for k in wrong])]
+                 if wrong else [])
+        raise UserError(f"{d}: the weights do not match config.json: " + "; ".join(parts))
+
+    dtype = dtype or torch.float32
+    state = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+    if args.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True)
+    if args.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
+    cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.hf_config = cfg
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def preset_table(vocab_sizes: tuple[int, ...] = (8192, 32000)) -> str:
+    """A table of the presets with their parameter counts (built on the meta device: no memory, no time)."""
+    lines = [f"{'preset':<12} {'dim':>5} {'layers':>6} {'heads':>5} {'kv':>3} {'ffn':>5} {'ctx':>5} {'body':>9}"
+             + "".join(f" {'total@' + str(v):>12}" for v in vocab_sizes)]
+    for name in PRESETS:
+        counts = []
+        for v in vocab_sizes:
+            with torch.device("meta"):
+                m = HomeLLM(model_args(ModelConfig(preset=name), v))
+            counts.append(m.num_params())
+        a = m.args
+        lines.append(f"{name:<12} {a.dim:>5} {a.n_layers:>6} {a.n_heads:>5} {a.n_kv_heads:>3} {a.ffn_dim:>5} "
+                     f"{a.max_seq_len:>5} {m.num_params(body_only=True) / 1e6:>8.2f}M"
+                     + "".join(f" {c / 1e6:>11.2f}M" for c in counts))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(preset_table())

@@ -1,0 +1,554 @@
+"""The OpenAI-compatible HTTP API, served by FastAPI in the same process as the UI.
+
+    GET  /v1/models                 the served model
+    POST /v1/chat/completions       chat (the tokenizer's chat template); "stream": true sends SSE, then [DONE]
+    POST /v1/completions            raw text continuation
+    GET  /health  /info  /metrics   liveness, model + capabilities, counters and latencies
+
+Any bad request gets a 4xx in OpenAI's error shape {"error": {"message", "type", "param", "code"}}: bodies are
+parsed here (JSON only, size-capped, NaN rejected) and validated by strict pydantic models, so nothing a client
+sends reaches the engine unchecked. With an API key, /v1, /info and /metrics need `Authorization: Bearer <key>`.
+POST bodies must be sent as application/json: a web page in the user's browser cannot send that cross-site
+without a CORS preflight (which this server never grants), so it cannot drive a server on localhost.
+
+Not here: the engine (lib.serving.engine), binding and mounting the UI (lib.serving.server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lib.config import ServeConfig
+from lib.serving.engine import ContextTooLong, Engine, EngineBusy, encode_chat
+
+MAX_BODY_BYTES = 4 * 1024 * 1024  # far above any context we serve; stops a client from making us parse gigabytes
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+API_ROUTES = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape with a given HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Request bodies. Strict: "0.5" is not a number and 1 is not a boolean; unknown fields are errors (a typo such as
+# "max_token" would otherwise be silently ignored), except the few that OpenAI clients send and that change
+# nothing here.
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Any
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, v):
+        """A string, or a list of {"type": "text", "text": ...} parts (joined); no images or audio."""
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                       and set(p) <= {"type", "text"} for p in v):
+            return "".join(p["text"] for p in v)
+        raise ValueError('expected a string or a list of {"type": "text", "text": "..."} parts (this model reads text only)')
+
+
+def _check_stop(v):
+    if v is None:
+        return []
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise ValueError("expected a string or a list of strings")
+    if len(items) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(items)}")
+    if any(not s or len(s) > 256 for s in items):
+        raise ValueError("each stop sequence must be 1 to 256 characters long")
+    return items
+
+
+class _Sampling(_Body):
+    """Fields shared by both endpoints."""
+
+    model: str = Field(min_length=1, max_length=512)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Any = None
+    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict | None = None
+    user: str | None = None
+    # Extensions many OpenAI-compatible servers accept (vLLM, llama.cpp); lib.generate implements them.
+    top_k: int | None = Field(None, ge=0, le=100_000)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, v):
+        return _check_stop(v)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=10_000)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list | None = None
+    function_call: Any = None
+    response_format: dict | None = None
+    store: bool | None = None
+    metadata: dict | None = None
+    service_tier: str | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Any
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=20)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v):
+        """A string or a list of token ids; a list of one of those is accepted too (batches are not)."""
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], (str, list)):
+            v = v[0]
+        if isinstance(v, str):
+            return v
+        if isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+            return v
+        if isinstance(v, list) and len(v) > 1 and all(isinstance(p, (str, list)) for p in v):
+            raise ValueError("several prompts in one request are not supported; send one request per prompt")
+        raise ValueError("expected a string or a list of token ids")
+
+
+def _unsupported(param: str, why: str) -> APIError:
+    return APIError(400, f"{param}: {why}", param=param, code="unsupported_parameter")
+
+
+def _check_unsupported(body: _Sampling) -> None:
+    """Parameters OpenAI has and this server cannot honour: an error, never a silent ignore."""
+    if (body.n or 1) > 1:
+        raise _unsupported("n", f"only n=1 is supported (got {body.n}); send several requests instead")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise _unsupported(name, "not supported (only 0); use repetition_penalty (e.g. 1.1) instead")
+    if body.logit_bias:
+        raise _unsupported("logit_bias", "not supported")
+    if body.logprobs:
+        raise _unsupported("logprobs", "log probabilities are not returned by this server")
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs:
+            raise _unsupported("top_logprobs", "log probabilities are not returned by this server")
+        for name in ("tools", "functions"):
+            if getattr(body, name):
+                raise _unsupported(name, "tool / function calling is not supported by this model")
+        for name in ("tool_choice", "function_call"):
+            if getattr(body, name) not in (None, "none"):
+                raise _unsupported(name, "tool / function calling is not supported by this model")
+        if body.response_format and body.response_format.get("type") != "text":
+            raise _unsupported("response_format", 'only {"type": "text"} is supported')
+        if body.max_tokens is not None and body.max_completion_tokens is not None \
+                and body.max_tokens != body.max_completion_tokens:
+            raise APIError(400, "max_tokens and max_completion_tokens differ; send one of them", param="max_tokens")
+    else:
+        if body.suffix:
+            raise _unsupported("suffix", "insertion (suffix) is not supported")
+        if (body.best_of or 1) > 1:
+            raise _unsupported("best_of", "only best_of=1 is supported")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Turning pydantic's and Starlette's errors into OpenAI's shape.
+
+
+def _param(loc) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+def _validation_error(errors: list[dict]) -> APIError:
+    first = errors[0]
+    param = _param(first.get("loc", ()))
+    kind = first.get("type", "")
+    if kind == "missing":
+        code, msg = "missing_required_parameter", "required parameter is missing"
+    elif kind == "extra_forbidden":
+        code, msg = "unknown_parameter", "unrecognized request argument"
+    elif kind in ("model_type", "dict_type") and not param:
+        code, msg = "invalid_type", "the request body must be a JSON object"
+    else:
+        code = "invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value"
+        msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+        if "input" in first and kind not in ("json_invalid",):
+            shown = json.dumps(first["input"], default=str)
+            msg += f" (got {shown[:80]}{'…' if len(shown) > 80 else ''})"
+    more = f" ({len(errors) - 1} more problem{'s' if len(errors) > 2 else ''} in this request)" if len(errors) > 1 else ""
+    return APIError(400, f"{param + ': ' if param else ''}{msg}{more}", param=param, code=code)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json_body(request: Request, model: type[BaseModel]) -> Any:
+    """The request body as a validated `model`, or an APIError (415, 413, 400) saying what is wrong."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json' "
+                            f"(got {ctype or 'no Content-Type'})", code="unsupported_media_type")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes", code="request_too_large")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        data = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        detail = f" ({e})" if isinstance(e, json.JSONDecodeError) or "JSON" in str(e) else ""
+        raise APIError(400, f"we could not parse the JSON body of your request{detail}", code="invalid_json") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e.errors(include_url=False)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The app.
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class OpenAIServer:
+    """Routes over one Engine. `app` is the FastAPI application (the UI is mounted on it by lib.serving.server)."""
+
+    def __init__(self, engine: Engine, serve: ServeConfig, api_key: str | None = None):
+        self.engine, self.serve, self.api_key = engine, serve, api_key
+        self.app = self._build()
+
+    # -- auth ----------------------------------------------------------------------------------------------
+
+    def _auth(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>' with the key the "
+                                "server was started with (--api-key)", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    # -- shared request handling ---------------------------------------------------------------------------
+
+    def _check_model(self, name: str):
+        loaded = self.engine.loaded
+        if name != loaded.id:
+            raise APIError(404, f"The model '{name}' does not exist on this server; it serves '{loaded.id}' "
+                                f"(see GET /v1/models)", param="model", code="model_not_found")
+        return loaded
+
+    def _params(self, body: _Sampling, max_tokens: int | None, prompt_len: int, loaded, strict_length: bool):
+        from lib.generate import SamplingParams
+
+        room = loaded.context_length - prompt_len
+        if room < 1:
+            raise APIError(400, f"This model's maximum context length is {loaded.context_length} tokens, but the "
+                                f"prompt is {prompt_len} tokens; shorten it", param="messages" if strict_length else "prompt",
+                           code="context_length_exceeded")
+        if max_tokens is not None and max_tokens > room and strict_length:
+            raise APIError(400, f"This model's maximum context length is {loaded.context_length} tokens. However, you "
+                                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
+                                f"for the completion). Lower max_tokens to at most {room}.", param="max_tokens",
+                           code="context_length_exceeded")
+        temperature = self.serve.temperature if body.temperature is None else body.temperature
+        top_p = self.serve.top_p if body.top_p is None else body.top_p
+        if top_p == 0:  # nucleus of zero mass: only the most likely token, i.e. greedy
+            temperature, top_p = 0.0, 1.0
+        kwargs = {"temperature": temperature, "top_p": top_p,
+                  "max_new_tokens": min(max_tokens or self.serve.max_new_tokens, room), "seed": body.seed}
+        if body.top_k is not None:
+            kwargs["top_k"] = body.top_k
+        if body.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = body.repetition_penalty
+        return SamplingParams(**kwargs)
+
+    def _submit(self, ids, params, stop, loaded):
+        try:
+            return self.engine.submit(ids, params, stop, loaded=loaded, loop=asyncio.get_running_loop())
+        except EngineBusy as e:
+            raise APIError(503, f"the server is busy: {e}", type="server_error", code="server_busy",
+                           headers={"Retry-After": "1"}) from None
+        except ContextTooLong as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+
+    async def _collect(self, request: Request, handle) -> None:
+        """Wait for a non-streamed generation; a client that hangs up cancels it."""
+        try:
+            async for kind, value in handle.aiter(poll_s=0.5):
+                if kind == "idle" and await request.is_disconnected():
+                    handle.cancel()
+                elif kind == "error":
+                    raise APIError(500, value, type="server_error", code="generation_failed")
+        finally:
+            if handle.finish_reason is None:
+                handle.cancel()
+
+    def _stream(self, handle, make_chunk, first: dict | None, include_usage: bool, usage_chunk):
+        async def events():
+            # Starlette cancels this generator when the client disconnects; `finally` then stops the generation.
+            try:
+                if first is not None:
+                    yield _sse(make_chunk(first, None))
+                async for kind, value in handle.aiter():
+                    if kind == "text":
+                        yield _sse(make_chunk(value, None))
+                    elif kind == "done":
+                        yield _sse(make_chunk(None, value))
+                    elif kind == "error":
+                        yield _sse(error_body(value, "server_error", None, "generation_failed"))
+                if include_usage:
+                    yield _sse(usage_chunk())
+                yield "data: [DONE]\n\n"
+            finally:
+                if handle.finish_reason is None:
+                    handle.cancel()
+                    self.engine.metrics.inc("client_disconnects")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # -- routes --------------------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request):
+        body: ChatCompletionRequest = await read_json_body(request, ChatCompletionRequest)
+        _check_unsupported(body)
+        loaded = self._check_model(body.model)
+        self.engine.metrics.inc("requests_chat")
+        # "developer" is the newer name of "system"; chat templates know only the latter.
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+        ids = encode_chat(loaded.tokenizer, messages)
+        params = self._params(body, body.max_tokens or body.max_completion_tokens, len(ids), loaded, strict_length=True)
+        handle = self._submit(ids, params, body.stop, loaded)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", _now()
+
+        if body.stream:
+            def chunk(piece, finish):
+                delta = piece if isinstance(piece, dict) else ({} if piece is None else {"content": piece})
+                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": loaded.id,
+                        "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                     "finish_reason": _public_reason(finish)}]}
+
+            usage = lambda: {"id": cid, "object": "chat.completion.chunk", "created": created,  # noqa: E731
+                             "model": loaded.id, "choices": [], "usage": handle.usage}
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return self._stream(handle, chunk, {"role": "assistant", "content": ""}, include, usage)
+        await self._collect(request, handle)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": loaded.id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": handle.text},
+                             "logprobs": None, "finish_reason": _public_reason(handle.finish_reason)}],
+                "usage": handle.usage}
+
+    async def completions(self, request: Request):
+        body: CompletionRequest = await read_json_body(request, CompletionRequest)
+        _check_unsupported(body)
+        loaded = self._check_model(body.model)
+        self.engine.metrics.inc("requests_completions")
+        tok = loaded.tokenizer
+        if isinstance(body.prompt, str):
+            ids = tok.encode(body.prompt, add_special_tokens=True)
+            prompt_text = body.prompt
+        else:
+            vocab = loaded.config.get("vocab_size") or len(tok)
+            bad = next((t for t in body.prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(400, f"prompt: token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt",
+                               code="invalid_value")
+            ids = list(body.prompt)
+            prompt_text = tok.decode(ids)
+        if not ids:  # an empty prompt starts a fresh document, which in training followed an end-of-text token
+            start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+            if start is None:
+                raise APIError(400, "prompt: must not be empty for this model", param="prompt", code="invalid_value")
+            ids = [start]
+        params = self._params(body, body.max_tokens, len(ids), loaded, strict_length=True)
+        handle = self._submit(ids, params, body.stop, loaded)
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", _now()
+        echo = prompt_text if body.echo else ""
+
+        if body.stream:
+            def chunk(piece, finish):
+                return {"id": cid, "object": "text_completion", "created": created, "model": loaded.id,
+                        "choices": [{"index": 0, "text": piece or "", "logprobs": None,
+                                     "finish_reason": _public_reason(finish)}]}
+
+            usage = lambda: {"id": cid, "object": "text_completion", "created": created,  # noqa: E731
+                             "model": loaded.id, "choices": [], "usage": handle.usage}
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return self._stream(handle, chunk, echo or None, include, usage)
+        await self._collect(request, handle)
+        return {"id": cid, "object": "text_completion", "created": created, "model": loaded.id,
+                "choices": [{"index": 0, "text": echo + handle.text, "logprobs": None,
+                             "finish_reason": _public_reason(handle.finish_reason)}],
+                "usage": handle.usage}
+
+    def _model_card(self) -> dict:
+        loaded = self.engine.loaded
+        return {"id": loaded.id, "object": "model", "created": int(self.engine.metrics.started),
+                "owned_by": "models-at-home", "context_length": loaded.context_length}
+
+    def info(self) -> dict:
+        return {
+            "model": self.engine.loaded.describe(),
+            "capabilities": {"chat_completions": True, "completions": True, "streaming": True, "stop": True,
+                             "seed": True, "n": 1, "logprobs": False, "tools": False, "images": False,
+                             "extensions": ["top_k", "repetition_penalty"]},
+            "defaults": {"max_tokens": self.serve.max_new_tokens, "temperature": self.serve.temperature,
+                         "top_p": self.serve.top_p, "max_tokens_completions": 16},
+            "engine": self.engine.pending(),
+            "auth": "bearer" if self.api_key else "none",
+        }
+
+    def _build(self) -> FastAPI:
+        # No /docs: its page loads scripts from a CDN, and the UI owns every path the API does not use.
+        app = FastAPI(title="Models at Home", docs_url=None, redoc_url=None, openapi_url=None)
+        auth = [Depends(self._auth)]
+        metrics = self.engine.metrics
+
+        @app.exception_handler(APIError)
+        async def _api_error(request: Request, e: APIError):
+            return _error_response(e)
+
+        @app.exception_handler(RequestValidationError)
+        async def _request_validation(request: Request, e: RequestValidationError):
+            return _error_response(_validation_error(list(e.errors()) or [{"msg": "invalid request"}]))
+
+        @app.exception_handler(StarletteHTTPException)
+        async def _http_error(request: Request, e: StarletteHTTPException):
+            code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+            return _error_response(APIError(e.status_code, str(e.detail), code=code, headers=e.headers))
+
+        @app.exception_handler(Exception)
+        async def _unexpected(request: Request, e: Exception):
+            import traceback
+
+            traceback.print_exception(e)
+            return _error_response(APIError(500, f"internal error: {type(e).__name__}", type="server_error",
+                                            code="internal_error"))
+
+        @app.get("/health")
+        async def health():
+            alive = self.engine._thread.is_alive()
+            body = {"status": "ok" if alive else "engine stopped", "model": self.engine.loaded.id}
+            return JSONResponse(body, status_code=200 if alive else 503)
+
+        @app.get("/info", dependencies=auth)
+        async def info():
+            return self.info()
+
+        @app.get("/metrics", dependencies=auth)
+        async def get_metrics():
+            return {**metrics.snapshot(), "engine": self.engine.pending(), "model": self.engine.loaded.id}
+
+        @app.get("/v1/models", dependencies=auth)
+        async def list_models():
+            return {"object": "list", "data": [self._model_card()]}
+
+        @app.get("/v1/models/{model_id:path}", dependencies=auth)
+        async def get_model(model_id: str):
+            self._check_model(model_id)
+            return self._model_card()
+
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], dependencies=auth)
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"], dependencies=auth)
+
+        # Everything else under /v1 answers in the API's shape, not with the UI's HTML 404 page.
+        @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], dependencies=auth)
+        async def unknown(request: Request, rest: str):
+            path = f"/v1/{rest}"
+            if path in API_ROUTES:
+                raise APIError(405, f"{request.method} {path} is not allowed; use {API_ROUTES[path]}",
+                               code="method_not_allowed")
+            raise APIError(404, f"no API endpoint {request.method} {path} (this server has "
+                                f"{', '.join(f'{m} {p}' for p, m in API_ROUTES.items())})", code="not_found")
+
+        return app
+
+
+def _public_reason(reason: str | None) -> str | None:
+    """OpenAI knows "stop" and "length"; a cancelled generation is only ever seen by a client that left."""
+    return {"cancelled": "stop", "error": "stop"}.get(reason, reason)
+
+
+class StatusCounter:
+    """Pure ASGI middleware counting API responses by status class (BaseHTTPMiddleware would break streaming)."""
+
+    PREFIXES = ("/v1/", "/health", "/info", "/metrics")
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(self.PREFIXES):
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.inc(f"http_{message['status'] // 100}xx")
+            await send(message)
+
+        self.metrics.inc("http_requests")
+        await self.app(scope, receive, send=counting_send)

@@ -1,0 +1,580 @@
+"""The serving engine: loads a model and runs every generation request of the process on one worker thread.
+
+    loaded = load_model(resolve_model(None, cfg))
+    engine = Engine(loaded)
+    ids = encode_chat(loaded.tokenizer, [{"role": "user", "content": "Hi"}])
+    handle = engine.submit(ids, SamplingParams(max_new_tokens=64), stop=["\\n\\n"])
+    for kind, value in handle:          # ("text", "Hel"), ("text", "lo"), ("done", "stop")
+        ...
+
+One thread owns the model, so requests from the API, the UI and the CLI never race on it. It keeps up to
+`max_active` generations open and advances them round-robin one token each (lib.generate.stream with its
+KV cache per request), so a long reply does not block a short one, and a cancelled request (client gone,
+Stop button) is dropped at its next token. Requests beyond that wait in a bounded queue.
+
+Text comes out through `TextStream`: UTF-8-complete pieces only, stop strings cut off, and any text that could
+be the start of a stop string held back until it is known not to be one.
+
+Not here: HTTP (lib.serving.api), the UI (lib.serving.ui), sampling maths (lib.generate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from lib.errors import UserError
+from lib.serving.resolve import ModelRef
+
+# Special-token texts that commonly end a turn; whichever of them the vocabulary has stop a chat reply.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
+
+
+class EngineBusy(Exception):
+    """The request queue is full; the caller should retry later (HTTP 503)."""
+
+
+class ContextTooLong(ValueError):
+    """The prompt does not leave room for a single new token in the model's context."""
+
+    def __init__(self, prompt_tokens: int, context_length: int):
+        self.prompt_tokens, self.context_length = prompt_tokens, context_length
+        super().__init__(f"the prompt is {prompt_tokens} tokens but the model's context length is {context_length} "
+                         f"tokens (at least one must be left for the reply); shorten the prompt or the conversation")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loaded model.
+
+
+@dataclass
+class LoadedModel:
+    ref: ModelRef
+    model: Any  # lib.model.HomeLLM, in eval mode
+    tokenizer: Any  # transformers PreTrainedTokenizerFast
+    context_length: int
+    stop_token_ids: list[int]
+    device: str
+    dtype: str
+    parameters: int
+    config: dict = field(default_factory=dict)  # the model's config.json
+
+    @property
+    def id(self) -> str:
+        return self.ref.id
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def describe(self) -> dict:
+        """What /info and the UI show about the model."""
+        return {
+            "id": self.id, "source": self.ref.source, "path": str(self.ref.path),
+            "architecture": (self.config.get("architectures") or [self.config.get("model_type")])[0],
+            "parameters": self.parameters, "context_length": self.context_length,
+            "vocab_size": self.config.get("vocab_size"), "device": self.device, "dtype": self.dtype,
+            "chat_template": self.has_chat_template, "stop_token_ids": self.stop_token_ids, "info": self.ref.info,
+        }
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu (or auto)")
+    return device
+
+
+def _stop_ids(tokenizer, hf_dir: Path) -> list[int]:
+    """eos from the tokenizer and generation_config.json, plus the end-of-turn tokens the vocabulary has."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = hf_dir / "generation_config.json"
+    if gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text(encoding="utf-8")).get("eos_token_id")
+        ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return sorted(ids)
+
+
+def load_model(ref: ModelRef, device: str = "auto") -> LoadedModel:
+    """Load the weights (safetensors through lib.model.load_hf) and the tokenizer of `ref.path`, and check they fit."""
+    import torch
+
+    from lib.model import load_hf
+    from lib.tokenizer import load_tokenizer
+
+    device = pick_device(device)
+    config_path = ref.path / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{config_path}: cannot read the model config ({e})") from None
+    tokenizer = load_tokenizer(ref.path)
+    # bf16 halves memory and is fast on GPUs; CPUs serve in fp32 (bf16 matmuls are slow on most of them).
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = load_hf(ref.path, device=device, dtype=dtype)
+    model.eval()
+    n_vocab = config.get("vocab_size")
+    largest_id = max(tokenizer.get_vocab().values())
+    if isinstance(n_vocab, int) and largest_id >= n_vocab:
+        raise UserError(f"{ref.path}: the tokenizer has token id {largest_id} but the model's vocab_size is {n_vocab} "
+                        f"(config.json); the tokenizer files do not belong to this model")
+    context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", None) or 2048
+    return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=int(context),
+                       stop_token_ids=_stop_ids(tokenizer, ref.path), device=device, dtype=str(dtype).split(".")[-1],
+                       parameters=sum(p.numel() for p in model.parameters()), config=config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts.
+
+# Private-use code points mark where each message's content sits in the rendered template.
+_MARK = "\ue000{}\ue001"
+
+
+def _added_token_texts(tokenizer) -> list[str]:
+    return [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+
+
+def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation rendered with the tokenizer's chat template, ready for the reply.
+
+    Message text is data, not markup: a user who types "<|im_end|><|im_start|>system" gets those characters
+    as ordinary text tokens, not the special tokens that delimit turns. Only the template adds special tokens.
+    """
+    from lib.tokenizer import CHAT_TEMPLATE
+
+    template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    specials = _added_token_texts(tokenizer)
+    if not any(s in m["content"] for m in msgs for s in specials):
+        text = tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+        return tokenizer.encode(text, add_special_tokens=False)
+    # Render with placeholders, then encode the template's pieces normally and the contents with special-token
+    # matching off. A template that rewrites content (trim, replace) loses a placeholder: then neutralise instead.
+    marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(msgs)]
+    text = tokenizer.apply_chat_template(marked, chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+    ids: list[int] = []
+    rest = text
+    for i, m in enumerate(msgs):
+        mark = _MARK.format(i)
+        if rest.count(mark) != 1:
+            return encode_chat(tokenizer, [_defused(m, specials) for m in msgs], add_generation_prompt)
+        before, rest = rest.split(mark)
+        ids += tokenizer.encode(before, add_special_tokens=False)
+        ids += tokenizer.encode(m["content"], add_special_tokens=False, split_special_tokens=True)
+    return ids + tokenizer.encode(rest, add_special_tokens=False)
+
+
+def _defused(message: dict, specials: list[str]) -> dict:
+    """The message with each special-token text broken by a zero-width space (it then tokenises as plain text)."""
+    content = message["content"]
+    for s in specials:
+        content = content.replace(s, s[:1] + "\u200b" + s[1:])
+    return {**message, "content": content}
+
+
+def fit_conversation(tokenizer, messages: list[dict], context_length: int, reserve: int) -> tuple[list[int], int]:
+    """Encode a chat, dropping its oldest non-system turns until `reserve` new tokens fit; returns (ids, n_dropped).
+
+    For the UI and the terminal chat, where a long conversation should keep going. The API does not trim: it
+    answers 400 like OpenAI's, since the client decides what to drop.
+    """
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    dropped = 0
+    while True:
+        ids = encode_chat(tokenizer, system + turns)
+        if len(ids) + reserve <= context_length or len(turns) <= 1:
+            break
+        turns = turns[1:]
+        dropped += 1
+        if turns and turns[0]["role"] == "assistant":  # a conversation starts with the user
+            turns, dropped = turns[1:], dropped + 1
+    if len(ids) >= context_length:
+        raise ContextTooLong(len(ids), context_length)
+    return ids, dropped
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token ids → text.
+
+
+class TextStream:
+    """Incremental detokenizer with stop strings.
+
+    `push(id)` returns the text that is now safe to show: decoding waits while the last tokens end inside a
+    UTF-8 character (a byte-level BPE splits emoji and CJK across tokens), a stop string ends the stream and is
+    not shown, and a tail that could be the beginning of a stop string is held back until it is not.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""  # everything emitted so far
+        self.stopped = False  # a stop string was found
+        self._prefix = 0  # ids[_prefix:_read] is the window already emitted; decoding it gives the offset
+        self._read = 0
+        self._held = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self.ids.append(token_id)
+        # Decoding a short window instead of everything keeps a step O(1); the window starts a token early so
+        # that tokenizers whose decode depends on the previous token (leading spaces) decode it right.
+        before = self._decode(self.ids[self._prefix:self._read])
+        now = self._decode(self.ids[self._prefix:])
+        if len(now) <= len(before) or now.endswith("\ufffd"):
+            return ""  # nothing new yet, or a multi-byte character is still incomplete
+        self._prefix, self._read = self._read, len(self.ids)
+        return self._cut(now[len(before):])
+
+    def finish(self) -> str:
+        """The rest of the text at the end of generation (held-back text and any incomplete character)."""
+        if self.stopped:
+            return ""
+        before = self._decode(self.ids[self._prefix:self._read])
+        now = self._decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        out = self._cut(now[len(before):])
+        if not self.stopped:  # the held-back tail was not the start of a stop string after all
+            out += self._held
+            self.text += self._held
+            self._held = ""
+        return out
+
+    def _cut(self, piece: str) -> str:
+        buf = self._held + piece
+        hits = [i for i in (buf.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped, self._held = True, ""
+            out = buf[:min(hits)]
+        else:
+            hold = max((k for s in self.stop for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+            out, self._held = buf[:len(buf) - hold], buf[len(buf) - hold:]
+        self.text += out
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics.
+
+
+class Metrics:
+    """Counters and recent latencies for /metrics (thread-safe: the engine thread and the HTTP loop both write)."""
+
+    def __init__(self, window: int = 1000):
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.counters: dict[str, int] = {}
+        self._latency = deque(maxlen=window)  # seconds from submit to the last token
+        self._ttft = deque(maxlen=window)  # seconds from submit to the first token
+        self._decode_tps = deque(maxlen=window)  # tokens per second after the first token
+
+    def inc(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] = self.counters.get(name, 0) + n
+
+    def observe(self, latency: float, ttft: float | None, tokens: int) -> None:
+        with self._lock:
+            self._latency.append(latency)
+            if ttft is not None:
+                self._ttft.append(ttft)
+                if tokens > 1 and latency > ttft:
+                    self._decode_tps.append((tokens - 1) / (latency - ttft))
+
+    @staticmethod
+    def _summary(values) -> dict:
+        if not values:
+            return {"count": 0}
+        v = sorted(values)
+        pick = lambda q: round(v[min(len(v) - 1, int(q * len(v)))], 4)  # noqa: E731
+        return {"count": len(v), "mean": round(sum(v) / len(v), 4), "p50": pick(0.5), "p95": pick(0.95),
+                "max": round(v[-1], 4)}
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"uptime_s": round(time.time() - self.started, 1), "counters": dict(sorted(self.counters.items())),
+                    "latency_s": self._summary(self._latency), "time_to_first_token_s": self._summary(self._ttft),
+                    "decode_tokens_per_s": self._summary(self._decode_tps)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests and the worker.
+
+_ids = itertools.count(1)
+
+
+class Handle:
+    """One submitted generation: iterate it (sync) or `async for` over `aiter()` to get its events.
+
+    Events are ("text", str), then exactly one of ("done", finish_reason) or ("error", message).
+    finish_reason is "stop" (end of turn or a stop string), "length" (max_new_tokens) or "cancelled".
+    """
+
+    def __init__(self, prompt_tokens: int, loop: asyncio.AbstractEventLoop | None):
+        self.id = next(_ids)
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.text = ""
+        self._cancel = threading.Event()
+        self._loop = loop
+        self._q: Any = asyncio.Queue() if loop is not None else queue.Queue()
+
+    def cancel(self) -> None:
+        """Stop generating at the next token (a no-op once finished)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def _emit(self, kind: str, value: str) -> None:
+        if self._loop is None:
+            self._q.put((kind, value))
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._q.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+            self._cancel.set()
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        assert self._loop is None, "submitted with an event loop: use `async for ... in handle.aiter()`"
+        while True:
+            kind, value = self._q.get()
+            yield kind, value
+            if kind != "text":
+                return
+
+    async def aiter(self, poll_s: float | None = None):
+        """Events as an async iterator; with `poll_s`, also yields ("idle", "") when nothing came for that long."""
+        assert self._loop is not None, "submitted without an event loop: iterate the handle directly"
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(self._q.get(), poll_s)
+            except asyncio.TimeoutError:
+                yield "idle", ""
+                continue
+            yield kind, value
+            if kind != "text":
+                return
+
+
+@dataclass
+class _Request:
+    handle: Handle
+    loaded: LoadedModel
+    prompt_ids: list[int]
+    params: Any  # lib.generate.SamplingParams
+    stop: list[str]
+    submitted: float
+
+
+@dataclass
+class _Active:
+    req: _Request
+    tokens: Iterator[int]
+    text: TextStream
+    first_token_at: float | None = None
+
+
+class Engine:
+    """Owns the loaded model; `submit` queues a generation and returns its Handle at once."""
+
+    def __init__(self, loaded: LoadedModel, max_active: int = 4, max_queue: int = 64, metrics: Metrics | None = None):
+        self._loaded = loaded
+        self.max_active, self.max_queue = max_active, max_queue
+        self.metrics = metrics or Metrics()
+        self._inbox: queue.Queue[_Request | None] = queue.Queue()
+        self._active: list[_Active] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="serve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self._loaded
+
+    def swap(self, loaded: LoadedModel) -> LoadedModel:
+        """Serve another model from now on; generations already running finish on the old one."""
+        with self._lock:
+            old, self._loaded = self._loaded, loaded
+        self.metrics.inc("model_swaps")
+        return old
+
+    def load(self, ref: ModelRef, device: str | None = None) -> LoadedModel:
+        """Load `ref` (in the caller's thread, so serving goes on meanwhile) and swap it in."""
+        loaded = load_model(ref, device or self._loaded.device)
+        self.swap(loaded)
+        return loaded
+
+    def pending(self) -> dict:
+        return {"active": len(self._active), "queued": self._inbox.qsize(), "max_active": self.max_active,
+                "max_queue": self.max_queue}
+
+    def submit(self, prompt_ids: list[int], params, stop: Sequence[str] = (), loaded: LoadedModel | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> Handle:
+        """Queue a generation of `params.max_new_tokens` at most after `prompt_ids`.
+
+        Pass `loop` (the running event loop) to consume the events with `async for`; without it iterate the
+        handle in a thread. Raises EngineBusy when the queue is full, ContextTooLong when nothing fits.
+        """
+        loaded = loaded or self._loaded
+        if self._closed:
+            raise EngineBusy("the server is shutting down")
+        if len(prompt_ids) >= loaded.context_length:
+            raise ContextTooLong(len(prompt_ids), loaded.context_length)
+        if self._inbox.qsize() >= self.max_queue:
+            self.metrics.inc("rejected_busy")
+            raise EngineBusy(f"{self._inbox.qsize()} requests are already waiting; try again shortly")
+        # Never ask for more tokens than the context has room for, and always stop at the end of a turn.
+        room = loaded.context_length - len(prompt_ids)
+        stop_ids = sorted(set(params.stop_token_ids or []) | set(loaded.stop_token_ids))
+        params = replace(params, max_new_tokens=min(params.max_new_tokens, room), stop_token_ids=stop_ids)
+        handle = Handle(len(prompt_ids), loop)
+        self._inbox.put(_Request(handle, loaded, list(prompt_ids), params, list(stop or ()), time.perf_counter()))
+        self.metrics.inc("generations_submitted")
+        return handle
+
+    def generate_text(self, prompt_ids: list[int], params, stop: Sequence[str] = ()) -> tuple[str, Handle]:
+        """Blocking convenience: the whole reply and its handle (finish_reason, usage)."""
+        handle = self.submit(prompt_ids, params, stop)
+        for kind, value in handle:
+            if kind == "error":
+                raise RuntimeError(value)
+        return handle.text, handle
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel everything and stop the worker thread."""
+        self._closed = True
+        for a in list(self._active):
+            a.req.handle.cancel()
+        self._inbox.put(None)
+        self._thread.join(timeout)
+
+    # -- the worker thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                if not self._admit():
+                    break
+                for a in list(self._active):
+                    if self._step(a):
+                        self._active.remove(a)
+        for a in self._active:
+            self._finish(a, "cancelled")
+        while True:  # whatever is still queued
+            try:
+                req = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if req is not None:
+                req.handle.finish_reason = "cancelled"
+                req.handle._emit("done", "cancelled")
+
+    def _admit(self) -> bool:
+        """Move queued requests into the active set; block only when there is nothing to do. False = shut down."""
+        from lib.generate import stream
+
+        while len(self._active) < self.max_active:
+            try:
+                req = self._inbox.get(block=not self._active)
+            except queue.Empty:
+                return True
+            if req is None:
+                return False
+            if req.handle.cancelled:
+                self.metrics.inc("generations_cancelled")
+                req.handle.finish_reason = "cancelled"
+                req.handle._emit("done", "cancelled")
+                continue
+            self.metrics.inc("prompt_tokens", len(req.prompt_ids))
+            tokens = stream(req.loaded.model, req.prompt_ids, req.params)
+            self._active.append(_Active(req, tokens, TextStream(req.loaded.tokenizer, req.stop)))
+        return True
+
+    def _step(self, a: _Active) -> bool:
+        """Advance one request by one token; True when it is finished."""
+        req, handle = a.req, a.req.handle
+        if handle.cancelled:
+            self._finish(a, "cancelled")
+            return True
+        try:
+            token = next(a.tokens)
+        except StopIteration:
+            # lib.generate stops by itself at a stop token or at max_new_tokens.
+            self._finish(a, "length" if handle.completion_tokens >= req.params.max_new_tokens else "stop")
+            return True
+        except Exception as e:  # a bug or out-of-memory must fail this request, not the server
+            traceback.print_exc(file=sys.stderr)
+            self.metrics.inc("generations_failed")
+            handle.finish_reason = "error"
+            handle._emit("error", f"generation failed: {type(e).__name__}: {e}")
+            a.tokens.close()
+            return True
+        if a.first_token_at is None:
+            a.first_token_at = time.perf_counter()
+        handle.completion_tokens += 1
+        self.metrics.inc("completion_tokens")
+        if token in req.params.stop_token_ids:
+            self._finish(a, "stop")
+            return True
+        piece = a.text.push(token)
+        if piece:
+            handle.text += piece
+            handle._emit("text", piece)
+        if a.text.stopped:
+            self._finish(a, "stop")
+            return True
+        if handle.completion_tokens >= req.params.max_new_tokens:
+            self._finish(a, "length")
+            return True
+        return False
+
+    def _finish(self, a: _Active, reason: str) -> None:
+        handle = a.req.handle
+        a.tokens.close()  # frees the request's KV cache now, not at garbage collection
+        if reason != "cancelled":
+            tail = a.text.finish()
+            if tail:
+                handle.text += tail
+                handle._emit("text", tail)
+        handle.finish_reason = reason
+        now = time.perf_counter()
+        ttft = a.first_token_at - a.req.submitted if a.first_token_at else None
+        self.metrics.observe(now - a.req.submitted, ttft, handle.completion_tokens)
+        self.metrics.inc(f"generations_{'cancelled' if reason == 'cancelled' else 'completed'}")
+        handle._emit("done", reason)

@@ -1,0 +1,197 @@
+"""Which model to serve: an installed model name, a model directory, or the latest model the pipeline produced.
+
+    ref = resolve_model(None, cfg)              # the furthest complete stage of this config, else the newest one
+    ref = resolve_model("mymodel", cfg)         # <install.models_dir>/mymodel/model after verify_install
+    ref = resolve_model("artifacts/04_sft/ab12", cfg)
+    refs = available_models(cfg)                # what the UI's model picker lists
+
+Every answer is a `ModelRef` whose `path` is an HF-format directory (config.json + safetensors + tokenizer).
+Not here: loading the weights (lib.serving.engine).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lib.artifacts import MANIFEST, is_complete, read_json
+from lib.config import Config, stage_dir
+from lib.errors import UserError
+
+# Stages whose output is a servable HF model directory, furthest first.
+MODEL_STAGES = ("04_export", "04_sft", "03_pretrain")
+# Where the HF directory may sit inside a stage or install folder (the folder itself first).
+_HF_SUBDIRS = (".", "model", "hf")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    id: str  # the name clients send as "model" (OpenAI API) and the UI shows
+    path: Path  # an HF-format model directory
+    source: str  # "installed", "pipeline" or "path"
+    info: dict = field(default_factory=dict, compare=False)  # model_info.json or the stage manifest's summary
+
+    @property
+    def label(self) -> str:
+        return f"{self.id} ({self.source})"
+
+
+def find_hf_dir(folder: Path) -> Path | None:
+    """The HF model directory at or directly under `folder` (a stage dir may keep it in a subfolder)."""
+    for sub in _HF_SUBDIRS:
+        cand = (folder / sub).resolve()
+        if (cand / "config.json").is_file():
+            return cand
+    return None
+
+
+def _safe_id(text: str) -> str:
+    """A model id clients can type: printable, no whitespace or path tricks."""
+    return re.sub(r"[^A-Za-z0-9._/-]+", "-", text).strip("-/.") or "model"
+
+
+def _stage_ref(stage_path: Path) -> ModelRef | None:
+    hf = find_hf_dir(stage_path) if is_complete(stage_path) else None
+    if hf is None:
+        return None
+    manifest = read_json(stage_path / MANIFEST)
+    info = {k: manifest[k] for k in ("stage", "hash", "created", "parameters", "best_val_loss") if k in manifest}
+    return ModelRef(id=f"{stage_path.parent.name}/{stage_path.name}", path=hf, source="pipeline", info=info)
+
+
+def pipeline_models(artifacts_dir: str | Path) -> list[ModelRef]:
+    """Every complete model stage directory under `artifacts_dir`, newest first."""
+    refs = []
+    for stage in MODEL_STAGES:
+        root = Path(artifacts_dir) / stage
+        if root.is_dir():
+            refs += [r for p in root.iterdir() if not p.name.startswith(".") and (r := _stage_ref(p))]
+    # The manifest is written last, so its mtime is when the stage finished.
+    return sorted(refs, key=lambda r: _finished_at(r), reverse=True)
+
+
+def _finished_at(ref: ModelRef) -> float:
+    for parent in (ref.path, *ref.path.parents[:2]):
+        if (parent / MANIFEST).is_file():
+            return (parent / MANIFEST).stat().st_mtime
+    return 0.0
+
+
+def latest_pipeline_model(cfg: Config) -> ModelRef | None:
+    """The furthest complete stage of this config; else the newest complete model stage under artifacts/."""
+    for stage in MODEL_STAGES:
+        ref = _stage_ref(stage_dir(cfg, stage))
+        if ref is not None:
+            return ref
+    newest = pipeline_models(cfg.artifacts_dir)
+    return newest[0] if newest else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Installed models (lib.install owns the folder layout: <models_dir>/<name>/{model/, model_info.json}).
+
+
+def models_dir_of(cfg: Config) -> Path:
+    return Path(cfg.install.models_dir).expanduser()
+
+
+def installed_models(models_dir: str | Path) -> list[ModelRef]:
+    """Installed models that pass verification; broken installs are left out of the picker (serving one names why)."""
+    from lib.install import list_installed
+
+    refs = []
+    for entry in list_installed(Path(models_dir)):
+        ref = _installed_ref(entry)
+        if ref is not None:
+            refs.append(ref)
+    return refs
+
+
+def _installed_ref(entry) -> ModelRef | None:
+    """A ModelRef from what lib.install.list_installed yields (a folder path or a dict describing one)."""
+    folder = Path(entry["path"] if isinstance(entry, dict) else entry)
+    try:
+        return _verified_installed(folder)
+    except UserError:
+        return None
+
+
+def _verified_installed(folder: Path) -> ModelRef:
+    from lib.install import verify_install
+
+    verify_install(folder)  # raises UserError naming what is wrong (missing files, hash mismatch…)
+    hf = find_hf_dir(folder)
+    if hf is None:
+        raise UserError(f"{folder}: an installed model folder should hold model/config.json; it does not. "
+                        f"Reinstall it with `python 06_install.py`.")
+    info_path = folder / "model_info.json"
+    info = read_json(info_path) if info_path.is_file() else {}
+    return ModelRef(id=_safe_id(str(info.get("name") or folder.name)), path=hf, source="installed", info=info)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or "\\" in spec or Path(spec).expanduser().exists()
+
+
+def resolve_model(spec: str | None, cfg: Config, models_dir: str | Path | None = None) -> ModelRef:
+    """`--model` resolved: None = the latest pipeline model; an existing path; a pipeline id; an installed name."""
+    models_dir = Path(models_dir).expanduser() if models_dir else models_dir_of(cfg)
+    if spec is None:
+        ref = latest_pipeline_model(cfg)
+        if ref is None:
+            raise UserError(f"{Path(cfg.artifacts_dir) / MODEL_STAGES[-1]}: no finished model to serve (no complete "
+                            f"{', '.join(MODEL_STAGES)} directory under {cfg.artifacts_dir}/). Run the pipeline "
+                            f"(`snakemake -c1` or 03_pretrain.py) or pass --model NAME|PATH "
+                            f"(installed: {_installed_names(models_dir)})")
+        return ref
+    if _looks_like_path(spec):
+        return _path_ref(Path(spec).expanduser())
+    stage = spec.split("/", 1)[0]
+    if stage in MODEL_STAGES:  # an id shown by the picker, e.g. "04_sft/ab12cd34ef56"
+        ref = _stage_ref(Path(cfg.artifacts_dir) / spec)
+        if ref is None:
+            raise UserError(f"--model {spec}: {Path(cfg.artifacts_dir) / spec} is not a complete stage directory")
+        return ref
+    return _installed_by_name(spec, models_dir)
+
+
+def _path_ref(path: Path) -> ModelRef:
+    if not path.is_dir():
+        raise UserError(f"--model {path}: expected a model directory, but it {'is a file' if path.exists() else 'does not exist'}")
+    if (path / "model_info.json").is_file():  # an install folder
+        return _verified_installed(path.resolve())
+    hf = find_hf_dir(path)
+    if hf is None:
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "nothing"
+        raise UserError(f"--model {path}: no config.json there (nor in model/ or hf/); expected an HF-format model "
+                        f"directory, an install folder or a stage directory. Found: {found}")
+    parent = hf.parent if hf != path.resolve() else hf
+    if is_complete(parent) and parent.parent.name in MODEL_STAGES:
+        return _stage_ref(parent)
+    return ModelRef(id=_safe_id(path.resolve().name), path=hf, source="path")
+
+
+def _installed_by_name(name: str, models_dir: Path) -> ModelRef:
+    from lib.install import resolve_installed
+
+    folder = resolve_installed(name, models_dir)  # raises UserError listing installed names when unknown
+    return _verified_installed(Path(folder))
+
+
+def _installed_names(models_dir: Path) -> str:
+    try:
+        names = [r.id for r in installed_models(models_dir)]
+    except (UserError, ImportError, OSError):
+        names = []
+    return ", ".join(names) or "none"
+
+
+def available_models(cfg: Config, models_dir: str | Path | None = None) -> list[ModelRef]:
+    """The model picker's list: installed models, then pipeline outputs (newest first)."""
+    models_dir = Path(models_dir).expanduser() if models_dir else models_dir_of(cfg)
+    try:
+        refs = installed_models(models_dir) if models_dir.is_dir() else []
+    except UserError:
+        refs = []
+    return refs + pipeline_models(cfg.artifacts_dir)

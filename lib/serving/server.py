@@ -1,0 +1,233 @@
+"""The `07_serve.py` process: pick the model, load it once, then serve UI + API, chat in the terminal, or answer once.
+
+    app = build_app(engine, cfg.serve, api_key=None, list_models=lambda: available_models(cfg))
+    run_server(app, "127.0.0.1", 7860)
+
+Safety of the bind: 127.0.0.1 by default. Any address other than loopback exposes the model (and the machine's
+CPU/GPU) to the network, so it needs `--api-key` (checked on the API as a Bearer token and as the UI's login
+password) or an explicit `--insecure`, which prints a loud warning. On loopback, requests must name a local Host
+(127.0.0.1 / localhost), which stops DNS-rebinding pages from reaching the server through the browser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from typing import Callable
+
+from lib.config import Config, ServeConfig, load_config, to_dict
+from lib.errors import UserError
+from lib.serving.engine import Engine, load_model
+from lib.serving.resolve import ModelRef, available_models, resolve_model
+
+API_KEY_ENV = "HOMELLM_API_KEY"
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="installed model name, model directory (HF dir, install folder, stage dir) or a "
+                                   "pipeline id like 04_sft/<hash> (default: the latest model the pipeline produced)")
+    p.add_argument("--models-dir", help="where installed models live (default: install.models_dir of the config)")
+    p.add_argument("--host", help="address to bind (default: serve.host = 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, help="port (default: serve.port = 7860; 0 = any free port)")
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on the API and KEY as the UI password "
+                                     f"(safer: set the {API_KEY_ENV} environment variable, which `ps` does not show)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow binding a non-loopback address without an API key (anyone on the network can use it)")
+    p.add_argument("--no-ui", action="store_true", help="serve only the API, not the Gradio UI")
+    p.add_argument("--cli", action="store_true", help="chat in the terminal instead of serving")
+    p.add_argument("--prompt", help="answer this one prompt on stdout and exit ('-' reads it from stdin)")
+    p.add_argument("--system", help="system prompt for --cli / --prompt")
+    p.add_argument("--seed", type=int, help="sampling seed for --cli / --prompt (default: random)")
+    p.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1 …")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Binding.
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address `host` names is a loopback address (resolving names, e.g. localhost)."""
+    h = host.strip("[]")
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(h, None)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def check_bind(host: str, api_key: str | None, insecure: bool) -> str | None:
+    """Refuse an exposed bind without protection; return a warning to print when one is allowed unprotected."""
+    if is_loopback(host):
+        return None
+    if api_key:
+        return (f"serving on {host}, reachable from other machines; the API requires the key and the UI asks for it "
+                f"as password. Traffic is plain HTTP: put a TLS reverse proxy in front for untrusted networks.")
+    if insecure:
+        bar = "!" * 78
+        return (f"{bar}\nWARNING: --insecure: serving on {host} WITHOUT AN API KEY. Anyone who can reach this port can "
+                f"use the model and this machine's CPU/GPU, and read what is typed into the chat UI.\n{bar}")
+    raise UserError(f"--host {host}: binding a non-loopback address exposes the model to the network. Pass --api-key "
+                    f"KEY (or set {API_KEY_ENV}) to require a key, or --insecure to expose it without one, or bind "
+                    f"127.0.0.1 (the default) for this machine only.")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port); port 0 picks a free one. Listening before the URL is printed means a
+    client that reads the URL can connect at once (the kernel queues it until the server accepts)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: not an address or name this machine can resolve ({e})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"--host {host} --port {port}: cannot bind ({e.strerror}); is another server running there? "
+                        f"Pick another --port (0 = any free one).") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The app.
+
+
+def build_app(engine: Engine, serve: ServeConfig, api_key: str | None = None,
+              list_models: Callable[[], list[ModelRef]] | None = None, ui: bool = True, loopback: bool = True):
+    """The ASGI app: the OpenAI API, and (unless ui=False) the Gradio UI mounted at /."""
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    from lib.serving.api import OpenAIServer, StatusCounter
+
+    app = OpenAIServer(engine, serve, api_key).app
+    if ui:
+        import gradio as gr
+
+        from lib.serving.ui import build_ui
+
+        blocks = build_ui(engine, serve, list_models or (lambda: []))
+        auth = None
+        if api_key:
+            # Any user name; the API key is the password.
+            auth = lambda _user, password: secrets.compare_digest(password.encode(), api_key.encode())  # noqa: E731
+        app = gr.mount_gradio_app(app, blocks, path="/", auth=auth,
+                                  auth_message="Log in with any user name and the server's API key as password.",
+                                  ssr_mode=False, mcp_server=False, footer_links=["settings"])
+    if loopback:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
+    # Outermost, so that it also counts the 500s that Starlette's error middleware answers.
+    return StatusCounter(app, engine.metrics)
+
+
+def run_server(app, sock: socket.socket, log_level: str = "warning") -> None:
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+class BackgroundServer:
+    """uvicorn serving `app` on 127.0.0.1 (a free port) in a daemon thread; for tests and benchmarks.
+
+        with BackgroundServer(app) as url:      # "http://127.0.0.1:PORT/"
+            httpx.get(url + "health")
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.sock = bind_socket(host, port)
+        self.url = url_of(self.sock)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                                    timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
+                                       name="serve-uvicorn")
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the background server did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command.
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """What `python 07_serve.py` does with its parsed arguments."""
+    cfg: Config = load_config(args.config, args.overrides)
+    serve = cfg.serve
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    host = args.host or serve.host
+    port = serve.port if args.port is None else args.port
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: expected 0..65535 (0 = any free port)")
+    warning = None
+    if args.prompt is None and not args.cli:  # refuse a bad bind before spending time on loading the model
+        warning = check_bind(host, api_key, args.insecure)
+    ref = resolve_model(args.model, cfg, args.models_dir)
+    log = sys.stderr
+    print(f"loading {ref.id} from {ref.path} …", file=log, flush=True)
+    loaded = load_model(ref, args.device)
+    engine = Engine(loaded)
+    try:
+        if args.prompt is not None:
+            from lib.serving.chat_cli import one_shot
+
+            prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+            return one_shot(engine, prompt, serve, system=args.system, seed=args.seed)
+        if args.cli:
+            from lib.serving.chat_cli import repl
+
+            return repl(engine, serve, system=args.system, seed=args.seed)
+        if not args.quiet_config:
+            print("# serve config: " + ", ".join(f"{k}={v}" for k, v in to_dict(serve).items()), file=log, flush=True)
+        if warning:
+            print(warning, file=log, flush=True)
+        sock = bind_socket(host, port)
+        app = build_app(engine, serve, api_key, lambda: available_models(cfg, args.models_dir), ui=not args.no_ui,
+                        loopback=is_loopback(host))
+        url = url_of(sock)
+        print(f"serving {loaded.id} ({loaded.parameters / 1e6:.1f}M parameters, context {loaded.context_length}) on "
+              f"{loaded.device}", flush=True)
+        print(f"  chat UI:    {url}" if not args.no_ui else "  chat UI:    off (--no-ui)", flush=True)
+        print(f"  OpenAI API: {url}v1  (auth: {'Bearer key' if api_key else 'none'})", flush=True)
+        print(f"Running on {url}  (Ctrl+C to stop)", flush=True)
+        try:
+            run_server(app, sock)
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful shutdown: the normal way to stop
+            pass
+        print("server stopped", file=log, flush=True)
+        return 0
+    finally:
+        engine.close()

@@ -1,0 +1,217 @@
+"""Phase 1: determinism, kill -9 resume, DDP equivalence, output format and bad input — on real tiny runs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lib.artifacts import is_complete
+from lib.config import load_config, stage_dir
+from lib.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "config" / "smoke.yaml"
+# A short run with a checkpoint every 4 steps, eval every 5 (so best/last bookkeeping is exercised too).
+RUN = ["pretrain.max_steps=16", "pretrain.ckpt_every=4", "pretrain.eval_every=5", "pretrain.log_every=1",
+       "pretrain.precision=fp32"]
+
+
+def overrides(workspace, extra=()):
+    return [f"artifacts_dir={workspace / 'artifacts'}", *RUN, *extra]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Stages 01 and 02 of the smoke config, once for the module."""
+    ws = tmp_path_factory.mktemp("pretrain")
+    for args in ([ROOT / "01_prepare_data.py"], [ROOT / "02_train_tokenizer.py"], [ROOT / "02_train_tokenizer.py", "--encode"]):
+        run_script(args, ws)
+    return ws
+
+
+def run_script(args, ws, extra=(), check=True, **kw):
+    cmd = [sys.executable, *map(str, args), "--config", str(SMOKE), "--quiet-config"]
+    for o in overrides(ws, extra):
+        cmd += ["--set", o]
+    res = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def clean(ws, extra=()):
+    cfg = load_config(SMOKE, overrides(ws, extra))
+    from lib.pretrain import work_dir
+
+    shutil.rmtree(stage_dir(cfg, "03_pretrain"), ignore_errors=True)
+    shutil.rmtree(work_dir(cfg, "03_pretrain"), ignore_errors=True)
+    return cfg
+
+
+def train_losses(out: Path) -> list[float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_output_is_an_hf_model_with_manifest(workspace):
+    cfg = clean(workspace)
+    run_script([ROOT / "03_pretrain.py"], workspace)
+    out = stage_dir(cfg, "03_pretrain")
+    assert is_complete(out)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "metrics.jsonl",
+                 "loss.png"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["steps"] == 16 and manifest["config"]["pretrain"]["max_steps"] == 16
+    assert manifest["final_eval"]["val_bpb"] > 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tok.encode("And God said")])
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
+
+
+def test_same_config_same_loss_curve_and_weights(workspace):
+    cfg = clean(workspace)
+    run_script([ROOT / "03_pretrain.py"], workspace)
+    out = stage_dir(cfg, "03_pretrain")
+    first_losses, first_w = train_losses(out), load_file(str(out / "model.safetensors"))
+    clean(workspace)
+    run_script([ROOT / "03_pretrain.py"], workspace)
+    assert train_losses(out) == first_losses
+    second_w = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(first_w[k], second_w[k]) for k in first_w)
+
+
+def test_kill_9_then_rerun_matches_uninterrupted(workspace):
+    extra = ["pretrain.max_steps=40", "pretrain.ckpt_every=3"]
+    cfg = clean(workspace, extra)
+    run_script([ROOT / "03_pretrain.py"], workspace, extra)
+    out = stage_dir(cfg, "03_pretrain")
+    reference = load_file(str(out / "model.safetensors"))
+    ref_losses = train_losses(out)
+
+    cfg = clean(workspace, extra)
+    from lib.pretrain import work_dir
+
+    cmd = [sys.executable, str(ROOT / "03_pretrain.py"), "--config", str(SMOKE), "--quiet-config"]
+    for o in overrides(workspace, extra):
+        cmd += ["--set", o]
+    proc = subprocess.Popen(cmd, cwd=workspace, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    latest = work_dir(cfg, "03_pretrain") / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step-00000009"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.exists(), "no checkpoint was written before the kill"
+    assert not is_complete(out), "a killed run must not leave a complete-looking artifact"
+
+    res = run_script([ROOT / "03_pretrain.py"], workspace, extra)
+    assert "resuming from" in res.stdout
+    resumed = load_file(str(out / "model.safetensors"))
+    diff = max((reference[k] - resumed[k]).abs().max().item() for k in reference)
+    assert diff <= 1e-6
+    assert train_losses(out) == pytest.approx(ref_losses, abs=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(workspace):
+    extra = ["pretrain.max_steps=400", "pretrain.ckpt_every=1000", "pretrain.eval_every=1000"]
+    cfg = clean(workspace, extra)
+    from lib.pretrain import work_dir
+
+    cmd = [sys.executable, str(ROOT / "03_pretrain.py"), "--config", str(SMOKE), "--quiet-config"]
+    for o in overrides(workspace, extra):
+        cmd += ["--set", o]
+    proc = subprocess.Popen(cmd, cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # wait until training has started, then ask it to stop
+    for line in proc.stdout:
+        if line.startswith("step "):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0
+    assert "checkpoint saved at step" in rest
+    assert (work_dir(cfg, "03_pretrain") / "latest").exists()
+
+
+def test_seq_len_longer_than_model_is_a_clear_error(workspace):
+    res = run_script([ROOT / "03_pretrain.py"], workspace, ["pretrain.seq_len=4096"], check=False)
+    assert res.returncode == 2
+    assert "pretrain.seq_len" in res.stderr and "max_seq_len" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_upstream_is_a_clear_error(tmp_path):
+    res = run_script([ROOT / "03_pretrain.py"], tmp_path, check=False)
+    assert res.returncode == 2
+    assert "02_tokens" in res.stderr and "has not been run" in res.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    """A model whose loss turns NaN at step 5: the loop stops with a UserError and the step-4 checkpoint stays."""
+    from accelerate import Accelerator
+
+    from lib.config import TrainConfig
+    from lib.train import fit
+
+    class Flaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+            self.calls = 0
+
+        def forward(self, x, targets=None, loss_mask=None):
+            self.calls += 1
+            loss = (self.w ** 2).sum() * (float("nan") if self.calls > 4 else 1.0)
+            return None, loss
+
+    class Data:
+        tokens_per_epoch = 1000
+
+        def get(self, step, micro, rank, world):
+            return {"x": torch.zeros(1, 2, dtype=torch.long), "y": torch.zeros(1, 2, dtype=torch.long)}
+
+        def eval_batches(self, n):
+            yield from ()
+
+    cfg = TrainConfig(max_steps=10, ckpt_every=2, eval_every=100, log_every=100, warmup_steps=0)
+    with pytest.raises(UserError, match=r"loss became nan at step 4.*step-00000004"):
+        fit(Flaky(), Data(), None, cfg, tmp_path / "work", seed=0, accelerator=Accelerator(cpu=True),
+            precision_note="fp32", world_batch_tokens=2, flops_per_token=1.0)
+    assert (tmp_path / "work" / "step-00000004").is_dir()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process(workspace):
+    """accelerate launch --num_processes 2 (gloo on CPU) with batch 4 each == 1 process with batch 8."""
+    single = ["pretrain.batch_size=8", "pretrain.max_steps=6", "pretrain.eval_every=100"]
+    cfg = clean(workspace, single)
+    run_script([ROOT / "03_pretrain.py"], workspace, single)
+    ref = train_losses(stage_dir(cfg, "03_pretrain"))
+
+    double = ["pretrain.batch_size=4", "pretrain.max_steps=6", "pretrain.eval_every=100"]
+    cfg2 = clean(workspace, double)
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                str(ROOT / "config/accelerate/cpu_ddp.yaml"), "--num_processes", "2"]
+    cmd = launcher + [str(ROOT / "03_pretrain.py"), "--config", str(SMOKE), "--quiet-config"]
+    for o in overrides(workspace, double):
+        cmd += ["--set", o]
+    res = subprocess.run(cmd, cwd=workspace, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    manifest = json.loads((stage_dir(cfg2, "03_pretrain") / "manifest.json").read_text())
+    assert manifest["processes"] == 2
+    ddp = train_losses(stage_dir(cfg2, "03_pretrain"))
+    assert ddp == pytest.approx(ref, rel=2e-3)
