@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from lib.config import load_config, stage_dir
+from lib.install import models_dir_for
 
 SRC = Path(workflow.basedir)  # the scripts live beside this file; artifacts go to the working directory
 DEFAULT_CONFIG = "config/default.yaml" if Path("config/default.yaml").is_file() else str(SRC / "config/default.yaml")
@@ -47,7 +48,7 @@ def bench(stage):
 
 rule all:
     input:
-        done("03_pretrain"),
+        done("04_export"),
 
 
 rule data:
@@ -68,6 +69,16 @@ rule tokens:
 rule pretrained:
     input:
         done("03_pretrain"),
+
+
+rule sft_model:
+    input:
+        done("04_sft"),
+
+
+rule exported:
+    input:
+        done("04_export"),
 
 
 rule prepare_data:
@@ -147,3 +158,93 @@ rule pretrain:
         ENV
     shell:
         "OMP_NUM_THREADS={threads} {params.py} {input.script} --config {params.config} > {log} 2>&1"
+
+
+rule sft:
+    input:
+        script=script("04_sft.py"),
+        base=[done(s) for s in ("03_pretrain",) if CFG.sft.base_model is None],
+    output:
+        manifest=done("04_sft"),
+    log:
+        log("04_sft"),
+    benchmark:
+        bench("04_sft")
+    threads: workflow.cores
+    params:
+        py=PY,
+        config=CONFIG_FILE,
+    conda:
+        ENV
+    shell:
+        "OMP_NUM_THREADS={threads} {params.py} {input.script} --config {params.config} > {log} 2>&1"
+
+
+rule export:
+    input:
+        script=script("04_sft.py"),
+        sft=done("04_sft"),
+    output:
+        manifest=done("04_export"),
+    log:
+        log("04_export"),
+    benchmark:
+        bench("04_export")
+    threads: workflow.cores
+    params:
+        py=PY,
+        config=CONFIG_FILE,
+    conda:
+        ENV
+    shell:
+        "OMP_NUM_THREADS={threads} {params.py} {input.script} --config {params.config} --export > {log} 2>&1"
+
+
+rule checked:
+    input:
+        done("05_check"),
+
+
+rule check:
+    input:
+        script=script("05_check.py"),
+        export=done("04_export"),
+    output:
+        manifest=done("05_check"),
+    log:
+        log("05_check"),
+    params:
+        py=PY,
+        config=CONFIG_FILE,
+    conda:
+        ENV
+    shell:
+        "{params.py} {input.script} --config {params.config} --quiet-config > {log} 2>&1"
+
+
+# The install lands outside the working directory, in the models dir (install.models_dir, `06_install.py config`,
+# default ~/LLM/models): it is the one output meant to outlive the artifacts. Snakemake removes an output before
+# rerunning its job, so --force replaces the previous install of the same name.
+INSTALLED = f"{models_dir_for(CFG.install)}/{CFG.install.name or CFG.export.name}/.install_complete"
+
+
+rule installed:
+    input:
+        INSTALLED,
+
+
+rule install:
+    input:
+        script=script("06_install.py"),
+        check=done("05_check"),
+    output:
+        marker=INSTALLED,
+    log:
+        log("06_install"),
+    params:
+        py=PY,
+        config=CONFIG_FILE,
+    conda:
+        ENV
+    shell:
+        "{params.py} {input.script} install --force --config {params.config} --quiet-config > {log} 2>&1"

@@ -636,6 +636,18 @@ def dims_of(det: Detection) -> dict:
     return d
 
 
+def vision_params_from_config(vc: dict, text_hidden: int | None) -> int:
+    """A ViT tower: L_v * (4*d_v^2 + 2*d_v*f_v) + patch embedding, plus a 2-layer projector d_v*d + d*d."""
+    dv = _first(vc, "hidden_size", "embed_dim", "width")
+    lv = _first(vc, "num_hidden_layers", "depth", "layers")
+    if not (dv and lv):
+        return 0
+    fv = _first(vc, "intermediate_size", "mlp_dim", default=4 * dv)
+    patch = _first(vc, "patch_size", default=14)
+    tower = lv * (4 * dv * dv + 2 * dv * fv) + 3 * patch * patch * dv
+    return int(tower + (dv * text_hidden + text_hidden * text_hidden if text_hidden else 0))
+
+
 def params_from_config(d: dict) -> int | None:
     """Parameter count from hyper-parameters (used when no weight headers are available). Norm weights and
     biases are counted; exotic extras (rotary tables, pooler heads) are not, so expect a few % off."""
@@ -757,7 +769,8 @@ def _version_tuple(v: str) -> tuple:
 FORMULAS = [
     "P = parameter count: exact sum of tensor sizes from safetensors/GGUF headers when present, else from the "
     "config: V*d (embeddings) [+ V*d untied head] + L*(attention d*(h+2*kv)*hd + h*hd*d, MLP 3*d*f gated or "
-    "2*d*f, 2 norms*d) + d, times E experts for the MLP of MoE models",
+    "2*d*f, 2 norms*d) + d, times E experts for the MLP of MoE models; multimodal: + vision tower "
+    "L_v*(4*d_v^2 + 2*d_v*f_v) + projector d_v*d + d*d",
     "weights(dtype) = P * bytes(dtype); bytes: fp32 4, fp16/bf16 2, int8 1.0625 (Q8_0: 8.5 bit), int4 0.5625 (Q4_0: 4.5 bit)",
     "kv_cache = 2 (K and V) * L * kv_heads * head_dim * S * B * bytes_kv; bytes_kv = 4 for fp32, else 2 "
     "(state-space models: L * B * d_inner * (d_state + d_conv) * 4, independent of S)",
@@ -884,14 +897,24 @@ def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: d
     # encoders run one forward pass over the whole input: there is no KV cache to keep
     d["kv_cache"] = det.task not in ENCODER_TASKS
     formula = params_from_config(d) if det.task != "text-to-image" else None
+    if formula and isinstance(det.full_config.get("vision_config"), dict):
+        formula += vision_params_from_config(det.full_config["vision_config"], d.get("hidden"))
     P = stored["params"] or formula
     source = stored["source"] or ("config formula" if formula else None)
     if P is None and stored["bytes"]:  # no headers, no usable config: infer from file size (assume 2 bytes each)
         P, source = int(stored["bytes"] / 2), "file size / 2 (assumes fp16/bf16 weights)"
-    if P is None:
-        raise UserError(f"{src.describe()}: cannot estimate the size of this model: no safetensors/GGUF headers, "
-                        "no weight files and no hidden size / layer count / vocab size in its config")
     context = d.get("context") or DEFAULT_CONTEXT
+    files_bytes = sum(src.files.values())
+    installed = files_bytes if det.gguf is None else files_bytes + int((P or 0) * 4)
+    disk = {"model_files": files_bytes, "installed_model": installed, "environment": ENV_DISK_BYTES,
+            "total_shared_env": installed + ENV_DISK_BYTES["shared (--system-site-packages)"],
+            "free": hw["disk"]["free_bytes"], "path": hw["disk"]["path"]}
+    disk["fits"] = disk["total_shared_env"] <= hw["disk"]["free_bytes"]
+    if P is None:  # nothing to count: a config-only folder of a type without a formula (e.g. diffusers)
+        return {"params": {"total": None, "source": None, "from_config_formula": None}, "dims": d,
+                "context_length": context, "context_assumed": d.get("context") is None, "inference": None,
+                "weights_bytes": None, "disk": disk,
+                "unknown": "no safetensors/GGUF headers, no weight files and no formula for this model type"}
     seq = cfg.seq_len or context
     if stored.get("main_dtype"):
         stored_dtype = _dtype_key(stored["main_dtype"])
@@ -911,12 +934,7 @@ def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: d
         cpu_act = "bf16" if hw["cpu"]["bf16"] else "fp32"
         out["training"] = {"cpu": estimate_training(P, d, cfg, cpu_act, "fp32"),
                            "gpu": estimate_training(P, d, cfg, "bf16", "bf16")}
-    files_bytes = sum(src.files.values())
-    installed = files_bytes if det.gguf is None else files_bytes + int(P * 4)
-    out["disk"] = {"model_files": files_bytes, "installed_model": installed,
-                   "environment": ENV_DISK_BYTES, "total_shared_env": installed + ENV_DISK_BYTES["shared (--system-site-packages)"],
-                   "free": hw["disk"]["free_bytes"], "path": hw["disk"]["path"]}
-    out["disk"]["fits"] = out["disk"]["total_shared_env"] <= hw["disk"]["free_bytes"]
+    out["disk"] = disk
     return out
 
 
@@ -940,6 +958,8 @@ def compatibility(det: Detection, est: dict, hw: dict) -> dict:
         devices.append({"device": f"cuda:{g['index']}", "available": g.get("vram_free_bytes") or g["vram_total_bytes"],
                         "gpu": g})
     rows = []
+    if est["inference"] is None:
+        return {"inference": [], "training": []}
     inf = est["inference"]["by_dtype"]
     for dev in devices:
         for dt, e in inf.items():
@@ -1041,7 +1061,9 @@ def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None 
     if stored["format"] == "pytorch-pickle":
         problems.append("weights are only in pickle format (.bin/.pt): refused for safety (pickle can run code); "
                         "use a safetensors version of the model")
-    if rec is None and det.loader:
+    if est["inference"] is None:
+        problems.append(f"memory cannot be estimated: {est['unknown']}")
+    elif rec is None and det.loader:
         problems.append("does not fit this machine in any 16/32-bit dtype (see the compatibility table)")
     if not est["disk"]["fits"]:
         problems.append(f"not enough free disk at {est['disk']['path']}: needs {fmt_bytes(est['disk']['total_shared_env'])}")
@@ -1107,7 +1129,8 @@ def format_report(r: dict) -> str:
              f"detected by  {m['detected_by']}",
              f"source       {r['source']['kind']}" + (f" {r['source']['repo_id']}@{(r['source']['revision'] or '')[:12]}"
                                                      if r["source"]["repo_id"] else f" {r['source']['path']}"),
-             f"parameters   {_fmt_params(e['params']['total'])} ({e['params']['total']:,}; {e['params']['source']})",
+             f"parameters   " + (f"{_fmt_params(e['params']['total'])} ({e['params']['total']:,}; {e['params']['source']})"
+                                   if e["params"]["total"] else f"unknown ({e['unknown']})"),
              f"context      {e['context_length']}" + (" (assumed: not in the config)" if e["context_assumed"] else ""),
              f"chat         {'chat template present' if m['chat_template'] else 'no chat template'}",
              f"weights      {r['files']['weight_format']} {', '.join(map(str, r['files']['weight_dtypes']))}, "
@@ -1124,13 +1147,15 @@ def format_report(r: dict) -> str:
         lines.append(f"  quantization: {json.dumps(r['requirements']['quantization'])[:120]}")
     for w in r["requirements"]["warnings"]:
         lines.append(f"  warning: {w}")
-    lines += ["", f"Inference memory (batch {inf['batch_size']}, {inf['seq_len']} tokens; stored dtype "
-              f"{inf['stored_dtype'] or 'quantized/unknown'})",
-              f"  {'dtype':<6} {'weights':>10} {'kv cache':>10} {'activ.':>10} {'load tmp':>10} {'overhead':>10} {'total':>10}"]
-    for dt, x in inf["by_dtype"].items():
-        lines.append(f"  {dt:<6} " + " ".join(f"{fmt_bytes(x[k]):>10}" for k in
-                                             ("weights", "kv_cache", "activations", "load_transient",
-                                              "runtime_overhead", "total")))
+    if inf is not None:
+        lines += ["", f"Inference memory (batch {inf['batch_size']}, {inf['seq_len']} tokens; stored dtype "
+                  f"{inf['stored_dtype'] or 'quantized/unknown'})",
+                  f"  {'dtype':<6} {'weights':>10} {'kv cache':>10} {'activ.':>10} {'load tmp':>10} {'overhead':>10} "
+                  f"{'total':>10}"]
+        for dt, x in inf["by_dtype"].items():
+            lines.append(f"  {dt:<6} " + " ".join(f"{fmt_bytes(x[k]):>10}" for k in
+                                                 ("weights", "kv_cache", "activations", "load_transient",
+                                                  "runtime_overhead", "total")))
     if "training" in e:
         lines += ["", f"Training memory (batch {e['training']['cpu']['batch_size']} x {e['training']['cpu']['seq_len']} "
                   f"tokens, AdamW, LoRA rank {e['training']['cpu']['lora']['rank']})"]

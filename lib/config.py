@@ -261,6 +261,10 @@ class ServeConfig:
     max_new_tokens: int = field(default=256, metadata=_range(1))
     temperature: float = field(default=0.7, metadata=_range(0.0, 5.0))
     top_p: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    # replies generated at once, one token each in turn: more start sooner, but each streams slower
+    max_active: int = field(default=4, metadata=_range(1, 256))
+    # requests waiting beyond those; the next one gets HTTP 503 (retry later)
+    max_queue: int = field(default=64, metadata=_range(1, 100_000))
 
 
 @dataclass

@@ -22,10 +22,12 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import sys
 import time
 import unicodedata
 from collections import deque
 from functools import lru_cache
+from json.decoder import scanstring  # the C string decoder of json.loads
 from json.encoder import encode_basestring  # the C string encoder json.dumps uses (ensure_ascii=False)
 from pathlib import Path
 from typing import Iterator
@@ -134,17 +136,15 @@ class U64Set:
             hit = cur == keys[todo]
             present[todo[hit]] = True
             empty = cur == 0
-            # several keys may race for one empty slot: the first of each slot wins, the others probe on
+            # several keys may race for one empty slot: all write, one of them is there after the write (which
+            # one does not matter: membership is the same); the others find the slot taken and probe on
             e_idx = todo[empty]
-            _, first = np.unique(slot[e_idx], return_index=True)
-            won = e_idx[first]
-            table[slot[won]] = keys[won]
-            self.size += len(won)
-            lost = np.ones(len(e_idx), dtype=bool)
-            lost[first] = False
-            busy = todo[~hit & ~empty]
+            table[slot[e_idx]] = keys[e_idx]
+            lost = e_idx[table[slot[e_idx]] != keys[e_idx]]
+            self.size += len(e_idx) - len(lost)
+            busy = np.concatenate([todo[~hit & ~empty], lost])
             slot[busy] = (slot[busy] + np.uint64(1)) & mask
-            todo = np.concatenate([busy, e_idx[lost]])
+            todo = busy
         return present
 
     def _grow(self, need: int) -> None:
@@ -177,11 +177,12 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     lo, hi = s <= threshold, s >= threshold
     best = None
     for b in range(1, num_perm + 1):
-        for r in range(1, num_perm // b + 1):
-            p = 1.0 - (1.0 - s**r) ** b
-            err = 0.5 * np.trapezoid(p[lo], s[lo]) + 0.5 * np.trapezoid(1.0 - p[hi], s[hi])
-            if best is None or err < best[0]:
-                best = (err, b, r)
+        r = np.arange(1, num_perm // b + 1)[:, None]  # every row count possible with b bands
+        p = 1.0 - (1.0 - s[None, :] ** r) ** b  # (rows, s): probability of becoming a candidate
+        err = 0.5 * np.trapezoid(p[:, lo], s[lo], axis=1) + 0.5 * np.trapezoid(1.0 - p[:, hi], s[hi], axis=1)
+        i = int(np.argmin(err))
+        if best is None or err[i] < best[0]:
+            best = (err[i], b, i + 1)
     return best[1], best[2]
 
 
@@ -297,17 +298,21 @@ class _Shards:
         self.f = open(self.out_dir / self.names[-1], "wb", buffering=1 << 20)
         self.size = 0
 
-    def write(self, lines: list[bytes]):
-        total = sum(map(len, lines))
-        if self.size + total <= self.max_bytes:  # the common case: the whole batch fits in the current shard
-            self.f.write(b"".join(lines))
-            self.size += total
-            return
-        for line in lines:
-            if self.size and self.size + len(line) > self.max_bytes:
+    def write(self, data: np.ndarray, sizes: np.ndarray):
+        """Write lines given as their concatenated bytes (uint8) and their sizes, rolling over between lines."""
+        pos = 0
+        while pos < len(data):
+            room = self.max_bytes - self.size
+            fit = int(np.searchsorted(np.cumsum(sizes), room, side="right"))  # lines that fit in this shard
+            if fit == 0 and self.size:
                 self._next()
-            self.f.write(line)
-            self.size += len(line)
+                continue
+            fit = max(fit, 1)  # a line longer than a whole shard gets a shard of its own
+            n = int(sizes[:fit].sum())
+            self.f.write(data[pos:pos + n].tobytes())
+            self.size += n
+            pos += n
+            sizes = sizes[fit:]
 
     def close(self):
         self.f.close()
@@ -336,7 +341,7 @@ def _init_state(params: dict, worker: bool = False):
     _W.update(params=params, minhash=MinHasher(params["num_perm"], params["shingle_words"], params["seed"]))
 
 
-def _prepare_batch(raw: list[str], reps: list[int]) -> dict:
+def _prepare_batch(raw: list[str], reps: np.ndarray) -> dict:
     """Clean and length-filter a batch, and compute for each remaining candidate: the dedup key (salted by its
     repeat pass), the split key, the near-dedup band keys, its length and its JSONL line."""
     p = _W["params"]
@@ -360,12 +365,15 @@ def _prepare_batch(raw: list[str], reps: list[int]) -> dict:
     dig = np.frombuffer(b"".join([hashlib.blake2b(e, digest_size=16, key=key).digest() for e in enc]),
                         dtype="<u8").reshape(D, 2)  # (D, 2)
     # a repeat pass r dedups only within pass r: its keys are salted (pass 0 by 0: the mixer maps 0 to 0)
-    salt = _mix64(np.array(reps, dtype=np.uint64)[idx] * np.uint64(0x9E3779B97F4A7C15))  # (D,)
+    salt = _mix64(reps[idx] * np.uint64(0x9E3779B97F4A7C15))  # (D,)
     out = {"status": status, "idx": idx, "exact_key": dig[:, 0] ^ salt, "split_key": dig[:, 1].copy(),
            "chars": np.fromiter(map(len, texts), dtype=np.int64, count=D),
            "bytes": np.fromiter(map(len, enc), dtype=np.int64, count=D),
-           "lines": [('{"text": ' + encode_basestring(t) + "}\n").encode("utf-8") for t in texts],
            "band_keys": None}
+    # the JSONL lines as one buffer and their sizes: cheaper to send back than a list of bytes objects
+    lines = [('{"text": ' + encode_basestring(t) + "}\n").encode("utf-8") for t in texts]
+    out["line_sizes"] = np.fromiter(map(len, lines), dtype=np.int64, count=D)
+    out["lines"] = b"".join(lines)
     if p["near"] and D:
         mh = _W["minhash"]
         out["band_keys"] = mh.band_keys(mh.signatures(texts), p["bands"], p["rows"], salt)  # (D, bands)
@@ -373,22 +381,12 @@ def _prepare_batch(raw: list[str], reps: list[int]) -> dict:
 
 
 def _worker_count() -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cpus = os.cpu_count() or 1
+    """Worker processes: one per CPU (at most 8) on Linux, where they start by fork in milliseconds and need
+    no re-import of the caller's main module; elsewhere none (all work in this process)."""
+    if not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
+        return 0
+    cpus = len(os.sched_getaffinity(0))
     return min(cpus, 8) if cpus > 1 else 0
-
-
-def _mp_context():
-    """fork where it is safe (Linux, a process with one thread: it starts in milliseconds), else forkserver."""
-    try:
-        single = len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        single = False
-    methods = mp.get_all_start_methods()
-    return mp.get_context("fork" if single and "fork" in methods else
-                          "forkserver" if "forkserver" in methods else "spawn")
 
 
 class _Builder:
@@ -411,27 +409,29 @@ class _Builder:
         self.pool = None
         self.pending: deque = deque()  # (async result, source of each document) in batch order
         self.batches = 0
-        self.raw: list[str] = []
-        self.src: list[int] = []
-        self.rep: list[int] = []
+        self.raw: list[str] = []  # the batch being filled (the caller appends to it and adds to batch_chars)
+        self.runs: list[tuple[int, int, int]] = [(0, 0, 0)]  # (first index in raw, source, repeat pass)
         self.batch_chars = 0
 
-    def add(self, raw: str, src: int, rep: int):
-        self.raw.append(raw)
-        self.src.append(src)
-        self.rep.append(rep)
-        self.batch_chars += len(raw)
-        if len(self.raw) >= _BATCH_DOCS or self.batch_chars >= _BATCH_CHARS:
-            self.submit()
+    def start_run(self, src: int, rep: int):
+        """The documents added from now on come from source `src`, repeat pass `rep`."""
+        self.runs.append((len(self.raw), src, rep))
 
     def submit(self):
         if not self.raw:
             return
-        batch, src = (self.raw, self.rep), np.array(self.src, dtype=np.int64)
-        self.raw, self.src, self.rep, self.batch_chars = [], [], [], 0
+        # per-document source and pass from the runs (documents arrive source by source)
+        starts = [r[0] for r in self.runs] + [len(self.raw)]
+        counts = np.diff(starts)
+        src = np.repeat([r[1] for r in self.runs], counts).astype(np.int64)
+        batch = (self.raw, np.repeat([r[2] for r in self.runs], counts).astype(np.uint64))
+        last = self.runs[-1]
+        self.raw, self.runs, self.batch_chars = [], [(0, last[1], last[2])], 0
         self.batches += 1
         if self.workers and self.batches == 2:  # a corpus of one batch is not worth starting processes for
-            self.pool = _mp_context().Pool(self.workers, initializer=_init_state, initargs=(self.params, True))
+            # fork: the workers share the parent's imports; they use only numpy, hashlib and re, so numpy's
+            # BLAS threads in the parent (the reason 3.12+ warns about fork) are no concern
+            self.pool = mp.get_context("fork").Pool(self.workers, initializer=_init_state, initargs=(self.params, True))
         if self.pool is None:
             if _W.get("params") != self.params:
                 _init_state(self.params)
@@ -470,10 +470,15 @@ class _Builder:
             ps["near_dup"] += np.bincount(csrc[dup], minlength=n)
         kept = np.flatnonzero(keep)
         is_val = r["split_key"][kept] < self.val_cut
-        lines = r["lines"]
+        buf = np.frombuffer(r["lines"], dtype=np.uint8)
+        sizes = r["line_sizes"]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
         for split, sel in (("train", kept[~is_val]), ("val", kept[is_val])):
             if len(sel):
-                self.shards[split].write([lines[i] for i in sel.tolist()])
+                # gather the selected lines' bytes in one go: for each, the range offsets[i] .. offsets[i+1]
+                size = sizes[sel]
+                starts = np.repeat(offsets[sel] - np.concatenate([[0], np.cumsum(size)[:-1]]), size)
+                self.shards[split].write(buf[starts + np.arange(int(size.sum()))], size)
                 st = self.split_stats[split]
                 st["documents"] += len(sel)
                 st["chars"] += int(r["chars"][sel].sum())
@@ -497,8 +502,8 @@ def _histogram(hist: np.ndarray) -> dict:
 def build_corpus(cfg: Config, out_dir: Path, workers: int | None = None) -> dict:
     """Read every source, clean, filter, dedup and split into JSONL shards in out_dir; write and return stats.
 
-    workers: processes for the per-document work (None: one per CPU, at most 8; 0: all in this process).
-    The output does not depend on it.
+    workers: processes for the per-document work (None: see `_worker_count`; 0: all in this process; more
+    than 0 needs the fork start method, i.e. Linux or macOS). The output does not depend on it.
     """
     d = cfg.data
     t0 = time.time()
@@ -511,15 +516,19 @@ def build_corpus(cfg: Config, out_dir: Path, workers: int | None = None) -> dict
         for i, src in enumerate(d.sources):
             c = counts[i]
             for rep in range(src.repeat):
-                n = 0
-                for raw in readers[i]():
-                    if src.max_docs is not None and n >= src.max_docs:
+                b.start_run(i, rep)
+                n, limit = 0, src.max_docs
+                for raw in readers[i]():  # the per-document loop of the main process: kept minimal
+                    if n == limit:
                         break
                     n += 1
                     if raw is OVERSIZED:
                         c["too_long"] += 1
-                    else:
-                        b.add(raw, i, rep)
+                        continue
+                    b.raw.append(raw)
+                    b.batch_chars += len(raw)
+                    if b.batch_chars >= _BATCH_CHARS or len(b.raw) >= _BATCH_DOCS:
+                        b.submit()
                 c["read"] += n
             c["skipped_bad_records"] = bads[i].count
         b.finish()
@@ -601,11 +610,21 @@ def shard_paths(stage_dir: str | Path, split: str) -> list[Path]:
 
 def iter_documents(stage_dir: str | Path, split: str = "train") -> Iterator[str]:
     """Stream the texts of one split, in corpus order."""
-    loads = json.loads
     for path in shard_paths(stage_dir, split):
-        with open(path, "rb", buffering=1 << 20) as f:
-            for line in f:
-                yield loads(line)["text"]
+        with open(path, encoding="utf-8", newline="\n", buffering=1 << 20) as f:
+            for lineno, line in enumerate(f, 1):
+                # our own fixed line format {"text": "..."}: the one JSON string is read directly by the
+                # decoder's string scanner, 5x faster than json.loads building a dict per line
+                try:
+                    if line.startswith('{"text": "'):
+                        text, end = scanstring(line, 10)
+                        if line[end:] in ("}\n", "}"):
+                            yield text
+                            continue
+                    yield json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise UserError(f"{path}:{lineno}: not a corpus line ({e}); the artifact is damaged: rebuild it "
+                                    "with 01_prepare_data.py --force") from None
 
 
 def read_stats(stage_dir: str | Path) -> dict:

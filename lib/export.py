@@ -133,7 +133,7 @@ def greedy_reference(hf: Path, system_prompt: Optional[str]) -> dict[str, list[i
 
     tok = load_tokenizer(hf)
     model = load_hf(hf)
-    return {p: reply_ids(model, prompt_ids(tok, p, system_prompt), CHECK_TOKENS, []) for p in CHECK_PROMPTS}
+    return {p: reply_ids(model, prompt_ids(tok, p, system_prompt), CHECK_TOKENS, [])[0] for p in CHECK_PROMPTS}
 
 
 @torch.no_grad()

@@ -226,8 +226,9 @@ def verify_install(path: str | Path, quick: bool = False) -> dict:
 
 
 def remove_installed(name: str, models_dir: str | Path) -> Path:
-    """Delete an install. It is first renamed to a hidden name, so it vanishes from `list` at once."""
-    folder = resolve_installed(name, models_dir)
+    """Delete an install, by name only (never by path). It is first renamed to a hidden name, so it vanishes
+    from `list` at once."""
+    folder = resolve_installed(validate_name(name), models_dir)
     trash = folder.parent / f".{folder.name}.removing-{os.getpid()}-{int(time.time())}"
     os.replace(folder, trash)
     shutil.rmtree(trash, ignore_errors=True)
@@ -288,7 +289,7 @@ def refusal(report: dict, trust_remote_code: bool) -> list[str]:
     problems = []
     m, v = report["model"], report["verdict"]
     if m["task"] not in SERVABLE_TASKS:
-        problems.append(f"it is a {m['task']} model ({m['family']}); installs are for text-generation models "
+        problems.append(f"its type is {m['task']} ({m['family']}); installs are for text-generation models "
                         "that 07_serve can chat with")
     for p in v["problems"]:
         if "auto_map" in p and trust_remote_code:
@@ -562,7 +563,9 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
             "architecture": report["model"]["architecture"], "params": report["estimates"]["params"]["total"],
             "capabilities": {"chat_template": report["model"]["chat_template"], "streaming": True,
                              "context_length": context},
-            "recommended": report["verdict"]["recommended"], "venv": venv, "python": python,
+            "recommended": report["verdict"]["recommended"], "venv": venv,
+            # the temp folder is renamed at the end: record where the venv's python will be
+            "python": str(final / "venv" / "bin" / "python") if venv else python,
             "gguf_files": [e for e in extras if e.endswith(".gguf")], "modelfile": "Modelfile" in extras,
             "post_test": result, "check": report,
         }

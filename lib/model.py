@@ -297,7 +297,7 @@ class HomeLLM(nn.Module):
         (PaLM's appendix B, as nanoGPT counts it)."""
         a = self.args
         T = seq_len or a.max_seq_len
-        matmul_weights = self.num_params(body_only=True) + a.vocab_size * a.dim
+        matmul_weights = sum(p.numel() for p in self.model.layers.parameters() if p.dim() == 2) + a.vocab_size * a.dim
         return 6 * matmul_weights + 12 * a.n_layers * a.n_heads * a.head_dim * T
 
 

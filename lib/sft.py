@@ -536,8 +536,9 @@ def merge_adapter(base_dir: Path, adapter_dir: Path):
 
 
 def reply_ids(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], temperature: float = 0.0,
-              seed: int = 0) -> list[int]:
-    """New tokens after the prompt (greedy when temperature is 0), ending at a stop id if one is produced."""
+              seed: int = 0) -> tuple[list[int], bool]:
+    """(new tokens after the prompt, whether a stop id ended them); greedy when temperature is 0. The stop token
+    itself is not in the list."""
     was_training = model.training
     model.eval()
     try:
@@ -546,13 +547,20 @@ def reply_ids(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[
                 ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
                 torch.manual_seed(seed)
                 out = model.hf.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                        temperature=temperature or None, eos_token_id=stop_ids, pad_token_id=stop_ids[0])
-                return out[0, len(prompt_ids):].tolist()
-        from lib.generate import SamplingParams, generate
+                                        temperature=temperature or None, eos_token_id=stop_ids or None,
+                                        pad_token_id=(stop_ids or [0])[0])
+                new = out[0, len(prompt_ids):].tolist()
+        else:
+            from lib.generate import SamplingParams, generate
 
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=50 if temperature else 0,
-                                seed=seed, stop_token_ids=stop_ids)
-        return list(generate(model, prompt_ids, params))
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                    top_k=50 if temperature else 0, seed=seed, stop_token_ids=stop_ids)
+            new = list(generate(model, prompt_ids, params))
+            # generate drops the stop token: a reply shorter than its limit (the context may cap it) was stopped
+            limit = min(max_new_tokens, model.args.max_seq_len - min(len(prompt_ids), model.args.max_seq_len - 1))
+            return new, len(new) < limit
+        ended = bool(new) and new[-1] in stop_ids
+        return (new[:-1] if ended else new), ended
     finally:
         model.train(was_training)
 
@@ -569,7 +577,7 @@ def chat_sampler(tokenizer, prompts: list[str], max_new_tokens: int, seed: int, 
     def sample(model) -> list[str]:
         out = []
         for p in prompts:
-            new = reply_ids(model, chat_prompt_ids(tokenizer, p, system_prompt), max_new_tokens, stops, 0.8, seed)
+            new, _ = reply_ids(model, chat_prompt_ids(tokenizer, p, system_prompt), max_new_tokens, stops, 0.8, seed)
             out.append(f"{p} -> {tokenizer.decode(new, skip_special_tokens=True)}")
         return out
 
@@ -583,9 +591,7 @@ def end_of_turn_check(model, tokenizer, prompts: list[str], system_prompt: Optio
     stops = end_token_ids(tokenizer)
     answers, ended = [], 0
     for p in prompts:
-        new = reply_ids(model, chat_prompt_ids(tokenizer, p, system_prompt), max_new_tokens, stops)
-        # a reply shorter than the limit ended at a stop token (whether or not generate returns that token)
-        stopped = bool(new) and (new[-1] in stops or len(new) < max_new_tokens)
+        new, stopped = reply_ids(model, chat_prompt_ids(tokenizer, p, system_prompt), max_new_tokens, stops)
         ended += stopped
         answers.append({"prompt": p, "reply": tokenizer.decode(new, skip_special_tokens=True), "ended_turn": stopped,
                         "tokens": len(new)})
@@ -636,6 +642,9 @@ def build_datasets(cfg: Config, tokenizer, log=print) -> tuple[SftBatches, Optio
     if not train_enc:
         raise UserError(f"sft.data: no training example fits in sft.train.seq_len={t.seq_len} tokens (every one was "
                         f"dropped as too long: {train_stats.dropped_too_long}); raise sft.train.seq_len")
+    if not val_enc:
+        log(f"warning: no validation example (sft.val_fraction={sft.val_fraction}, {val_stats.dropped_too_long} dropped "
+            "as too long): no evals, no overfitting detector, the last step's weights are kept")
     if sft.packing:
         train_enc = pack(train_enc, max_len, cfg.seed)
         val_enc = pack(val_enc, max_len, cfg.seed) if val_enc else val_enc

@@ -20,6 +20,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -165,12 +166,8 @@ def _open_binary(path: Path, bad: BadRecords) -> IO[bytes] | None:
     return f
 
 
-def _read_guard(path: Path, lines: Iterator):
-    """Turn I/O errors while reading a (possibly gzipped) file into a UserError naming the file."""
-    try:
-        yield from lines
-    except (OSError, EOFError, zlib.error) as e:
-        raise UserError(f"{path}: cannot read the file ({e}); it may be truncated or corrupt") from None
+def _not_utf8(path: Path, lineno: int, raw: bytes, e: UnicodeDecodeError, bad: BadRecords) -> None:
+    bad(f"{path}:{lineno}", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); expected UTF-8 text")
 
 
 def _decoded_lines(path: Path, f: IO[bytes], bad: BadRecords) -> Iterator[tuple[int, str]]:
@@ -179,8 +176,7 @@ def _decoded_lines(path: Path, f: IO[bytes], bad: BadRecords) -> Iterator[tuple[
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            bad(f"{path}:{lineno}", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                "expected UTF-8 text")
+            _not_utf8(path, lineno, raw, e, bad)
             continue
         if lineno == 1 and line.startswith("\ufeff"):  # a byte-order mark is not text
             line = line[1:]
@@ -212,17 +208,21 @@ def read_txt(path: Path, mode: str, bad: BadRecords, max_chars: int) -> Iterator
     f = _open_binary(path, bad)
     if f is None:
         return
-    with f:
-        lines = _decoded_lines(path, f, bad)
-        if mode == "line":
-            for _, line in _read_guard(path, lines):
+    with f, _io_errors(path):
+        if mode == "line":  # the hot loop of a large .txt corpus: no generator layers in between
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    _not_utf8(path, lineno, raw, e, bad)
+                    continue
                 if not line.isspace():
-                    yield line
+                    yield line[1:] if lineno == 1 and line.startswith("\ufeff") else line
             return
         # A paragraph is held until its blank line; past this size it is dropped as too long, not held further.
         cap = 4 * max_chars + 4096
         buf, size = [], 0
-        for _, line in _read_guard(path, lines):
+        for _, line in _decoded_lines(path, f, bad):
             if line.isspace():
                 if buf or size:
                     yield "".join(buf) if size <= cap else OVERSIZED
@@ -237,26 +237,43 @@ def read_txt(path: Path, mode: str, bad: BadRecords, max_chars: int) -> Iterator
             yield "".join(buf) if size <= cap else OVERSIZED
 
 
+_JSON = json.JSONDecoder()
+
+
 def read_jsonl(path: Path, field: str, bad: BadRecords) -> Iterator[str]:
     """JSON lines: one object per line, the text in `field`. Blank lines are allowed."""
     f = _open_binary(path, bad)
     if f is None:
         return
-    loads = json.loads
-    with f:
-        for lineno, line in _read_guard(path, _decoded_lines(path, f, bad)):
+    decode = _JSON.decode
+    with f, _io_errors(path):
+        for lineno, raw in enumerate(f, 1):  # the hot loop of a large .jsonl corpus: kept flat
             try:
-                rec = loads(line)
-            except json.JSONDecodeError as e:
-                if line.isspace():
-                    continue
-                hint = " - the line looks truncated" if not line.endswith("\n") else ""
-                bad(f"{path}:{lineno}", f"invalid JSON: {e.msg} (column {e.colno}){hint}; expected one JSON object "
-                    f"per line with a {field!r} field")
+                line = raw.decode("utf-8")
+                rec = decode(line)
+            except UnicodeDecodeError as e:
+                _not_utf8(path, lineno, raw, e, bad)
                 continue
-            text = _get_field(rec, field, f"{path}:{lineno}", bad)
-            if text is not None:
+            except json.JSONDecodeError as e:
+                if raw.isspace():
+                    continue
+                if lineno == 1 and line.startswith("\ufeff"):  # a byte-order mark
+                    try:
+                        rec = decode(line[1:])
+                    except json.JSONDecodeError:
+                        pass
+                    else:
+                        line = None
+                if line is not None:
+                    hint = " - the line looks truncated" if not raw.endswith(b"\n") else ""
+                    bad(f"{path}:{lineno}", f"invalid JSON: {e.msg} (column {e.colno}){hint}; expected one JSON "
+                        f"object per line with a {field!r} field")
+                    continue
+            text = rec.get(field) if type(rec) is dict else None
+            if type(text) is str:
                 yield text
+            else:
+                _get_field(rec, field, f"{path}:{lineno}", bad)  # says what is wrong
 
 
 def iter_json_records(path: Path, bad: BadRecords) -> Iterator[tuple[int, object]]:
@@ -378,8 +395,8 @@ def read_csv(path: Path, field: str, bad: BadRecords) -> Iterator[str]:
     if f is None:
         return
     csv.field_size_limit(1 << 30)  # the default 128 KiB limit would reject long documents
-    with f:
-        lines = (line for _, line in _read_guard(path, _decoded_lines(path, f, bad)))
+    with f, _io_errors(path):
+        lines = (line for _, line in _decoded_lines(path, f, bad))
         reader = csv.reader(lines, strict=True)
         try:
             header = next(reader)
@@ -470,23 +487,35 @@ def read_file(path: Path, src: SourceConfig, bad: BadRecords, max_chars: int) ->
 # Embedded sources and the hub.
 
 
+_FORTUNE_SEP = re.compile(rb"^%\r?\n", re.M)
+
+
 def read_fortunes(files: list[Path], bad: BadRecords) -> Iterator[str]:
-    """fortune(6) files: entries separated by a line holding only '%'; lines starting with '%%' are comments."""
+    """fortune(6) files: entries separated by a line holding only '%'; lines starting with '%%' are comments.
+    The files are small (at most a few MB, shipped in the package), so each is read whole."""
     for path in files:
         f = _open_binary(path, bad)
         if f is None:
             continue
-        with f:
-            buf = []
-            for _, line in _read_guard(path, _decoded_lines(path, f, bad)):
-                if line.rstrip("\r\n") == "%":
-                    if buf:
-                        yield "".join(buf)
-                    buf = []
-                elif not line.startswith("%%"):
-                    buf.append(line)
-            if buf:
-                yield "".join(buf)
+        with f, _io_errors(path):
+            data = f.read()
+        if not data.endswith(b"\n"):
+            data += b"\n"
+        pos = 0
+        for sep in [*_FORTUNE_SEP.finditer(data), None]:
+            chunk = data[pos:sep.start() if sep else len(data)]
+            try:
+                entry = chunk.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line_start = chunk.rfind(b"\n", 0, e.start) + 1
+                _not_utf8(path, data.count(b"\n", 0, pos + e.start) + 1, chunk[line_start:],
+                          UnicodeDecodeError("utf-8", chunk, e.start - line_start, e.end - line_start, e.reason), bad)
+                entry = ""
+            if "%%" in entry:
+                entry = "".join(ln for ln in entry.splitlines(keepends=True) if not ln.startswith("%%"))
+            if entry.strip():
+                yield entry
+            pos = sep.end() if sep else len(data)
 
 
 def read_chitchat(path: Path, bad: BadRecords) -> Iterator[str]:

@@ -7,7 +7,7 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "config" / "accelerate").glob("*.yaml"))
-EXPECTED = {"cpu_ddp": "MULTI_CPU", "ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+EXPECTED = {"cpu_ddp": "MULTI_GPU", "ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED",
             "deepspeed_zero3": "DEEPSPEED", "deepspeed_zero3_offload": "DEEPSPEED"}
 
 

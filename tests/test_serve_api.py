@@ -229,7 +229,7 @@ def test_client_disconnect_stops_the_generation(url, engine, mid):
             break
         time.sleep(0.05)
     assert after.get("generations_cancelled", 0) == before.get("generations_cancelled", 0) + 1
-    assert after["completion_tokens"] - before.get("completion_tokens", 0) < 1000
+    assert after["completion_tokens"] - before.get("completion_tokens", 0) < 1000  # stopped early, not run out
     assert engine.pending()["active"] == 0
 
 
@@ -250,7 +250,8 @@ ERROR_CASES = [
      400, "invalid_json", None),
     ("not UTF-8", "POST", "chat/completions", lambda m: {"content": b'{"model": "\xff\xfe"}', "headers": JSON},
      400, "invalid_json", None),
-    ("form-encoded body", "POST", "chat/completions", lambda m: {"data": {"model": m}}, 415, "unsupported_media_type", None),
+    ("form-encoded body", "POST", "chat/completions", lambda m: {"data": {"model": m}}, 415, "unsupported_media_type",
+     None),
     ("body is a list", "POST", "chat/completions", lambda m: {"json": [1, 2]}, 400, "invalid_type", None),
     ("missing messages", "POST", "chat/completions", lambda m: {"json": {"model": m}}, 400,
      "missing_required_parameter", "messages"),
@@ -313,7 +314,8 @@ def test_bad_requests_get_4xx_in_openai_shape(url, mid, name, method, path, kwar
 
 def test_server_is_healthy_after_bad_requests(url, client, mid):
     assert httpx.get(url + "health").json() == {"status": "ok", "model": mid}
-    assert client.chat.completions.create(model=mid, messages=user("Still there?"), max_tokens=3).usage.completion_tokens == 3
+    r = client.chat.completions.create(model=mid, messages=user("Still there?"), max_tokens=3)
+    assert r.usage.completion_tokens == 3
 
 
 def test_models_info_and_metrics(url, client, mid):
@@ -405,3 +407,101 @@ def test_serve_script_serves_ui_and_api_and_stops_on_ctrl_c(tiny_chat_model_talk
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which model: pipeline outputs, installs, paths.
+
+
+def _stage_with_model(cfg, stage: str, model_dir, sub: str = "."):
+    import shutil
+
+    from lib.artifacts import stage_output
+    from lib.config import stage_dir
+
+    with stage_output(cfg, stage) as (tmp, extra):
+        shutil.copytree(model_dir, tmp / sub, dirs_exist_ok=True)
+        extra["parameters"] = 1
+    return stage_dir(cfg, stage)
+
+
+def test_resolve_latest_pipeline_model_and_ids(tiny_chat_model, tmp_path):
+    from lib.config import from_dict
+
+    mine = from_dict({"artifacts_dir": str(tmp_path / "artifacts"), "seed": 1})
+    other = from_dict({"artifacts_dir": str(tmp_path / "artifacts"), "seed": 2})
+    with pytest.raises(UserError, match="no finished model to serve"):
+        resolve_model(None, mine)
+    pretrain = _stage_with_model(mine, "03_pretrain", tiny_chat_model)
+    ref = resolve_model(None, mine)
+    assert (ref.source, ref.id, ref.path) == ("pipeline", f"03_pretrain/{pretrain.name}", pretrain.resolve())
+
+    time.sleep(0.05)
+    export = _stage_with_model(other, "04_export", tiny_chat_model, sub="hf")  # the HF dir sits in hf/
+    assert resolve_model(None, mine).id == f"03_pretrain/{pretrain.name}"  # this config's own furthest stage
+    newest = resolve_model(None, from_dict({"artifacts_dir": str(tmp_path / "artifacts"), "seed": 3}))
+    assert newest.id == f"04_export/{export.name}" and newest.path == (export / "hf").resolve()
+    assert resolve_model(f"04_export/{export.name}", mine).path == newest.path
+    assert resolve_model(str(export), mine).id == newest.id  # the stage directory given as a path
+    with pytest.raises(UserError, match="not a complete stage directory"):
+        resolve_model("04_sft/000000000000", mine)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        resolve_model(str(tmp_path / "empty"), mine)
+
+
+def test_resolve_and_verify_installed_models(tiny_chat_model, tmp_path):
+    import shutil
+
+    from lib.config import from_dict
+    from lib.install import INFO, MARKER, write_sums
+    from lib.serving.resolve import available_models
+
+    models = tmp_path / "models"
+    folder = models / "tiny"
+    shutil.copytree(tiny_chat_model, folder / "model")
+    (folder / INFO).write_text(json.dumps({"name": "tiny", "task": "text-generation"}))
+    write_sums(folder)
+    (folder / MARKER).write_text("")
+    cfg = from_dict({"artifacts_dir": str(tmp_path / "artifacts")})
+
+    ref = resolve_model("tiny", cfg, models)
+    assert (ref.id, ref.source, ref.path) == ("tiny", "installed", (folder / "model").resolve())
+    assert resolve_model(str(folder), cfg).id == "tiny"  # start.sh passes the folder itself
+    assert [r.id for r in available_models(cfg, models)] == ["tiny"]
+    assert load_model(ref, "cpu").context_length == 256
+    with pytest.raises(UserError, match="no installed model of that name"):
+        resolve_model("other", cfg, models)
+    with pytest.raises(UserError):
+        resolve_model("../escape", cfg, models)
+
+    weights = folder / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # damaged after install
+    with pytest.raises(UserError, match="SHA256SUMS"):
+        load_model(resolve_model("tiny", cfg, models), "cpu")
+
+
+def test_a_chat_template_refusal_is_a_400(tiny_chat_model, tmp_path):
+    import shutil
+
+    from lib.serving.engine import ChatTemplateError
+    from lib.tokenizer import CHAT_TEMPLATE
+
+    strict = tmp_path / "strict"
+    shutil.copytree(tiny_chat_model, strict)
+    conf = json.loads((strict / "tokenizer_config.json").read_text())
+    conf["chat_template"] = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start "
+                             "with a user message') }}{% endif %}" + CHAT_TEMPLATE)
+    (strict / "tokenizer_config.json").write_text(json.dumps(conf))
+    loaded = load_model(resolve_model(str(strict), Config()), "cpu")
+    with pytest.raises(ChatTemplateError, match="must start with a user message"):
+        encode_chat(loaded.tokenizer, [{"role": "assistant", "content": "x"}])
+    engine = Engine(loaded)
+    try:
+        with BackgroundServer(build_app(engine, ServeConfig(), ui=False)) as url:
+            r = httpx.post(url + "v1/chat/completions",
+                           json={"model": loaded.id, "messages": [{"role": "assistant", "content": "x"}]})
+            assert r.status_code == 400 and "must start with a user message" in r.json()["error"]["message"]
+            assert r.json()["error"]["param"] == "messages"
+    finally:
+        engine.close()

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lib.config import ServeConfig
-from lib.serving.engine import ContextTooLong, Engine, EngineBusy, encode_chat
+from lib.serving.engine import ChatTemplateError, ContextTooLong, Engine, EngineBusy, encode_chat, sampling_params
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # far above any context we serve; stops a client from making us parse gigabytes
 MAX_STOP = 4  # OpenAI's limit on stop sequences
@@ -84,7 +84,8 @@ class ChatMessage(_Body):
         if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                                        and set(p) <= {"type", "text"} for p in v):
             return "".join(p["text"] for p in v)
-        raise ValueError('expected a string or a list of {"type": "text", "text": "..."} parts (this model reads text only)')
+        raise ValueError('expected a string or a list of {"type": "text", "text": "..."} parts '
+                         '(this model reads text only)')
 
 
 def _check_stop(v):
@@ -242,7 +243,8 @@ async def read_json_body(request: Request, model: type[BaseModel]) -> Any:
                             f"(got {ctype or 'no Content-Type'})", code="unsupported_media_type")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}", code="request_too_large")
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}",
+                       code="request_too_large")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -301,30 +303,26 @@ class OpenAIServer:
                                 f"(see GET /v1/models)", param="model", code="model_not_found")
         return loaded
 
-    def _params(self, body: _Sampling, max_tokens: int | None, prompt_len: int, loaded, strict_length: bool):
-        from lib.generate import SamplingParams
-
+    def _params(self, body: _Sampling, max_tokens: int | None, prompt_len: int, loaded, prompt_param: str):
+        """Sampling parameters; like OpenAI, a max_tokens that does not fit the context is an error, not cut."""
         room = loaded.context_length - prompt_len
         if room < 1:
             raise APIError(400, f"This model's maximum context length is {loaded.context_length} tokens, but the "
-                                f"prompt is {prompt_len} tokens; shorten it", param="messages" if strict_length else "prompt",
+                                f"prompt is {prompt_len} tokens; shorten it", param=prompt_param,
                            code="context_length_exceeded")
-        if max_tokens is not None and max_tokens > room and strict_length:
+        if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"This model's maximum context length is {loaded.context_length} tokens. However, you "
                                 f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} "
                                 f"for the completion). Lower max_tokens to at most {room}.", param="max_tokens",
                            code="context_length_exceeded")
-        temperature = self.serve.temperature if body.temperature is None else body.temperature
-        top_p = self.serve.top_p if body.top_p is None else body.top_p
-        if top_p == 0:  # nucleus of zero mass: only the most likely token, i.e. greedy
-            temperature, top_p = 0.0, 1.0
-        kwargs = {"temperature": temperature, "top_p": top_p,
-                  "max_new_tokens": min(max_tokens or self.serve.max_new_tokens, room), "seed": body.seed}
+        extra = {}
         if body.top_k is not None:
-            kwargs["top_k"] = body.top_k
+            extra["top_k"] = body.top_k
         if body.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = body.repetition_penalty
-        return SamplingParams(**kwargs)
+            extra["repetition_penalty"] = body.repetition_penalty
+        return sampling_params(self.serve.temperature if body.temperature is None else body.temperature,
+                               self.serve.top_p if body.top_p is None else body.top_p,
+                               min(max_tokens or self.serve.max_new_tokens, room), seed=body.seed, **extra)
 
     def _submit(self, ids, params, stop, loaded):
         try:
@@ -380,8 +378,11 @@ class OpenAIServer:
         self.engine.metrics.inc("requests_chat")
         # "developer" is the newer name of "system"; chat templates know only the latter.
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
-        ids = encode_chat(loaded.tokenizer, messages)
-        params = self._params(body, body.max_tokens or body.max_completion_tokens, len(ids), loaded, strict_length=True)
+        try:
+            ids = encode_chat(loaded.tokenizer, messages)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), param="messages", code="invalid_value") from None
+        params = self._params(body, body.max_tokens or body.max_completion_tokens, len(ids), loaded, "messages")
         handle = self._submit(ids, params, body.stop, loaded)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", _now()
 
@@ -409,7 +410,7 @@ class OpenAIServer:
         self.engine.metrics.inc("requests_completions")
         tok = loaded.tokenizer
         if isinstance(body.prompt, str):
-            ids = tok.encode(body.prompt, add_special_tokens=True)
+            ids = tok.encode(body.prompt, add_special_tokens=True, verbose=False)
             prompt_text = body.prompt
         else:
             vocab = loaded.config.get("vocab_size") or len(tok)
@@ -424,7 +425,7 @@ class OpenAIServer:
             if start is None:
                 raise APIError(400, "prompt: must not be empty for this model", param="prompt", code="invalid_value")
             ids = [start]
-        params = self._params(body, body.max_tokens, len(ids), loaded, strict_length=True)
+        params = self._params(body, body.max_tokens, len(ids), loaded, "prompt")
         handle = self._submit(ids, params, body.stop, loaded)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", _now()
         echo = prompt_text if body.echo else ""

@@ -12,7 +12,7 @@ import sys
 from typing import TextIO
 
 from lib.config import ServeConfig
-from lib.serving.engine import ContextTooLong, Engine, fit_conversation
+from lib.serving.engine import ChatTemplateError, ContextTooLong, Engine, fit_conversation, sampling_params
 
 HELP = """commands:
   /reset          forget the conversation (the system prompt stays)
@@ -21,11 +21,8 @@ HELP = """commands:
   /help           this list"""
 
 
-def _params(serve: ServeConfig, seed: int | None, max_new_tokens: int | None = None):
-    from lib.generate import SamplingParams
-
-    return SamplingParams(temperature=serve.temperature, top_p=serve.top_p or 1.0,
-                          max_new_tokens=max_new_tokens or serve.max_new_tokens, seed=seed)
+def _params(serve: ServeConfig, seed: int | None):
+    return sampling_params(serve.temperature, serve.top_p, serve.max_new_tokens, seed=seed)
 
 
 def _stream_reply(engine: Engine, messages: list[dict], serve: ServeConfig, seed: int | None, out: TextIO,
@@ -60,7 +57,7 @@ def one_shot(engine: Engine, prompt: str, serve: ServeConfig, system: str | None
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     try:
         _stream_reply(engine, messages, serve, seed, out, err)
-    except ContextTooLong as e:
+    except (ContextTooLong, ChatTemplateError) as e:
         print(f"error: --prompt: {e}", file=err)
         return 2
     out.write("\n")
@@ -115,9 +112,9 @@ def repl(engine: Engine, serve: ServeConfig, system: str | None = None, seed: in
         out.flush()
         try:
             reply, _ = _stream_reply(engine, messages, serve, seed, out, err)
-        except ContextTooLong as e:
+        except (ContextTooLong, ChatTemplateError) as e:
             history.pop()
-            print(f"[too long: {e}]", file=out, flush=True)
+            print(f"[not sent: {e}]", file=out, flush=True)
             continue
         out.write("\n")
         out.flush()

@@ -44,6 +44,11 @@ class EngineBusy(Exception):
     """The request queue is full; the caller should retry later (HTTP 503)."""
 
 
+class ChatTemplateError(ValueError):
+    """The model's chat template refused the conversation (some templates demand alternating roles, a first user
+    turn, ...): the client's input, so HTTP 400."""
+
+
 class ContextTooLong(ValueError):
     """The prompt does not leave room for a single new token in the model's context."""
 
@@ -120,6 +125,10 @@ def load_model(ref: ModelRef, device: str = "auto") -> LoadedModel:
     from lib.tokenizer import load_tokenizer
 
     device = pick_device(device)
+    if ref.install_dir is not None:  # an installed model is served only if every file matches its SHA256SUMS
+        from lib.install import verify_install
+
+        verify_install(ref.install_dir)
     config_path = ref.path / "config.json"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -138,7 +147,18 @@ def load_model(ref: ModelRef, device: str = "auto") -> LoadedModel:
     context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", None) or 2048
     return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=int(context),
                        stop_token_ids=_stop_ids(tokenizer, ref.path), device=device, dtype=str(dtype).split(".")[-1],
-                       parameters=sum(p.numel() for p in model.parameters()), config=config)
+                       parameters=model.num_params(), config=config)
+
+
+def sampling_params(temperature: float, top_p: float, max_new_tokens: int, seed: int | None = None, **extra):
+    """lib.generate.SamplingParams from the knobs users see. top_p = 0 keeps only the most likely token, i.e. greedy
+    (OpenAI's reading of it; lib.generate itself wants top_p in (0, 1])."""
+    from lib.generate import SamplingParams
+
+    if top_p <= 0:
+        temperature, top_p = 0.0, 1.0
+    return SamplingParams(temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
+                          seed=seed, **extra)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,6 +170,16 @@ _MARK = "\ue000{}\ue001"
 
 def _added_token_texts(tokenizer) -> list[str]:
     return [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+
+
+def _render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool) -> str:
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:  # includes the templates' own raise_exception("...")
+        raise ChatTemplateError(f"the model's chat template rejected this conversation: {e}") from None
 
 
 def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
@@ -164,14 +194,12 @@ def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     specials = _added_token_texts(tokenizer)
     if not any(s in m["content"] for m in msgs for s in specials):
-        text = tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-        return tokenizer.encode(text, add_special_tokens=False)
+        text = _render(tokenizer, msgs, template, add_generation_prompt)
+        return tokenizer.encode(text, add_special_tokens=False, verbose=False)
     # Render with placeholders, then encode the template's pieces normally and the contents with special-token
     # matching off. A template that rewrites content (trim, replace) loses a placeholder: then neutralise instead.
     marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(msgs)]
-    text = tokenizer.apply_chat_template(marked, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    text = _render(tokenizer, marked, template, add_generation_prompt)
     ids: list[int] = []
     rest = text
     for i, m in enumerate(msgs):
@@ -179,9 +207,9 @@ def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
         if rest.count(mark) != 1:
             return encode_chat(tokenizer, [_defused(m, specials) for m in msgs], add_generation_prompt)
         before, rest = rest.split(mark)
-        ids += tokenizer.encode(before, add_special_tokens=False)
-        ids += tokenizer.encode(m["content"], add_special_tokens=False, split_special_tokens=True)
-    return ids + tokenizer.encode(rest, add_special_tokens=False)
+        ids += tokenizer.encode(before, add_special_tokens=False, verbose=False)
+        ids += tokenizer.encode(m["content"], add_special_tokens=False, split_special_tokens=True, verbose=False)
+    return ids + tokenizer.encode(rest, add_special_tokens=False, verbose=False)
 
 
 def _defused(message: dict, specials: list[str]) -> dict:
@@ -488,13 +516,10 @@ class Engine:
         import torch
 
         with torch.inference_mode():
-            while True:
-                if not self._admit():
-                    break
+            while self._admit():
                 for a in list(self._active):
-                    if self._step(a):
-                        self._active.remove(a)
-        for a in self._active:
+                    self._step(a)  # a finished request leaves self._active inside _step
+        for a in list(self._active):
             self._finish(a, "cancelled")
         while True:  # whatever is still queued
             try:
@@ -535,23 +560,21 @@ class Engine:
         try:
             token = next(a.tokens)
         except StopIteration:
-            # lib.generate stops by itself at a stop token or at max_new_tokens.
+            # lib.generate ends the stream at a stop token (not yielded) or at max_new_tokens.
             self._finish(a, "length" if handle.completion_tokens >= req.params.max_new_tokens else "stop")
             return True
         except Exception as e:  # a bug or out-of-memory must fail this request, not the server
             traceback.print_exc(file=sys.stderr)
             self.metrics.inc("generations_failed")
+            self._active.remove(a)
+            a.tokens.close()
             handle.finish_reason = "error"
             handle._emit("error", f"generation failed: {type(e).__name__}: {e}")
-            a.tokens.close()
             return True
         if a.first_token_at is None:
             a.first_token_at = time.perf_counter()
         handle.completion_tokens += 1
         self.metrics.inc("completion_tokens")
-        if token in req.params.stop_token_ids:
-            self._finish(a, "stop")
-            return True
         piece = a.text.push(token)
         if piece:
             handle.text += piece
@@ -566,6 +589,7 @@ class Engine:
 
     def _finish(self, a: _Active, reason: str) -> None:
         handle = a.req.handle
+        self._active.remove(a)  # before "done" is sent, so that a client who saw it also sees the slot free
         a.tokens.close()  # frees the request's KV cache now, not at garbage collection
         if reason != "cancelled":
             tail = a.text.finish()

@@ -31,6 +31,7 @@ class ModelRef:
     path: Path  # an HF-format model directory
     source: str  # "installed", "pipeline" or "path"
     info: dict = field(default_factory=dict, compare=False)  # model_info.json or the stage manifest's summary
+    install_dir: Path | None = None  # the install folder, for installed models (verified again before loading)
 
     @property
     def label(self) -> str:
@@ -89,45 +90,40 @@ def latest_pipeline_model(cfg: Config) -> ModelRef | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Installed models (lib.install owns the folder layout: <models_dir>/<name>/{model/, model_info.json}).
+# Installed models (lib.install owns the folder layout: <models_dir>/<name>/{model/, model_info.json, SHA256SUMS}).
 
 
-def models_dir_of(cfg: Config) -> Path:
-    return Path(cfg.install.models_dir).expanduser()
+def models_dir_of(cfg: Config, override: str | Path | None = None) -> Path:
+    """--models-dir, else the models dir 06_install.py uses for this config."""
+    from lib.install import models_dir_for
+
+    return models_dir_for(cfg.install, override)
 
 
-def installed_models(models_dir: str | Path) -> list[ModelRef]:
-    """Installed models that pass verification; broken installs are left out of the picker (serving one names why)."""
-    from lib.install import list_installed
+def installed_ref(folder: Path, quick: bool = False) -> ModelRef:
+    """A verified install as a ModelRef. quick: only check the file list (listings); loading hashes every file."""
+    from lib.install import INFO, verify_install
 
-    refs = []
-    for entry in list_installed(Path(models_dir)):
-        ref = _installed_ref(entry)
-        if ref is not None:
-            refs.append(ref)
-    return refs
-
-
-def _installed_ref(entry) -> ModelRef | None:
-    """A ModelRef from what lib.install.list_installed yields (a folder path or a dict describing one)."""
-    folder = Path(entry["path"] if isinstance(entry, dict) else entry)
-    try:
-        return _verified_installed(folder)
-    except UserError:
-        return None
-
-
-def _verified_installed(folder: Path) -> ModelRef:
-    from lib.install import verify_install
-
-    verify_install(folder)  # raises UserError naming what is wrong (missing files, hash mismatch…)
+    verify_install(folder, quick=quick)  # UserError naming missing or changed files
     hf = find_hf_dir(folder)
     if hf is None:
         raise UserError(f"{folder}: an installed model folder should hold model/config.json; it does not. "
                         f"Reinstall it with `python 06_install.py`.")
-    info_path = folder / "model_info.json"
-    info = read_json(info_path) if info_path.is_file() else {}
-    return ModelRef(id=_safe_id(str(info.get("name") or folder.name)), path=hf, source="installed", info=info)
+    info = read_json(folder / INFO) if (folder / INFO).is_file() else {}
+    return ModelRef(id=folder.name, path=hf, source="installed", info=info, install_dir=folder)
+
+
+def installed_models(models_dir: str | Path) -> list[ModelRef]:
+    """Installed models whose file list is intact; broken ones are left out of the picker."""
+    from lib.install import list_installed
+
+    refs = []
+    for entry in list_installed(models_dir):
+        try:
+            refs.append(installed_ref(Path(entry["path"]), quick=True))
+        except UserError:
+            continue
+    return refs
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -136,7 +132,7 @@ def _looks_like_path(spec: str) -> bool:
 
 def resolve_model(spec: str | None, cfg: Config, models_dir: str | Path | None = None) -> ModelRef:
     """`--model` resolved: None = the latest pipeline model; an existing path; a pipeline id; an installed name."""
-    models_dir = Path(models_dir).expanduser() if models_dir else models_dir_of(cfg)
+    models_dir = models_dir_of(cfg, models_dir)
     if spec is None:
         ref = latest_pipeline_model(cfg)
         if ref is None:
@@ -158,9 +154,12 @@ def resolve_model(spec: str | None, cfg: Config, models_dir: str | Path | None =
 
 def _path_ref(path: Path) -> ModelRef:
     if not path.is_dir():
-        raise UserError(f"--model {path}: expected a model directory, but it {'is a file' if path.exists() else 'does not exist'}")
-    if (path / "model_info.json").is_file():  # an install folder
-        return _verified_installed(path.resolve())
+        what = "is a file" if path.exists() else "does not exist"
+        raise UserError(f"--model {path}: expected a model directory, but it {what}")
+    from lib.install import INFO, MARKER
+
+    if (path / MARKER).is_file() or (path / INFO).is_file():  # an install folder
+        return installed_ref(path.resolve(), quick=True)
     hf = find_hf_dir(path)
     if hf is None:
         found = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "nothing"
@@ -175,23 +174,22 @@ def _path_ref(path: Path) -> ModelRef:
 def _installed_by_name(name: str, models_dir: Path) -> ModelRef:
     from lib.install import resolve_installed
 
-    folder = resolve_installed(name, models_dir)  # raises UserError listing installed names when unknown
-    return _verified_installed(Path(folder))
+    folder = resolve_installed(name, models_dir)  # UserError listing the installed names when unknown
+    return installed_ref(Path(folder), quick=True)
 
 
 def _installed_names(models_dir: Path) -> str:
     try:
         names = [r.id for r in installed_models(models_dir)]
-    except (UserError, ImportError, OSError):
+    except (UserError, OSError):
         names = []
     return ", ".join(names) or "none"
 
 
 def available_models(cfg: Config, models_dir: str | Path | None = None) -> list[ModelRef]:
     """The model picker's list: installed models, then pipeline outputs (newest first)."""
-    models_dir = Path(models_dir).expanduser() if models_dir else models_dir_of(cfg)
     try:
-        refs = installed_models(models_dir) if models_dir.is_dir() else []
-    except UserError:
+        refs = installed_models(models_dir_of(cfg, models_dir))
+    except UserError:  # an unreadable models-dir setting: the pipeline outputs are still worth listing
         refs = []
     return refs + pipeline_models(cfg.artifacts_dir)

