@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         print(run_stage(cfg, force=args.force))
         return 0
 
-    return stage_main(__doc__.strip().splitlines()[0], run, argv, add_args)
+    return stage_main(__doc__, run, argv, add_args)
 
 
 if __name__ == "__main__":

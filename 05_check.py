@@ -4,7 +4,7 @@ memory and disk it takes, and whether it runs on this machine (CPU/GPU, per dtyp
     python 05_check.py --config config/default.yaml          # this pipeline's export -> artifacts/05_check/<hash>/
     python 05_check.py path/to/hf_model_dir                   # a local Hugging Face model folder
     python 05_check.py ~/models/SmolLM2-135M-Instruct.Q4_1.gguf
-    python 05_check.py HuggingFaceTB/SmolLM2-135M-Instruct    # a hub id: metadata only (needs network; HF_TOKEN for gated models)
+    python 05_check.py HuggingFaceTB/SmolLM2-135M-Instruct    # hub id: metadata only (network; HF_TOKEN if gated)
     python 05_check.py some/model --set check.seq_len=4096 --set check.train_seq_len=1024 --out /tmp/report
 
 Prints the report and saves report.txt + report.json (06_install.py reads the JSON). A model named on the

@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_check_memory.py                       # SmolLM2-135M + our tiny and demo models
     .venv/bin/python bench/bench_check_memory.py --models smollm2 --dtypes fp32 bf16
     .venv/bin/python bench/bench_check_memory.py --work /tmp/bench_check   # keep the converted models there
+    .venv/bin/python bench/bench_check_memory.py --models smollm2 --training   # + training estimates (informative)
 
 What is measured: a fresh Python process per model imports torch and transformers and records its RSS (the
 baseline). It then loads the tokenizer and the model with transformers on CPU in the given dtype and generates
@@ -78,9 +79,34 @@ def child(model_dir: str, dtype: str, new_tokens: int) -> None:
     done.set()
     sampler.join()
     ru_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"baseline": base, "measured": ru_peak - base, "sampled": peak[0] - base,
-                      "prompt_tokens": int(enc["input_ids"].shape[1]), "new_tokens": int(out.shape[1] - enc["input_ids"].shape[1]),
-                      "seconds": round(seconds, 2)}))
+    prompt = int(enc["input_ids"].shape[1])
+    print(json.dumps({"baseline": base, "measured": ru_peak - base, "sampled": peak[0] - base, "prompt_tokens": prompt,
+                      "new_tokens": int(out.shape[1]) - prompt, "seconds": round(seconds, 2)}))
+
+
+def child_train(model_dir: str, mode: str, batch: int, seq: int) -> None:
+    """Two AdamW steps of full fine-tuning or LoRA (rank 16, q,k,v,o,gate,up,down) on random tokens, fp32 CPU."""
+    import psutil
+    import torch
+    import transformers  # noqa: F401 - imported before the baseline on purpose
+    from transformers import AutoModelForCausalLM
+
+    base = psutil.Process().memory_info().rss
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "gate_proj", "up_proj", "down_proj"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    x = torch.randint(0, model.config.vocab_size, (batch, seq))  # (B, T)
+    for _ in range(2):  # the second step has the optimizer states allocated during the forward/backward
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    ru_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"baseline": base, "measured": ru_peak - base}))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -151,10 +177,17 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["smollm2", "homellm-tiny", "homellm-demo"])
     p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
     p.add_argument("--work", default=None, help="where converted/saved models are kept (default: a temp dir)")
+    p.add_argument("--training", action="store_true",
+                   help="also compare the training estimates (full / LoRA, fp32 CPU, batch 2 and 4 x 128) on SmolLM2; "
+                        "informative only, not part of the acceptance")
     p.add_argument("--child", nargs=3, metavar=("DIR", "DTYPE", "TOKENS"), help=argparse.SUPPRESS)
+    p.add_argument("--child-train", nargs=4, metavar=("DIR", "MODE", "B", "T"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
+        return 0
+    if args.child_train:
+        child_train(args.child_train[0], args.child_train[1], int(args.child_train[2]), int(args.child_train[3]))
         return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_check_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -180,7 +213,27 @@ def main(argv: list[str] | None = None) -> int:
               f"{mb(e['load_transient']):>9} {mb(e['runtime_overhead']):>8} | {mb(e['total']):>9} "
               f"{mb(m['measured']):>9} {mb(m['sampled']):>9} {err:>+7.1%}  {m['seconds']}")
     print(f"\nacceptance |error| <= {TOLERANCE:.0%}: {'PASS' if ok else 'FAIL'}")
+    if args.training:
+        training(smollm2_hf(work))
     return 0 if ok else 1
+
+
+def training(model_dir: Path) -> None:
+    from lib.check import MiB, check_model
+    from lib.config import CheckConfig
+
+    print(f"\ntraining on CPU, fp32, AdamW, 2 steps ({model_dir.name}); estimate = lib.check training total")
+    print(f"{'mode':<5} {'batch x seq':>11} | {'estimate':>9} {'measured':>9} {'error':>7}")
+    for mode in ("full", "lora"):
+        for batch in (2, 4):
+            res = subprocess.run([sys.executable, __file__, "--child-train", str(model_dir), mode, str(batch), "128"],
+                                 capture_output=True, text=True, cwd=ROOT, timeout=900)
+            if res.returncode != 0:
+                raise SystemExit(f"training measurement failed:\n{res.stderr[-3000:]}")
+            m = json.loads(res.stdout.strip().splitlines()[-1])["measured"]
+            report = check_model(str(model_dir), CheckConfig(train_batch_size=batch, train_seq_len=128))
+            e = report["estimates"]["training"]["cpu"][mode]["total"]
+            print(f"{mode:<5} {f'{batch} x 128':>11} | {e / MiB:>9.1f} {m / MiB:>9.1f} {(e - m) / m:>+7.1%}")
 
 
 if __name__ == "__main__":

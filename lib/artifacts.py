@@ -76,7 +76,14 @@ def git_commit() -> str | None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is in KiB on Linux)."""
+    """Peak resident memory of this process so far. VmHWM is this process's own peak; ru_maxrss (the fallback,
+    KiB on Linux) can carry over a parent's peak into a forked child."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -95,6 +102,7 @@ def stage_output(cfg: Config, stage: str):
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed run (kill -9 skips cleanup)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; artifacts are ordinary readable directories
     extra: dict = {}
     start = time.time()
     try:

@@ -51,6 +51,8 @@ FRAMEWORK_BYTES = 250 * MiB
 # A CUDA context + cuBLAS workspaces take device memory before any tensor (typical for CUDA 12; not
 # calibrated here: the development machines have no GPU).
 GPU_CONTEXT_BYTES = 500 * MiB
+# `import peft` (LoRA) grows a process that already imported torch + transformers by 136 MB (measured).
+PEFT_IMPORT_BYTES = 136 * MiB
 # Disk for an environment: a venv made with --system-site-packages reuses what is installed (a few MB);
 # a fresh one needs torch (CPU wheel ~0.8 GB, CUDA ~5 GB with its libraries) + transformers & friends.
 ENV_DISK_BYTES = {"shared (--system-site-packages)": 20 * MiB, "fresh venv, CPU torch": int(1.6 * GiB),
@@ -581,7 +583,8 @@ def dims_of(det: Detection) -> dict:
         heads = c.get("heads") or (max(1, (hidden or 64) // 64))
         kv = c.get("kv_heads") or heads
         d = {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv,
-             "head_dim": (hidden // heads) if hidden and heads else None, "ffn": c.get("ffn") or (4 * hidden if hidden else None),
+             "head_dim": (hidden // heads) if hidden and heads else None,
+             "ffn": c.get("ffn") or (4 * hidden if hidden else None),
              "vocab": c.get("vocab"), "context": c.get("context_length"),
              "tied": det.gguf is not None and not any(t[0] == "output.weight" for t in det.gguf["tensors"]),
              "gated": det.family not in ("gpt2", "bloom", "falcon", "starcoder", "bert", "phi2"),
@@ -681,7 +684,8 @@ SPECIAL_PACKAGES = {
     "mamba-ssm": ("mamba_ssm", "hard: Linux + NVIDIA GPU + CUDA toolkit; compiles CUDA kernels from source (10-30 "
                   "min) unless a prebuilt wheel matches your torch/CUDA. Optional: transformers falls back to a slow "
                   "pure-PyTorch path (the only one on CPU)"),
-    "causal-conv1d": ("causal_conv1d", "hard: NVIDIA GPU + CUDA toolkit, compiles from source; optional like mamba-ssm"),
+    "causal-conv1d": ("causal_conv1d", "hard: NVIDIA GPU + CUDA toolkit, compiles from source; optional like "
+                      "mamba-ssm"),
     "flash-attn": ("flash_attn", "hard: NVIDIA Ampere or newer GPU; compiles for a long time unless a prebuilt wheel "
                    "matches torch/CUDA. Optional: transformers uses PyTorch SDPA attention without it"),
     "bitsandbytes": ("bitsandbytes", "easy on Linux + NVIDIA GPU (pip wheel); CPU support is limited"),
@@ -771,7 +775,8 @@ FORMULAS = [
     "config: V*d (embeddings) [+ V*d untied head] + L*(attention d*(h+2*kv)*hd + h*hd*d, MLP 3*d*f gated or "
     "2*d*f, 2 norms*d) + d, times E experts for the MLP of MoE models; multimodal: + vision tower "
     "L_v*(4*d_v^2 + 2*d_v*f_v) + projector d_v*d + d*d",
-    "weights(dtype) = P * bytes(dtype); bytes: fp32 4, fp16/bf16 2, int8 1.0625 (Q8_0: 8.5 bit), int4 0.5625 (Q4_0: 4.5 bit)",
+    "weights(dtype) = P * bytes(dtype); bytes: fp32 4, fp16/bf16 2, int8 1.0625 (Q8_0: 8.5 bit), "
+    "int4 0.5625 (Q4_0: 4.5 bit)",
     "kv_cache = 2 (K and V) * L * kv_heads * head_dim * S * B * bytes_kv; bytes_kv = 4 for fp32, else 2 "
     "(state-space models: L * B * d_inner * (d_state + d_conv) * 4, independent of S)",
     "activations (inference, prefill of S tokens) = B * S * (4*d + 2*kv*hd + 3*f) * bytes_act + B * V * 4 (logits "
@@ -785,8 +790,9 @@ FORMULAS = [
     "train_activations = L * Bt * St * (10*d + 4*f) * bytes_act + 3 * Bt * St * V * 4 (logits, log-softmax and their "
     "gradient in fp32); with gradient checkpointing the first term becomes L * Bt * St * d * bytes_act + one layer",
     "full fine-tuning = 16 * P (fp32 weights 4 + gradients 4 + AdamW m,v 8) + train_activations + runtime overhead",
-    "LoRA = P * bytes(base dtype) + 16 * P_lora + train_activations + runtime overhead; P_lora = L * r * sum over "
-    "adapted projections of (in + out) (q,k,v,o,gate,up,down)",
+    "LoRA = P * bytes(base dtype) + 16 * P_lora + train_activations + L * Bt * St * sum(out of adapted projections) "
+    "* bytes_act (adapter outputs) + 136 MB (peft import) + runtime overhead; P_lora = L * r * sum over adapted "
+    "projections of (in + out) (q,k,v,o,gate,up,down)",
     "disk = model files + installed copy (the GGUF import stores P * 4 bytes) + environment (shared venv 20 MB, "
     "fresh CPU venv 1.6 GB, fresh CUDA venv 6.5 GB)",
 ]
@@ -861,6 +867,17 @@ def lora_params(d: dict, rank: int) -> int:
     return int(L * rank * per_layer)
 
 
+def lora_activation_bytes(d: dict, seq: int, batch: int, act_bytes: int) -> int:
+    """The adapter branches' outputs, B*S*out per adapted projection, alive until they are added to the base output."""
+    h, f, L = d.get("hidden") or 0, d.get("ffn") or 0, d.get("layers") or 0
+    if d["attention"] == "ssm":
+        return int(L * batch * seq * (2 * (d["ssm_inner"] or 0) + h) * act_bytes)
+    q = (d.get("heads") or 0) * (d.get("head_dim") or 0)
+    kv = (d.get("kv_heads") or 0) * (d.get("head_dim") or 0)
+    outs = q + 2 * kv + h + ((2 * f + h) if d["gated"] else (f + h))
+    return int(L * batch * seq * outs * act_bytes)
+
+
 def train_activation_bytes(d: dict, seq: int, batch: int, act_bytes: int, checkpointing: bool = False) -> int:
     h, f, L, V = d.get("hidden") or 0, d.get("ffn") or 0, d.get("layers") or 0, d.get("vocab") or 0
     if d["attention"] == "ssm":
@@ -879,7 +896,8 @@ def estimate_training(P: int, d: dict, cfg: CheckConfig, act_dtype: str, base_dt
     full = {"weights": 4 * P, "gradients": 4 * P, "optimizer": 8 * P, "activations": act,
             "runtime_overhead": RUNTIME_OVERHEAD_BYTES}
     lora = {"weights": int(P * DTYPE_BYTES[base_dtype]), "lora_params": pl, "lora_states": 16 * pl,
-            "activations": act, "runtime_overhead": RUNTIME_OVERHEAD_BYTES}
+            "activations": act + lora_activation_bytes(d, S, B, ab), "peft": PEFT_IMPORT_BYTES,
+            "runtime_overhead": RUNTIME_OVERHEAD_BYTES}
     for e in (full, lora):
         e["total"] = sum(v for k, v in e.items() if k != "lora_params")
         e["total_with_grad_checkpointing"] = e["total"] - act + act_ckpt
@@ -927,7 +945,8 @@ def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: d
         "params": {"total": int(P), "source": source, "from_config_formula": formula},
         "dims": d,
         "context_length": context, "context_assumed": d.get("context") is None,
-        "inference": {"seq_len": seq, "batch_size": cfg.batch_size, "stored_dtype": stored_dtype, "by_dtype": inference},
+        "inference": {"seq_len": seq, "batch_size": cfg.batch_size, "stored_dtype": stored_dtype,
+                      "by_dtype": inference},
         "weights_bytes": {dt: e["weights"] for dt, e in inference.items()},
     }
     if det.task == "text-generation" and d.get("hidden") and d.get("layers"):
@@ -999,8 +1018,9 @@ def compatibility(det: Detection, est: dict, hw: dict) -> dict:
             key = "cpu" if dev["gpu"] is None else "gpu"
             t = est["training"][key]
             for mode in ("lora", "full"):
-                need = t[mode]["total"] + (FRAMEWORK_BYTES if key == "cpu" else GPU_CONTEXT_BYTES)
-                need_ckpt = t[mode]["total_with_grad_checkpointing"] + (FRAMEWORK_BYTES if key == "cpu" else GPU_CONTEXT_BYTES)
+                base = FRAMEWORK_BYTES if key == "cpu" else GPU_CONTEXT_BYTES
+                need = t[mode]["total"] + base
+                need_ckpt = t[mode]["total_with_grad_checkpointing"] + base
                 fits, notes = _fit_notes(need, dev["available"])
                 if not fits and need_ckpt <= (dev["available"] or 0):
                     fits, notes = True, [f"only with gradient checkpointing (needs {fmt_bytes(need_ckpt)})"]
@@ -1022,7 +1042,7 @@ def recommend(rows: list[dict], det: Detection, hw: dict) -> dict | None:
         dev = f"cuda:{g['index']}"
         order += [(dev, "bf16" if g.get("bf16") else "fp16"), (dev, "fp16"), (dev, "int8"), (dev, "int4")]
     order += [("cpu", "bf16")] if hw["cpu"]["bf16"] else []
-    order += [("cpu", "fp32"), ("cpu", "bf16")]
+    order += [("cpu", "fp32"), ("cpu", "bf16"), ("cpu", "fp16")]
     by_key = {(r["device"], r["dtype"]): r for r in rows}
     for key in order:
         r = by_key.get(key)
@@ -1056,6 +1076,8 @@ def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None 
     reqs = requirements(src, det)
     compat = compatibility(det, est, hw)
     rec = recommend(compat["inference"], det, hw)
+    # what a CPU-only load (the install's post-test, a GPU-less server) should use
+    cpu_rec = recommend([r for r in compat["inference"] if r["device"] == "cpu"], det, {**hw, "gpus": []})
 
     problems = list(det.problems)
     if stored["format"] == "pytorch-pickle":
@@ -1066,7 +1088,8 @@ def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None 
     elif rec is None and det.loader:
         problems.append("does not fit this machine in any 16/32-bit dtype (see the compatibility table)")
     if not est["disk"]["fits"]:
-        problems.append(f"not enough free disk at {est['disk']['path']}: needs {fmt_bytes(est['disk']['total_shared_env'])}")
+        problems.append(f"not enough free disk at {est['disk']['path']}: needs "
+                        f"{fmt_bytes(est['disk']['total_shared_env'])}")
     tok_cfg = src.read_json("tokenizer_config.json") or {}
     chat_template = bool((det.gguf or {}).get("chat_template") or tok_cfg.get("chat_template")
                          or any(f.endswith("chat_template.jinja") or f == "chat_template.json" for f in src.files))
@@ -1098,6 +1121,7 @@ def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None 
             "servable": det.task in SERVABLE_TASKS,
             "runnable": rec is not None and not problems,
             "recommended": rec,
+            "cpu_torch_dtype": cpu_rec["torch_dtype"] if cpu_rec else None,
             "problems": problems,
         },
         "check_seconds": round(time.time() - t0, 2),
@@ -1122,78 +1146,87 @@ def _fmt_params(n: int) -> str:
 
 def format_report(r: dict) -> str:
     """The human-readable report (report.txt)."""
-    m, e, hw, v = r["model"], r["estimates"], r["hardware"], r["verdict"]
-    inf = e["inference"]
+    m, e, hw, v, f, src = r["model"], r["estimates"], r["hardware"], r["verdict"], r["files"], r["source"]
+    inf, params = e["inference"], e["params"]
+    where = f"{src['repo_id']}@{(src['revision'] or '')[:12]}" if src["repo_id"] else src["path"]
+    if params["total"]:
+        size = f"{_fmt_params(params['total'])} ({params['total']:,}; {params['source']})"
+    else:
+        size = f"unknown ({e['unknown']})"
+    if f["weight_format"]:
+        weights = (f"{f['weight_format']} {', '.join(map(str, f['weight_dtypes']))}, "
+                   f"{fmt_bytes(f['stored_weight_bytes'])} stored")
+    else:
+        weights = "none (config files only)"
     lines = [f"Model check: {r['ref']}", "=" * 78,
              f"type         {m['task']} ({m['family']}, {m['architecture'] or '-'})",
              f"detected by  {m['detected_by']}",
-             f"source       {r['source']['kind']}" + (f" {r['source']['repo_id']}@{(r['source']['revision'] or '')[:12]}"
-                                                     if r["source"]["repo_id"] else f" {r['source']['path']}"),
-             f"parameters   " + (f"{_fmt_params(e['params']['total'])} ({e['params']['total']:,}; {e['params']['source']})"
-                                   if e["params"]["total"] else f"unknown ({e['unknown']})"),
+             f"source       {src['kind']} {where}",
+             f"parameters   {size}",
              f"context      {e['context_length']}" + (" (assumed: not in the config)" if e["context_assumed"] else ""),
              f"chat         {'chat template present' if m['chat_template'] else 'no chat template'}",
-             f"weights      {r['files']['weight_format']} {', '.join(map(str, r['files']['weight_dtypes']))}, "
-             f"{fmt_bytes(r['files']['stored_weight_bytes'])} stored; files total {fmt_bytes(r['files']['total_bytes'])}"]
+             f"weights      {weights}; files total {fmt_bytes(f['total_bytes'])}"]
     if m["components"]:
         lines.append("components   " + ", ".join(f"{k}={c['class']}" for k, c in m["components"].items()))
+
     lines += ["", "Requirements"]
     for lib in r["requirements"]["libraries"]:
         lines.append(f"  {lib['name']:<22} {lib['installed'] or 'MISSING':<12} {lib['why']}")
-    for s in r["requirements"]["special"]:
-        state = s["installed"] or ("missing (optional)" if s["optional"] else "MISSING")
-        lines.append(f"  {s['name']:<22} {state:<12} {s['why']}; {s['difficulty']}")
+    for sp in r["requirements"]["special"]:
+        state = sp["installed"] or ("missing (optional)" if sp["optional"] else "MISSING")
+        lines.append(f"  {sp['name']:<22} {state:<12} {sp['why']}; {sp['difficulty']}")
     if r["requirements"]["quantization"]:
         lines.append(f"  quantization: {json.dumps(r['requirements']['quantization'])[:120]}")
-    for w in r["requirements"]["warnings"]:
-        lines.append(f"  warning: {w}")
+    lines += [f"  warning: {w}" for w in r["requirements"]["warnings"]]
+
     if inf is not None:
+        cols = ("weights", "kv_cache", "activations", "load_transient", "runtime_overhead", "total")
         lines += ["", f"Inference memory (batch {inf['batch_size']}, {inf['seq_len']} tokens; stored dtype "
                   f"{inf['stored_dtype'] or 'quantized/unknown'})",
-                  f"  {'dtype':<6} {'weights':>10} {'kv cache':>10} {'activ.':>10} {'load tmp':>10} {'overhead':>10} "
-                  f"{'total':>10}"]
+                  f"  {'dtype':<6} " + " ".join(f"{c:>10}" for c in
+                                               ("weights", "kv cache", "activ.", "load tmp", "overhead", "total"))]
         for dt, x in inf["by_dtype"].items():
-            lines.append(f"  {dt:<6} " + " ".join(f"{fmt_bytes(x[k]):>10}" for k in
-                                                 ("weights", "kv_cache", "activations", "load_transient",
-                                                  "runtime_overhead", "total")))
+            lines.append(f"  {dt:<6} " + " ".join(f"{fmt_bytes(x[c]):>10}" for c in cols))
     if "training" in e:
-        lines += ["", f"Training memory (batch {e['training']['cpu']['batch_size']} x {e['training']['cpu']['seq_len']} "
-                  f"tokens, AdamW, LoRA rank {e['training']['cpu']['lora']['rank']})"]
+        cpu = e["training"]["cpu"]
+        lines += ["", f"Training memory (batch {cpu['batch_size']} x {cpu['seq_len']} tokens, AdamW, "
+                  f"LoRA rank {cpu['lora']['rank']})"]
         for key in ("cpu", "gpu"):
             t = e["training"][key]
-            lines.append(f"  {key}: full {fmt_bytes(t['full']['total'])} (grad ckpt {fmt_bytes(t['full']['total_with_grad_checkpointing'])}), "
-                         f"LoRA {fmt_bytes(t['lora']['total'])} (base {t['lora']['base_dtype']}, "
-                         f"{_fmt_params(t['lora']['lora_params'])} adapter params), activations {t['activation_dtype']}")
+            full, lora = t["full"], t["lora"]
+            lines.append(f"  {key}: full {fmt_bytes(full['total'])} (grad ckpt "
+                         f"{fmt_bytes(full['total_with_grad_checkpointing'])}), LoRA {fmt_bytes(lora['total'])} "
+                         f"(base {lora['base_dtype']}, {_fmt_params(lora['lora_params'])} adapter params), "
+                         f"activations {t['activation_dtype']}")
     d = e["disk"]
-    lines += ["", f"Disk: model files {fmt_bytes(d['model_files'])}, installed copy {fmt_bytes(d['installed_model'])}, "
-              f"environment " + ", ".join(f"{k} {fmt_bytes(b)}" for k, b in d["environment"].items()),
-              f"      free at {d['path']}: {fmt_bytes(d['free'])}"]
+    envs = ", ".join(f"{k} {fmt_bytes(b)}" for k, b in d["environment"].items())
+    lines += ["", f"Disk: model files {fmt_bytes(d['model_files'])}, installed copy {fmt_bytes(d['installed_model'])}",
+              f"      environment: {envs}", f"      free at {d['path']}: {fmt_bytes(d['free'])}"]
+
     gpus = "; ".join(f"{g['name']} {fmt_bytes(g['vram_total_bytes'])} ({fmt_bytes(g.get('vram_free_bytes'))} free)"
                      for g in hw["gpus"]) or "none"
+    cpu_hw, ram = hw["cpu"], hw["ram"]
     lines += ["", "Hardware",
-              f"  CPU   {hw['cpu']['name']}: {hw['cpu']['cores']} cores / {hw['cpu']['threads']} threads"
-              f"{', native bf16' if hw['cpu']['bf16'] else ''}",
-              f"  RAM   {fmt_bytes(hw['ram']['total_bytes'])} total, {fmt_bytes(hw['ram']['available_bytes'])} available",
-              f"  GPU   {gpus}",
-              "", "Compatibility (inference)", f"  {'device':<8} {'dtype':<6} {'run?':<5} {'needs':>10}  notes"]
-    for row in r["compatibility"]["inference"]:
-        lines.append(f"  {row['device']:<8} {row['dtype']:<6} {'yes' if row['fits'] else 'no':<5} "
-                     f"{fmt_bytes(row['need_bytes']):>10}  {'; '.join(row['notes'])}")
-    if r["compatibility"]["training"]:
-        lines += ["", "Compatibility (training)", f"  {'device':<8} {'mode':<5} {'run?':<5} {'needs':>10}  notes"]
-        for row in r["compatibility"]["training"]:
-            lines.append(f"  {row['device']:<8} {row['mode']:<5} {'yes' if row['fits'] else 'no':<5} "
-                         f"{fmt_bytes(row['need_bytes']):>10}  {'; '.join(row['notes'])}")
+              f"  CPU   {cpu_hw['name']}: {cpu_hw['cores']} cores / {cpu_hw['threads']} threads"
+              + (", native bf16" if cpu_hw["bf16"] else ""),
+              f"  RAM   {fmt_bytes(ram['total_bytes'])} total, {fmt_bytes(ram['available_bytes'])} available",
+              f"  GPU   {gpus}"]
+    for title, key, col in (("inference", "inference", "dtype"), ("training", "training", "mode")):
+        rows = r["compatibility"][key]
+        if rows:
+            lines += ["", f"Compatibility ({title})", f"  {'device':<8} {col:<6} {'run?':<5} {'needs':>10}  notes"]
+            lines += [f"  {row['device']:<8} {row[col]:<6} {'yes' if row['fits'] else 'no':<5} "
+                      f"{fmt_bytes(row['need_bytes']):>10}  {'; '.join(row['notes'])}" for row in rows]
+
     lines += ["", "Verdict"]
     if v["recommended"]:
         lines.append(f"  runs here: {v['recommended']['device']} {v['recommended']['dtype']}")
     if not v["servable"]:
         lines.append(f"  07_serve serves text-generation models; this is a {m['task']} model")
-    for p in v["problems"]:
-        lines.append(f"  problem: {p}")
+    lines += [f"  problem: {p}" for p in v["problems"]]
     if v["runnable"] and v["servable"]:
         lines.append("  OK: installable with 06_install.py")
-    lines += ["", "Formulas"] + [f"  - {f}" for f in FORMULAS]
+    lines += ["", "Formulas"] + [f"  - {x}" for x in FORMULAS]
     return "\n".join(lines) + "\n"
 
 

@@ -487,7 +487,7 @@ def dump_yaml(cfg: Config) -> str:
 
 # Bump a stage's version when its code changes what it produces, so old artifacts are not reused.
 STAGE_VERSIONS = {
-    "01_data": 1,
+    "01_data": 2,
     "02_tokenizer": 1,
     "02_tokens": 1,
     "03_pretrain": 1,

@@ -5,13 +5,15 @@
 
 The pipeline streams: read (lib/sources.py) -> clean -> length filters -> exact dedup -> near dedup (MinHash
 LSH) -> stable split -> shards. Documents move in batches of a few thousand so the hashing and MinHash work
-is done by numpy, not a Python loop per word. Memory does not grow with the corpus except for the two dedup
-indexes, which hold fixed-size hashes only (see `U64Set`):
+is done by numpy, not a Python loop per word. The per-document work runs in worker processes
+on Linux (see `_Builder`). Memory does not grow with the corpus except for the two dedup indexes, which hold
+8-byte hashes only, 11-23 bytes per key in the table (see `U64Set`):
 
-    exact dedup   1 key per kept document                        ~16-32 bytes per document
-    near dedup    `bands` keys per document (4 for 64 perms/0.85) ~64-128 bytes per document
+    exact dedup   1 key per document that passed the length filters    ~16 bytes per document
+    near dedup    `bands` keys per document (4 for 64 perms at 0.85)     ~64 bytes per document
 
-so 10 million documents need about 1.5 GB of index at most. Nothing in here knows about tokens.
+so 10 million documents need about 0.8 GB of index (1.15 GB at worst, and briefly up to twice the largest
+table while it doubles). Nothing in here knows about tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import sys
 import time
 import unicodedata
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache
 from json.decoder import scanstring  # the C string decoder of json.loads
 from json.encoder import encode_basestring  # the C string encoder json.dumps uses (ensure_ascii=False)
@@ -43,7 +47,7 @@ STAGE = "01_data"
 SPLITS = ("train", "val")
 FILTERS = ("empty", "too_short", "too_long", "exact_dup", "near_dup", "skipped_bad_records")
 _BATCH_DOCS = 4096
-_BATCH_CHARS = 2 << 20  # a batch's MinHash temporaries stay below ~50 MB
+_BATCH_CHARS = 1 << 20  # a batch's MinHash temporaries stay below ~25 MB
 _MASK64 = (1 << 64) - 1
 
 # ---------------------------------------------------------------------------------------------------------
@@ -67,6 +71,11 @@ def clean_text(text: str, normalize: str = "NFC") -> str:
     Each rewrite runs only when a cheap test says it has something to do: this is the per-document Python work
     of the stage, and most documents are already clean.
     """
+    if text.isprintable():  # one line, no control characters, no exotic spaces: the common case, fast
+        if normalize != "none" and not text.isascii():
+            text = unicodedata.normalize(normalize, text)
+        if text.isprintable():  # (NFKC may make something unprintable; then the general path below)
+            return (_SPACES.sub(" ", text) if "  " in text else text).strip()
     if _SPECIAL.search(text):
         text = _CONTROL.sub("", _NEWLINES.sub("\n", text))
     if not text.isascii():
@@ -111,9 +120,12 @@ def _rand_u64(seed: int, n: int, odd: bool = False) -> np.ndarray:
 class U64Set:
     """A set of 64-bit keys in one numpy array (open addressing, linear probing, 0 = empty slot).
 
-    8 bytes per slot at a load of at most 1/2: 16-32 bytes per key, against ~100 for a Python set of ints.
-    Works on whole batches; keys must already be well mixed (they are hashes), since the slot is the low bits.
+    8 bytes per slot at a load between 0.35 and 0.7: 11-23 bytes per key (a Python set of ints takes ~100),
+    and while the table doubles, briefly the old keys and the new table together (~2x). Works on whole
+    batches; keys must already be well mixed (they are hashes), since the slot is their low bits.
     """
+
+    MAX_LOAD = 0.7
 
     def __init__(self, capacity: int = 1 << 16):
         self.table = np.zeros(capacity, dtype=np.uint64)
@@ -125,7 +137,7 @@ class U64Set:
 
     def _insert_unique(self, keys: np.ndarray) -> np.ndarray:
         """Insert distinct keys; True where a key was already present."""
-        if 2 * (self.size + len(keys)) > len(self.table):
+        if self.size + len(keys) > self.MAX_LOAD * len(self.table):
             self._grow(self.size + len(keys))
         table, mask = self.table, np.uint64(len(self.table) - 1)
         present = np.zeros(len(keys), dtype=bool)
@@ -148,13 +160,15 @@ class U64Set:
         return present
 
     def _grow(self, need: int) -> None:
-        old = self.table[self.table != 0]
         cap = len(self.table)
-        while 2 * need > cap:
+        while need > self.MAX_LOAD * cap:
             cap *= 2
+        old = self.table[self.table != 0]
+        self.table = None  # freed before the new table is allocated: the peak is old keys + new table
         self.table = np.zeros(cap, dtype=np.uint64)
         self.size = 0
-        self._insert_unique(old)
+        for i in range(0, len(old), 1 << 16):  # in slices: the probing temporaries stay small
+            self._insert_unique(old[i:i + (1 << 16)])
 
     def add(self, keys: np.ndarray) -> np.ndarray:
         """Add a batch of keys (repeats allowed); True where the key was seen before: in the set already, or
@@ -173,17 +187,14 @@ class U64Set:
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) minimising false positives + false negatives of the LSH S-curve 1-(1-s^r)^b around the
     threshold, both weighted 1/2 (the same criterion as datasketch's MinHashLSH)."""
-    s = np.linspace(0.0, 1.0, 2001)
+    s = np.linspace(0.0, 1.0, 1001)
     lo, hi = s <= threshold, s >= threshold
-    best = None
-    for b in range(1, num_perm + 1):
-        r = np.arange(1, num_perm // b + 1)[:, None]  # every row count possible with b bands
-        p = 1.0 - (1.0 - s[None, :] ** r) ** b  # (rows, s): probability of becoming a candidate
-        err = 0.5 * np.trapezoid(p[:, lo], s[lo], axis=1) + 0.5 * np.trapezoid(1.0 - p[:, hi], s[hi], axis=1)
-        i = int(np.argmin(err))
-        if best is None or err[i] < best[0]:
-            best = (err[i], b, i + 1)
-    return best[1], best[2]
+    pairs = np.array([(b, r) for b in range(1, num_perm + 1) for r in range(1, num_perm // b + 1)])  # (K, 2)
+    b, r = pairs[:, :1].astype(np.float64), pairs[:, 1:].astype(np.float64)
+    p = 1.0 - (1.0 - s[None, :] ** r) ** b  # (K, s): probability that a pair of similarity s becomes a candidate
+    err = 0.5 * np.trapezoid(p[:, lo], s[lo], axis=1) + 0.5 * np.trapezoid(1.0 - p[:, hi], s[hi], axis=1)
+    best = pairs[int(np.argmin(err))]
+    return int(best[0]), int(best[1])
 
 
 class MinHasher:
@@ -191,11 +202,15 @@ class MinHasher:
 
     Words are maximal runs of non-whitespace bytes of the UTF-8 text. A word's hash is sum_j chunk_j * R[j]
     over the 8-byte chunks of its first 64 bytes (R random odd constants) plus its length times R[8],
-    computed for all words of the batch at once: no Python loop over words. A shingle's hash combines its n word hashes and is mixed (splitmix64); permutation
-    i is x -> a_i * x mod 2**64 with a random odd a_i, a bijection of the mixed hashes: one multiply per
-    shingle and permutation. (tests/test_data.py checks the estimates against the true Jaccard similarity;
-    adding b_i and keeping the top 32 bits, as datasketch does, was no more accurate and cost 30% more.)
-    A document with fewer than n words is one shingle of all its words.
+    computed for all words of the batch at once: no Python loop over words. A shingle's hash combines its n
+    word hashes and is mixed (splitmix64); permutation i is x -> a_i * x mod 2**64 with a random odd a_i, a
+    bijection of the mixed hashes: one multiply per shingle and permutation. (tests/test_data.py checks the
+    estimates against the true Jaccard similarity and datasketch's; adding b_i and keeping the top 32 bits,
+    as datasketch does, was no more accurate and cost 30% more.) A document with fewer than n words is one
+    shingle of all its words.
+
+    Why not datasketch itself: it hashes every shingle with SHA-1 in a Python loop (~2 s per MB of text,
+    against ~0.05 s here) and its LSH index keeps Python objects per document (kilobytes, not bytes).
     """
 
     def __init__(self, num_perm: int, shingle_words: int, seed: int):
@@ -266,8 +281,7 @@ class MinHasher:
         """(D, bands) uint64 keys: a hash of each band of `rows` signature values, salted per band and by
         `salt` (D,) so that different repeat passes never collide."""
         D = len(sig)
-        mult = _rand_u64(0xBA4D, rows, odd=True)
-        band_salt = _rand_u64(0x5A17, bands)
+        mult, band_salt = _rand_u64(0xBA4D, rows, odd=True), _rand_u64(0x5A17, bands)  # fixed constants
         h = (sig[:, : bands * rows].reshape(D, bands, rows) * mult).sum(axis=2, dtype=np.uint64)  # (D, bands)
         return _mix64(h + band_salt[None, :] + salt[:, None])
 
@@ -338,7 +352,9 @@ def _init_state(params: dict, worker: bool = False):
     if worker:  # Ctrl+C is the main process's to handle: it stops the workers
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     _W.clear()
-    _W.update(params=params, minhash=MinHasher(params["num_perm"], params["shingle_words"], params["seed"]))
+    # the LSH reads bands * rows signature values (60 of 64 for the defaults): no need to compute the rest
+    used = params["bands"] * params["rows"]
+    _W.update(params=params, minhash=MinHasher(used, params["shingle_words"], params["seed"]))
 
 
 def _prepare_batch(raw: list[str], reps: np.ndarray) -> dict:
@@ -407,7 +423,7 @@ class _Builder:
                            for k in ("kept", "exact_dup", "near_dup", "empty", "too_short", "too_long")}
         self.workers = _worker_count() if workers is None else workers
         self.pool = None
-        self.pending: deque = deque()  # (async result, source of each document) in batch order
+        self.pending: deque = deque()  # (future, source of each document) in batch order
         self.batches = 0
         self.raw: list[str] = []  # the batch being filled (the caller appends to it and adds to batch_chars)
         self.runs: list[tuple[int, int, int]] = [(0, 0, 0)]  # (first index in raw, source, repeat pass)
@@ -430,26 +446,38 @@ class _Builder:
         self.batches += 1
         if self.workers and self.batches == 2:  # a corpus of one batch is not worth starting processes for
             # fork: the workers share the parent's imports; they use only numpy, hashlib and re, so numpy's
-            # BLAS threads in the parent (the reason 3.12+ warns about fork) are no concern
-            self.pool = mp.get_context("fork").Pool(self.workers, initializer=_init_state, initargs=(self.params, True))
+            # BLAS threads in the parent (the reason 3.12+ warns about fork) are no concern. A worker that dies
+            # (out of memory) breaks the executor and result() raises, instead of waiting forever.
+            for shard in self.shards.values():  # no buffered output may be copied into the children
+                shard.f.flush()
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"),
+                                            initializer=_init_state, initargs=(self.params, True))
         if self.pool is None:
             if _W.get("params") != self.params:
                 _init_state(self.params)
             self._apply(_prepare_batch(*batch), src)
             return
         while len(self.pending) > self.workers:  # a bounded number of batches in flight: bounded memory
-            self._apply(self.pending[0][0].get(), self.pending.popleft()[1])
-        self.pending.append((self.pool.apply_async(_prepare_batch, batch), src))
+            self._collect()
+        self.pending.append((self.pool.submit(_prepare_batch, *batch), src))
+
+    def _collect(self):
+        future, src = self.pending.popleft()
+        try:
+            result = future.result()
+        except BrokenProcessPool:
+            raise UserError("data: a worker process of stage 01 died (out of memory?); run again with fewer "
+                            "CPUs (e.g. taskset -c 0) or more memory") from None
+        self._apply(result, src)
 
     def finish(self):
         self.submit()
         while self.pending:
-            self._apply(self.pending[0][0].get(), self.pending.popleft()[1])
+            self._collect()
 
     def close(self):
-        if self.pool is not None:
-            self.pool.terminate()  # finish() has collected every result: nothing is lost
-            self.pool.join()
+        if self.pool is not None:  # after finish() nothing is pending; after an error, pending work is dropped
+            self.pool.shutdown(wait=True, cancel_futures=True)
         for s in self.shards.values():
             s.close()
 
@@ -550,7 +578,7 @@ def build_corpus(cfg: Config, out_dir: Path, workers: int | None = None) -> dict
         "length_histogram_chars": _histogram(b.hist),
         "dedup_index": {"lsh_bands": b.bands, "lsh_rows": b.params["rows"],
                         "exact_keys": b.exact.size if b.exact else 0, "near_keys": b.near.size if b.near else 0,
-                        "index_mb": round(((b.exact.nbytes if b.exact else 0) + (b.near.nbytes if b.near else 0)) / 2**20, 1)},
+                        "index_mb": round(sum(x.nbytes for x in (b.exact, b.near) if x) / 2**20, 1)},
     }
     where = "; ".join(f"{s['label']}: read {s['read']}, kept {s['kept']}" for s in stats["sources"])
     if splits["train"]["documents"] == 0:

@@ -85,11 +85,7 @@ def build_hf_dir(sft_dir: Path, hf: Path) -> None:
         if not (base / "config.json").is_file():
             raise UserError(f"{sft_dir}: the SFT output is a LoRA adapter of {base}, which no longer exists; rerun "
                             "stage 04_sft or set sft.lora.merge: true")
-        model = merge_adapter(base, sft_dir / "adapter")
-        from lib.sft import HFCausalLM
-
-        save_model_dir(model.float(), "hf" if isinstance(model, HFCausalLM) else "homellm", hf,
-                       load_tokenizer(sft_dir))
+        save_model_dir(merge_adapter(base, sft_dir / "adapter").float(), hf, load_tokenizer(sft_dir))
     else:
         raise UserError(f"{sft_dir}: neither model weights nor a LoRA adapter; rerun stage 04_sft")
     finish_tokenizer_config(hf)

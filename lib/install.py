@@ -317,7 +317,8 @@ def _copy_model_files(src_dir: Path, dst: Path, trust_remote_code: bool, log) ->
         shutil.copy2(p, dst / rel)
         n += 1
     if skipped:
-        log(f"model: not copied (not needed or not safe): {', '.join(skipped[:20])}{' ...' if len(skipped) > 20 else ''}")
+        more = " ..." if len(skipped) > 20 else ""
+        log(f"model: not copied (not needed or not safe): {', '.join(skipped[:20])}{more}")
     return n
 
 
@@ -403,11 +404,11 @@ POST_TEST = r"""
 import json, sys, time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model_dir, n, remote = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+model_dir, n, remote, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
 t0 = time.time()
 torch.manual_seed(0)
 tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True,
                                              trust_remote_code=remote)
 model.eval()
 msgs = [{"role": "user", "content": "Hello! What is the capital of France?"}]
@@ -419,16 +420,17 @@ with torch.no_grad():
     out = model.generate(**enc, max_new_tokens=n, do_sample=False)
 new = out[0, enc["input_ids"].shape[1]:]
 print(json.dumps({"ok": len(new) > 0, "text": tok.decode(new, skip_special_tokens=True), "new_tokens": len(new),
-                  "seconds": round(time.time() - t0, 2), "torch": torch.__version__}))
+                  "seconds": round(time.time() - t0, 2), "dtype": dtype, "torch": torch.__version__}))
 """
 
 
-def post_install_test(model_dir: Path, python: str, tokens: int, trust_remote_code: bool) -> dict:
-    """Load the installed model on CPU with the install's own Python and generate a few tokens."""
+def post_install_test(model_dir: Path, python: str, tokens: int, trust_remote_code: bool,
+                      dtype: str = "float32") -> dict:
+    """Load the installed model on CPU in `dtype` with the install's own Python and generate a few tokens."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     try:
-        res = subprocess.run([python, "-c", POST_TEST, str(model_dir), str(tokens), "1" if trust_remote_code else "0"],
-                             capture_output=True, text=True, env=env, timeout=900)
+        res = subprocess.run([python, "-c", POST_TEST, str(model_dir), str(tokens), "1" if trust_remote_code else "0",
+                              dtype], capture_output=True, text=True, env=env, timeout=900)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": "timed out after 900 s"}
     if res.returncode != 0:
@@ -547,9 +549,12 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         python = str(_make_venv(tmp, report, log)) if venv else sys.executable
 
         result = None
-        if cfg.post_test:
-            log(f"post-install test: loading on CPU and generating {cfg.post_test_tokens} tokens")
-            result = post_install_test(model_dir, python, cfg.post_test_tokens, cfg.trust_remote_code)
+        cpu_dtype = report["verdict"].get("cpu_torch_dtype")
+        if cfg.post_test and cpu_dtype is None:
+            log("post-install test: skipped: the model does not fit this machine's RAM (it needs the GPU)")
+        elif cfg.post_test:
+            log(f"post-install test: loading on CPU ({cpu_dtype}) and generating {cfg.post_test_tokens} tokens")
+            result = post_install_test(model_dir, python, cfg.post_test_tokens, cfg.trust_remote_code, cpu_dtype)
             if not result.get("ok"):
                 raise UserError(f"{ref}: the post-install test failed: the installed model does not load or generate "
                                 f"({result.get('error')}). Nothing was installed.")

@@ -328,23 +328,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
             total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
             if needs_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: (c, V)
-                probs[torch.arange(len(tc), device=tc.device), tc] -= 1.0
-                g = probs.div_(n_valid).to(dtype)  # d loss / d logits
-                grad_h[s:s + chunk] = g @ w
-                grad_w += (g.t() @ hc).float()
+                # d (sum of the chunk's losses) / d logits = softmax - onehot, computed in place over the logits
+                g = logits.sub_(lse[:, None]).exp_()  # (c, V)
+                g[torch.arange(len(tc), device=tc.device), tc] -= 1.0
+                g = g.to(dtype)
+                torch.mm(g, w, out=grad_h[s:s + chunk])
+                if dtype == torch.float32:
+                    grad_w.addmm_(g.t(), hc)  # accumulate in place: no (V, D) temporary per chunk
+                else:  # bf16 matmul, fp32 accumulation
+                    grad_w += (g.t() @ hc).float()
         if needs_grad:
             ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.n_valid = weight.dtype, n_valid
         return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype), None, None, None
+        scale = grad_out / ctx.n_valid  # the 1/N of the mean, applied once here rather than to every logit
+        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None
 
 
-def linear_cross_entropy(h, weight, targets, chunk: int = 1024):
+@torch.compiler.disable  # data-dependent shapes (the masked rows); its matmuls gain nothing from compiling
+def linear_cross_entropy(h, weight, targets, chunk: int = 512):
     """Mean CE of logits h @ weight^T against targets, ignoring targets == -100. h: (N, D), targets: (N,).
 
     Returns 0 (with zero gradients) when no target is valid, rather than NaN, so a fully masked batch is harmless.

@@ -12,11 +12,7 @@ lib/sft_data.py; exporting to GGUF/Ollama is lib/export.py.
 from __future__ import annotations
 
 import hashlib
-import math
 import shutil
-import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -60,20 +56,20 @@ def template_render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     """Any chat template: render growing prefixes of the conversation to find where each assistant turn starts
     (after the generation prompt) and ends (the rendered turn without trailing whitespace)."""
 
-    def render(msgs, gen=False):
+    def apply(msgs, gen=False):
         try:
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
         except Exception as e:  # jinja errors of a template that cannot render this prefix
             raise UserError(f"the base model's chat template cannot render a conversation prefix ({type(e).__name__}: "
                             f"{e}); use a tokenizer with a ChatML template") from None
 
-    text = render(messages)
+    text = apply(messages)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = render(messages[:i], gen=True) if i else render([], gen=True)
-        upto = render(messages[: i + 1])
+        prefix = apply(messages[:i], gen=True)  # everything before the turn, with the assistant header
+        upto = apply(messages[: i + 1])
         if not (upto.startswith(prefix) and text.startswith(upto)):
             raise UserError("the base model's chat template is not prefix-stable (rendering a conversation prefix "
                             "does not give the start of the full rendering), so assistant turns cannot be masked; "
@@ -126,15 +122,46 @@ class Encoded:
     complete: bool = True  # the conversation ends with an assistant turn (nothing to trim)
 
 
-def encode_conversations(tokenizer, conversations: list[list[dict]]) -> list[Encoded]:
-    """Tokenize rendered conversations (one batched call) and mark the assistant tokens.
+# Rendering only a prefix of a long conversation saves most of the tokenizing: a few thousand characters are more
+# than seq_len tokens of English. The prefix is checked afterwards, so the result is exact (see encode_conversations).
+CHARS_PER_TOKEN_CAP = 6
+
+
+def _prefix(messages: list[dict], max_chars: int) -> list[dict]:
+    """The messages up to and including the one that takes the text past max_chars."""
+    total = 0
+    for i, m in enumerate(messages):
+        total += len(m["content"]) + 16  # + the ChatML frame
+        if total > max_chars:
+            return messages[: i + 1]
+    return messages
+
+
+def encode_conversations(tokenizer, conversations: list[list[dict]], max_len: Optional[int] = None) -> list[Encoded]:
+    """Tokenize rendered conversations (batched) and mark the assistant tokens.
 
     A token is trained iff its characters lie inside an assistant span. Offsets come from the tokenizer itself,
-    so the ids are exactly those of tokenizing the whole rendered text — what apply_chat_template gives."""
+    so the ids are exactly those of tokenizing the whole rendered text — what apply_chat_template gives.
+    With max_len, long conversations are rendered only up to CHARS_PER_TOKEN_CAP * max_len characters; a prefix
+    that turns out to have max_len tokens or fewer is redone in full, so fit_length(result, max_len) is the same
+    as without the cap."""
+    if max_len is None:
+        return _encode(tokenizer, conversations, [True] * len(conversations))
+    prefixes = [_prefix(msgs, CHARS_PER_TOKEN_CAP * max_len) for msgs in conversations]
+    cut = [len(p) < len(m) for p, m in zip(prefixes, conversations)]
+    out = _encode(tokenizer, prefixes, [not c for c in cut])
+    redo = [i for i, (c, e) in enumerate(zip(cut, out)) if c and len(e.ids) <= max_len]
+    if redo:
+        for i, e in zip(redo, _encode(tokenizer, [conversations[i] for i in redo], [True] * len(redo))):
+            out[i] = e
+    return out
+
+
+def _encode(tokenizer, conversations: list[list[dict]], whole: list[bool]) -> list[Encoded]:
     rendered = [render(tokenizer, msgs) for msgs in conversations]
     encodings = tokenizer.backend_tokenizer.encode_batch([t for t, _ in rendered], add_special_tokens=False)
     out = []
-    for (text, spans), enc, msgs in zip(rendered, encodings, conversations):
+    for (text, spans), enc, msgs, w in zip(rendered, encodings, conversations, whole):
         ids = np.asarray(enc.ids, dtype=np.int64)
         offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
         starts, ends = offsets[:, 0], offsets[:, 1]
@@ -143,7 +170,8 @@ def encode_conversations(tokenizer, conversations: list[list[dict]]) -> list[Enc
         for s, e in spans:
             mask |= (starts >= s) & (ends <= e)
             turn_ends.append(int(np.searchsorted(ends, e, side="right")))
-        out.append(Encoded(ids, mask, turn_ends, complete=msgs[-1]["role"] == "assistant"))
+        # a rendered prefix is never "complete": what follows it was not rendered
+        out.append(Encoded(ids, mask, turn_ends, complete=w and msgs[-1]["role"] == "assistant"))
     return out
 
 
@@ -216,7 +244,7 @@ def encode_examples(tokenizer, examples: list[Example], max_len: int) -> tuple[l
     texts = [ex.text for ex in examples if ex.text is not None]
     stats = EncodeStats()
     out = []
-    for enc in encode_conversations(tokenizer, convs) if convs else []:
+    for enc in encode_conversations(tokenizer, convs, max_len) if convs else []:
         fitted, truncated = fit_length(enc, max_len)
         if fitted is None:
             stats.dropped_too_long += 1
@@ -387,21 +415,35 @@ class HFCausalLM(torch.nn.Module):
 
 
 def _hub_model(name: str) -> Path:
-    """A hub model id, from the local HF cache or downloaded (safetensors, configs and tokenizer files only)."""
+    """A hub model id, from the local HF cache or downloaded (safetensors, configs and tokenizer files only).
+    HF_ENDPOINT is read at call time (a mirror, or a test's fake hub); offline or unreachable fails in seconds."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
     from huggingface_hub import snapshot_download
 
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]
     try:
-        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
-    except Exception:  # not cached: go to the network below
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True, endpoint=endpoint))
+    except Exception:  # not in the cache: go to the network below
         pass
-    from lib.sources import check_hub_reachable
-
-    check_hub_reachable(name, "sft.base_model")
+    where = f"sft.base_model: {name!r} is not a local directory (relative paths resolve against the config file), " \
+            f"so it was looked up on the hub ({endpoint}), but"
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        raise UserError(f"{where} it is not in the local HF cache and HF_HUB_OFFLINE is set. Download it on a "
+                        "connected machine (save_pretrained to a folder) and point sft.base_model at that folder")
+    url = urlparse(endpoint)
     try:
-        return Path(snapshot_download(name, allow_patterns=patterns))
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"{where} the hub cannot be reached ({e}); use a local model folder") from None
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, endpoint=endpoint))
     except Exception as e:  # the hub boundary: a wrong name, a gated repo, a network failure
-        raise UserError(f"sft.base_model: cannot download {name!r} from the hub ({type(e).__name__}: {e})") from None
+        raise UserError(f"sft.base_model: cannot download {name!r} from {endpoint} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0]})") from None
 
 
 def resolve_base_model(cfg: Config) -> Path:
@@ -595,7 +637,9 @@ def end_of_turn_check(model, tokenizer, prompts: list[str], system_prompt: Optio
         ended += stopped
         answers.append({"prompt": p, "reply": tokenizer.decode(new, skip_special_tokens=True), "ended_turn": stopped,
                         "tokens": len(new)})
-    return {"share_ended_turn": ended / len(prompts), "max_new_tokens": max_new_tokens, "answers": answers}
+    empty = sum(1 for a in answers if not a["reply"].strip())
+    return {"share_ended_turn": ended / len(prompts), "share_empty_replies": empty / len(prompts),
+            "max_new_tokens": max_new_tokens, "answers": answers}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -665,11 +709,11 @@ def write_generation_config(out: Path, tokenizer) -> None:
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id})
 
 
-def save_model_dir(model, kind: str, out: Path, tokenizer) -> None:
+def save_model_dir(model, out: Path, tokenizer) -> None:
     """An HF directory: weights + config.json, tokenizer files with the chat template, generation_config.json."""
     from lib.tokenizer import save_tokenizer
 
-    if kind == "homellm":
+    if not isinstance(model, HFCausalLM):
         from lib.model import save_hf
 
         save_hf(model, out, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -741,19 +785,22 @@ def run_sft(cfg: Config) -> Path:
             peft_model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
             peft_model.save_pretrained(str(out / "adapter"), safe_serialization=True)
             if sft.lora.merge:
-                merged = peft_model.merge_and_unload() if mode == "lora" else merge_adapter(base_dir, out / "adapter")
-                if kind == "hf" and mode == "lora":
-                    model.hf = merged
-                else:
-                    model = merged
-                save_model_dir(model, "homellm" if mode == "lora" and kind == "homellm" else "hf", out, tokenizer)
+                if mode == "lora":
+                    merged = peft_model.merge_and_unload()  # W + B @ A * alpha / rank, adapters removed
+                    if isinstance(model, HFCausalLM):
+                        model.hf = merged
+                    else:
+                        model = merged
+                else:  # QLoRA: merge into the full-precision base, not into its 4-bit copy
+                    model = merge_adapter(base_dir, out / "adapter")
+                save_model_dir(model, out, tokenizer)
             else:  # the adapter alone: the export stage merges it into the base
                 from lib.tokenizer import save_tokenizer
 
                 save_tokenizer(tokenizer, out)
                 write_generation_config(out, tokenizer)
         else:
-            save_model_dir(model, kind, out, tokenizer)
+            save_model_dir(model, out, tokenizer)
         for name in (METRICS, SAMPLES, PLOT):
             if (work / name).exists():
                 shutil.copy2(work / name, out / name)
@@ -764,7 +811,7 @@ def run_sft(cfg: Config) -> Path:
         for a in check["answers"]:
             log(f"  Q: {a['prompt']}\n  A: {a['reply']!r}{'' if a['ended_turn'] else '  [no end of turn]'}")
         log(f"end-of-turn check: {check['share_ended_turn']:.0%} of {len(CHECK_PROMPTS)} prompts ended their turn "
-            f"within {check['max_new_tokens']} tokens")
+            f"within {check['max_new_tokens']} tokens ({check['share_empty_replies']:.0%} with an empty reply)")
         extra.update({
             "base_model": str(base_dir.resolve()), "base_kind": kind, "mode": mode, "lora": lora_info,
             "weights": ("adapter only (merged at export)" if peft_model is not None and not sft.lora.merge

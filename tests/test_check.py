@@ -62,7 +62,8 @@ def test_our_exported_model(tiny_chat_model, tmp_path, hardware):
     assert fp32["total"] == fp32["weights"] + fp32["kv_cache"] + fp32["activations"] + RUNTIME_OVERHEAD_BYTES
     assert e["inference"]["by_dtype"]["bf16"]["load_transient"] == exact * 4  # converting from the stored fp32
     assert r["verdict"] == {"supported": True, "servable": True, "runnable": True, "problems": [],
-                            "recommended": {"device": "cpu", "dtype": "fp32", "torch_dtype": "float32"}}
+                            "recommended": {"device": "cpu", "dtype": "fp32", "torch_dtype": "float32"},
+                            "cpu_torch_dtype": "float32"}
     assert [lib["name"] for lib in r["requirements"]["libraries"]][:2] == ["torch", "transformers"]
     assert r["compatibility"]["training"] and all(row["fits"] for row in r["compatibility"]["training"])
     json.dumps(r)  # JSON-ready: install stores it
@@ -329,7 +330,8 @@ def test_compatibility_verdicts(smollm2_hf, hardware):
     assert not rows["fp32"]["fits"] and not rows["bf16"]["fits"] and "does not fit" in rows["fp32"]["notes"][0]
     assert rows["int8"]["fits"] and rows["int8"]["notes"][0] == "requires quantization"
     assert rows["int4"]["need_bytes"] < rows["int8"]["need_bytes"] < rows["fp32"]["need_bytes"]
-    assert r["verdict"]["recommended"] is None and not r["verdict"]["runnable"]
+    assert r["verdict"]["recommended"] is None and r["verdict"]["cpu_torch_dtype"] is None
+    assert not r["verdict"]["runnable"]
     assert any("does not fit" in p for p in r["verdict"]["problems"])
 
     r = check_model(str(smollm2_hf), cfg, hardware=with_memory(hardware, need["fp32"] / 0.9 / 2**20))
@@ -341,6 +343,7 @@ def test_compatibility_verdicts(smollm2_hf, hardware):
     gpu = {x["dtype"]: x for x in r["compatibility"]["inference"] if x["device"] == "cuda:0"}
     assert gpu["fp16"]["fits"] and "no bf16" in " ".join(gpu["bf16"]["notes"])
     assert r["verdict"]["recommended"] == {"device": "cuda:0", "dtype": "fp16", "torch_dtype": "float16"}
+    assert r["verdict"]["cpu_torch_dtype"] == "float32"  # what a CPU-only load uses (the install's post-test)
     modes = {(x["device"], x["mode"]) for x in r["compatibility"]["training"]}
     assert modes == {("cpu", "lora"), ("cpu", "full"), ("cuda:0", "lora"), ("cuda:0", "full")}
 

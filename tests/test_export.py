@@ -3,10 +3,8 @@ transformers and decode greedily exactly like our PyTorch model, the Ollama Mode
 
 import csv
 import json
-import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -10,7 +10,7 @@ import gradio as gr
 import pytest
 
 from lib.config import Config, ServeConfig
-from lib.serving.engine import Engine, load_model
+from lib.serving.engine import Engine, encode_chat, load_model
 from lib.serving.resolve import resolve_model
 from lib.serving.server import BackgroundServer, build_app
 from lib.serving.ui import EXPORT_FORMAT, ChatUI, normalize
@@ -134,7 +134,13 @@ def test_browser_chat_streams_a_reply(engine, refs, tmp_path):
             expect(page.locator("#chatbot .user.message").last).to_contain_text("Hello there", timeout=30_000)
             bot = page.locator("#chatbot .bot.message").last
             expect(bot).to_contain_text(re.compile(r"\w"), timeout=30_000)
-            expect(page.locator("#token-counter")).to_contain_text(re.compile(r"[1-9]\d* / 1,024 tokens"))
+            # the count covers the reply once it is complete (24 tokens on top of the prompt's)
+            n_prompt = len(encode_chat(engine.loaded.tokenizer, [{"role": "user", "content": "Hello there"}]))
+            expect(page.locator("#token-counter")).not_to_contain_text(f" {n_prompt} / 1,024", timeout=30_000)
+            expect(page.locator("#token-counter")).to_contain_text(re.compile(r"\d+ / 1,024 tokens"))
+            page.get_by_text("Save / load conversation").click()
+            page.locator("#export-btn").click()
+            expect(page.locator("#export-file")).to_contain_text(re.compile(r"chat-.*\.json"), timeout=30_000)
             page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
             assert (tmp_path / "chat.png").stat().st_size > 10_000
 

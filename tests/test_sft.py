@@ -3,7 +3,6 @@ batches, the overfitting detector, LoRA on the real SmolLM2-135M, and the full s
 
 import csv
 import json
-import math
 import time
 from pathlib import Path
 
@@ -249,6 +248,21 @@ def test_truncation_never_leaves_a_turn_without_its_end_token(tok):
     trailing = encode_conversations(tok, [CONV[:4]])[0]
     out, truncated = fit_length(trailing, 10_000)
     assert not truncated and len(out.ids) == first
+
+
+def test_rendering_a_prefix_of_long_conversations_changes_nothing(tok):
+    exs, _ = load_sft_examples(SftConfig(data=[SftDataConfig(type="chitchat", max_examples=40)]))
+    convs = [e.messages for e in exs]
+    for max_len in (24, 60, 200):
+        capped = [fit_length(e, max_len) for e in encode_conversations(tok, convs, max_len)]
+        full = [fit_length(e, max_len) for e in encode_conversations(tok, convs)]
+        for (a, ta), (b, tb) in zip(capped, full):
+            assert ta == tb and (a is None) == (b is None)
+            if a is not None:
+                assert np.array_equal(a.ids, b.ids) and np.array_equal(a.mask, b.mask)
+    # the cap really cut something at the shortest length (or this test would check nothing)
+    assert sum(len(e.ids) for e in encode_conversations(tok, convs, 24)) < 0.5 * sum(
+        len(e.ids) for e in encode_conversations(tok, convs))
 
 
 def test_encode_stats_and_text_windows(tok):
@@ -498,3 +512,25 @@ def test_script_reports_user_errors_without_traceback(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "not an HF model directory" in res.stderr
+
+
+def test_base_model_from_the_hub(fake_hub, tiny_chat_model, tmp_path, monkeypatch):
+    """A hub id as sft.base_model: downloaded through the real huggingface_hub client (a local fake hub answers);
+    an unknown id and the offline mode give one clear message."""
+    from lib.sft import load_base, resolve_base_model
+
+    fake_hub.add("someone/tiny-chat", tiny_chat_model)
+    cfg = load_config(SMOKE, [f"artifacts_dir={tmp_path}", "sft.base_model=someone/tiny-chat"])
+    path = resolve_base_model(cfg)
+    assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+    model, kind = load_base(path)
+    assert kind == "homellm" and model.args.vocab_size == 512
+    cfg = load_config(SMOKE, [f"artifacts_dir={tmp_path}", "sft.base_model=someone/missing"])
+    with pytest.raises(UserError, match="sft.base_model: cannot download 'someone/missing'"):
+        resolve_base_model(cfg)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
+        resolve_base_model(cfg)
+    cfg = load_config(SMOKE, [f"artifacts_dir={tmp_path}", "sft.base_model=./no/such/dir"])
+    with pytest.raises(UserError, match="does not exist .relative paths resolve against the config file's directory"):
+        resolve_base_model(cfg)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -378,8 +379,14 @@ class OpenAIServer:
         self.engine.metrics.inc("requests_chat")
         # "developer" is the newer name of "system"; chat templates know only the latter.
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+        n_chars = sum(len(m["content"]) for m in messages)
+        if loaded.surely_too_long(n_chars):
+            raise APIError(400, f"This model's maximum context length is {loaded.context_length} tokens; the messages "
+                                f"are {n_chars} characters, far more than that", param="messages",
+                           code="context_length_exceeded")
         try:
-            ids = encode_chat(loaded.tokenizer, messages)
+            # Tokenizing a long conversation takes a while: off the event loop, which keeps serving meanwhile.
+            ids = await run_in_threadpool(encode_chat, loaded.tokenizer, messages)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
         params = self._params(body, body.max_tokens or body.max_completion_tokens, len(ids), loaded, "messages")
@@ -410,7 +417,11 @@ class OpenAIServer:
         self.engine.metrics.inc("requests_completions")
         tok = loaded.tokenizer
         if isinstance(body.prompt, str):
-            ids = tok.encode(body.prompt, add_special_tokens=True, verbose=False)
+            if loaded.surely_too_long(len(body.prompt)):
+                raise APIError(400, f"This model's maximum context length is {loaded.context_length} tokens; the "
+                                    f"prompt is {len(body.prompt)} characters, far more than that", param="prompt",
+                               code="context_length_exceeded")
+            ids = await run_in_threadpool(tok.encode, body.prompt, add_special_tokens=True, verbose=False)
             prompt_text = body.prompt
         else:
             vocab = loaded.config.get("vocab_size") or len(tok)

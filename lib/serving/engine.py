@@ -73,6 +73,8 @@ class LoadedModel:
     dtype: str
     parameters: int
     config: dict = field(default_factory=dict)  # the model's config.json
+    # the longest token's text: a text longer than context_length * this cannot fit, whatever it says
+    max_token_chars: int = 64
 
     @property
     def id(self) -> str:
@@ -81,6 +83,10 @@ class LoadedModel:
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def surely_too_long(self, n_chars: int) -> bool:
+        """True when a text of n_chars characters cannot fit the context (checked before spending time tokenizing)."""
+        return n_chars > self.context_length * self.max_token_chars
 
     def describe(self) -> dict:
         """What /info and the UI show about the model."""
@@ -147,7 +153,9 @@ def load_model(ref: ModelRef, device: str = "auto") -> LoadedModel:
     context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", None) or 2048
     return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=int(context),
                        stop_token_ids=_stop_ids(tokenizer, ref.path), device=device, dtype=str(dtype).split(".")[-1],
-                       parameters=model.num_params(), config=config)
+                       parameters=model.num_params(), config=config,
+                       # a byte-level token's string has one character per byte, so it bounds the decoded length
+                       max_token_chars=max(len(t) for t in tokenizer.get_vocab()))
 
 
 def sampling_params(temperature: float, top_p: float, max_new_tokens: int, seed: int | None = None, **extra):

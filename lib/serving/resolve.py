@@ -132,14 +132,13 @@ def _looks_like_path(spec: str) -> bool:
 
 def resolve_model(spec: str | None, cfg: Config, models_dir: str | Path | None = None) -> ModelRef:
     """`--model` resolved: None = the latest pipeline model; an existing path; a pipeline id; an installed name."""
-    models_dir = models_dir_of(cfg, models_dir)
     if spec is None:
         ref = latest_pipeline_model(cfg)
         if ref is None:
             raise UserError(f"{Path(cfg.artifacts_dir) / MODEL_STAGES[-1]}: no finished model to serve (no complete "
                             f"{', '.join(MODEL_STAGES)} directory under {cfg.artifacts_dir}/). Run the pipeline "
                             f"(`snakemake -c1` or 03_pretrain.py) or pass --model NAME|PATH "
-                            f"(installed: {_installed_names(models_dir)})")
+                            f"(installed: {_installed_names(cfg, models_dir)})")
         return ref
     if _looks_like_path(spec):
         return _path_ref(Path(spec).expanduser())
@@ -149,7 +148,7 @@ def resolve_model(spec: str | None, cfg: Config, models_dir: str | Path | None =
         if ref is None:
             raise UserError(f"--model {spec}: {Path(cfg.artifacts_dir) / spec} is not a complete stage directory")
         return ref
-    return _installed_by_name(spec, models_dir)
+    return _installed_by_name(spec, models_dir_of(cfg, models_dir))
 
 
 def _path_ref(path: Path) -> ModelRef:
@@ -178,9 +177,9 @@ def _installed_by_name(name: str, models_dir: Path) -> ModelRef:
     return installed_ref(Path(folder), quick=True)
 
 
-def _installed_names(models_dir: Path) -> str:
+def _installed_names(cfg: Config, models_dir: str | Path | None) -> str:
     try:
-        names = [r.id for r in installed_models(models_dir)]
+        names = [r.id for r in installed_models(models_dir_of(cfg, models_dir))]
     except (UserError, OSError):
         names = []
     return ", ".join(names) or "none"

@@ -133,7 +133,8 @@ def build_app(engine: Engine, serve: ServeConfig, api_key: str | None = None,
             auth = lambda _user, password: secrets.compare_digest(password.encode(), api_key.encode())  # noqa: E731
         app = gr.mount_gradio_app(app, blocks, path="/", auth=auth,
                                   auth_message="Log in with any user name and the server's API key as password.",
-                                  ssr_mode=False, mcp_server=False, footer_links=["settings"])
+                                  ssr_mode=False, mcp_server=False, footer_links=["settings"],
+                                  max_file_size="2mb")  # uploads are conversation imports only
     if loopback:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
     # Outermost, so that it also counts the 500s that Starlette's error middleware answers.

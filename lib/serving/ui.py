@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 import threading
 import time
@@ -77,6 +78,7 @@ class ChatUI:
         self.engine, self.serve, self.list_models = engine, serve, list_models
         self._running: dict[str, object] = {}  # session -> the Handle of its reply in progress (for Stop)
         self._lock = threading.Lock()
+        self._export_dir = Path(tempfile.mkdtemp(prefix="chat-export-"))  # Gradio serves files from temp dirs
 
     # -- helpers -------------------------------------------------------------------------------------------
 
@@ -168,8 +170,7 @@ class ChatUI:
     # -- export / import -----------------------------------------------------------------------------------
 
     def export(self, history, system: str) -> str:
-        out_dir = Path(tempfile.mkdtemp(prefix="chat-export-"))
-        path = out_dir / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path = self._export_dir / f"chat-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.json"
         atomic_write_json(path, {"format": EXPORT_FORMAT, "version": 1, "model": self.engine.loaded.id,
                                  "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "system": system or "",
                                  "messages": normalize(history)})
@@ -259,9 +260,11 @@ class ChatUI:
                 self.reply, [chatbot, *sampling], [chatbot, counter])
             stop.click(self.stop, None, None, cancels=[*submit_events, regen_ev], queue=False)
             clear.click(lambda s: ([], self.counter([], s)), system, [chatbot, counter], queue=False)
+            # .input fires on typing only: a .change would also fire when add_user empties the box, and its late
+            # answer could overwrite the count that the reply has just updated.
             for comp in (msg, system):
-                comp.change(self.counter, [chatbot, system, msg, max_tokens], counter, queue=False,
-                            trigger_mode="always_last", show_progress="hidden")
+                comp.input(self.counter, [chatbot, system, msg, max_tokens], counter, queue=False,
+                           trigger_mode="always_last", show_progress="hidden")
             export_btn.click(self.export, [chatbot, system], export_file)
             import_btn.upload(self.import_, import_btn, [chatbot, system]).then(
                 self.counter, [chatbot, system], counter)

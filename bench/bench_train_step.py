@@ -1,0 +1,165 @@
+"""Training-step throughput (forward + backward + gradient clipping + AdamW step, tokens/s) of our HomeLLM against
+transformers' LlamaForCausalLM with the same shapes, weights and precision policy, plus this machine's measured
+matmul GFLOP/s, all in the same run (the two models interleaved, so a busy neighbour slows both alike).
+
+    .venv/bin/python bench/bench_train_step.py                          # reference: 512-8-8, batch 8 x 256, vocab 8192
+    .venv/bin/python bench/bench_train_step.py --threads 1 --clock cpu  # on a busy shared machine (see below)
+    .venv/bin/python bench/bench_train_step.py --preset demo --batch 16 --no-hf   # the demo config's step time
+    .venv/bin/python bench/bench_train_step.py --precision bf16         # force bf16 autocast
+    .venv/bin/python bench/bench_train_step.py --compile                # also ours with torch.compile'd blocks
+
+Precision "auto" is the pipeline's policy (lib.train.choose_precision): bf16 autocast where the CPU has bf16
+matrix units (AVX-512 BF16 / AMX), fp32 otherwise, because without them torch emulates bf16 matmuls far slower
+than fp32. The matmul peak is measured in that same dtype, as the best of large GEMMs and of the model's own
+GEMM shapes. --clock cpu measures process CPU time; with --threads 1 that is the work itself, unaffected by other
+programs competing for the cores.
+
+Targets: ours >= 1.3x transformers' Llama; 6 x params x tokens/s >= 80% of the measured matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib.config import ModelConfig  # noqa: E402
+from lib.model import HomeLLM, hf_config, model_args  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="512-8-8")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median step time is reported")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    p.add_argument("--no-hf", action="store_true", help="time ours only (e.g. to size a preset)")
+    p.add_argument("--compile", action="store_true", help="also time ours with each block torch.compile'd")
+    return p.parse_args(argv)
+
+
+def matmul_peak(dtype: torch.dtype, shapes: list[tuple[int, int, int]], clock, seconds: float = 0.5) -> float:
+    """Best GFLOP/s over (M, K, N) GEMMs, each run for ~`seconds`."""
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        a @ b
+        iters, t0 = 0, clock()
+        while clock() - t0 < seconds or iters < 2:
+            a @ b
+            iters += 1
+        best = max(best, 2 * m * k * n * iters / (clock() - t0) / 1e9)
+    return best
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    clock = time.perf_counter if a.clock == "wall" else time.process_time
+    from lib.train import cpu_has_fast_bf16
+
+    bf16 = a.precision == "bf16" or (a.precision == "auto" and cpu_has_fast_bf16())
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    policy = "bf16 autocast" if bf16 else "fp32"
+    if a.precision == "auto":
+        policy += " (auto: " + ("CPU has bf16 matrix units)" if bf16 else "no bf16 matrix units on this CPU)")
+
+    torch.manual_seed(0)
+    args = model_args(ModelConfig(preset=a.preset, max_seq_len=max(a.seq, 8)), a.vocab)
+    ours = HomeLLM(args).train()
+    models = {"ours (HomeLLM)": ours}
+    if not a.no_hf:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = {k: v for k, v in hf_config(args).items() if k not in ("architectures", "model_type", "torch_dtype")}
+        theirs = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa")).train()
+        theirs.load_state_dict(ours.state_dict())  # same weights: the first losses must agree
+        models["transformers LlamaForCausalLM"] = theirs
+    if a.compile:
+        compiled = HomeLLM(args).train()
+        compiled.load_state_dict(ours.state_dict())
+        for block in compiled.model.layers:
+            block.compile(dynamic=False)
+        models["ours, torch.compile'd blocks"] = compiled
+
+    window = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(1))
+    x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (B, T) inputs and next-token targets, as the pretraining loader gives
+    optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+              for name, m in models.items()}
+
+    def step(name) -> float:
+        m, opt = models[name], optims[name]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if isinstance(m, HomeLLM):
+                _, loss = m(x, y)
+            else:  # y is already shifted: shift_labels stops transformers from shifting it again
+                loss = m(input_ids=x, labels=y, shift_labels=y).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    first, t_compile = {}, None
+    for name in models:  # warm-up step (and the compile, if any)
+        t0 = time.perf_counter()
+        first[name] = step(name)
+        if "compile" in name:
+            t_compile = time.perf_counter() - t0
+
+    shapes = [(a.batch * a.seq, args.dim, args.ffn_dim), (a.batch * a.seq, args.ffn_dim, args.dim),
+              (a.batch * a.seq, args.dim, args.vocab_size), (2048, 2048, 2048)]
+    peaks = [matmul_peak(dtype, shapes, clock)]
+    times = {name: [] for name in models}
+    for _ in range(a.rounds):
+        for name in models:
+            for _ in range(a.steps):
+                t0 = clock()
+                step(name)
+                times[name].append(clock() - t0)
+    peaks.append(matmul_peak(dtype, shapes, clock))
+    peak = max(peaks)
+
+    tokens = a.batch * a.seq
+    n_params = ours.num_params()
+    flops_6n = 6 * n_params
+    print(f"# training-step benchmark: {a.preset} ({n_params / 1e6:.2f}M params, vocab {a.vocab}), batch {a.batch} x "
+          f"seq {a.seq} = {tokens} tokens/step, {policy}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{a.clock} clock, median of {a.rounds} x {a.steps} interleaved steps per model")
+    print(f"matmul peak ({str(dtype).split('.')[-1]}): {peak:.1f} GFLOP/s (best of {len(shapes)} GEMM shapes, "
+          f"measured before and after: {peaks[0]:.1f} / {peaks[1]:.1f})")
+    print(f"first-step loss (same weights): " + ", ".join(f"{n} {v:.4f}" for n, v in first.items()))
+    if t_compile is not None:
+        print(f"compile + first step of the compiled model: {t_compile:.1f} s")
+    print(f"{'model':<32} {'step s':>8} {'tok/s':>8} {'6N GFLOP/s':>11} {'of peak':>8} {'MFU (6N+attn)':>14}")
+    tps = {}
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        tps[name] = tokens / t
+        gf = flops_6n * tps[name] / 1e9
+        mfu = ours.estimate_flops_per_token(a.seq) * tps[name] / 1e9 / peak
+        print(f"{name:<32} {t:>8.3f} {tps[name]:>8.0f} {gf:>11.1f} {gf / peak:>7.0%} {mfu:>13.0%}")
+    frac = flops_6n * tps["ours (HomeLLM)"] / 1e9 / peak
+    print(f"target: 6N x tok/s >= 80% of the matmul peak: {frac:.0%} -> {'MET' if frac >= 0.8 else 'NOT MET'}")
+    if not a.no_hf:
+        ratio = tps["ours (HomeLLM)"] / tps["transformers LlamaForCausalLM"]
+        print(f"target: ours >= 1.3x transformers: {ratio:.2f}x -> {'MET' if ratio >= 1.3 else 'NOT MET'}")
+    if a.no_hf or a.preset == "demo":
+        print(f"projected time for 2000 steps of this shape: {2000 * tokens / tps['ours (HomeLLM)'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
