@@ -353,6 +353,10 @@ def _build(cls, data: dict, prefix: str, errors: list[str]):
             hint = f"did you mean {close[0]}?" if close else "valid keys: " + ", ".join(public)
             errors.append(f"{full}: unknown key ({hint})")
             continue
+        factory = fields[key].default_factory
+        if isinstance(value, dict) and factory is not dataclasses.MISSING and dataclasses.is_dataclass(hints[key]):
+            # a section's own defaults (e.g. sft.train's lower lr) stay unless the YAML overrides them
+            value = {**to_dict(factory()), **value}
         converted = _convert(value, hints[key], full, errors)
         meta = fields[key].metadata
         if isinstance(converted, (int, float)) and not isinstance(converted, bool):
