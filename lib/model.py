@@ -140,6 +140,16 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+# Projections reading the same input run as one matmul over concatenated weights (q|k|v, gate|up) when a call has
+# at least this many tokens (0 = never). The parameters stay separate nn.Linear modules with Llama's names.
+FUSE_MIN_TOKENS = 64
+
+
+def _plain(*layers) -> bool:
+    """True when every layer is a bare nn.Linear (a LoRA-wrapped one must be called, not bypassed)."""
+    return all(type(layer) is nn.Linear for layer in layers)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -153,9 +163,17 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, kv=None, start_pos: int = 0):
         """x: (B, T, dim). kv: this layer's preallocated (k, v) cache buffers (B, n_kv, max_len, hd), or None."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if FUSE_MIN_TOKENS and B * T >= FUSE_MIN_TOKENS and _plain(self.q_proj, self.k_proj, self.v_proj):
+            # one (dim -> (nh + 2 nkv) hd) matmul instead of three: the same products, in a GEMM big enough to use
+            # both cores well. The weight concatenation copies 3 dim^2 floats, noise next to a B*T-row GEMM.
+            w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+            q, k, v = F.linear(x, w).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                                             self.n_kv_heads * self.head_dim], dim=-1)
+        else:  # decoding (one row: the concatenation would cost as much as the matmul) or adapters (LoRA) attached
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, T > 1
         if kv is not None:
@@ -184,7 +202,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x):
-        return F.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), self.dropout, self.training)
+        B, T, _ = x.shape
+        if FUSE_MIN_TOKENS and B * T >= FUSE_MIN_TOKENS and _plain(self.gate_proj, self.up_proj):
+            gate, up = F.linear(x, torch.cat((self.gate_proj.weight, self.up_proj.weight))).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return F.dropout(self.down_proj(F.silu(gate) * up), self.dropout, self.training)
 
 
 class Block(nn.Module):

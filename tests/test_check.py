@@ -7,7 +7,6 @@ import math
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -151,8 +150,10 @@ def test_diffusers_pipeline(tmp_path, hardware):
 
     folder = write(tmp_path / "sd", {
         "model_index.json": {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-                             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-                             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                             "scheduler": ["diffusers", "PNDMScheduler"],
+                             "text_encoder": ["transformers", "CLIPTextModel"],
+                             "tokenizer": ["transformers", "CLIPTokenizer"],
+                             "unet": ["diffusers", "UNet2DConditionModel"],
                              "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None]},
         "unet/config.json": {"_class_name": "UNet2DConditionModel", "in_channels": 4, "sample_size": 64},
         "vae/config.json": {"_class_name": "AutoencoderKL", "latent_channels": 4},
@@ -172,7 +173,8 @@ def test_diffusers_pipeline(tmp_path, hardware):
     assert r["estimates"]["params"]["total"] is None and r["estimates"]["inference"] is None
     assert any("memory cannot be estimated" in p for p in r["verdict"]["problems"])
     # with component weights, the headers in sub-folders give the exact count
-    save_file({"w": torch.zeros(32, 16), "b": torch.zeros(16)}, str(folder / "unet/diffusion_pytorch_model.safetensors"))
+    save_file({"w": torch.zeros(32, 16), "b": torch.zeros(16)},
+              str(folder / "unet/diffusion_pytorch_model.safetensors"))
     save_file({"w": torch.zeros(8, 8, dtype=torch.float16)}, str(folder / "vae/diffusion_pytorch_model.safetensors"))
     r = check_model(str(folder), hardware=hardware)
     assert r["estimates"]["params"] == {"total": 32 * 16 + 16 + 64, "source": "safetensors headers",
@@ -191,7 +193,8 @@ LLAVA = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llav
 
 def test_multimodal(tmp_path, hardware):
     r = check_model(str(write(tmp_path / "llava", {"config.json": LLAVA})), hardware=hardware)
-    assert r["model"]["task"] == "multimodal" and r["model"]["detected_by"] == "config.json: vision_config + text_config"
+    assert r["model"]["task"] == "multimodal"
+    assert r["model"]["detected_by"] == "config.json: vision_config + text_config"
     assert "pillow" in [lib["name"] for lib in r["requirements"]["libraries"]]
     e = r["estimates"]
     assert e["params"]["source"] == "config formula"
@@ -376,7 +379,8 @@ def test_hub_gated_private_and_token_priority(fake_hub, tiny_chat_model, tmp_pat
         check_model("acme/nothing-here")
     token_file = tmp_path / "token"
     token_file.write_text("hf_right\n")
-    assert check_model("acme/private", CheckConfig(hf_token_file=str(token_file)))["source"]["repo_id"] == "acme/private"
+    r = check_model("acme/private", CheckConfig(hf_token_file=str(token_file)))
+    assert r["source"]["repo_id"] == "acme/private"
     token_file.write_text("hf_wrong\n")
     monkeypatch.setenv("HF_TOKEN", "hf_right")  # the environment wins over the file
     fake_hub.requests.clear()

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT, pkg_dir
 from lib.check import default_report_dir, run_check
-from lib.config import CheckConfig, InstallConfig, load_config
+from lib.config import InstallConfig, load_config
 from lib.errors import UserError
 from lib.install import (MARKER, install_model, list_installed, models_dir_for, remove_installed, resolve_installed,
                          sanitize_name, set_models_dir, validate_name, verify_install)
@@ -58,7 +58,8 @@ def test_install_layout_manifest_and_info(installed_tiny, tiny_chat_model):
     assert info["capabilities"] == {"chat_template": True, "streaming": True, "context_length": 256}
     assert info["source"]["kind"] == "local" and info["source"]["ref"] == str(tiny_chat_model)
     assert info["check"]["estimates"]["params"]["total"] == info["params"] > 0
-    assert info["post_test"]["ok"] and info["post_test"]["new_tokens"] >= 1 and info["post_test"]["dtype"] == "float32"
+    assert info["post_test"]["ok"] and info["post_test"]["new_tokens"] >= 1
+    assert info["post_test"]["dtype"] == "float32"
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", info["installed_at"])
     assert info["size_bytes"] >= sum(f.stat().st_size for f in tiny_chat_model.iterdir())
 
@@ -105,7 +106,8 @@ def test_verify_detects_tampering(installed_tiny, tmp_path):
     (folder / "model" / "tokenizer.json").unlink()
     with pytest.raises(UserError) as e:
         verify_install(folder)
-    assert "missing: model/tokenizer.json" in str(e.value) and "not in SHA256SUMS: model/pytorch_model.bin" in str(e.value)
+    assert "missing: model/tokenizer.json" in str(e.value)
+    assert "not in SHA256SUMS: model/pytorch_model.bin" in str(e.value)
     (folder / MARKER).unlink()
     with pytest.raises(UserError, match="not a complete install"):
         verify_install(folder)
@@ -178,7 +180,8 @@ def test_list_info_remove_and_config_cli(tiny_chat_model, tmp_path):
     res = run_install_cli("config", env=env)
     assert "~/LLM/models" in res.stdout or str(Path("~/LLM/models").expanduser()) in res.stdout
     assert run_install_cli("config", models, env=env).returncode == 0
-    assert json.loads((tmp_path / "xdg" / "models-at-home" / "settings.json").read_text()) == {"models_dir": str(models)}
+    settings = tmp_path / "xdg" / "models-at-home" / "settings.json"
+    assert json.loads(settings.read_text()) == {"models_dir": str(models)}
     res = run_install_cli("config", env=env)
     assert f"models dir: {models} (set with" in res.stdout
     assert run_install_cli("remove", "t1", "--yes", env=env).returncode == 2  # now looked up in the saved dir
@@ -259,9 +262,9 @@ def test_interrupted_install_leaves_nothing(tiny_chat_model, tmp_path, monkeypat
     monkeypatch.undo()
 
     # kill -9 during the post-install test: only a hidden temp folder remains, which `list` never shows
-    proc = subprocess.Popen([sys.executable, str(ROOT / "06_install.py"), "install", str(tiny_chat_model), "--name", "k",
-                             "--models-dir", str(models), "--quiet-config"], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "06_install.py"), "install", str(tiny_chat_model),
+                             "--name", "k", "--models-dir", str(models), "--quiet-config"], cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
         logs = list(models.glob(".k.installing-*/install.log")) if models.exists() else []
