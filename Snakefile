@@ -46,9 +46,17 @@ def bench(stage):
     return f"{LOGS}/{stage}/{stage_dir(CFG, stage).name}.benchmark.tsv"
 
 
+# The install lands outside the working directory, in the models dir (install.models_dir, `06_install.py config`,
+# default ~/LLM/models): it is the one output meant to outlive the artifacts. Snakemake removes an output before
+# rerunning its job, so --force replaces the previous install of the same name.
+INSTALLED = f"{models_dir_for(CFG.install)}/{CFG.install.name or CFG.export.name}/.install_complete"
+
+
 rule all:
     input:
         done("04_export"),
+        done("05_check"),
+        INSTALLED,
 
 
 rule data:
@@ -222,10 +230,6 @@ rule check:
         "{params.py} {input.script} --config {params.config} --quiet-config > {log} 2>&1"
 
 
-# The install lands outside the working directory, in the models dir (install.models_dir, `06_install.py config`,
-# default ~/LLM/models): it is the one output meant to outlive the artifacts. Snakemake removes an output before
-# rerunning its job, so --force replaces the previous install of the same name.
-INSTALLED = f"{models_dir_for(CFG.install)}/{CFG.install.name or CFG.export.name}/.install_complete"
 
 
 rule installed:

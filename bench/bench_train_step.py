@@ -32,7 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.config import ModelConfig  # noqa: E402
-import lib.model  # noqa: E402
 from lib.model import HomeLLM, hf_config, model_args  # noqa: E402
 
 
@@ -49,8 +48,6 @@ def parse_args(argv=None):
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     p.add_argument("--no-hf", action="store_true", help="time ours only (e.g. to size a preset)")
     p.add_argument("--compile", action="store_true", help="also time ours with each block torch.compile'd")
-    p.add_argument("--unfused", action="store_true",
-                   help="also time ours with separate q/k/v and gate/up matmuls (lib.model.FUSE_MIN_TOKENS = 0)")
     return p.parse_args(argv)
 
 
@@ -99,21 +96,13 @@ def main(argv=None) -> int:
             block.compile(dynamic=False)
         models["ours, torch.compile'd blocks"] = compiled
 
-    if a.unfused:
-        unfused = HomeLLM(args).train()
-        unfused.load_state_dict(ours.state_dict())
-        models["ours, unfused projections"] = unfused
-
     window = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(1))
     x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (B, T) inputs and next-token targets, as the pretraining loader gives
     optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
               for name, m in models.items()}
 
-    fuse_default = lib.model.FUSE_MIN_TOKENS
-
     def step(name) -> float:
         m, opt = models[name], optims[name]
-        lib.model.FUSE_MIN_TOKENS = 0 if "unfused" in name else fuse_default
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if isinstance(m, HomeLLM):
                 _, loss = m(x, y)

@@ -119,35 +119,46 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Llama's order: normalise in fp32, cast back to the activation dtype, then scale by the weight.
+        # Llama's order: x * rsqrt(mean(x^2) + eps) in fp32, cast back to the activation dtype, then scale by the
+        # weight. (F.rms_norm without a weight runs exactly those ops, minus the Python overhead of issuing them.)
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_len, head_dim) in fp32; the frequencies are duplicated (cat(freqs, freqs)) as Llama does."""
+    """cos and signed sin, each (max_len, head_dim) in fp32. The frequencies are duplicated (cat(freqs, freqs)) as
+    Llama does; the sin table's first half is negated, for apply_rope."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hd/2,)
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, hd)
-    return emb.cos(), emb.sin()
+    sin = emb.sin()
+    sin[:, : head_dim // 2] *= -1
+    return emb.cos(), sin
 
 
-def apply_rope(x, cos, sin):
-    """x: (B, h, T, hd); cos, sin: (T, hd). Llama's rotate_half pairs dimension i with i + hd/2."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rope(x, cos, sin_signed):
+    """x: (B, h, T, hd); cos, sin_signed: (T, hd). Llama's x * cos + rotate_half(x) * sin with rotate_half(x) =
+    cat(-x2, x1), written as roll(x) * cat(-sin, sin): the same numbers with fewer ops."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
-# Projections reading the same input run as one matmul over concatenated weights (q|k|v, gate|up) when a call has
-# at least this many tokens (0 = never). The parameters stay separate nn.Linear modules with Llama's names.
-FUSE_MIN_TOKENS = 64
+def project(layer: nn.Module, x):
+    """layer(x) for a Linear layer, with a faster route for a single token on a multi-core CPU (decoding).
 
-
-def _plain(*layers) -> bool:
-    """True when every layer is a bare nn.Linear (a LoRA-wrapped one must be called, not bypassed)."""
-    return all(type(layer) is nn.Linear for layer in layers)
+    A one-row matmul reads the whole weight to do two FLOPs per weight: it is bound by memory bandwidth, and
+    torch's one-row kernel streams the weight from one core. Split into two halves as a batched matmul, the halves
+    are read by two cores in parallel (decode ~1.4x faster at 512-8-8 on a 2-core CPU, bench/bench_decode.py).
+    Same products, same result up to fp32 rounding. Anything but a bare nn.Linear (e.g. with a LoRA adapter) is
+    called as it is.
+    """
+    w = layer.weight if type(layer) is nn.Linear else None
+    if (w is not None and x.device.type == "cpu" and x.numel() == x.shape[-1] and w.shape[0] % 2 == 0
+            and torch.get_num_threads() > 1):
+        n, k = w.shape
+        # x @ W_half^T for both halves of the output features: (2, 1, k) @ (2, k, n/2) -> (2, 1, n/2)
+        y = torch.bmm(x.reshape(1, 1, k).expand(2, 1, k), w.view(2, n // 2, k).transpose(1, 2))
+        return y.reshape(*x.shape[:-1], n)
+    return layer(x)
 
 
 class Attention(nn.Module):
@@ -163,14 +174,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, kv=None, start_pos: int = 0):
         """x: (B, T, dim). kv: this layer's preallocated (k, v) cache buffers (B, n_kv, max_len, hd), or None."""
         B, T, _ = x.shape
-        if FUSE_MIN_TOKENS and B * T >= FUSE_MIN_TOKENS and _plain(self.q_proj, self.k_proj, self.v_proj):
-            # one (dim -> (nh + 2 nkv) hd) matmul instead of three: the same products, in a GEMM big enough to use
-            # both cores well. The weight concatenation copies 3 dim^2 floats, noise next to a B*T-row GEMM.
-            w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-            q, k, v = F.linear(x, w).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
-                                             self.n_kv_heads * self.head_dim], dim=-1)
-        else:  # decoding (one row: the concatenation would cost as much as the matmul) or adapters (LoRA) attached
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -190,7 +194,7 @@ class Attention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return F.dropout(self.o_proj(y), self.dropout, self.training)
+        return F.dropout(project(self.o_proj, y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -202,12 +206,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.ffn_dim, args.dim, bias=False)
 
     def forward(self, x):
-        B, T, _ = x.shape
-        if FUSE_MIN_TOKENS and B * T >= FUSE_MIN_TOKENS and _plain(self.gate_proj, self.up_proj):
-            gate, up = F.linear(x, torch.cat((self.gate_proj.weight, self.up_proj.weight))).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return F.dropout(self.down_proj(F.silu(gate) * up), self.dropout, self.training)
+        h = F.silu(project(self.gate_proj, x)) * project(self.up_proj, x)
+        return F.dropout(project(self.down_proj, h), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -245,7 +245,7 @@ class HomeLLM(nn.Module):
         self.hf_config: dict = {}  # the config.json a loaded model came from (eos ids etc.); empty when built here
         cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hd), fp32
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)  # first half negated, see apply_rope
         if self.lm_head.weight.device.type != "meta":
             self.reset_parameters()
 
@@ -293,7 +293,7 @@ class HomeLLM(nn.Module):
         if targets is None:
             if last_only:
                 x = x[:, -1:]
-            return self.lm_head(x), None
+            return project(self.lm_head, x), None
         if loss_mask is not None:
             targets = targets.masked_fill(loss_mask == 0, -100)
         loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T))

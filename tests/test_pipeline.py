@@ -38,7 +38,8 @@ def jobs_run(res: subprocess.CompletedProcess) -> dict[str, int]:
 
 @pytest.fixture
 def ws(tmp_path):
-    shutil.copy(ROOT / "config" / "smoke.yaml", tmp_path / "config.yaml")
+    text = (ROOT / "config" / "smoke.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(text + f"\ninstall:\n  models_dir: {tmp_path / 'models'}\n")
     return tmp_path
 
 
