@@ -38,7 +38,8 @@ from lib.model import HomeLLM, load_hf, model_args, save_hf  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="512-8-8")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--prompt-tokens", type=int, default=256)

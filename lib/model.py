@@ -16,7 +16,6 @@ safetensors directory back (our exports, SmolLM2-135M, ...). What it is not: a g
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -37,16 +36,18 @@ from lib.errors import UserError
 # ---------------------------------------------------------------------------------------------------------
 # Presets and resolved arguments.
 
-# Structural fields only; everything a preset leaves out comes from ModelConfig's defaults. Parameter counts
-# (printed by `python -m lib.model`; "body" = the transformer blocks without embedding and LM head, "total"
-# with the tied embedding, at vocab 8192 / 32000):
-#   tiny         dim 64,   2 layers,  4 heads (2 kv)    body  0.09M   total  0.61M / 2.14M (tests only)
-#   demo         dim 256,  4 layers,  4 heads           body  3.15M   total  5.24M / 11.3M
-#   512-8-8      dim 512,  8 layers,  8 heads           body  25.7M   total  29.9M / 42.1M
-#   768-12-12    dim 768,  12 layers, 12 heads          body  84.9M   total  91.2M / 109.5M
-#   1024-16-16   dim 1024, 16 layers, 16 heads          body  202.5M  total  210.9M / 235.3M
-# The demo preset is sized so that ~2000 steps of 16 x 256 tokens fit the demo's time budget on a 2-core CPU
-# (see bench/bench_train_step.py --shape demo for the measured step time).
+# Structural fields only; everything a preset leaves out comes from ModelConfig's defaults (ffn_dim = 8/3 dim
+# rounded up to 64, n_kv_heads = n_heads, tied embeddings). Parameter counts, from `python -m lib.model`: "body" =
+# the blocks and the final norm (what the preset's name means), "total" = body + the tied embedding/LM head at
+# vocab 8192 (our BPE default) / 32000 (a Llama-2-sized vocabulary):
+#   preset       dim  layers heads kv   ffn   ctx      body   total@8192  total@32000
+#   tiny          64       2     4  2   192   128     0.10M        0.62M        2.15M   (tests)
+#   demo         256       4     4  4   704   256     3.21M        5.31M       11.41M   (config/default.yaml)
+#   512-8-8      512       8     8  8  1408  1024    25.70M       29.89M       42.08M
+#   768-12-12    768      12    12 12  2048  1024    84.95M       91.25M      109.53M
+#   1024-16-16  1024      16    16 16  2752  2048   202.41M      210.80M      235.18M
+# demo: measured with bench/bench_train_step.py --preset demo --batch 16 --no-hf on a 2-core AVX2 CPU (fp32: no
+# bf16 units), one step of 16 x 256 tokens takes ~1.1 s, so the demo's 8-minute budget covers ~450 steps.
 PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128),
     "demo": dict(dim=256, n_layers=4, n_heads=4, max_seq_len=256),
@@ -145,20 +146,23 @@ def apply_rope(x, cos, sin_signed):
 def project(layer: nn.Module, x):
     """layer(x) for a Linear layer, with a faster route for a single token on a multi-core CPU (decoding).
 
-    A one-row matmul reads the whole weight to do two FLOPs per weight: it is bound by memory bandwidth, and
-    torch's one-row kernel streams the weight from one core. Split into two halves as a batched matmul, the halves
-    are read by two cores in parallel (decode ~1.4x faster at 512-8-8 on a 2-core CPU, bench/bench_decode.py).
-    Same products, same result up to fp32 rounding. Anything but a bare nn.Linear (e.g. with a LoRA adapter) is
-    called as it is.
+    A one-row matmul reads the whole weight for two FLOPs per weight, so it is bound by memory bandwidth, and
+    torch's one-row CPU kernel streams the weight from one core. Split by output rows into one part per thread and
+    run as a batched matmul, the parts are read by all cores at once (decoding ~1.5x faster at 512-8-8 on a 2-core
+    CPU, bench/bench_decode.py). Same products, same result up to fp32 rounding. Anything but a bare nn.Linear
+    (e.g. a LoRA-wrapped layer) is called as it is.
     """
-    w = layer.weight if type(layer) is nn.Linear else None
-    if (w is not None and x.device.type == "cpu" and x.numel() == x.shape[-1] and w.shape[0] % 2 == 0
-            and torch.get_num_threads() > 1):
-        n, k = w.shape
-        # x @ W_half^T for both halves of the output features: (2, 1, k) @ (2, k, n/2) -> (2, 1, n/2)
-        y = torch.bmm(x.reshape(1, 1, k).expand(2, 1, k), w.view(2, n // 2, k).transpose(1, 2))
-        return y.reshape(*x.shape[:-1], n)
-    return layer(x)
+    if type(layer) is not nn.Linear or x.device.type != "cpu" or x.numel() != x.shape[-1]:
+        return layer(x)
+    n, k = layer.weight.shape
+    parts = torch.get_num_threads()
+    while n % parts:
+        parts -= 1
+    if parts == 1:
+        return layer(x)
+    # x @ W_part^T for every part: (parts, 1, k) @ (parts, k, n / parts) -> (parts, 1, n / parts)
+    y = torch.bmm(x.reshape(1, 1, k).expand(parts, 1, k), layer.weight.view(parts, n // parts, k).transpose(1, 2))
+    return y.reshape(*x.shape[:-1], n)
 
 
 class Attention(nn.Module):
@@ -171,29 +175,31 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, kv=None, start_pos: int = 0):
-        """x: (B, T, dim). kv: this layer's preallocated (k, v) cache buffers (B, n_kv, max_len, hd), or None."""
+    def forward(self, x, cos, sin, kv=None, start_pos: int = 0, last_only: bool = False):
+        """x: (B, T, dim). kv: this layer's preallocated (k, v) cache buffers (B, n_kv, max_len, hd), or None.
+        last_only: keys and values for all T positions, but the output (B, 1, dim) only for the last one."""
         B, T, _ = x.shape
-        q, k, v = project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, causal = None, T > 1
+        Tq = 1 if last_only else T
+        q = project(self.q_proj, x[:, T - Tq:]).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = project(self.k_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = project(self.v_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos[T - Tq:], sin[T - Tq:]), apply_rope(k, cos, sin)  # q: (B, nh, Tq, hd)
+        # one query row sees every key (is_causal would align it with the first key, not the last)
+        mask, causal = None, Tq > 1
         if kv is not None:
             k_buf, v_buf = kv
             end = start_pos + T
             k_buf[:, :, start_pos:end] = k
             v_buf[:, :, start_pos:end] = v
             k, v = k_buf[:, :, :end], v_buf[:, :, :end]  # (B, nkv, end, hd)
-            if start_pos > 0 and T > 1:
+            if start_pos > 0 and Tq > 1:
                 # a chunk after cached tokens: query i (absolute position start_pos + i) sees keys 0..start_pos + i
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
                 causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, Tq, hd)
+        y = y.transpose(1, 2).reshape(B, Tq, self.n_heads * self.head_dim)
         return F.dropout(project(self.o_proj, y), self.dropout, self.training)
 
 
@@ -218,8 +224,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, kv=None, start_pos: int = 0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, start_pos)
+    def forward(self, x, cos, sin, kv=None, start_pos: int = 0, last_only: bool = False):
+        """x: (B, T, dim) -> (B, T, dim), or (B, 1, dim) with last_only (the last layer of a prefill, whose other
+        rows nobody reads once their keys and values are cached: ~10% of a 512-8-8 prefill saved)."""
+        h = self.self_attn(self.input_layernorm(x), cos, sin, kv, start_pos, last_only)
+        x = (x[:, -1:] if last_only else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -275,7 +284,7 @@ class HomeLLM(nn.Module):
         from lib.generate.KVCache; idx then holds the tokens at positions start_pos .. start_pos + T - 1.
         """
         B, T = idx.shape
-        assert start_pos + T <= self.args.max_seq_len, f"position {start_pos + T} beyond max_seq_len {self.args.max_seq_len}"
+        assert start_pos + T <= self.args.max_seq_len, f"position {start_pos + T} > max_seq_len {self.args.max_seq_len}"
         x = self.model.embed_tokens(idx)  # (B, T, dim)
         cos = self.rope_cos[start_pos:start_pos + T]  # (T, hd)
         sin = self.rope_sin[start_pos:start_pos + T]
@@ -288,25 +297,24 @@ class HomeLLM(nn.Module):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x = block(x, cos, sin, None if kv_cache is None else kv_cache[i], start_pos)
-        x = self.model.norm(x)  # (B, T, dim)
+                x = block(x, cos, sin, None if kv_cache is None else kv_cache[i], start_pos,
+                          last_only=last_only and i == len(self.model.layers) - 1)
+        x = self.model.norm(x)  # (B, T, dim), or (B, 1, dim) with last_only
         if targets is None:
-            if last_only:
-                x = x[:, -1:]
-            return project(self.lm_head, x), None
+            return project(self.lm_head, x[:, -1:] if last_only else x), None
         if loss_mask is not None:
             targets = targets.masked_fill(loss_mask == 0, -100)
         loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
         return None, loss
 
     def set_grad_checkpointing(self, enabled: bool = True):
-        """Recompute each block's activations in the backward pass: ~1/n_layers of the activation memory, ~30% slower."""
+        """Recompute each block's activations in the backward pass: far less activation memory, ~30% more compute."""
         self.grad_checkpointing = enabled
 
     # ------------------------------------------------------------------ sizes
 
     def num_params(self, body_only: bool = False) -> int:
-        """Unique parameters (a tied LM head counts once). body_only: the blocks and norms, without embedding/LM head."""
+        """Unique parameters (a tied LM head counts once). body_only: blocks and final norm, no embedding/LM head."""
         n = sum(p.numel() for p in self.parameters())
         if body_only:
             n -= self.model.embed_tokens.weight.numel()
@@ -378,6 +386,7 @@ def linear_cross_entropy(h, weight, targets, chunk: int = 512):
 
     Returns 0 (with zero gradients) when no target is valid, rather than NaN, so a fully masked batch is harmless.
     """
+    targets = targets.long()  # gather needs int64; loaders may hand over int32 ids
     valid = targets != -100
     if not bool(valid.all()):  # SFT masks: skip the masked rows entirely (no logits for them)
         h, targets = h[valid], targets[valid]
@@ -471,14 +480,10 @@ def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
         raise UserError(f"{where}: model_type is {model_type!r}; HomeLLM loads Llama-architecture models only "
                         "(model_type 'llama', e.g. our exports or SmolLM2). Use transformers directly for other types.")
     problems = []
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
-    if rope_type != "default":
-        problems.append(f"rope type {rope_type!r} (only plain RoPE, 'default', is implemented)")
-    if cfg.get("rope_scaling") and cfg.get("rope_parameters") is not None and cfg["rope_scaling"] != cfg["rope_parameters"]:
-        scaling_type = cfg["rope_scaling"].get("rope_type", cfg["rope_scaling"].get("type"))
-        if scaling_type != "default":
-            problems.append(f"rope_scaling {cfg['rope_scaling']!r} (only plain RoPE is implemented)")
+    for key in ("rope_parameters", "rope_scaling"):  # transformers >= 5 / older configs
+        rope = cfg.get(key)
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
+            problems.append(f"{key} {json.dumps(rope)} (only plain RoPE, rope_type 'default', is implemented)")
     if cfg.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {cfg.get('hidden_act')!r} (only 'silu' is implemented)")
     for key in ("attention_bias", "mlp_bias"):
@@ -489,7 +494,7 @@ def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
     if problems:
         raise UserError(f"{where}: this Llama variant is not supported: " + "; ".join(problems))
     n_heads = cfg["num_attention_heads"]
-    theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or cfg.get("rope_theta") or 10000.0
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta") or 10000.0
     return ModelArgs(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
                      n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
                      head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads, ffn_dim=cfg["intermediate_size"],

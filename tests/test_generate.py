@@ -12,6 +12,15 @@ from test_model import VOCAB, greedy_no_cache, hf_load, tiny
 PROMPT = [5, 17, 3, 88, 41, 7, 7, 60]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine every op would wait for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def letters(ids: list[int]) -> str:
     """A stand-in tokenizer's decode: token i is one letter."""
     return "".join(chr(ord("a") + i % 26) for i in ids)
@@ -53,7 +62,8 @@ def test_repetition_penalty_equals_transformers(tmp_path, model):
 
 
 def test_cache_matches_full_forward(model, greedy):
-    """Prefill in two chunks (the second one needs the explicit mask) and single steps give the full pass's logits."""
+    """Prefill in two chunks (the second one needs the explicit mask) and single steps give the full pass's logits;
+    so does the last-row-only prefill the engine runs."""
     ids = torch.tensor([PROMPT + greedy[:12]])  # (1, 20)
     with torch.no_grad():
         full, _ = model(ids)
@@ -61,9 +71,36 @@ def test_cache_matches_full_forward(model, greedy):
         a, _ = model(ids[:, :7], kv_cache=cache.layers, start_pos=0)
         b, _ = model(ids[:, 7:15], kv_cache=cache.layers, start_pos=7)
         steps = [model(ids[:, i:i + 1], kv_cache=cache.layers, start_pos=i)[0] for i in range(15, 20)]
+
+        cache = KVCache(model.args, 1, 32, torch.float32, "cpu")
+        last, _ = model(ids[:, :9], kv_cache=cache.layers, start_pos=0, last_only=True)
+        last2, _ = model(ids[:, 9:20], kv_cache=cache.layers, start_pos=9, last_only=True)
+        plain, _ = model(ids, last_only=True)
     # equal up to fp32 rounding (different attention kernels sum in different orders), relative to the logits' scale
-    torch.testing.assert_close(torch.cat([a, b, *steps], dim=1), full, atol=1e-5 * full.abs().max().item(), rtol=0)
+    tol = dict(atol=1e-5 * full.abs().max().item(), rtol=0)
+    torch.testing.assert_close(torch.cat([a, b, *steps], dim=1), full, **tol)
+    assert last.shape == last2.shape == plain.shape == (1, 1, VOCAB)
+    torch.testing.assert_close(torch.cat([last, last2, plain]), full[:, [8, 19, 19]].transpose(0, 1), **tol)
     assert greedy == greedy_no_cache(model, PROMPT, 40)
+
+
+def test_decode_fast_path_matches_linear(model, greedy):
+    """Decoding splits each one-row matmul across two cores (lib.model.project); with one thread it does not.
+    Both give nn.Linear's result up to fp32 rounding, and the same tokens."""
+    from lib.model import project
+
+    threads = torch.get_num_threads()
+    layer = model.model.layers[0].mlp.gate_proj
+    x = torch.randn(1, 1, layer.in_features)
+    try:
+        torch.set_num_threads(2)
+        torch.testing.assert_close(project(layer, x), layer(x), atol=1e-6, rtol=1e-5)
+        two = generate(model, PROMPT, SamplingParams(max_new_tokens=40, temperature=0))
+        torch.set_num_threads(1)
+        one = generate(model, PROMPT, SamplingParams(max_new_tokens=40, temperature=0))
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two == greedy
 
 
 def test_stop_token_ends_generation(model, greedy):

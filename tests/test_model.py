@@ -15,6 +15,15 @@ from lib.model import (PRESETS, HomeLLM, linear_cross_entropy, load_hf, model_ar
 VOCAB = 96
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine every op would wait for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def lively(model: HomeLLM, seed: int = 0) -> HomeLLM:
     """Re-draw the weights larger than the training init (std 0.02 makes every greedy step repeat one token), so
     that greedy decoding walks through many different tokens and a wrong position or cache entry shows."""
@@ -178,10 +187,10 @@ def test_load_refuses_unsupported_llama_variants(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({**cfg, **changes}))
 
     write(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0})
-    with pytest.raises(UserError, match="rope type 'llama3'"):
+    with pytest.raises(UserError, match="rope_parameters .*llama3.*only plain RoPE"):
         load_hf(tmp_path)
     write(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0})
-    with pytest.raises(UserError, match="'linear'"):
+    with pytest.raises(UserError, match="rope_scaling .*linear"):
         load_hf(tmp_path)
     write(attention_bias=True)
     with pytest.raises(UserError, match="attention_bias"):
@@ -357,7 +366,7 @@ def test_flops_per_token():
     ({"n_heads": 64}, "model.n_heads: dim / n_heads must be even"),
     ({"n_kv_heads": 3}, "model.n_kv_heads: must divide model.n_heads (4)"),
     ({"n_kv_heads": 8}, "model.n_kv_heads"),
-    ({"preset": None, "dim": 64}, "model.n_layers, model.n_heads, model.max_seq_len required when model.preset is null"),
+    ({"preset": None, "dim": 64}, "model.n_layers, model.n_heads, model.max_seq_len required when model.preset is null"),  # noqa: E501
 ])
 def test_bad_model_config(overrides, key):
     with pytest.raises(UserError) as e:
