@@ -114,6 +114,11 @@ def main(argv=None) -> int:
         best[name] = (min(r[0] for r in rs), max(r[1] for r in rs))
         print(f"{name:<36} {best[name][0] * 1e3:>9.1f} {statistics.median(r[0] for r in rs) * 1e3:>9.1f} "
               f"{best[name][1]:>13.1f} {statistics.median(r[1] for r in rs):>9.1f}")
+    spread = max(max(statistics.median(r[0] for r in rs) / min(r[0] for r in rs),
+                     max(r[1] for r in rs) / statistics.median(r[1] for r in rs)) for rs in results.values())
+    if spread > 1.15:
+        print(f"WARNING: rounds differ by up to {spread - 1:.0%} from the best: other programs were competing for the "
+              "CPU, so the comparison is unreliable. Rerun on a quiet machine, or with --threads 1 --clock cpu.")
     same = tokens["ours (fp32)"] == tokens["transformers generate (fp32)"]
     print(f"same greedy tokens as transformers: {same}")
     speedup = best["ours (fp32)"][1] / best["transformers generate (fp32)"][1]

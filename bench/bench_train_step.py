@@ -158,6 +158,11 @@ def main(argv=None) -> int:
         mfu = ours.estimate_flops_per_token(a.seq) * tps[name] / 1e9 / peak
         print(f"{name:<32} {t:>7.3f} {statistics.median(ts):>9.3f} {tps[name]:>7.0f} {gf:>11.1f} {gf / peak:>7.0%} "
               f"{mfu:>13.0%}")
+    spread = max(statistics.median(ts) / min(ts) for ts in times.values())
+    if spread > 1.15 or peaks[1] < 0.85 * peaks[0]:
+        print(f"WARNING: steps differ by up to {spread - 1:.0%} from the best (matmul peak before/after: "
+              f"{peaks[0]:.0f}/{peaks[1]:.0f}): other programs were competing for the CPU, so the figures are "
+              "unreliable. Rerun on a quiet machine, or with --threads 1 --clock cpu.")
     for name in (n for n in models if n.startswith("ours")):
         frac = flops_6n * tps[name] / 1e9 / peak
         print(f"target: 6N x tok/s >= 80% of the matmul peak: {name}: {frac:.0%} -> "

@@ -25,6 +25,18 @@ def repo_root() -> Path:
     return ROOT
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy shared machine two threads wait for each other
+    (tiny matmuls ran ~10x slower). Modules opt in with pytestmark = pytest.mark.usefixtures("one_torch_thread")."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory) -> Path:
     """An HF model directory: a random-weight HomeLLM (preset tiny, context 256) and a 512-token byte-level BPE trained

@@ -19,12 +19,7 @@ ANSWERS = {"Hi! How are you?": "I am well, and the LORD hath blessed the work of
            "What is your name?": "My name is Abraham, the son of Terah, and I dwell in the land of Canaan."}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_qa(path: Path) -> Path:

@@ -12,13 +12,7 @@ from test_model import VOCAB, greedy_no_cache, hf_load, tiny
 PROMPT = [5, 17, 3, 88, 41, 7, 7, 60]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine every op would wait for it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def letters(ids: list[int]) -> str:

@@ -15,13 +15,7 @@ from lib.model import (PRESETS, HomeLLM, linear_cross_entropy, load_hf, model_ar
 VOCAB = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine every op would wait for it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def lively(model: HomeLLM, seed: int = 0) -> HomeLLM:
