@@ -7,7 +7,6 @@ from the `model` section, runs the shared loop in lib/train.py and publishes an 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Iterator

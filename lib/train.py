@@ -17,10 +17,9 @@ resumed run sees exactly the batches an uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,10 +181,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _unwrap(accelerator, model):
-    return accelerator.unwrap_model(model)
-
-
 @torch.no_grad()
 def evaluate(model, data: Batches, n_batches: int, accelerator) -> float:
     model.eval()
@@ -226,7 +221,7 @@ def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], cfg: Tra
     ckpt = latest_checkpoint(work_dir)
     step = 0
     if ckpt is not None:
-        loaded = load_checkpoint(ckpt, _unwrap(accelerator, model), optimizer)
+        loaded = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer)
         step = loaded.pop("step")
         state.update(loaded)
         accelerator.print(f"resuming from {ckpt} (step {step}, {state['tokens']:,} tokens, "
@@ -253,7 +248,7 @@ def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], cfg: Tra
         accelerator.wait_for_everyone()
         if is_main:
             state["elapsed_s"] = time.perf_counter() - t_start
-            last_good = save_checkpoint(work_dir, current_step, _unwrap(accelerator, model), optimizer, state)
+            last_good = save_checkpoint(work_dir, current_step, accelerator.unwrap_model(model), optimizer, state)
         accelerator.wait_for_everyone()
 
     def run_eval(current_step: int) -> Optional[str]:
@@ -271,14 +266,14 @@ def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], cfg: Tra
             state["best_val_loss"] = loss
             state["bad_evals"] = 0
             if is_main:
-                save_weights(_unwrap(accelerator, model), work_dir / BEST)
+                save_weights(accelerator.unwrap_model(model), work_dir / BEST)
         else:
             state["bad_evals"] += 1
         state["history"].append(record)
         decision = on_eval(state["history"]) if on_eval else None
         if decision:
             record["decision"] = decision
-        samples = sample_fn(_unwrap(accelerator, model)) if (sample_fn and is_main) else []
+        samples = sample_fn(accelerator.unwrap_model(model)) if (sample_fn and is_main) else []
         tracker.eval(record, samples)
         last_val = record
         if decision == "stop":
@@ -307,7 +302,7 @@ def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], cfg: Tra
                     batch = {k: v.to(accelerator.device, non_blocking=True)
                              for k, v in train.get(step, micro, rank, world).items()}
                     sync = micro == cfg.grad_accum - 1
-                    with (accelerator.no_sync(model) if not sync and world > 1 else _null()):
+                    with (accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()):
                         with accelerator.autocast():
                             _, loss = model(batch["x"], targets=batch["y"], loss_mask=batch.get("mask"))
                         accelerator.backward(loss / cfg.grad_accum)
@@ -367,14 +362,6 @@ def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], cfg: Tra
                      stop_reason=stop_reason, elapsed_s=time.perf_counter() - t_start, precision=precision_note,
                      best_path=work_dir / BEST if state["best_val_loss"] is not None else None,
                      history=state["history"])
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _oom_message(cfg: TrainConfig, name: str) -> str:
