@@ -118,7 +118,8 @@ def main(argv=None) -> int:
                      max(r[1] for r in rs) / statistics.median(r[1] for r in rs)) for rs in results.values())
     if spread > 1.15:
         print(f"WARNING: rounds differ by up to {spread - 1:.0%} from the best: other programs were competing for the "
-              "CPU, so the comparison is unreliable. Rerun on a quiet machine, or with --threads 1 --clock cpu.")
+              "CPU, so the comparison is unreliable. Rerun on a quiet machine"
+              + (", or with --threads 1 --clock cpu." if a.clock == "wall" else "."))
     same = tokens["ours (fp32)"] == tokens["transformers generate (fp32)"]
     print(f"same greedy tokens as transformers: {same}")
     speedup = best["ours (fp32)"][1] / best["transformers generate (fp32)"][1]

@@ -46,8 +46,9 @@ from lib.errors import UserError
 #   512-8-8      512       8     8  8  1408  1024    25.70M       29.89M       42.08M
 #   768-12-12    768      12    12 12  2048  1024    84.95M       91.25M      109.53M
 #   1024-16-16  1024      16    16 16  2752  2048   202.41M      210.80M      235.18M
-# demo: measured with bench/bench_train_step.py --preset demo --batch 16 --no-hf on a 2-core AVX2 CPU (fp32: no
-# bf16 units), one step of 16 x 256 tokens takes ~1.1 s, so the demo's 8-minute budget covers ~450 steps.
+# demo: on a 2-core AVX2 CPU (fp32: no bf16 units) a step of 16 x 256 tokens takes 1.13 s at vocab 8192
+# (bench/bench_train_step.py --preset demo --batch 16), and the pipeline's 8-minute budget ran 484 steps at the
+# default config's vocab 4096; 2000 such steps would need ~35 min on this CPU.
 PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128),
     "demo": dict(dim=256, n_layers=4, n_heads=4, max_seq_len=256),
@@ -148,11 +149,12 @@ def project(layer: nn.Module, x):
 
     A one-row matmul reads the whole weight for two FLOPs per weight, so it is bound by memory bandwidth, and
     torch's one-row CPU kernel streams the weight from one core. Split by output rows into one part per thread and
-    run as a batched matmul, the parts are read by all cores at once (decoding ~1.5x faster at 512-8-8 on a 2-core
+    run as a batched matmul, the parts are read by all cores at once (decoding ~1.4x faster at 512-8-8 on a 2-core
     CPU, bench/bench_decode.py). Same products, same result up to fp32 rounding. Anything but a bare nn.Linear
     (e.g. a LoRA-wrapped layer) is called as it is.
     """
-    if type(layer) is not nn.Linear or x.device.type != "cpu" or x.numel() != x.shape[-1]:
+    if (type(layer) is not nn.Linear or x.device.type != "cpu" or x.numel() != x.shape[-1]
+            or not layer.weight.is_contiguous()):
         return layer(x)
     n, k = layer.weight.shape
     parts = torch.get_num_threads()
