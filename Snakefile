@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 from lib.config import load_config, stage_dir
-from lib.install import models_dir_for
 
 SRC = Path(workflow.basedir)  # the scripts live beside this file; artifacts go to the working directory
 DEFAULT_CONFIG = "config/default.yaml" if Path("config/default.yaml").is_file() else str(SRC / "config/default.yaml")
@@ -47,9 +46,12 @@ def bench(stage):
 
 
 # The install lands outside the working directory, in the models dir (install.models_dir, `06_install.py config`,
-# default ~/LLM/models): it is the one output meant to outlive the artifacts. Snakemake removes an output before
-# rerunning its job, so --force replaces the previous install of the same name.
-INSTALLED = f"{models_dir_for(CFG.install)}/{CFG.install.name or CFG.export.name}/.install_complete"
+# default ~/LLM/models), named install.name or after the config file (homellm for default.yaml, homellm-smoke for
+# smoke.yaml). The rule's declared output is a receipt in artifacts/06_install/<hash>/, never a file in the models
+# dir: Snakemake deletes a job's outputs before it reruns it, and nothing of an installed model may be deleted
+# before its replacement is complete. No --force either: the installer replaces only an install that came from
+# this same config, and refuses one from elsewhere with the way to replace it on purpose.
+INSTALLED = done("06_install")
 
 
 rule all:
@@ -242,7 +244,7 @@ rule install:
         script=script("06_install.py"),
         check=done("05_check"),
     output:
-        marker=INSTALLED,
+        receipt=INSTALLED,
     log:
         log("06_install"),
     params:
@@ -251,4 +253,4 @@ rule install:
     conda:
         ENV
     shell:
-        "{params.py} {input.script} install --force --config {params.config} --quiet-config > {log} 2>&1"
+        "{params.py} {input.script} install --config {params.config} --quiet-config > {log} 2>&1"

@@ -8,8 +8,10 @@ Reports, measured in the same run:
   baseline    the same requests one after another (streaming, same seeds): what one user at a time gets
   concurrent  all requests at once: every one must complete with 0 errors; aggregate tokens/s, time to first
               token and latency percentiles
-  malformed   N bad requests (bad JSON, wrong types, absurd values, unknown model, ...) sent concurrently: every
-              one must get a 4xx in OpenAI's error shape, and the server must answer /health and a real chat after
+  malformed   N bad requests (bad JSON, wrong types, absurd values, unknown model, lone surrogates, invalid UTF-8,
+              wrong methods, 50 MB bodies with and without Content-Length, ...) sent concurrently: every one must
+              get a 4xx in OpenAI's error shape (no reset connection), and the server must answer /health and a
+              real chat after
 Exit code 1 if any of those checks fails.
 """
 
@@ -152,9 +154,23 @@ def malformed_requests(model: str) -> list[dict]:
         {"json": {"model": model, "prompt": "x", "best_of": 3}, "path": "completions"},
         {"method": "GET", "path": "chat/completions"},
         {"method": "DELETE", "path": "models"},
+        {"method": "POST", "path": "../health"},
         {"json": ok, "path": "engines/davinci/completions"},
+        # strings that are legal JSON escapes or bytes but not text: lone surrogates, invalid UTF-8 inside a string
+        {"content": json.dumps(ok).encode().replace(b'"Hi"', b'"H\\udcffi"'), "headers": j},
+        {"content": b'{"model": "%s", "prompt": "a\\ud800"}' % model.encode(), "headers": j, "path": "completions"},
+        {"content": json.dumps(ok).encode().replace(b'"Hi"', b'"H\xc3\x28i"'), "headers": j},
+        # bodies over the limit (serve.max_body_mb, 4 MB by default), with and without a Content-Length
+        {"content": json.dumps({**ok, "messages": [{"role": "user", "content": "x" * (50 * 2**20)}]}).encode(),
+         "headers": j},
+        {"content": "chunks", "headers": j},
     ]
     return bodies
+
+
+def _chunks(total_mb: int = 50):
+    for _ in range(total_mb):
+        yield b"x" * 2**20
 
 
 def run_malformed(url: str, model: str, n: int, concurrency: int) -> tuple[dict, list[str], float]:
@@ -170,6 +186,8 @@ def run_malformed(url: str, model: str, n: int, concurrency: int) -> tuple[dict,
     def job(i):
         spec = dict(kinds[i % len(kinds)])
         method, path = spec.pop("method", "POST"), spec.pop("path", "chat/completions")
+        if spec.get("content") == "chunks":
+            spec["content"] = _chunks()
         try:
             r = http.request(method, f"{url}v1/{path}", **spec)
             err = r.json().get("error") if r.headers.get("content-type", "").startswith("application/json") else None

@@ -27,12 +27,21 @@ PACKAGES = ("torch", "numpy", "tokenizers", "transformers", "datasets", "acceler
             "snakemake", "gguf", "huggingface-hub")
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over the target."""
+    """Write to a temp file in the same directory, fsync, then rename over the target. The file gets the mode an
+    ordinary open() would give it (0666 less the umask), not mkstemp's private 0600, so a manifest is as readable
+    as the weights beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -102,7 +111,7 @@ def stage_output(cfg: Config, stage: str):
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed run (kill -9 skips cleanup)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; artifacts are ordinary readable directories
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; artifacts are ordinary readable directories
     extra: dict = {}
     start = time.time()
     try:

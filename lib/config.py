@@ -265,6 +265,8 @@ class ServeConfig:
     max_active: int = field(default=4, metadata=_range(1, 256))
     # requests waiting beyond those; the next one gets HTTP 503 (retry later)
     max_queue: int = field(default=64, metadata=_range(1, 100_000))
+    # the largest API request body accepted, in MB (far above any context we serve); a larger one gets HTTP 413
+    max_body_mb: float = field(default=4.0, metadata=_range(0.001, 1024.0))
 
 
 @dataclass

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from lib.artifacts import current_umask
 from lib.errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -60,8 +61,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = current_umask()
         for p in [tmp, *tmp.iterdir()]:  # mkdtemp and safetensors make private files; these are ordinary ones
             os.chmod(p, (0o755 if p.is_dir() else 0o644) & ~umask)
         if out_dir.exists():  # an empty directory (checked above)

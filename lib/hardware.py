@@ -1,10 +1,18 @@
-"""What this machine has: CPU cores, RAM, GPUs with their memory, free disk. Used by the model check
-(lib/check.py) to say whether a model fits. Probing only reads system counters; it never allocates memory
-on a device. torch is imported only if it is already installed (it is optional here)."""
+"""What this machine has: CPU cores, RAM, GPUs with their memory, free disk, and whether the CPU multiplies bf16
+natively. The model check (lib/check.py) judges against it and the trainer (lib/train.py) picks its precision from it.
+Probing only reads system counters; it never allocates memory on a device. torch is imported only if it is already
+installed (it is optional here).
+
+The environment variable MODELS_AT_HOME_HARDWARE overrides what the probe finds, so that tests judge against the
+hardware they name instead of the machine they happen to run on: a JSON object merged into the probe's result
+(`{"cpu": {"bf16": false}, "gpus": []}`) or one of the PROFILES by name (`cpu-bf16`, `cpu-fp32`). Child processes
+(Snakemake jobs, the install's post-test) inherit it.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -12,6 +20,8 @@ import subprocess
 from pathlib import Path
 
 import psutil
+
+from lib.errors import UserError
 
 
 def _cpu_name() -> str:
@@ -22,6 +32,51 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+HARDWARE_ENV = "MODELS_AT_HOME_HARDWARE"
+
+# Named overrides for tests and for trying a policy on purpose: a CPU with and without bf16 matrix units, no GPU.
+PROFILES = {
+    "cpu-bf16": {"cpu": {"bf16": True}, "gpus": [], "gpu_usable_by_torch": False},
+    "cpu-fp32": {"cpu": {"bf16": False}, "gpus": [], "gpu_usable_by_torch": False},
+}
+
+
+def hardware_overrides() -> dict:
+    """The override from MODELS_AT_HOME_HARDWARE ({} when unset); a bad value is a clear error, never ignored."""
+    raw = os.environ.get(HARDWARE_ENV, "").strip()
+    if not raw:
+        return {}
+    if raw in PROFILES:
+        return PROFILES[raw]
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(f"{HARDWARE_ENV}={raw[:80]!r}: expected a profile name ({', '.join(PROFILES)}) or a JSON "
+                        'object such as {"cpu": {"bf16": false}, "gpus": []}')
+    return value
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def cpu_bf16_override() -> bool | None:
+    """What MODELS_AT_HOME_HARDWARE says of the CPU's bf16 units (None: nothing, probe the CPU)."""
+    v = hardware_overrides().get("cpu", {}).get("bf16")
+    return None if v is None else bool(v)
+
+
+def cpu_has_bf16_units() -> bool:
+    """AVX-512 BF16 or AMX in the CPU flags, unless MODELS_AT_HOME_HARDWARE says otherwise."""
+    forced = cpu_bf16_override()
+    return forced if forced is not None else bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def _cpu_flags() -> set[str]:
@@ -84,7 +139,8 @@ def _gpus_nvidia_smi() -> list[dict]:
 
 
 def probe_hardware(disk_path: str | Path = ".") -> dict:
-    """CPU, RAM, GPUs and free disk at `disk_path` (its nearest existing parent)."""
+    """CPU, RAM, GPUs and free disk at `disk_path` (its nearest existing parent), with MODELS_AT_HOME_HARDWARE's
+    override applied."""
     vm = psutil.virtual_memory()
     flags = _cpu_flags()
     gpus = _gpus_torch()
@@ -99,7 +155,7 @@ def probe_hardware(disk_path: str | Path = ".") -> dict:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         affinity = None
-    return {
+    found = {
         "cpu": {
             "name": _cpu_name(),
             "arch": platform.machine(),
@@ -107,7 +163,7 @@ def probe_hardware(disk_path: str | Path = ".") -> dict:
             "threads": psutil.cpu_count(logical=True),
             "usable_threads": affinity,
             # native bf16 matmuls on CPU (otherwise bf16 works but is emulated and slow)
-            "bf16": bool(flags & {"avx512_bf16", "amx_bf16"}),
+            "bf16": cpu_has_bf16_units(),
             "avx2": "avx2" in flags,
             "avx512": "avx512f" in flags,
         },
@@ -118,3 +174,8 @@ def probe_hardware(disk_path: str | Path = ".") -> dict:
         "disk": {"path": str(p), "free_bytes": int(disk.free), "total_bytes": int(disk.total)},
         "os": f"{platform.system()} {platform.release()}",
     }
+    overrides = hardware_overrides()
+    if overrides:
+        found = _merge(found, overrides)
+        found["overridden"] = f"{HARDWARE_ENV}: {json.dumps(overrides, sort_keys=True)}"
+    return found

@@ -5,12 +5,21 @@
         gguf/               GGUF files + Ollama Modelfile, when the source export has them
         model_info.json     the check report + install date, installer version, capabilities
         config.yaml         serving defaults: a pipeline config holding a `serve:` section (start.sh passes it)
-        start.sh            starts 07_serve.py --model <this folder>
+        start.sh            starts runtime/07_serve.py --model <this folder>, all paths relative to itself
+        runtime/            the serving code this model was installed with (lib/ + 07_serve.py)
         logs/               server logs
         install.log         what the installer did, with timestamps
         SHA256SUMS          sha256 of every file under model/ and gguf/ (`sha256sum -c SHA256SUMS` works too)
-        venv/               with --venv only: an isolated environment for this model
+        venv/               with --venv only: an environment of its own (else <models_dir>/.runtime/<id>/, shared)
         .install_complete   written last; a folder without it is not an install
+
+The folder does not depend on the checkout it was installed from (lib/runtime_env): moving or deleting the
+checkout, or moving the whole models dir, leaves it working.
+
+Nothing is lost: an existing install is replaced only when asked to (--force, or a yes at the prompt), or when
+it is an update of the same model — the same pipeline config, installed again by the pipeline. An install from a
+different source under the same name is refused with the way to do it on purpose. A replacement keeps the previous
+install until the new one is complete.
 
 An install is built in a hidden temporary folder beside its final place and renamed into place at the end,
 so Ctrl+C, a crash or kill -9 never leaves a half-installed model that `list` would show. Only safetensors
@@ -21,13 +30,13 @@ Not here: serving (lib/serving), the model analysis itself (lib/check).
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -35,13 +44,15 @@ from typing import Callable
 
 import yaml
 
-from lib.artifacts import atomic_write_json, atomic_write_text, git_commit, read_json, require_stage
+from lib.artifacts import (atomic_write_json, atomic_write_text, current_umask, git_commit, read_json,
+                           require_stage, stage_output)
 from lib.check import (REPORT_VERSION, SERVABLE_TASKS, check_model, default_report_dir, fmt_bytes, format_report,
                        open_source)
 from lib.config import CheckConfig, Config, InstallConfig, ServeConfig, stage_dir, to_dict
 from lib.errors import UserError
+from lib.runtime_env import copy_code, own_environment, shared_environment
 
-INSTALLER_VERSION = "1.0"
+INSTALLER_VERSION = "1.1"
 MARKER = ".install_complete"
 SUMS = "SHA256SUMS"
 INFO = "model_info.json"
@@ -366,37 +377,35 @@ def _copy_extras(extras: list[str], dst: Path, log) -> list[str]:
     return copied
 
 
-def _make_venv(folder: Path, report: dict, log) -> Path:
-    """venv/ with --system-site-packages, plus a .pth to the installer's own environment: what is installed
-    there is reused (nothing is downloaded when it has everything); only missing requirements are pip-installed."""
-    venv_dir = folder / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv_dir)],
-                   check=True, capture_output=True, text=True)
-    py = venv_dir / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    parent_site = sysconfig.get_paths()["purelib"]
-    if Path(parent_site).resolve() != Path(site).resolve():
-        # --system-site-packages only reaches the base interpreter; this also reaches the environment we run in
-        (Path(site) / "_models_at_home_parent.pth").write_text(parent_site + "\n", encoding="utf-8")
+def _model_requirements(report: dict) -> tuple[list[str], list[str]]:
+    """The model's own requirements (libraries + non-optional special packages): (installed here, missing)."""
     wanted = [r["name"] for r in report["requirements"]["libraries"]]
     wanted += [r["name"] for r in report["requirements"]["special"] if not r["optional"]]
-    probe = ("import importlib.metadata as m, json, sys\nout = {}\nfor n in sys.argv[1:]:\n    try: out[n] = "
-             "m.version(n)\n    except m.PackageNotFoundError: out[n] = None\nprint(json.dumps(out))")
-    have = json.loads(subprocess.run([str(py), "-c", probe, *wanted], check=True, capture_output=True,
-                                     text=True).stdout)
-    missing = [n for n, v in have.items() if v is None]
-    log(f"venv: {venv_dir} (reuses {parent_site}); requirements present: "
-        f"{', '.join(f'{n} {v}' for n, v in have.items() if v) or 'none'}")
+    have, missing = [], []
+    for n in dict.fromkeys(wanted):
+        try:
+            importlib.metadata.version(n)
+            have.append(n)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(n)
+    return have, missing
+
+
+def _environment(tmp: Path, models_dir: Path, report: dict, own: bool, log) -> Path:
+    """The Python the install runs with, outside the checkout (lib/runtime_env): shared in the models dir, or
+    its own venv/ with --venv. Requirements missing here are pip-installed into an own venv (needs network)."""
+    have, missing = _model_requirements(report)
+    if missing and not own:
+        raise UserError(f"the model needs {', '.join(missing)}, which is not installed here; install it with pip, "
+                        "or install the model with --venv to give it an environment of its own")
+    py = own_environment(tmp, have, log) if own else shared_environment(models_dir, have, log)
     if missing:
         log(f"venv: pip install {' '.join(missing)} (needs network)")
         res = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", *missing],
                              capture_output=True, text=True)
         if res.returncode != 0:
-            raise UserError(f"venv: pip could not install {' '.join(missing)} into {venv_dir}: "
+            raise UserError(f"venv: pip could not install {' '.join(missing)} into {py.parent.parent}: "
                             f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else 'no output'}")
-    else:
-        log("venv: every requirement is already present; nothing to download")
     return py
 
 
@@ -441,15 +450,19 @@ def post_install_test(model_dir: Path, python: str, tokens: int, trust_remote_co
 
 START_SH = """#!/bin/sh
 # Start the chat server for the installed model "{name}" (written by 06_install.py on {date}).
-# Override the interpreter with PYTHON=..., the Models at Home checkout with MODELS_AT_HOME=...;
-# extra arguments go to 07_serve.py (e.g. ./start.sh --port 8000).
+# Everything is found relative to this folder, so it keeps working when the Models at Home checkout is moved or
+# deleted, or this models dir is moved. PYTHON=... overrides the interpreter; extra arguments go to 07_serve.py
+# (e.g. ./start.sh --port 8000).
 set -e
 HERE="$(cd "$(dirname "$0")" && pwd)"
-REPO="${{MODELS_AT_HOME:-{repo}}}"
 if [ -z "$PYTHON" ]; then
-  if [ -x "$HERE/venv/bin/python" ]; then PYTHON="$HERE/venv/bin/python"; else PYTHON="{python}"; fi
+  if [ -x "$HERE/venv/bin/python" ]; then PYTHON="$HERE/venv/bin/python"; else PYTHON="$HERE/{shared_python}"; fi
 fi
-exec "$PYTHON" "$REPO/07_serve.py" --model "$HERE" --config "$HERE/config.yaml" "$@"
+if [ ! -x "$PYTHON" ]; then
+  echo "start.sh: no Python environment at $PYTHON; reinstall the model with 06_install.py, or set PYTHON" >&2
+  exit 1
+fi
+exec "$PYTHON" "$HERE/runtime/07_serve.py" --model "$HERE" --config "$HERE/config.yaml" "$@"
 """
 
 
@@ -464,8 +477,7 @@ def _serve_config_yaml(name: str, context: int | None, serve: ServeConfig) -> st
 
 def _normalise_modes(folder: Path) -> None:
     """Temp dirs and atomic writes are private (0700/0600); an install is an ordinary folder (umask applies)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for p in [folder, *folder.rglob("*")]:
         if p.is_symlink():
             continue
@@ -480,12 +492,14 @@ def _dir_size(path: Path) -> int:
 def install_model(ref: str, models_dir: str | Path, name: str | None = None, force: bool = False, venv: bool = False,
                   *, cfg: InstallConfig | None = None, check_cfg: CheckConfig | None = None,
                   serve_cfg: ServeConfig | None = None, report_path: str | Path | None = None,
-                  ask: Callable[[str], bool] | None = None, echo: Callable[[str], None] | None = print) -> Path:
+                  ask: Callable[[str], bool] | None = None, echo: Callable[[str], None] | None = print,
+                  origin: str | None = None, update: bool = False) -> Path:
     """Install `ref` (export dir, HF dir, .gguf file or hub id) as <models_dir>/<name>; return that folder.
 
     The check report is reused from report_path when it is for this very model, else the model is checked.
     An incompatible model is refused (UserError) after printing its report. An existing install is replaced
-    only with force=True or when `ask(question)` answers True.
+    with force=True, when `ask(question)` answers True, or — with update=True — when it has the same `origin`
+    (what it was installed from, see origin_of): an update of the same model. Anything else is refused.
     """
     cfg = cfg or InstallConfig()
     check_cfg = check_cfg or CheckConfig()
@@ -511,12 +525,9 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
     name = name or default_name(report)
     validate_name(name)
     final = models_dir / name
+    origin = origin or origin_of(report)
     if final.exists():
-        complete = (final / MARKER).is_file()
-        what = "is already installed" if complete else "exists but is not an install"
-        if not force and not (ask and ask(f"{final} {what}. Replace it?")):
-            raise UserError(f"{final}: {name} {what}; use --force to replace it, or --name to install under "
-                            "another name")
+        _may_replace(final, origin, force, update, ask)
 
     tmp = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".{name}.installing-{os.getpid()}-"))
     try:
@@ -546,7 +557,10 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         (tmp / "logs").mkdir()
         n_files = write_sums(tmp)
         log(f"manifest: {SUMS} over {n_files} files ({time.time() - t0:.1f} s so far)")
-        python = str(_make_venv(tmp, report, log)) if venv else sys.executable
+        n_code = copy_code(tmp / "runtime", git_commit())
+        log(f"runtime: {n_code} files of serving code copied to runtime/")
+        py = _environment(tmp, models_dir, report, venv, log)
+        python = str(py)
 
         result = None
         cpu_dtype = report["verdict"].get("cpu_torch_dtype")
@@ -570,12 +584,13 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
                              "context_length": context},
             "recommended": report["verdict"]["recommended"], "venv": venv,
             # the temp folder is renamed at the end: record where the venv's python will be
-            "python": str(final / "venv" / "bin" / "python") if venv else python,
+            "python": str(final / "venv" / "bin" / "python") if venv else python, "origin": origin,
             "gguf_files": [e for e in extras if e.endswith(".gguf")], "modelfile": "Modelfile" in extras,
             "post_test": result, "check": report,
         }
         atomic_write_text(tmp / "config.yaml", _serve_config_yaml(name, context, serve_cfg))
-        atomic_write_text(tmp / "start.sh", START_SH.format(name=name, date=date, repo=ROOT, python=sys.executable))
+        shared = os.path.relpath(python, final) if not venv else "venv/bin/python"
+        atomic_write_text(tmp / "start.sh", START_SH.format(name=name, date=date, shared_python=shared))
         os.chmod(tmp / "start.sh", 0o755)
         info["size_bytes"] = _dir_size(tmp)
         atomic_write_json(tmp / INFO, info)
@@ -596,8 +611,50 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def pipeline_origin(config_file: str | Path) -> str:
+    """What a pipeline install comes from: the config file that produced it (edits to it make updates)."""
+    return f"pipeline config {Path(config_file).resolve()}"
+
+
+def origin_of(report: dict) -> str:
+    """What an install of a given model comes from: its path, or its hub id."""
+    src = report["source"]
+    return f"hub {src['repo_id']}" if src["kind"] == "hub" else f"{src['kind']} {Path(src['path']).resolve()}"
+
+
+def _may_replace(final: Path, origin: str, force: bool, update: bool, ask) -> None:
+    """Raise unless replacing the existing `final` was asked for, or is an update of the same model."""
+    complete = (final / MARKER).is_file()
+    previous = None
+    if complete:
+        try:
+            previous = read_json(final / INFO).get("origin") or "an earlier installer (origin not recorded)"
+        except (OSError, json.JSONDecodeError, AttributeError):
+            previous = "unknown (unreadable model_info.json)"
+    if force or (update and previous == origin):
+        return
+    what = f"is already installed (from {previous})" if complete else "exists but is not an install"
+    if ask and ask(f"{final} {what}. Replace it?"):
+        return
+    if update and complete:
+        raise UserError(f"{final}: an install named {final.name} already exists and came from {previous}, not from "
+                        f"{origin}; nothing was replaced. To keep both, set install.name (or --name) to another name; "
+                        f"to replace it on purpose: 06_install.py install --name {final.name} --force")
+    raise UserError(f"{final}: {final.name} {what}; use --force to replace it, or --name to install under "
+                    "another name")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The 06_install.py commands.
+
+
+def pipeline_install_name(cfg: Config, config_file: str | Path) -> str:
+    """install.name, else export.name for the default config and export.name-<config file stem> for any other, so
+    that the installs of two configs never share a name by accident."""
+    if cfg.install.name:
+        return cfg.install.name
+    stem = Path(config_file).stem
+    return cfg.export.name if stem == "default" else sanitize_name(f"{cfg.export.name}-{stem}")
 
 
 def _pipeline_ref(cfg: Config) -> tuple[str, Path]:
@@ -661,7 +718,10 @@ def run_command(cfg: Config, args) -> int:
         if args.command == "info":
             print(format_info(folder))
             return 0
-        if not (args.yes or args.force) and sys.stdin.isatty():
+        if not (args.yes or args.force):
+            if not sys.stdin.isatty():
+                raise UserError(f"06_install.py remove {args.target}: would delete {folder}; confirm with --yes "
+                                "(there is no terminal to ask on)")
             if input(f"remove {folder}? [y/N] ").strip().lower() not in ("y", "yes"):
                 print("not removed")
                 return 1
@@ -670,11 +730,13 @@ def run_command(cfg: Config, args) -> int:
         return 0
     # install
     name = args.name or cfg.install.name
+    origin = None
     if args.target:
         ref, report_path = args.target, default_report_dir(cfg.artifacts_dir, args.target) / "report.json"
-    else:
+    else:  # the pipeline's own export: named after the config, an update of what the same config installed
         ref, report_path = _pipeline_ref(cfg)
-        name = name or cfg.export.name
+        name = name or pipeline_install_name(cfg, args.config)
+        origin = pipeline_origin(args.config)
     icfg = InstallConfig(**{**to_dict(cfg.install), "force": args.force or cfg.install.force,
                             "venv": args.venv or cfg.install.venv,
                             "post_test": cfg.install.post_test and not args.no_test,
@@ -684,6 +746,10 @@ def run_command(cfg: Config, args) -> int:
         return sys.stdin.isatty() and input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
     folder = install_model(ref, models_dir, name=name, force=icfg.force, venv=icfg.venv, cfg=icfg,
-                           check_cfg=cfg.check, serve_cfg=cfg.serve, report_path=report_path, ask=ask)
+                           check_cfg=cfg.check, serve_cfg=cfg.serve, report_path=report_path, ask=ask,
+                           origin=origin, update=origin is not None)
+    if origin is not None:  # the pipeline's receipt (Snakemake's output): never a file inside the models dir
+        with stage_output(cfg, "06_install") as (_out, extra):
+            extra.update({"installed": str(folder), "name": folder.name, "origin": origin})
     print(f"\ninstalled: {folder}\nstart it:  {folder / 'start.sh'}")
     return 0

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lib.artifacts import atomic_write_json
+from lib.artifacts import atomic_write_json, current_umask
 from lib.config import ModelConfig
 from lib.errors import UserError
 
@@ -464,6 +464,7 @@ def _atomic_save_safetensors(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~current_umask())  # an ordinary file, like the JSON files beside it (not mkstemp's 0600)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})

@@ -7,6 +7,7 @@ from the `model` section, runs the shared loop in lib/train.py and publishes an 
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -97,6 +98,10 @@ def make_accelerator(precision: str, cpu_only: bool):
     device_type = "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"
     mixed, note = choose_precision(precision, device_type)
     accelerator = Accelerator(mixed_precision=mixed, cpu=device_type == "cpu")
+    asked = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() in ("1", "true")]
+    if asked and device_type == "cpu":  # accelerate shards on GPUs only; say so instead of pretending
+        note += (f"; {asked[0]} needs CUDA GPUs, so these {accelerator.num_processes} CPU processes train as "
+                 "plain data parallel (DDP over gloo)")
     return accelerator, note
 
 
@@ -178,9 +183,10 @@ def run_pretrain(cfg: Config) -> Path:
     final = stage_dir(cfg, "03_pretrain")
     if not accelerator.is_main_process:
         return final
-    model = accelerator.unwrap_model(model).float()
+    # publish from the weights file fit gathered whole (best eval, else last step): right after sharded training too
+    model = HomeLLM(args).float()
     with stage_output(cfg, "03_pretrain") as (out, extra):
-        publish_model(model, tok_dir, out, result.best_path, tokenizer)
+        publish_model(model, tok_dir, out, result.weights_path, tokenizer)
         from lib.tracking import METRICS, PLOT, SAMPLES, TB_DIR
 
         for name in (METRICS, SAMPLES, PLOT):

@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 
 from lib.config import Config, SftConfig, stage_dir
 from lib.errors import UserError
@@ -765,6 +766,11 @@ def run_sft(cfg: Config) -> Path:
            if lora_info else ""))
 
     world = accelerator.num_processes
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and mode != "full":
+        raise UserError(f"sft.lora: LoRA/QLoRA is not supported under {accelerator.distributed_type.value} here; "
+                        "launch with config/accelerate/ddp.yaml (LoRA's few trainable weights need no sharding) "
+                        "or set sft.lora.enabled: false for full fine-tuning")
     work = work_dir(cfg, "04_sft")
     prompts = t.sample_prompts or CHECK_PROMPTS[:1]
     result = fit(model, train, val, t, work, seed=cfg.seed, accelerator=accelerator, precision_note=note,
@@ -775,9 +781,13 @@ def run_sft(cfg: Config) -> Path:
     final = stage_dir(cfg, "04_sft")
     if not accelerator.is_main_process:
         return final
-    model = accelerator.unwrap_model(model)
-    if result.best_path is not None:  # the weights of the best eval, not the last step
-        model.load_state_dict(load_file(str(result.best_path)))
+    if sharded:  # the processes each hold a shard: publish from the weights file fit gathered whole
+        model, _ = load_base(base_dir)
+        model.load_state_dict(load_file(str(result.weights_path)))
+    else:
+        model = accelerator.unwrap_model(model)
+        if result.best_path is not None:  # the weights of the best eval, not the last step
+            model.load_state_dict(load_file(str(result.best_path)))
     model = model.float() if mode != "qlora" else model
 
     with stage_output(cfg, "04_sft") as (out, extra):

@@ -30,6 +30,7 @@ import torch
 from lib.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from lib.config import TrainConfig
 from lib.errors import UserError
+from lib.hardware import cpu_bf16_override, cpu_has_bf16_units
 from lib.tracking import Tracker
 
 
@@ -48,13 +49,13 @@ class Batches(Protocol):
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has bf16 matrix units (AVX-512 BF16 or AMX). Without them torch emulates bf16 matmuls,
-    which is ~50x slower than fp32 (measured on an AVX2-only EPYC: 0.9 vs 52 GFLOP/s)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        flags = []
-    return ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """True when the CPU has bf16 matrix units (AVX-512 BF16 or AMX) that torch's oneDNN uses. Without them torch
+    emulates bf16 matmuls, ~50x slower than fp32 (measured on an AVX2-only EPYC: 0.9 vs 52 GFLOP/s).
+    MODELS_AT_HOME_HARDWARE (lib.hardware) overrides the answer, so tests choose the policy they judge."""
+    forced = cpu_bf16_override()
+    if forced is not None:
+        return forced
+    return cpu_has_bf16_units() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def choose_precision(requested: str, device_type: str) -> tuple[str, str]:
@@ -135,6 +136,7 @@ def progress_of(step: int, total_steps: Optional[int], elapsed_s: float, cfg: Tr
 
 
 BEST = "best.safetensors"
+LAST = "last.safetensors"
 
 
 @dataclass
@@ -147,6 +149,12 @@ class FitResult:
     elapsed_s: float
     precision: str
     best_path: Optional[Path] = None  # weights of the best eval (safetensors), None if no eval ran
+    last_path: Optional[Path] = None  # weights of the last step, gathered whole from every process
+
+    @property
+    def weights_path(self) -> Path:
+        """The weights to publish: the best eval's, else the last step's (whole, also after sharded training)."""
+        return self.best_path or self.last_path
     history: list = field(default_factory=list)
 
 
@@ -215,13 +223,16 @@ def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], cfg: Tra
     if ds is not None:  # DeepSpeed wants the micro-batch size, which it usually reads off a DataLoader we don't use
         ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
+    # checkpoints go through torch's distributed state-dict API, which knows DDP and FSDP wrappers but not
+    # accelerate's optimizer wrapper
+    raw_optimizer = getattr(optimizer, "optimizer", optimizer)
 
     total_steps = planned_steps(cfg, world_batch_tokens, train.tokens_per_epoch)
     state = {"tokens": 0, "elapsed_s": 0.0, "best_val_loss": None, "bad_evals": 0, "history": []}
     ckpt = latest_checkpoint(work_dir)
     step = 0
     if ckpt is not None:
-        loaded = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer)
+        loaded = load_checkpoint(ckpt, model, raw_optimizer, accelerator)
         step = loaded.pop("step")
         state.update(loaded)
         accelerator.print(f"resuming from {ckpt} (step {step}, {state['tokens']:,} tokens, "
@@ -243,12 +254,12 @@ def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], cfg: Tra
     model.train()
     last_good = ckpt
 
-    def save(current_step: int):
+    def save(current_step: int):  # every process takes part: sharded state is gathered, the main process writes
         nonlocal last_good
         accelerator.wait_for_everyone()
-        if is_main:
-            state["elapsed_s"] = time.perf_counter() - t_start
-            last_good = save_checkpoint(work_dir, current_step, accelerator.unwrap_model(model), optimizer, state)
+        state["elapsed_s"] = time.perf_counter() - t_start
+        last_good = save_checkpoint(work_dir, current_step, model, raw_optimizer, state, is_main=is_main,
+                                    accelerator=accelerator)
         accelerator.wait_for_everyone()
 
     def run_eval(current_step: int) -> Optional[str]:
@@ -265,8 +276,7 @@ def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], cfg: Tra
         if improved:
             state["best_val_loss"] = loss
             state["bad_evals"] = 0
-            if is_main:
-                save_weights(accelerator.unwrap_model(model), work_dir / BEST)
+            save_weights(model, work_dir / BEST, is_main=is_main, accelerator=accelerator)
         else:
             state["bad_evals"] += 1
         state["history"].append(record)
@@ -355,13 +365,14 @@ def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], cfg: Tra
         reason = run_eval(step)
         stop_reason = stop_reason or reason
     save(step)
+    save_weights(model, work_dir / LAST, is_main=is_main, accelerator=accelerator)
     tracker.info(f"done: {stop_reason}; {step} steps, {state['tokens']:,} tokens, "
                  f"{time.perf_counter() - t_start:.0f}s")
     tracker.close()
     return FitResult(steps=step, tokens=state["tokens"], best_val_loss=state["best_val_loss"], last_val=last_val,
                      stop_reason=stop_reason, elapsed_s=time.perf_counter() - t_start, precision=precision_note,
                      best_path=work_dir / BEST if state["best_val_loss"] is not None else None,
-                     history=state["history"])
+                     last_path=work_dir / LAST, history=state["history"])
 
 
 def _oom_message(cfg: TrainConfig, name: str) -> str:

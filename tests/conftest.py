@@ -1,5 +1,6 @@
 """Shared test fixtures. Tests run real parts: real files, real Snakemake, real transformers loads."""
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -18,6 +19,27 @@ def pkg_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     assert spec is not None, f"package {module} is not installed: run the README's test command (it installs requirements-dev.txt)"
     return Path(spec.submodule_search_locations[0])
+
+
+# The CPU policies a test judges against, injected through lib.hardware's override (MODELS_AT_HOME_HARDWARE), so the
+# suite asserts the same things on a CPU with AVX-512 BF16/AMX and on one without, and CI exercises both policies.
+CPU_PROFILES = ["cpu-fp32", "cpu-bf16"]
+
+
+@contextlib.contextmanager
+def hardware_profile(name: str):
+    """Within the block (and in child processes started in it) the hardware probe reports profile `name`."""
+    from lib.hardware import HARDWARE_ENV
+
+    old = os.environ.get(HARDWARE_ENV)
+    os.environ[HARDWARE_ENV] = name
+    try:
+        yield name
+    finally:
+        if old is None:
+            os.environ.pop(HARDWARE_ENV, None)
+        else:
+            os.environ[HARDWARE_ENV] = old
 
 
 @pytest.fixture(scope="session")

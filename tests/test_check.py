@@ -14,8 +14,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import ROOT, pkg_dir
-from lib.check import (FRAMEWORK_BYTES, RUNTIME_OVERHEAD_BYTES, check_model, format_report, kv_cache_bytes,
+from conftest import CPU_PROFILES, ROOT, hardware_profile, pkg_dir
+from lib.check import (FRAMEWORK_BYTES, RUNTIME_OVERHEAD_BYTES, TORCH_DTYPE, check_model, format_report, kv_cache_bytes,
                        params_from_config, read_safetensors_header)
 from lib.config import CheckConfig
 from lib.errors import UserError
@@ -38,9 +38,16 @@ def count_params(model_dir: Path) -> int:
     return total
 
 
-@pytest.fixture(scope="module")
-def hardware():
-    return probe_hardware("/tmp")
+@pytest.fixture(scope="module", params=CPU_PROFILES)
+def hardware(request):
+    """The hardware each verdict is judged against: a CPU with and one without bf16 units (never this machine's)."""
+    with hardware_profile(request.param):
+        return probe_hardware("/tmp")
+
+
+def cpu_dtype(hw: dict) -> str:
+    """What a CPU-only load should use on `hw`: bf16 where the CPU multiplies it natively, else fp32."""
+    return "bf16" if hw["cpu"]["bf16"] else "fp32"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,8 +68,9 @@ def test_our_exported_model(tiny_chat_model, tmp_path, hardware):
     assert fp32["total"] == fp32["weights"] + fp32["kv_cache"] + fp32["activations"] + RUNTIME_OVERHEAD_BYTES
     assert e["inference"]["by_dtype"]["bf16"]["load_transient"] == exact * 4  # converting from the stored fp32
     assert r["verdict"] == {"supported": True, "servable": True, "runnable": True, "problems": [],
-                            "recommended": {"device": "cpu", "dtype": "fp32", "torch_dtype": "float32"},
-                            "cpu_torch_dtype": "float32"}
+                            "recommended": {"device": "cpu", "dtype": cpu_dtype(hardware),
+                                            "torch_dtype": TORCH_DTYPE[cpu_dtype(hardware)]},
+                            "cpu_torch_dtype": TORCH_DTYPE[cpu_dtype(hardware)]}
     assert [lib["name"] for lib in r["requirements"]["libraries"]][:2] == ["torch", "transformers"]
     assert r["compatibility"]["training"] and all(row["fits"] for row in r["compatibility"]["training"])
     json.dumps(r)  # JSON-ready: install stores it
@@ -346,7 +354,8 @@ def test_compatibility_verdicts(smollm2_hf, hardware):
     gpu = {x["dtype"]: x for x in r["compatibility"]["inference"] if x["device"] == "cuda:0"}
     assert gpu["fp16"]["fits"] and "no bf16" in " ".join(gpu["bf16"]["notes"])
     assert r["verdict"]["recommended"] == {"device": "cuda:0", "dtype": "fp16", "torch_dtype": "float16"}
-    assert r["verdict"]["cpu_torch_dtype"] == "float32"  # what a CPU-only load uses (the install's post-test)
+    # what a CPU-only load uses (the install's post-test)
+    assert r["verdict"]["cpu_torch_dtype"] == TORCH_DTYPE[cpu_dtype(hardware)]
     modes = {(x["device"], x["mode"]) for x in r["compatibility"]["training"]}
     assert modes == {("cpu", "lora"), ("cpu", "full"), ("cuda:0", "lora"), ("cuda:0", "full")}
 

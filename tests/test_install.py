@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, pkg_dir
+from conftest import CPU_PROFILES, ROOT, hardware_profile, pkg_dir
 from lib.check import default_report_dir, run_check
 from lib.config import InstallConfig, load_config
 from lib.errors import UserError
@@ -32,17 +32,19 @@ def visible(models_dir: Path) -> list[str]:
     return sorted(p.name for p in models_dir.iterdir() if not p.name.startswith(".")) if models_dir.exists() else []
 
 
-@pytest.fixture(scope="module")
-def installed_tiny(tiny_chat_model, tmp_path_factory):
-    """Our exported model, installed once with the post-install test (CPU load + generate)."""
+@pytest.fixture(scope="module", params=CPU_PROFILES)
+def installed_tiny(request, tiny_chat_model, tmp_path_factory):
+    """Our exported model, installed with the post-install test (CPU load + generate) on a CPU with and one
+    without bf16 units (injected)."""
     models = tmp_path_factory.mktemp("models")
-    return install_model(str(tiny_chat_model), models, name="tiny", echo=None)
+    with hardware_profile(request.param):
+        return install_model(str(tiny_chat_model), models, name="tiny", echo=None)
 
 
 def test_install_layout_manifest_and_info(installed_tiny, tiny_chat_model):
     folder = installed_tiny
     assert sorted(p.name for p in folder.iterdir()) == [MARKER, "SHA256SUMS", "config.yaml", "install.log", "logs",
-                                                         "model", "model_info.json", "start.sh"]
+                                                         "model", "model_info.json", "runtime", "start.sh"]
     assert sorted(p.name for p in (folder / "model").iterdir()) == sorted(p.name for p in tiny_chat_model.iterdir())
     for f in tiny_chat_model.iterdir():
         assert (folder / "model" / f.name).read_bytes() == f.read_bytes()
@@ -59,7 +61,8 @@ def test_install_layout_manifest_and_info(installed_tiny, tiny_chat_model):
     assert info["source"]["kind"] == "local" and info["source"]["ref"] == str(tiny_chat_model)
     assert info["check"]["estimates"]["params"]["total"] == info["params"] > 0
     assert info["post_test"]["ok"] and info["post_test"]["new_tokens"] >= 1
-    assert info["post_test"]["dtype"] == "float32"
+    # the CPU's own fast dtype: bf16 with bf16 units, else fp32
+    assert info["post_test"]["dtype"] == ("bfloat16" if info["check"]["hardware"]["cpu"]["bf16"] else "float32")
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", info["installed_at"])
     assert info["size_bytes"] >= sum(f.stat().st_size for f in tiny_chat_model.iterdir())
 
@@ -80,15 +83,86 @@ def _umask() -> int:
 
 
 def test_start_sh_runs_07_serve_with_this_folder(installed_tiny, tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    (repo / "07_serve.py").write_text("import json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    """start.sh runs the install's own copy of the serving code with the install's environment, by relative paths."""
+    text = (installed_tiny / "start.sh").read_text()
+    assert str(ROOT) not in text and sys.prefix not in text  # nothing of the checkout or its venv
+    assert (installed_tiny / "runtime" / "07_serve.py").read_bytes() == (ROOT / "07_serve.py").read_bytes()
+    assert (installed_tiny / "runtime" / "lib" / "serving" / "api.py").is_file()
+    fake = tmp_path / "python"  # PYTHON=... overrides the interpreter: here one that prints its arguments
+    fake.write_text("#!/bin/sh\nprintf '%s\\n' \"$@\"\n")
+    fake.chmod(0o755)
     res = subprocess.run([str(installed_tiny / "start.sh"), "--port", "8123"], capture_output=True, text=True,
-                         env={**os.environ, "MODELS_AT_HOME": str(repo)}, timeout=60)
+                         env={**os.environ, "PYTHON": str(fake)}, timeout=60)
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout) == ["--model", str(installed_tiny), "--config", str(installed_tiny / "config.yaml"),
-                                      "--port", "8123"]
-    assert f'REPO="${{MODELS_AT_HOME:-{ROOT}}}"' in (installed_tiny / "start.sh").read_text()
+    assert res.stdout.split("\n")[:-1] == [str(installed_tiny / "runtime" / "07_serve.py"), "--model",
+                                            str(installed_tiny), "--config", str(installed_tiny / "config.yaml"),
+                                            "--port", "8123"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_and_chat(start_sh: Path, env: dict) -> str:
+    """Start an install's start.sh on a free loopback port, wait for /health, ask one chat question, stop it."""
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([str(start_sh), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_install_still_starts_after_the_checkout_is_deleted_and_the_models_dir_moved(tiny_chat_model, tmp_path):
+    """Install from a throwaway copy of the checkout, delete that copy, move the whole models dir: start.sh still
+    serves, with code and packages that live in the models dir."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    for name in ("06_install.py", "07_serve.py"):
+        shutil.copy2(ROOT / name, checkout / name)
+    shutil.copytree(ROOT / "lib", checkout / "lib", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "config", checkout / "config")
+    models = tmp_path / "models"
+    res = subprocess.run([sys.executable, str(checkout / "06_install.py"), "install", str(tiny_chat_model),
+                          "--models-dir", str(models), "--name", "tiny", "--no-test", "--quiet-config"],
+                         capture_output=True, text=True, cwd=checkout, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    shutil.rmtree(checkout)
+    moved = tmp_path / "elsewhere" / "models"
+    moved.parent.mkdir()
+    os.replace(models, moved)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    env["PATH"] = "/usr/bin:/bin"  # not the checkout's venv
+    runtime_py = next((moved / ".runtime").glob("*/bin/python"))
+    where = subprocess.run([str(runtime_py), "-c", "import sys, torch, gradio; print(sys.prefix); "
+                            "print(torch.__file__); print(gradio.__file__)"], capture_output=True, text=True,
+                           env=env, timeout=120)
+    assert where.returncode == 0, where.stderr
+    assert all(line.startswith(str(moved)) for line in where.stdout.split()), where.stdout  # nothing from the venv
+    assert isinstance(_serve_and_chat(moved / "tiny" / "start.sh", env), str)
 
 
 def test_verify_detects_tampering(installed_tiny, tmp_path):
@@ -168,9 +242,11 @@ def test_list_info_remove_and_config_cli(tiny_chat_model, tmp_path):
     assert res.returncode == 0, res.stderr
     assert f"installed: {models / 't1'}" in res.stdout
     res = run_install_cli("list", "--models-dir", models, env=env)
-    assert res.returncode == 0 and re.search(r"^t1\s+\d+ KB\s+text-generation\s+\d{4}-", res.stdout, flags=re.M)
+    assert res.returncode == 0 and re.search(r"^t1\s+\d+ [KM]B\s+text-generation\s+\d{4}-", res.stdout, flags=re.M)
     res = run_install_cli("info", "t1", "--models-dir", models, env=env)
     assert res.returncode == 0 and "verify        ok" in res.stdout and "context       256" in res.stdout
+    res = run_install_cli("remove", "t1", "--models-dir", models, env=env)  # no terminal to ask on, no --yes
+    assert res.returncode == 2 and "confirm with --yes" in res.stderr and visible(models) == ["t1"]
     res = run_install_cli("remove", "t1", "--models-dir", models, "--yes", env=env)
     assert res.returncode == 0 and visible(models) == []
     res = run_install_cli("info", "t1", "--models-dir", models, env=env)
@@ -212,18 +288,19 @@ def test_refuses_incompatible_models_and_leaves_nothing(tmp_path):
 def test_existing_install_needs_force_or_a_yes(tiny_chat_model, tmp_path):
     first = install_model(str(tiny_chat_model), tmp_path, name="m", cfg=NO_TEST, echo=None)
     stamp = json.loads((first / "model_info.json").read_text())["installed_at"]
-    with pytest.raises(UserError, match="already installed; use --force"):
+    with pytest.raises(UserError, match=r"already installed \(from local .*\); use --force"):
         install_model(str(tiny_chat_model), tmp_path, name="m", cfg=NO_TEST, echo=None)
     with pytest.raises(UserError, match="already installed"):
         install_model(str(tiny_chat_model), tmp_path, name="m", cfg=NO_TEST, echo=None, ask=lambda q: False)
     questions = []
     install_model(str(tiny_chat_model), tmp_path, name="m", cfg=NO_TEST, echo=None,
                   ask=lambda q: questions.append(q) or True)
-    assert questions == [f"{tmp_path / 'm'} is already installed. Replace it?"]
+    assert questions == [f"{tmp_path / 'm'} is already installed (from local {tiny_chat_model}). Replace it?"]
     time.sleep(1.1)
     install_model(str(tiny_chat_model), tmp_path, name="m", force=True, cfg=NO_TEST, echo=None)
     assert json.loads((first / "model_info.json").read_text())["installed_at"] != stamp
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no leftovers of the replaced installs
+    # no leftovers of the replaced installs; .runtime holds the environment the installs share
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".runtime", "m"]
 
 
 def test_names_are_sanitised(tiny_chat_model, tmp_path):
@@ -282,7 +359,8 @@ def test_interrupted_install_leaves_nothing(tiny_chat_model, tmp_path, monkeypat
         resolve_installed("k", models)
     # the next install cleans the dead one's temp folder
     install_model(str(tiny_chat_model), models, name="k", cfg=NO_TEST, echo=None)
-    assert sorted(p.name for p in models.iterdir()) == ["k"]
+    assert sorted(p.name for p in models.iterdir()) == [".runtime", "k"]
+    assert all((env / ".complete").is_file() for env in (models / ".runtime").iterdir())  # no half-built one
 
 
 def test_check_report_is_reused_until_the_model_changes(tiny_chat_model, tmp_path):
@@ -304,19 +382,19 @@ def test_check_report_is_reused_until_the_model_changes(tiny_chat_model, tmp_pat
     assert "is stale" in logged[0] and logged[1] == f"check: analysing {model}"
 
 
-def test_venv_install_reuses_the_environment(tiny_chat_model, tmp_path):
+def test_venv_install_has_an_environment_of_its_own(tiny_chat_model, tmp_path):
     folder = install_model(str(tiny_chat_model), tmp_path, name="v", venv=True, cfg=InstallConfig(post_test_tokens=2),
                            echo=None)
     py = folder / "venv" / "bin" / "python"
-    assert py.exists()
-    log = (folder / "install.log").read_text()
-    assert "every requirement is already present; nothing to download" in log
     info = json.loads((folder / "model_info.json").read_text())
     assert info["venv"] is True and info["python"] == str(py)
-    assert info["post_test"]["ok"]  # ran with the venv's python, which reaches torch through the installer's env
-    assert "include-system-site-packages = true" in (folder / "venv" / "pyvenv.cfg").read_text()
-    pth = next((folder / "venv").rglob("_models_at_home_parent.pth"))
-    assert Path(pth.read_text().strip()) == Path(sys.prefix) / pth.parent.relative_to(folder / "venv")
+    assert info["post_test"]["ok"]  # ran with the venv's own python
+    assert "include-system-site-packages = false" in (folder / "venv" / "pyvenv.cfg").read_text()
+    res = subprocess.run([str(py), "-c", "import torch, transformers; print(torch.__file__)"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith(str(folder / "venv")), res.stderr
+    assert "venv/bin/python" in (folder / "start.sh").read_text()
+    assert not (tmp_path / ".runtime").exists()  # no shared environment was needed
     verify_install(folder)  # the venv is not part of the manifest
 
 
@@ -344,10 +422,36 @@ def test_pipeline_mode_export_then_check_then_install(tiny_chat_model, tmp_path)
     assert (check_dir / "manifest.json").is_file() and report["source"]["path"] == str(export / "hf")
     assert sorted(Path(e).name for e in report["source"]["extras"]) == ["Modelfile", "homellm-f16.gguf"]
 
-    res = run_install_cli("install", *args, "--models-dir", tmp_path / "models", "--no-test")
+    models = tmp_path / "models"
+    res = run_install_cli("install", *args, "--models-dir", models, "--no-test")
     assert res.returncode == 0, res.stderr
     assert f"check: using {check_dir / 'report.json'}" in res.stdout
-    folder = tmp_path / "models" / "homellm"  # export.name
+    folder = models / "homellm-smoke"  # export.name + the config's name: configs never share an install by accident
     assert sorted(p.name for p in (folder / "gguf").iterdir()) == ["Modelfile", "homellm-f16.gguf"]
     assert "FROM ./homellm-f16.gguf" in (folder / "gguf" / "Modelfile").read_text()
     verify_install(folder)
+    receipt = json.loads((stage_dir(cfg, "06_install") / "manifest.json").read_text())  # Snakemake's output
+    assert receipt["installed"] == str(folder) and receipt["origin"] == f"pipeline config {ROOT / 'config/smoke.yaml'}"
+
+    # the same config again: an update of its own install, replaced without a question
+    first = json.loads((folder / "model_info.json").read_text())["installed_at"]
+    time.sleep(1.1)
+    assert run_install_cli("install", *args, "--models-dir", models, "--no-test").returncode == 0
+    assert json.loads((folder / "model_info.json").read_text())["installed_at"] != first
+
+    # another config aiming at the same name: refused, the install untouched
+    other = tmp_path / "other.yaml"
+    shutil.copy2(ROOT / "config/smoke.yaml", other)
+    other_args = ["--config", other, *[x for s in sets for x in ("--set", s)], "--set", "install.name=homellm-smoke"]
+    before = (folder / "model_info.json").read_bytes()
+    res = run_install_cli("install", *other_args, "--models-dir", models, "--no-test")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"came from pipeline config {ROOT / 'config/smoke.yaml'}, not from pipeline config {other}" in res.stderr
+    assert "nothing was replaced" in res.stderr and "--force" in res.stderr
+    assert (folder / "model_info.json").read_bytes() == before
+    verify_install(folder)
+    # ... unless asked for on purpose
+    res = run_install_cli("install", *other_args, "--models-dir", models, "--no-test", "--force")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((folder / "model_info.json").read_text())["origin"] == f"pipeline config {other}"
+    assert visible(models) == ["homellm-smoke"]

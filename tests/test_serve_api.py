@@ -6,6 +6,7 @@ one test starts `07_serve.py` as a subprocess. The model is `tiny_chat_model_tal
 weights whose replies never end early, so every reply runs to max_tokens with visible text.
 """
 
+import http.client
 import json
 import os
 import signal
@@ -250,6 +251,15 @@ ERROR_CASES = [
      400, "invalid_json", None),
     ("not UTF-8", "POST", "chat/completions", lambda m: {"content": b'{"model": "\xff\xfe"}', "headers": JSON},
      400, "invalid_json", None),
+    ("invalid UTF-8 inside a message", "POST", "chat/completions", lambda m: {
+        "content": json.dumps(_chat(m)).encode().replace(b'"Hi"', b'"H\xc3\x28i"'), "headers": JSON},
+     400, "invalid_json", None),
+    ("lone surrogate in a message", "POST", "chat/completions", lambda m: {
+        "content": json.dumps(_chat(m)).encode().replace(b'"Hi"', b'"H\\udcffi"'), "headers": JSON},
+     400, "invalid_value", "messages"),
+    ("lone surrogate in a completion prompt", "POST", "completions", lambda m: {
+        "content": b'{"model": "%s", "prompt": "a\\ud800"}' % m.encode(), "headers": JSON},
+     400, "invalid_value", "prompt"),
     ("form-encoded body", "POST", "chat/completions", lambda m: {"data": {"model": m}}, 415, "unsupported_media_type",
      None),
     ("body is a list", "POST", "chat/completions", lambda m: {"json": [1, 2]}, 400, "invalid_type", None),
@@ -314,6 +324,51 @@ def test_bad_requests_get_4xx_in_openai_shape(url, mid, name, method, path, kwar
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == "invalid_request_error" and err["message"]
     assert (err["code"], err["param"]) == (code, param)
+
+
+def test_a_huge_body_gets_413_and_is_never_held(url, mid):
+    """50 MB, with and without a Content-Length: a 413 the client can read (the rest of the body is read and dropped,
+    not buffered), never a reset connection."""
+    body = json.dumps(_chat(mid, messages=user("x" * (50 * 2**20)))).encode()
+    r = httpx.post(url + "v1/chat/completions", content=body, headers=JSON, timeout=120)
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and "the limit is 4194304 bytes (4 MB, serve.max_body_mb)" in err["message"]
+
+    def chunks():
+        for _ in range(50):
+            yield b"x" * 2**20
+
+    r = httpx.post(url + "v1/chat/completions", content=chunks(), headers=JSON, timeout=120)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    # the standard library's client and the official openai client see the same answer
+    host, port = url.split("//")[1].strip("/").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.request("POST", "/v1/chat/completions", body=body, headers=JSON)
+    resp = conn.getresponse()
+    assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
+    conn.close()
+    client = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=120)
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model=mid, messages=user("x" * (50 * 2**20)))
+    assert e.value.status_code == 413
+
+
+def test_body_limit_is_configurable(engine, mid):
+    with BackgroundServer(build_app(engine, ServeConfig(max_body_mb=0.01), ui=False)) as small:
+        r = httpx.post(small + "v1/chat/completions", json=_chat(mid, messages=user("x" * 20_000)), timeout=30)
+        assert r.status_code == 413 and "the limit is 10485 bytes" in r.json()["error"]["message"]
+        r = httpx.post(small + "v1/chat/completions", json=_chat(mid, max_tokens=2), timeout=60)
+        assert r.status_code == 200
+
+
+def test_wrong_method_is_405_with_allow(url):
+    for method, path, allowed in [("GET", "v1/chat/completions", "POST"), ("PUT", "v1/completions", "POST"),
+                                  ("POST", "v1/models", "GET"), ("DELETE", "health", "GET")]:
+        r = httpx.request(method, url + path, timeout=30)
+        assert r.status_code == 405, (method, path, r.text)
+        assert allowed in r.headers["allow"] and r.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_server_is_healthy_after_bad_requests(url, client, mid):

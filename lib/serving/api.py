@@ -33,9 +33,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lib.config import ServeConfig
 from lib.serving.engine import ChatTemplateError, ContextTooLong, Engine, EngineBusy, encode_chat, sampling_params
 
-MAX_BODY_BYTES = 4 * 1024 * 1024  # far above any context we serve; stops a client from making us parse gigabytes
+# After deciding on 413, the rest of an oversized body is read and dropped (never stored) so that the client, still
+# sending, gets to read the answer instead of a reset connection; past this many times the limit we hang up.
+DRAIN_FACTOR = 64
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 API_ROUTES = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
+SERVICE_ROUTES = ("/health", "/info", "/metrics")  # GET only
 
 
 class APIError(Exception):
@@ -236,28 +239,71 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json_body(request: Request, model: type[BaseModel]) -> Any:
-    """The request body as a validated `model`, or an APIError (415, 413, 400) saying what is wrong."""
+async def _too_large(request: Request, limit: int, received: int, declared: int | None) -> APIError:
+    """The 413 for a body over `limit`, after dropping what the client still sends (up to DRAIN_FACTOR x limit)."""
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > DRAIN_FACTOR * limit:
+                break
+    except Exception:  # the client gave up: nothing left to drain
+        pass
+    size = f"{declared} bytes" if declared is not None else f"over {limit} bytes"
+    return APIError(413, f"the request body is {size}; the limit is {limit} bytes ({limit / 2**20:g} MB, "
+                         "serve.max_body_mb)", code="request_too_large", headers={"Connection": "close"})
+
+
+def _bad_strings(value, path: str = "") -> str | None:
+    """The first place in parsed JSON holding a string that is not valid Unicode text (a lone surrogate such as
+    "\\udcff": legal JSON escapes, but no UTF-8 can carry them, so they would fail deep inside the engine)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            where = _bad_strings(k, path) or _bad_strings(v, f"{path}.{k}" if path else str(k))
+            if where:
+                return where
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            where = _bad_strings(v, f"{path}[{i}]")
+            if where:
+                return where
+    return None
+
+
+async def read_json_body(request: Request, model: type[BaseModel], limit: int) -> Any:
+    """The request body as a validated `model`, or an APIError (415, 413, 400) saying what is wrong. The body is
+    read in chunks and never held beyond `limit` bytes."""
     ctype = request.headers.get("content-type", "")
     if ctype.split(";")[0].strip().lower() != "application/json":
         raise APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json' "
                             f"(got {ctype or 'no Content-Type'})", code="unsupported_media_type")
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is {declared} bytes; the limit is {MAX_BODY_BYTES}",
-                       code="request_too_large")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise await _too_large(request, limit, 0, int(declared))
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes", code="request_too_large")
+        if size > limit:
+            raise await _too_large(request, limit, size, None)
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
         data = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start}: {e.reason})",
+                       code="invalid_json") from None
+    except ValueError as e:
         detail = f" ({e})" if isinstance(e, json.JSONDecodeError) or "JSON" in str(e) else ""
         raise APIError(400, f"we could not parse the JSON body of your request{detail}", code="invalid_json") from None
+    where = _bad_strings(data)
+    if where:
+        param = where.split(".")[0].split("[")[0] if where != "body" else None
+        raise APIError(400, f"{where}: the string holds a lone UTF-16 surrogate (an escape such as \\udcff without "
+                            "its pair), which is not valid Unicode text", param=param, code="invalid_value")
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -281,6 +327,7 @@ class OpenAIServer:
 
     def __init__(self, engine: Engine, serve: ServeConfig, api_key: str | None = None):
         self.engine, self.serve, self.api_key = engine, serve, api_key
+        self.max_body = int(serve.max_body_mb * 2**20)
         self.app = self._build()
 
     # -- auth ----------------------------------------------------------------------------------------------
@@ -373,7 +420,7 @@ class OpenAIServer:
     # -- routes --------------------------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request):
-        body: ChatCompletionRequest = await read_json_body(request, ChatCompletionRequest)
+        body: ChatCompletionRequest = await read_json_body(request, ChatCompletionRequest, self.max_body)
         _check_unsupported(body)
         loaded = self._check_model(body.model)
         self.engine.metrics.inc("requests_chat")
@@ -411,7 +458,7 @@ class OpenAIServer:
                 "usage": handle.usage}
 
     async def completions(self, request: Request):
-        body: CompletionRequest = await read_json_body(request, CompletionRequest)
+        body: CompletionRequest = await read_json_body(request, CompletionRequest, self.max_body)
         _check_unsupported(body)
         loaded = self._check_model(body.model)
         self.engine.metrics.inc("requests_completions")
@@ -527,13 +574,21 @@ class OpenAIServer:
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], dependencies=auth)
         app.add_api_route("/v1/completions", self.completions, methods=["POST"], dependencies=auth)
 
+        # The other methods on the service paths: a 405 naming the right one (else the UI mounted at / answers 404).
+        async def wrong_method(request: Request):
+            raise APIError(405, f"{request.method} {request.url.path} is not allowed; use GET",
+                           code="method_not_allowed", headers={"Allow": "GET"})
+
+        for path in SERVICE_ROUTES:
+            app.add_api_route(path, wrong_method, methods=["POST", "PUT", "PATCH", "DELETE"])
+
         # Everything else under /v1 answers in the API's shape, not with the UI's HTML 404 page.
         @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], dependencies=auth)
         async def unknown(request: Request, rest: str):
             path = f"/v1/{rest}"
             if path in API_ROUTES:
                 raise APIError(405, f"{request.method} {path} is not allowed; use {API_ROUTES[path]}",
-                               code="method_not_allowed")
+                               code="method_not_allowed", headers={"Allow": API_ROUTES[path]})
             raise APIError(404, f"no API endpoint {request.method} {path} (this server has "
                                 f"{', '.join(f'{m} {p}' for p, m in API_ROUTES.items())})", code="not_found")
 

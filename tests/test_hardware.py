@@ -1,0 +1,78 @@
+"""The hardware probe, its override (MODELS_AT_HOME_HARDWARE) and the precision policy built on it: the same
+assertions hold on a CPU with AVX-512 BF16/AMX and on one without, because each test names the CPU it judges."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CPU_PROFILES, ROOT, hardware_profile
+from lib.errors import UserError
+from lib.hardware import HARDWARE_ENV, PROFILES, probe_hardware
+from lib.train import choose_precision, cpu_has_fast_bf16
+
+
+def test_probe_reports_this_machine_without_an_override(monkeypatch):
+    monkeypatch.delenv(HARDWARE_ENV, raising=False)
+    hw = probe_hardware("/tmp")
+    assert hw["cpu"]["threads"] >= 1 and hw["ram"]["total_bytes"] > 0 and hw["disk"]["free_bytes"] >= 0
+    assert "overridden" not in hw
+    flags = open("/proc/cpuinfo").read().split()
+    assert hw["cpu"]["bf16"] == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+@pytest.mark.parametrize("profile", CPU_PROFILES)
+def test_profiles_override_the_cpu_and_hide_gpus(profile):
+    with hardware_profile(profile):
+        hw = probe_hardware("/tmp")
+        assert hw["cpu"]["bf16"] is PROFILES[profile]["cpu"]["bf16"]
+        assert hw["gpus"] == [] and hw["gpu_usable_by_torch"] is False
+        assert HARDWARE_ENV in hw["overridden"]
+        assert cpu_has_fast_bf16() is hw["cpu"]["bf16"]
+        # untouched fields are still probed
+        assert hw["cpu"]["threads"] >= 1 and hw["ram"]["total_bytes"] > 0
+
+
+def test_json_override_merges_into_the_probe(monkeypatch):
+    monkeypatch.setenv(HARDWARE_ENV, json.dumps({"cpu": {"bf16": False}, "ram": {"available_bytes": 1 << 30}}))
+    hw = probe_hardware("/tmp")
+    assert hw["cpu"]["bf16"] is False and hw["ram"]["available_bytes"] == 1 << 30
+    assert hw["ram"]["total_bytes"] > 0 and hw["cpu"]["threads"] >= 1  # keys not named are still probed
+    gpu = {"index": 0, "name": "Test GPU", "vram_total_bytes": 8 << 30, "vram_free_bytes": 8 << 30,
+           "compute_capability": "8.0", "bf16": True, "source": "override"}
+    monkeypatch.setenv(HARDWARE_ENV, json.dumps({"gpus": [gpu]}))
+    assert probe_hardware("/tmp")["gpus"] == [gpu]
+
+
+@pytest.mark.parametrize("bad", ["cpu-avx9000", "[1, 2]", "{not json"])
+def test_a_bad_override_is_a_clear_error(monkeypatch, bad):
+    monkeypatch.setenv(HARDWARE_ENV, bad)
+    with pytest.raises(UserError, match=f"{HARDWARE_ENV}=.*expected a profile name \\(cpu-bf16, cpu-fp32\\)"):
+        probe_hardware("/tmp")
+
+
+def test_a_bad_override_reaches_the_user_as_one_paragraph(tiny_chat_model):
+    env = {**os.environ, HARDWARE_ENV: "cpu-avx9000"}
+    res = subprocess.run([sys.executable, str(ROOT / "05_check.py"), str(tiny_chat_model), "--quiet-config"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and HARDWARE_ENV in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The precision policy (lib.train.choose_precision) on each CPU.
+
+
+@pytest.mark.parametrize("profile", CPU_PROFILES)
+def test_cpu_precision_policy(profile):
+    with hardware_profile(profile):
+        bf16 = PROFILES[profile]["cpu"]["bf16"]
+        mixed, note = choose_precision("auto", "cpu")
+        assert mixed == ("bf16" if bf16 else "no")
+        assert ("AVX-512 BF16/AMX" in note) if bf16 else ("no bf16 matrix units" in note)
+        assert choose_precision("fp32", "cpu") == ("no", "fp32 (requested)")
+        mixed, note = choose_precision("bf16", "cpu")  # asked for: honoured, with a warning where it is emulated
+        assert mixed == "bf16" and ("emulates bf16" in note) != bf16
+        with pytest.raises(UserError, match="fp16 is for GPUs"):
+            choose_precision("fp16", "cpu")
