@@ -464,10 +464,10 @@ def _atomic_save_safetensors(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~current_umask())  # an ordinary file, like the JSON files beside it (not mkstemp's 0600)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~current_umask())  # an ordinary file like the JSON beside it, not mkstemp's 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -79,6 +79,7 @@ def test_one_shot_prints_only_the_reply(engine):
     assert "context length" in err.getvalue()
 
 
+@pytest.mark.slow
 def test_serve_script_cli_and_prompt_modes(tiny_chat_model_talkative, engine):
     model = str(tiny_chat_model_talkative)
     serve = Config().serve  # what config/default.yaml leaves the serve section at

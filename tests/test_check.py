@@ -84,6 +84,7 @@ def test_our_exported_model(tiny_chat_model, tmp_path, hardware):
     assert "Model check:" in res.stdout
 
 
+@pytest.mark.slow
 def test_smollm2_hf_folder(smollm2_hf, hardware):
     r = check_model(str(smollm2_hf), hardware=hardware)
     e = r["estimates"]
@@ -105,6 +106,7 @@ def test_smollm2_hf_folder(smollm2_hf, hardware):
     assert short["estimates"]["inference"]["by_dtype"]["fp32"]["kv_cache"] == fp32["kv_cache"] // 8
 
 
+@pytest.mark.slow
 def test_smollm2_gguf(smollm2_gguf, hardware):
     r = check_model(str(smollm2_gguf), hardware=hardware)
     assert r["source"]["kind"] == "gguf"
@@ -330,6 +332,7 @@ def with_memory(hw: dict, ram_mb: float, gpu_mb: float | None = None) -> dict:
     return hw
 
 
+@pytest.mark.slow
 def test_compatibility_verdicts(smollm2_hf, hardware):
     cfg = CheckConfig(seq_len=256)
     base = check_model(str(smollm2_hf), cfg, hardware=hardware)["estimates"]["inference"]["by_dtype"]

@@ -3,6 +3,7 @@ embedded packages, each kind of bad input with its message, dedup, split stabili
 
 import gzip
 import json
+import os
 import random
 import subprocess
 import sys
@@ -390,6 +391,13 @@ def test_script_runs_and_reports(tmp_path, repo_root):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "01_data: 200 documents" in res.stdout and str(tmp_path / "art" / "01_data") in res.stdout
+    # one mode for every file of an artifact: manifest.json and stats.json as readable as the shards beside them
+    stage = next((tmp_path / "art" / "01_data").iterdir())
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in stage.iterdir()}
+    assert {"manifest.json", "stats.json"} <= set(modes) and set(modes.values()) == {0o666 & ~umask}, modes
+    assert stage.stat().st_mode & 0o777 == 0o777 & ~umask
     res = subprocess.run(cmd + ["--quiet-config"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 0 and "already complete" in res.stdout
 

@@ -184,6 +184,7 @@ def test_rope_permutation_matches_llama_cpp_rotation():
     assert not torch.allclose(scores(wq, wk, hf_rope), scores(wq, wk, cpp_rope), atol=1e-2)  # permuting matters
 
 
+@pytest.mark.slow
 def test_adapter_only_sft_is_merged_at_export(tiny_chat_model, tmp_path):
     from transformers import AutoModelForCausalLM
 

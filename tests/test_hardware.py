@@ -53,6 +53,7 @@ def test_a_bad_override_is_a_clear_error(monkeypatch, bad):
         probe_hardware("/tmp")
 
 
+@pytest.mark.slow
 def test_a_bad_override_reaches_the_user_as_one_paragraph(tiny_chat_model):
     env = {**os.environ, HARDWARE_ENV: "cpu-avx9000"}
     res = subprocess.run([sys.executable, str(ROOT / "05_check.py"), str(tiny_chat_model), "--quiet-config"],

@@ -41,6 +41,7 @@ def installed_tiny(request, tiny_chat_model, tmp_path_factory):
         return install_model(str(tiny_chat_model), models, name="tiny", echo=None)
 
 
+@pytest.mark.slow
 def test_install_layout_manifest_and_info(installed_tiny, tiny_chat_model):
     folder = installed_tiny
     assert sorted(p.name for p in folder.iterdir()) == [MARKER, "SHA256SUMS", "config.yaml", "install.log", "logs",
@@ -82,6 +83,7 @@ def _umask() -> int:
     return m
 
 
+@pytest.mark.slow
 def test_start_sh_runs_07_serve_with_this_folder(installed_tiny, tmp_path):
     """start.sh runs the install's own copy of the serving code with the install's environment, by relative paths."""
     text = (installed_tiny / "start.sh").read_text()
@@ -165,6 +167,7 @@ def test_install_still_starts_after_the_checkout_is_deleted_and_the_models_dir_m
     assert isinstance(_serve_and_chat(moved / "tiny" / "start.sh", env), str)
 
 
+@pytest.mark.slow
 def test_verify_detects_tampering(installed_tiny, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(installed_tiny, folder)
@@ -197,6 +200,7 @@ def test_smollm2_install_generates_paris(smollm2_hf, tmp_path):
     assert f"{info['post_test']['text']!r}" in (folder / "install.log").read_text()
 
 
+@pytest.mark.slow
 def test_gguf_source_and_export_dir_with_gguf_and_modelfile(tiny_chat_model, tmp_path):
     from lib.gguf_export import write_gguf
 
@@ -225,6 +229,7 @@ def test_gguf_source_and_export_dir_with_gguf_and_modelfile(tiny_chat_model, tmp
     assert [e["name"] for e in list_installed(models)] == ["export", "tiny-f16"]
 
 
+@pytest.mark.slow
 def test_hub_install(fake_hub, tiny_chat_model, tmp_path):
     sha = fake_hub.add("acme/tiny-chat", tiny_chat_model)
     folder = install_model("acme/tiny-chat", tmp_path, cfg=NO_TEST, echo=None)
@@ -235,6 +240,7 @@ def test_hub_install(fake_hub, tiny_chat_model, tmp_path):
     verify_install(folder)
 
 
+@pytest.mark.slow
 def test_list_info_remove_and_config_cli(tiny_chat_model, tmp_path):
     models = tmp_path / "models"
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
@@ -272,6 +278,7 @@ def test_models_dir_precedence(tmp_path, monkeypatch):
     assert models_dir_for(InstallConfig(models_dir=str(tmp_path / "cfg")), tmp_path / "flag") == tmp_path / "flag"
 
 
+@pytest.mark.slow
 def test_refuses_incompatible_models_and_leaves_nothing(tmp_path):
     models = tmp_path / "models"
     with pytest.raises(UserError, match="Unsupported model architecture"):
@@ -285,6 +292,7 @@ def test_refuses_incompatible_models_and_leaves_nothing(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr and "CTranslate2" in res.stderr
 
 
+@pytest.mark.slow
 def test_existing_install_needs_force_or_a_yes(tiny_chat_model, tmp_path):
     first = install_model(str(tiny_chat_model), tmp_path, name="m", cfg=NO_TEST, echo=None)
     stamp = json.loads((first / "model_info.json").read_text())["installed_at"]
@@ -303,6 +311,7 @@ def test_existing_install_needs_force_or_a_yes(tiny_chat_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".runtime", "m"]
 
 
+@pytest.mark.slow
 def test_names_are_sanitised(tiny_chat_model, tmp_path):
     assert sanitize_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB_SmolLM2-135M-Instruct"
     assert sanitize_name("../../etc/passwd") == "etc_passwd"
@@ -324,6 +333,7 @@ def test_names_are_sanitised(tiny_chat_model, tmp_path):
     assert install_model(str(odd), models, cfg=NO_TEST, echo=None).name == "My-Model-v2"
 
 
+@pytest.mark.slow
 def test_interrupted_install_leaves_nothing(tiny_chat_model, tmp_path, monkeypatch):
     import lib.install
 
@@ -363,6 +373,7 @@ def test_interrupted_install_leaves_nothing(tiny_chat_model, tmp_path, monkeypat
     assert all((env / ".complete").is_file() for env in (models / ".runtime").iterdir())  # no half-built one
 
 
+@pytest.mark.slow
 def test_check_report_is_reused_until_the_model_changes(tiny_chat_model, tmp_path):
     from lib.config import from_dict
 
@@ -382,6 +393,7 @@ def test_check_report_is_reused_until_the_model_changes(tiny_chat_model, tmp_pat
     assert "is stale" in logged[0] and logged[1] == f"check: analysing {model}"
 
 
+@pytest.mark.slow
 def test_venv_install_has_an_environment_of_its_own(tiny_chat_model, tmp_path):
     folder = install_model(str(tiny_chat_model), tmp_path, name="v", venv=True, cfg=InstallConfig(post_test_tokens=2),
                            echo=None)

@@ -43,6 +43,7 @@ def ws(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_edit_one_stage_reruns_only_it_and_revert_is_a_cache_hit(ws):
     assert jobs_run(snakemake(ws, "tokens")) == {"prepare_data": 1, "train_tokenizer": 1, "encode_corpus": 1}
     assert jobs_run(snakemake(ws, "tokens")) == {}

@@ -61,6 +61,7 @@ def train_losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
+@pytest.mark.slow
 def test_output_is_an_hf_model_with_manifest(workspace):
     cfg = clean(workspace)
     run_script([ROOT / "03_pretrain.py"], workspace)
@@ -72,6 +73,8 @@ def test_output_is_an_hf_model_with_manifest(workspace):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["steps"] == 16 and manifest["config"]["pretrain"]["max_steps"] == 16
     assert manifest["final_eval"]["val_bpb"] > 0
+    # weights, configs and manifest all get the same ordinary mode (no 0600 left by temp files)
+    assert len({(out / n).stat().st_mode & 0o777 for n in ("manifest.json", "model.safetensors", "config.json")}) == 1
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -80,6 +83,7 @@ def test_output_is_an_hf_model_with_manifest(workspace):
     assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
 
 
+@pytest.mark.slow
 def test_same_config_same_loss_curve_and_weights(workspace):
     cfg = clean(workspace)
     run_script([ROOT / "03_pretrain.py"], workspace)
@@ -92,6 +96,7 @@ def test_same_config_same_loss_curve_and_weights(workspace):
     assert all(torch.equal(first_w[k], second_w[k]) for k in first_w)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_matches_uninterrupted(workspace):
     extra = ["pretrain.max_steps=40", "pretrain.ckpt_every=3"]
     cfg = clean(workspace, extra)
@@ -125,6 +130,7 @@ def test_kill_9_then_rerun_matches_uninterrupted(workspace):
     assert train_losses(out) == pytest.approx(ref_losses, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(workspace):
     extra = ["pretrain.max_steps=400", "pretrain.ckpt_every=1000", "pretrain.eval_every=1000"]
     cfg = clean(workspace, extra)
@@ -146,6 +152,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(workspace):
     assert (work_dir(cfg, "03_pretrain") / "latest").exists()
 
 
+@pytest.mark.slow
 def test_seq_len_longer_than_model_is_a_clear_error(workspace):
     res = run_script([ROOT / "03_pretrain.py"], workspace, ["pretrain.seq_len=4096"], check=False)
     assert res.returncode == 2
@@ -153,6 +160,7 @@ def test_seq_len_longer_than_model_is_a_clear_error(workspace):
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_missing_upstream_is_a_clear_error(tmp_path):
     res = run_script([ROOT / "03_pretrain.py"], tmp_path, check=False)
     assert res.returncode == 2

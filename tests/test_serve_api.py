@@ -444,6 +444,7 @@ def test_serve_script_refuses_public_bind_without_key(tiny_chat_model_talkative)
 # The command itself.
 
 
+@pytest.mark.slow
 def test_serve_script_serves_ui_and_api_and_stops_on_ctrl_c(tiny_chat_model_talkative, tmp_path):
     proc = subprocess.Popen([sys.executable, "07_serve.py", "--model", str(tiny_chat_model_talkative), "--port", "0",
                              "--quiet-config", "--config", "config/smoke.yaml"],

@@ -117,6 +117,7 @@ def test_model_picker_lists_and_switches_models(ui, engine, refs):
     assert engine.loaded.id == refs[0].id
 
 
+@pytest.mark.slow
 def test_browser_chat_streams_a_reply(engine, refs, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 

@@ -352,6 +352,7 @@ def test_detector_without_train_loss_and_empty_history():
 # LoRA on the real SmolLM2-135M-Instruct (converted from its GGUF by the smollm2_hf fixture)
 
 
+@pytest.mark.slow
 def test_smollm2_template_rendering_and_lora_lowers_val_loss(smollm2_hf, tmp_path):
     from accelerate import Accelerator
 
@@ -405,6 +406,7 @@ def sft_cfg(tmp_path, base: Path, *extra):
                                "sft.data=[{type: chitchat, max_examples: 60}]", *extra])
 
 
+@pytest.mark.slow
 def test_full_sft_stage_end_to_end(tiny_chat_model, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -442,6 +444,7 @@ def test_full_sft_stage_end_to_end(tiny_chat_model, tmp_path, capsys):
     assert (out / "manifest.json").stat().st_mtime == mtime
 
 
+@pytest.mark.slow
 def test_lora_stage_adapter_and_merge_agree_with_peft_on_transformers(tiny_chat_model, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -494,6 +497,7 @@ def test_coursework_rules_checked_before_training(tiny_chat_model, tmp_path):
     assert ok["checked"] == "passed" and ok["max_epochs"] == 2.0
 
 
+@pytest.mark.slow
 def test_script_reports_user_errors_without_traceback(tmp_path):
     import subprocess
     import sys
