@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install Models at Home into ./.venv (idempotent: a second run only checks).
-#   ./install.sh          runtime dependencies (everything the pipeline and the server need)
+#   ./install.sh          runtime dependencies (everything the pipeline and the server need, llama.cpp included)
 #   ./install.sh --dev    + test/benchmark dependencies, the offline test models, and Debian's chromium for browser tests
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -22,5 +22,13 @@ if [ "${1:-}" = "--dev" ]; then
   fi
 else
   .venv/bin/pip install -q -r requirements.txt
+fi
+# The llama.cpp engine that 07_serve uses for GGUF models on a CPU. PyPI has only its source: pip compiles
+# llama.cpp with cmake and the C++ compiler (measured: 3m27s on 2 cores) and keeps the wheel in its cache, so a
+# reinstall takes seconds. Where it cannot be built, serving falls back to the torch engine and says so.
+if ! .venv/bin/python -c "import llama_cpp" >/dev/null 2>&1; then
+  echo "building llama-cpp-python (compiles llama.cpp, a few minutes) ..."
+  .venv/bin/pip install -q "llama-cpp-python==0.3.36" \
+    || echo "warning: llama-cpp-python could not be built; 07_serve will use its torch engine (slower on CPU)" >&2
 fi
 echo "installed into $(pwd)/.venv"

@@ -267,6 +267,11 @@ class ServeConfig:
     max_queue: int = field(default=64, metadata=_range(1, 100_000))
     # the largest API request body accepted, in MB (far above any context we serve); a larger one gets HTTP 413
     max_body_mb: float = field(default=4.0, metadata=_range(0.001, 1024.0))
+    # what decodes: "llama.cpp" (a GGUF file through llama-cpp-python: fastest on CPUs), "torch" (our engine on the
+    # HF weights: GPUs, models without a GGUF) or "auto" (llama.cpp for a model with a GGUF on a CPU, else torch)
+    engine: Literal["auto", "torch", "llama.cpp"] = "auto"
+    # llama.cpp engine: tokens of context per concurrent reply (its KV cache is allocated up front for max_active)
+    max_context: int = field(default=4096, metadata=_range(16, 1_048_576))
 
 
 @dataclass

@@ -553,7 +553,8 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         if not any(model_dir.rglob("*.safetensors")):
             raise UserError(f"{ref}: no safetensors weights ended up in the install; refusing (pickle weights are "
                             "never installed)")
-        extras = _copy_extras(src.get("extras") or [], tmp / "gguf", log)
+        # a GGUF source is kept as it came beside its HF conversion: 07_serve serves it with llama.cpp
+        extras = _copy_extras([src["path"]] if src["kind"] == "gguf" else src.get("extras") or [], tmp / "gguf", log)
         (tmp / "logs").mkdir()
         n_files = write_sums(tmp)
         log(f"manifest: {SUMS} over {n_files} files ({time.time() - t0:.1f} s so far)")

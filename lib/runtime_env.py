@@ -45,6 +45,8 @@ COMPLETE = ".complete"
 SERVE_DISTRIBUTIONS = ("torch", "numpy", "transformers", "tokenizers", "safetensors", "huggingface-hub", "pyyaml",
                        "jsonschema", "gradio", "fastapi", "uvicorn", "pydantic", "starlette", "jinja2", "psutil",
                        "gguf", "tqdm", "packaging")
+# Taken along when installed here: the llama.cpp engine (lib.serving.llamacpp; serving falls back to torch without).
+OPTIONAL_DISTRIBUTIONS = ("llama-cpp-python",)
 CODE = ("07_serve.py", "lib")
 
 
@@ -53,9 +55,11 @@ def _norm(name: str) -> str:
 
 
 def distribution_closure(roots: list[str] | tuple[str, ...]) -> list[md.Distribution]:
-    """The installed distributions `roots` need, with everything they require (markers evaluated for this
-    interpreter, extras not followed). A root that is not installed is an error: the install could not start."""
+    """The installed distributions `roots` (and OPTIONAL_DISTRIBUTIONS where installed) need, with everything they
+    require (markers evaluated for this interpreter, extras not followed). A root that is not installed is an
+    error: the install could not start."""
     installed = {_norm(d.metadata["Name"]): d for d in md.distributions() if d.metadata["Name"]}
+    roots = [*roots, *(r for r in OPTIONAL_DISTRIBUTIONS if _norm(r) in installed)]
     env = default_environment()
     env["extra"] = ""
     seen: dict[str, md.Distribution] = {}

@@ -224,6 +224,9 @@ def test_gguf_source_and_export_dir_with_gguf_and_modelfile(tiny_chat_model, tmp
     assert folder.name == "tiny-f16"
     files = sorted(p.name for p in (folder / "model").iterdir())
     assert "model.safetensors" in files and not any(f.endswith(".gguf") for f in files)
+    # ... and the GGUF itself is kept beside it (07_serve serves it with llama.cpp), under the checksums
+    assert (folder / "gguf" / "tiny-f16.gguf").read_bytes() == (export / "tiny-f16.gguf").read_bytes()
+    assert "gguf/tiny-f16.gguf" in (folder / "SHA256SUMS").read_text()
     config = json.loads((folder / "model" / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
     assert [e["name"] for e in list_installed(models)] == ["export", "tiny-f16"]

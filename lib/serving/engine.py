@@ -8,9 +8,15 @@
         ...
 
 One thread owns the model, so requests from the API, the UI and the CLI never race on it. It keeps up to
-`max_active` generations open and advances them round-robin one token each (lib.generate.stream with its
-KV cache per request), so a long reply does not block a short one, and a cancelled request (client gone,
-Stop button) is dropped at its next token. Requests beyond that wait in a bounded queue.
+`max_active` generations open and advances them round-robin one token each, so a long reply does not block a
+short one, and a cancelled request (client gone, Stop button) is dropped at its next token. Requests beyond that
+wait in a bounded queue.
+
+Two decoders sit behind the same token iterators (`LoadedModel.stream`), picked by `choose_engine`:
+- llama.cpp (lib.serving.llamacpp) for a model that has a GGUF file, on a CPU: llama.cpp's own speed, and one
+  batched decode per round for all active requests;
+- torch (lib.generate.stream, a KV cache per request) for GPUs and for models without a GGUF. It also serves a
+  GGUF when llama-cpp-python is missing (converted to HF weights on load), and says why that is slower.
 
 Text comes out through `TextStream`: UTF-8-complete pieces only, stop strings cut off, and any text that could
 be the start of a stop string held back until it is known not to be one.
@@ -65,7 +71,7 @@ class ContextTooLong(ValueError):
 @dataclass
 class LoadedModel:
     ref: ModelRef
-    model: Any  # lib.model.HomeLLM, in eval mode
+    model: Any  # lib.model.HomeLLM in eval mode (engine "torch"), or lib.serving.llamacpp.LlamaCppModel
     tokenizer: Any  # transformers PreTrainedTokenizerFast
     context_length: int
     stop_token_ids: list[int]
@@ -75,6 +81,16 @@ class LoadedModel:
     config: dict = field(default_factory=dict)  # the model's config.json
     # the longest token's text: a text longer than context_length * this cannot fit, whatever it says
     max_token_chars: int = 64
+    engine: str = "torch"  # "torch" or "llama.cpp"
+    engine_note: str = ""  # why this engine (shown at start and in /info)
+
+    def stream(self, prompt_ids: list[int], params) -> Iterator[int]:
+        """New token ids for a prompt (lib.generate.stream's contract), from whichever decoder serves this model."""
+        if self.engine == "llama.cpp":
+            return self.model.stream(prompt_ids, params)
+        from lib.generate import stream
+
+        return stream(self.model, prompt_ids, params)
 
     @property
     def id(self) -> str:
@@ -91,7 +107,9 @@ class LoadedModel:
     def describe(self) -> dict:
         """What /info and the UI show about the model."""
         return {
-            "id": self.id, "source": self.ref.source, "path": str(self.ref.path),
+            "id": self.id, "source": self.ref.source, "path": str(self.ref.path or self.ref.gguf),
+            "gguf": str(self.ref.gguf) if self.ref.gguf else None, "engine": self.engine,
+            "engine_note": self.engine_note,
             "architecture": (self.config.get("architectures") or [self.config.get("model_type")])[0],
             "parameters": self.parameters, "context_length": self.context_length,
             "vocab_size": self.config.get("vocab_size"), "device": self.device, "dtype": self.dtype,
@@ -123,39 +141,114 @@ def _stop_ids(tokenizer, hf_dir: Path) -> list[int]:
     return sorted(ids)
 
 
-def load_model(ref: ModelRef, device: str = "auto") -> LoadedModel:
-    """Load the weights (safetensors through lib.model.load_hf) and the tokenizer of `ref.path`, and check they fit."""
-    import torch
+def choose_engine(ref: ModelRef, device: str, requested: str = "auto") -> tuple[str, str]:
+    """("llama.cpp" | "torch", why). llama.cpp needs a GGUF file, the CPU and an importable llama-cpp-python."""
+    from lib.serving import llamacpp
 
-    from lib.model import load_hf
-    from lib.tokenizer import load_tokenizer
+    if requested == "torch":
+        return "torch", "engine torch (asked for)"
+    ok, why_not = llamacpp.available()
+    problems = []
+    if ref.gguf is None:
+        problems.append("the model has no GGUF file (export or install one to serve it with llama.cpp)")
+    if device != "cpu":
+        problems.append(f"llama.cpp here runs on the CPU and the model is to run on {device}")
+    if not ok:
+        problems.append(why_not)
+    if not problems:
+        return "llama.cpp", f"engine llama.cpp on {ref.gguf.name}"
+    if requested == "llama.cpp":
+        raise UserError("serve.engine llama.cpp: " + "; ".join(problems))
+    slower = "; the torch engine decodes several times slower on a CPU" if device == "cpu" and ref.gguf else ""
+    return "torch", "engine torch: " + "; ".join(problems) + slower
 
+
+def load_model(ref: ModelRef, device: str = "auto", engine: str = "auto", max_active: int = 4,
+               max_context: int = 4096) -> LoadedModel:
+    """Load `ref` for serving with the engine `choose_engine` picks, and check that tokenizer and model fit."""
     device = pick_device(device)
     if ref.install_dir is not None:  # an installed model is served only if every file matches its SHA256SUMS
         from lib.install import verify_install
 
         verify_install(ref.install_dir)
-    config_path = ref.path / "config.json"
+    engine, note = choose_engine(ref, device, engine)
+    if engine == "llama.cpp":
+        return _load_llamacpp(ref, note, max_active, max_context)
+    return _load_torch(ref, device, note)
+
+
+def _load_torch(ref: ModelRef, device: str, note: str) -> LoadedModel:
+    """Our HomeLLM on the HF weights (safetensors through lib.model.load_hf)."""
+    import torch
+
+    from lib.model import load_hf
+    from lib.tokenizer import load_tokenizer
+
+    hf_dir = ref.path
+    if hf_dir is None:  # a GGUF alone: dequantised into an HF folder first (once per process)
+        hf_dir = _gguf_as_hf(ref.gguf)
+    config_path = hf_dir / "config.json"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{config_path}: cannot read the model config ({e})") from None
-    tokenizer = load_tokenizer(ref.path)
+    tokenizer = load_tokenizer(hf_dir)
     # bf16 halves memory and is fast on GPUs; CPUs serve in fp32 (bf16 matmuls are slow on most of them).
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = load_hf(ref.path, device=device, dtype=dtype)
+    model = load_hf(hf_dir, device=device, dtype=dtype)
     model.eval()
     n_vocab = config.get("vocab_size")
     largest_id = max(tokenizer.get_vocab().values())
     if isinstance(n_vocab, int) and largest_id >= n_vocab:
-        raise UserError(f"{ref.path}: the tokenizer has token id {largest_id} but the model's vocab_size is {n_vocab} "
+        raise UserError(f"{hf_dir}: the tokenizer has token id {largest_id} but the model's vocab_size is {n_vocab} "
                         f"(config.json); the tokenizer files do not belong to this model")
     context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", None) or 2048
     return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=int(context),
-                       stop_token_ids=_stop_ids(tokenizer, ref.path), device=device, dtype=str(dtype).split(".")[-1],
+                       stop_token_ids=_stop_ids(tokenizer, hf_dir), device=device, dtype=str(dtype).split(".")[-1],
                        parameters=model.num_params(), config=config,
                        # a byte-level token's string has one character per byte, so it bounds the decoded length
-                       max_token_chars=max(len(t) for t in tokenizer.get_vocab()))
+                       max_token_chars=max(len(t) for t in tokenizer.get_vocab()), engine="torch", engine_note=note)
+
+
+def _gguf_as_hf(gguf: Path) -> Path:
+    import tempfile
+
+    from lib.convert import gguf_to_hf
+
+    out = Path(tempfile.mkdtemp(prefix="serve-gguf-")) / gguf.stem
+    print(f"converting {gguf} to HF weights for the torch engine (llama.cpp would serve it as is) …",
+          file=sys.stderr, flush=True)
+    return gguf_to_hf(gguf, out)
+
+
+def _gguf_tokenizer(gguf: Path):
+    """The tokenizer (and chat template) stored in a GGUF file, as a transformers tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # transformers raises many kinds for a tokenizer it cannot rebuild
+        raise UserError(f"{gguf}: cannot read its tokenizer ({type(e).__name__}: {e}); serve the HF folder of "
+                        "the model instead") from None
+
+
+def _load_llamacpp(ref: ModelRef, note: str, max_active: int, max_context: int) -> LoadedModel:
+    from lib.serving.llamacpp import LlamaCppModel
+    from lib.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ref.path) if ref.path is not None else _gguf_tokenizer(ref.gguf)
+    model = LlamaCppModel(ref.gguf, n_ctx_seq=max_context, n_seq=max_active)
+    if len(tokenizer) > model.n_vocab:
+        raise UserError(f"{ref.gguf}: the tokenizer has {len(tokenizer)} tokens but the GGUF model only {model.n_vocab}"
+                        "; the tokenizer files do not belong to this model")
+    config = json.loads((ref.path / "config.json").read_text(encoding="utf-8")) if ref.path is not None else {}
+    config.setdefault("vocab_size", model.n_vocab)
+    stop_ids = _stop_ids(tokenizer, ref.path) if ref.path is not None else _stop_ids(tokenizer, ref.gguf.parent)
+    quant = ref.gguf.stem.rsplit("-", 1)[-1] if "-" in ref.gguf.stem else ref.gguf.stem
+    return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=model.n_ctx_seq,
+                       stop_token_ids=stop_ids, device="cpu", dtype=f"gguf {quant}", parameters=model.n_params,
+                       config=config, max_token_chars=max(len(t) for t in tokenizer.get_vocab()),
+                       engine="llama.cpp", engine_note=note)
 
 
 def sampling_params(temperature: float, top_p: float, max_new_tokens: int, seed: int | None = None, **extra):
@@ -446,9 +539,11 @@ class _Active:
 class Engine:
     """Owns the loaded model; `submit` queues a generation and returns its Handle at once."""
 
-    def __init__(self, loaded: LoadedModel, max_active: int = 4, max_queue: int = 64, metrics: Metrics | None = None):
+    def __init__(self, loaded: LoadedModel, max_active: int = 4, max_queue: int = 64, metrics: Metrics | None = None,
+                 engine: str = "auto", max_context: int = 4096):
         self._loaded = loaded
         self.max_active, self.max_queue = max_active, max_queue
+        self.engine_choice, self.max_context = engine, max_context  # for models loaded later (the UI's picker)
         self.metrics = metrics or Metrics()
         self._inbox: queue.Queue[_Request | None] = queue.Queue()
         self._active: list[_Active] = []
@@ -470,13 +565,18 @@ class Engine:
 
     def load(self, ref: ModelRef, device: str | None = None) -> LoadedModel:
         """Load `ref` (in the caller's thread, so serving goes on meanwhile) and swap it in."""
-        loaded = load_model(ref, device or self._loaded.device)
+        loaded = load_model(ref, device or self._loaded.device, self.engine_choice, self.max_active, self.max_context)
         self.swap(loaded)
         return loaded
 
     def pending(self) -> dict:
-        return {"active": len(self._active), "queued": self._inbox.qsize(), "max_active": self.max_active,
-                "max_queue": self.max_queue}
+        out = {"active": len(self._active), "queued": self._inbox.qsize(), "max_active": self.max_active,
+               "max_queue": self.max_queue, "engine": self._loaded.engine}
+        rounds = getattr(self._loaded.model, "rounds", 0)
+        if rounds:  # llama.cpp: how many replies each batched decode advanced, on average
+            out["batched_decodes"] = rounds
+            out["replies_per_decode"] = round(self._loaded.model.round_sequences / rounds, 2)
+        return out
 
     def submit(self, prompt_ids: list[int], params, stop: Sequence[str] = (), loaded: LoadedModel | None = None,
                loop: asyncio.AbstractEventLoop | None = None) -> Handle:
@@ -540,8 +640,6 @@ class Engine:
 
     def _admit(self) -> bool:
         """Move queued requests into the active set; block only when there is nothing to do. False = shut down."""
-        from lib.generate import stream
-
         while len(self._active) < self.max_active:
             try:
                 req = self._inbox.get(block=not self._active)
@@ -555,7 +653,7 @@ class Engine:
                 req.handle._emit("done", "cancelled")
                 continue
             self.metrics.inc("prompt_tokens", len(req.prompt_ids))
-            tokens = stream(req.loaded.model, req.prompt_ids, req.params)
+            tokens = req.loaded.stream(req.prompt_ids, req.params)
             self._active.append(_Active(req, tokens, TextStream(req.loaded.tokenizer, req.stop)))
         return True
 

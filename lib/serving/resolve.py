@@ -3,9 +3,12 @@
     ref = resolve_model(None, cfg)              # the furthest complete stage of this config, else the newest one
     ref = resolve_model("mymodel", cfg)         # <install.models_dir>/mymodel/model after verify_install
     ref = resolve_model("artifacts/04_sft/ab12", cfg)
+    ref = resolve_model("~/Downloads/model.Q4_K_M.gguf", cfg)   # a GGUF file, or a folder holding one
     refs = available_models(cfg)                # what the UI's model picker lists
 
-Every answer is a `ModelRef` whose `path` is an HF-format directory (config.json + safetensors + tokenizer).
+Every answer is a `ModelRef` with an HF-format directory (`path`: config.json + safetensors + tokenizer), a GGUF
+file (`gguf`), or both: exports and installs keep their GGUF files beside the HF folder, and the engine serves
+the GGUF with llama.cpp where it can (lib.serving.engine picks).
 Not here: loading the weights (lib.serving.engine).
 """
 
@@ -25,13 +28,19 @@ MODEL_STAGES = ("04_export", "04_sft", "03_pretrain")
 _HF_SUBDIRS = (".", "model", "hf")
 
 
+# Which GGUF to serve when a folder has several: 8-bit first (llama.cpp's fastest at full quality on a CPU), then
+# 16-bit, then whatever else is there.
+GGUF_PREFERENCE = ("q8_0", "f16", "bf16")
+
+
 @dataclass(frozen=True)
 class ModelRef:
     id: str  # the name clients send as "model" (OpenAI API) and the UI shows
-    path: Path  # an HF-format model directory
+    path: Path | None  # an HF-format model directory (None for a GGUF file alone)
     source: str  # "installed", "pipeline" or "path"
     info: dict = field(default_factory=dict, compare=False)  # model_info.json or the stage manifest's summary
     install_dir: Path | None = None  # the install folder, for installed models (verified again before loading)
+    gguf: Path | None = None  # the same model as a GGUF file, when there is one
 
     @property
     def label(self) -> str:
@@ -47,6 +56,18 @@ def find_hf_dir(folder: Path) -> Path | None:
     return None
 
 
+def find_gguf(folder: Path) -> Path | None:
+    """The GGUF file to serve from `folder` or its gguf/ subfolder (see GGUF_PREFERENCE), None when there is none."""
+    found = [p for sub in (".", "gguf") if (folder / sub).is_dir() for p in (folder / sub).glob("*.gguf") if p.is_file()]
+
+    def rank(p: Path) -> tuple[int, str]:
+        name = p.stem.lower()
+        hits = [i for i, q in enumerate(GGUF_PREFERENCE) if re.search(rf"(^|[-_.]){q}($|[-_.])", name)]
+        return (hits[0] if hits else len(GGUF_PREFERENCE), p.name)
+
+    return min(found, key=rank).resolve() if found else None
+
+
 def _safe_id(text: str) -> str:
     """A model id clients can type: printable, no whitespace or path tricks."""
     return re.sub(r"[^A-Za-z0-9._/-]+", "-", text).strip("-/.") or "model"
@@ -58,7 +79,8 @@ def _stage_ref(stage_path: Path) -> ModelRef | None:
         return None
     manifest = read_json(stage_path / MANIFEST)
     info = {k: manifest[k] for k in ("stage", "hash", "created", "parameters", "best_val_loss") if k in manifest}
-    return ModelRef(id=f"{stage_path.parent.name}/{stage_path.name}", path=hf, source="pipeline", info=info)
+    return ModelRef(id=f"{stage_path.parent.name}/{stage_path.name}", path=hf, source="pipeline", info=info,
+                     gguf=find_gguf(stage_path))
 
 
 def pipeline_models(artifacts_dir: str | Path) -> list[ModelRef]:
@@ -110,7 +132,8 @@ def installed_ref(folder: Path, quick: bool = False) -> ModelRef:
         raise UserError(f"{folder}: an installed model folder should hold model/config.json; it does not. "
                         f"Reinstall it with `python 06_install.py`.")
     info = read_json(folder / INFO) if (folder / INFO).is_file() else {}
-    return ModelRef(id=folder.name, path=hf, source="installed", info=info, install_dir=folder)
+    return ModelRef(id=folder.name, path=hf, source="installed", info=info, install_dir=folder,
+                    gguf=find_gguf(folder))
 
 
 def installed_models(models_dir: str | Path) -> list[ModelRef]:
@@ -152,22 +175,27 @@ def resolve_model(spec: str | None, cfg: Config, models_dir: str | Path | None =
 
 
 def _path_ref(path: Path) -> ModelRef:
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return ModelRef(id=_safe_id(path.stem), path=None, source="path", gguf=path.resolve())
     if not path.is_dir():
-        what = "is a file" if path.exists() else "does not exist"
-        raise UserError(f"--model {path}: expected a model directory, but it {what}")
+        what = "is a file (not .gguf)" if path.exists() else "does not exist"
+        raise UserError(f"--model {path}: expected a model directory or a .gguf file, but it {what}")
     from lib.install import INFO, MARKER
 
     if (path / MARKER).is_file() or (path / INFO).is_file():  # an install folder
         return installed_ref(path.resolve(), quick=True)
     hf = find_hf_dir(path)
-    if hf is None:
+    gguf = find_gguf(path)
+    if hf is None and gguf is None:
         found = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "nothing"
-        raise UserError(f"--model {path}: no config.json there (nor in model/ or hf/); expected an HF-format model "
-                        f"directory, an install folder or a stage directory. Found: {found}")
-    parent = hf.parent if hf != path.resolve() else hf
-    if is_complete(parent) and parent.parent.name in MODEL_STAGES:
-        return _stage_ref(parent)
-    return ModelRef(id=_safe_id(path.resolve().name), path=hf, source="path")
+        raise UserError(f"--model {path}: no config.json there (nor in model/ or hf/) and no .gguf file; expected an "
+                        f"HF-format model directory, a folder with a GGUF file, an install folder or a stage "
+                        f"directory. Found: {found}")
+    if hf is not None:
+        parent = hf.parent if hf != path.resolve() else hf
+        if is_complete(parent) and parent.parent.name in MODEL_STAGES:
+            return _stage_ref(parent)
+    return ModelRef(id=_safe_id(path.resolve().name), path=hf, source="path", gguf=gguf)
 
 
 def _installed_by_name(name: str, models_dir: Path) -> ModelRef:

@@ -46,6 +46,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system prompt for --cli / --prompt")
     p.add_argument("--seed", type=int, help="sampling seed for --cli / --prompt (default: random)")
     p.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1 …")
+    p.add_argument("--engine", choices=["auto", "torch", "llama.cpp"],
+                   help="what decodes (default: serve.engine = auto: llama.cpp for a model with a GGUF file on a CPU, "
+                        "else torch)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -198,9 +201,12 @@ def serve_command(args: argparse.Namespace) -> int:
         warning = check_bind(host, api_key, args.insecure)
     ref = resolve_model(args.model, cfg, args.models_dir)
     log = sys.stderr
-    print(f"loading {ref.id} from {ref.path} …", file=log, flush=True)
-    loaded = load_model(ref, args.device)
-    engine = Engine(loaded, max_active=serve.max_active, max_queue=serve.max_queue)
+    print(f"loading {ref.id} from {ref.path or ref.gguf} …", file=log, flush=True)
+    choice = args.engine or serve.engine
+    loaded = load_model(ref, args.device, choice, serve.max_active, serve.max_context)
+    print(loaded.engine_note, file=log, flush=True)
+    engine = Engine(loaded, max_active=serve.max_active, max_queue=serve.max_queue, engine=choice,
+                    max_context=serve.max_context)
     try:
         if args.prompt is not None:
             from lib.serving.chat_cli import one_shot
@@ -220,7 +226,7 @@ def serve_command(args: argparse.Namespace) -> int:
                         loopback=is_loopback(host))
         url = url_of(sock)
         print(f"serving {loaded.id} ({loaded.parameters / 1e6:.1f}M parameters, context {loaded.context_length}) on "
-              f"{loaded.device}", flush=True)
+              f"{loaded.device} with {loaded.engine}", flush=True)
         print(f"  chat UI:    {url}" if not args.no_ui else "  chat UI:    off (--no-ui)", flush=True)
         print(f"  OpenAI API: {url}v1  (auth: {'Bearer key' if api_key else 'none'})", flush=True)
         print(f"Running on {url}  (Ctrl+C to stop)", flush=True)

@@ -1,0 +1,147 @@
+"""The llama.cpp engine behind 07_serve: GGUF files served as they are, the same greedy output as the torch engine
+on our exports, batched decoding of concurrent replies, the same sampling knobs, and the torch fallback.
+llama-cpp-python is built by install.sh; where it cannot be built these tests are skipped and serving uses torch."""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import httpx
+import openai
+import pytest
+import torch
+
+from conftest import ROOT
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (./install.sh builds it from source)")
+
+from lib.config import Config, ServeConfig  # noqa: E402
+from lib.errors import UserError  # noqa: E402
+from lib.generate import SamplingParams  # noqa: E402
+from lib.gguf_export import write_gguf  # noqa: E402
+from lib.serving.engine import Engine, choose_engine, encode_chat, load_model  # noqa: E402
+from lib.serving.resolve import resolve_model  # noqa: E402
+from lib.serving.server import BackgroundServer, build_app  # noqa: E402
+
+PROMPTS = ["Hello there", "And God said, Let there be light", "What is the capital of France?"]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_chat_model_talkative, tmp_path_factory):
+    """An export-like folder: hf/ (our tiny model, never ends a reply early) and an f16 GGUF beside it."""
+    d = tmp_path_factory.mktemp("export")
+    shutil.copytree(tiny_chat_model_talkative, d / "hf")
+    write_gguf(d / "hf", d / "tiny-f16.gguf", "f16", name="tiny")
+    return d
+
+
+@pytest.fixture(scope="module")
+def both(export_dir):
+    ref = resolve_model(str(export_dir), Config())
+    assert ref.gguf == (export_dir / "tiny-f16.gguf").resolve() and ref.path == (export_dir / "hf").resolve()
+    return load_model(ref, "cpu", "torch"), load_model(ref, "cpu", "llama.cpp", max_active=8, max_context=512)
+
+
+def test_auto_picks_llama_cpp_for_a_gguf_and_says_why(export_dir, tiny_chat_model):
+    ref = resolve_model(str(export_dir), Config())
+    assert choose_engine(ref, "cpu") == ("llama.cpp", "engine llama.cpp on tiny-f16.gguf")
+    engine, why = choose_engine(resolve_model(str(tiny_chat_model), Config()), "cpu")
+    assert engine == "torch" and "has no GGUF file" in why
+    with pytest.raises(UserError, match="serve.engine llama.cpp: the model has no GGUF file"):
+        choose_engine(resolve_model(str(tiny_chat_model), Config()), "cpu", "llama.cpp")
+    assert choose_engine(ref, "cpu", "torch") == ("torch", "engine torch (asked for)")
+
+
+def test_greedy_output_is_identical_on_both_engines(both):
+    torch_model, lcpp = both
+    assert (torch_model.engine, lcpp.engine) == ("torch", "llama.cpp")
+    params = SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=torch_model.stop_token_ids)
+    for prompt in PROMPTS:
+        ids = encode_chat(torch_model.tokenizer, [{"role": "user", "content": prompt}])
+        ours = list(torch_model.stream(ids, params))
+        assert len(ours) == 24
+        assert list(lcpp.stream(ids, params)) == ours, prompt
+        with torch.no_grad():
+            ref_logits = torch_model.model(torch.tensor([ids]))[0][0, -1]
+        theirs = torch.tensor(lcpp.model.logits_of_prompt(ids))
+        assert (theirs - ref_logits).abs().max() < 0.05 * ref_logits.abs().max()  # f16 weights
+
+
+def test_sampling_knobs_mean_the_same(both):
+    _, lcpp = both
+    ids = encode_chat(lcpp.tokenizer, [{"role": "user", "content": "Hello"}])
+    seeded = SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=7)
+    assert list(lcpp.stream(ids, seeded)) == list(lcpp.stream(ids, seeded))  # a seed reproduces the reply
+    draws = {tuple(lcpp.stream(ids, SamplingParams(max_new_tokens=16, temperature=1.5, seed=s))) for s in range(4)}
+    assert len(draws) > 1  # and sampling does sample
+    assert len(list(lcpp.stream(ids, SamplingParams(max_new_tokens=5, temperature=0)))) == 5  # max tokens
+    greedy = list(lcpp.stream(ids, SamplingParams(max_new_tokens=8, temperature=0)))
+    assert list(lcpp.stream(ids, SamplingParams(max_new_tokens=8, temperature=0.7, top_k=1, seed=3))) == greedy
+    stop = SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[greedy[3]])
+    assert list(lcpp.stream(ids, stop)) == greedy[:greedy.index(greedy[3])]  # a stop id ends it, unreturned
+
+
+def test_api_serves_concurrent_replies_in_batched_decodes(both):
+    _, lcpp = both
+    engine = Engine(lcpp, max_active=8)
+    try:
+        with BackgroundServer(build_app(engine, ServeConfig(max_active=8), ui=False)) as url:
+            client = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=120)
+            results, errors = [], []
+
+            def ask(i):
+                try:
+                    r = client.chat.completions.create(model=lcpp.id, max_tokens=32, seed=i, messages=[
+                        {"role": "user", "content": f"Tell me about day {i}"}])
+                    results.append(r.usage.completion_tokens)
+                except Exception as e:  # collected, asserted below
+                    errors.append(e)
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert errors == [] and results == [32] * 8
+            metrics = httpx.get(url + "metrics", timeout=10).json()["engine"]
+            assert metrics["engine"] == "llama.cpp" and metrics["replies_per_decode"] > 1.5, metrics
+            info = httpx.get(url + "info", timeout=10).json()["model"]
+            assert info["engine"] == "llama.cpp" and info["gguf"].endswith("tiny-f16.gguf")
+
+            # stop strings are cut by the engine's text stream, as on the torch path
+            full = client.chat.completions.create(model=lcpp.id, max_tokens=16, temperature=0, messages=[
+                {"role": "user", "content": "Hi"}]).choices[0].message.content
+            cut = full[len(full) // 2:len(full) // 2 + 3]
+            short = client.chat.completions.create(model=lcpp.id, max_tokens=16, temperature=0, stop=[cut], messages=[
+                {"role": "user", "content": "Hi"}])
+            assert short.choices[0].message.content == full[:full.index(cut)]
+            assert short.choices[0].finish_reason == "stop"
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+def test_07_serve_takes_a_gguf_file_or_a_folder_holding_one(export_dir, tmp_path):
+    only = tmp_path / "only-gguf"
+    only.mkdir()
+    shutil.copy2(export_dir / "tiny-f16.gguf", only / "tiny-f16.gguf")
+    for target, engine in [(only / "tiny-f16.gguf", "llama.cpp"), (only, "llama.cpp"),
+                           (only / "tiny-f16.gguf", "torch")]:
+        cmd = [sys.executable, str(ROOT / "07_serve.py"), "--model", str(target), "--prompt", "Hello",
+               "--quiet-config", "--engine", engine, "--set", "serve.max_new_tokens=8"]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.stdout.strip() and f"engine {engine}" in res.stderr
+    bad = tmp_path / "notes.txt"
+    bad.write_text("hi")
+    res = subprocess.run([sys.executable, str(ROOT / "07_serve.py"), "--model", str(bad), "--prompt", "x",
+                          "--quiet-config"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "expected a model directory or a .gguf file" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_info_json_is_plain(both):
+    _, lcpp = both
+    json.dumps(lcpp.describe())
