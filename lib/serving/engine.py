@@ -221,7 +221,7 @@ def _gguf_as_hf(gguf: Path) -> Path:
     return gguf_to_hf(gguf, out)
 
 
-def _gguf_tokenizer(gguf: Path):
+def gguf_tokenizer(gguf: Path):
     """The tokenizer (and chat template) stored in a GGUF file, as a transformers tokenizer."""
     from transformers import AutoTokenizer
 
@@ -236,7 +236,7 @@ def _load_llamacpp(ref: ModelRef, note: str, max_active: int, max_context: int) 
     from lib.serving.llamacpp import LlamaCppModel
     from lib.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(ref.path) if ref.path is not None else _gguf_tokenizer(ref.gguf)
+    tokenizer = load_tokenizer(ref.path) if ref.path is not None else gguf_tokenizer(ref.gguf)
     model = LlamaCppModel(ref.gguf, n_ctx_seq=max_context, n_seq=max_active)
     if len(tokenizer) > model.n_vocab:
         raise UserError(f"{ref.gguf}: the tokenizer has {len(tokenizer)} tokens but the GGUF model only {model.n_vocab}"
