@@ -15,7 +15,7 @@ otherwise. The model is checked first (05_check's report is reused when current)
 here. An existing install is replaced only after a yes, or with --force.
 """
 
-from lib.cli import config_parser, run_main
+from lib.cli import config_files, config_parser, run_main
 from lib.config import dump_yaml, load_config
 from lib.install import run_command
 
@@ -39,9 +39,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def body():
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config_files(args), args.overrides)
         if args.command == "install" and not args.quiet_config:
-            print(f"# resolved config ({args.config})\n{dump_yaml(cfg)}", flush=True)
+            print(f"# resolved config ({' + '.join(config_files(args))})\n{dump_yaml(cfg)}", flush=True)
         return run_command(cfg, args)
 
     return run_main(body)

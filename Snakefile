@@ -4,32 +4,49 @@
 #   snakemake --cores all --configfile config/smoke.yaml   # any other config file
 #   snakemake --cores all tokens                           # stop after a stage (targets: data, tokenizer, tokens, ...)
 #
-# Every stage writes artifacts/<NN_stage>/<hash>/ where <hash> covers only that stage's own config section, the
-# hashes of the stages it reads and a format version (lib/config.py). Editing one section reruns that stage and
-# what depends on it; reverting the edit finds the old directories again, so nothing runs. A directory is complete
-# iff its manifest.json exists, and that file is each rule's declared output.
+# Every stage writes artifacts/<NN_stage>/<hash>/ where <hash> covers that stage's own config section, the contents
+# of the local files it reads, the code it runs (its script and the lib modules behind it), the hashes of the stages
+# it reads and a format version (lib/config.py, lib/fingerprint.py). Editing one of those reruns that stage and what
+# depends on it; reverting the edit finds the old directories again, so nothing runs. A directory is complete iff
+# its manifest.json exists, and that file is each rule's declared output.
 #
-# The config file is deliberately NOT a rule input: its mtime would rerun everything on any edit. The hashes in the
-# output paths carry the config instead. Each rule's own script is an input, so editing a script reruns its stage.
+# Neither the config files nor the code are rule inputs: their mtimes would rerun everything on any edit. The
+# hashes in the output paths carry them instead.
+#   snakemake --cores all --configfile config/smoke.yaml --configfile mine.yaml   # merged in order, later wins
+#   snakemake --cores all --config 'tokenizer={"vocab_size": 1024}'              # or tokenizer.vocab_size=1024
 
+import shlex
 import sys
 from pathlib import Path
 
-from lib.config import load_config, stage_dir
+from lib.config import load_config, overrides_from_mapping, stage_dir
 
 SRC = Path(workflow.basedir)  # the scripts live beside this file; artifacts go to the working directory
 DEFAULT_CONFIG = "config/default.yaml" if Path("config/default.yaml").is_file() else str(SRC / "config/default.yaml")
-CONFIG_FILE = workflow.overwrite_configfiles[-1] if workflow.overwrite_configfiles else DEFAULT_CONFIG
-CFG = load_config(CONFIG_FILE)  # validates: a bad config stops here with the key and what was expected
-PY = sys.executable
+# Every --configfile, merged in order as Snakemake merges them, then every --config key=value on top (nested
+# values and dotted keys alike): the same config the scripts below load from the same arguments.
+CONFIG_FILES = [str(f) for f in workflow.overwrite_configfiles] or [DEFAULT_CONFIG]
+OVERRIDES = overrides_from_mapping(dict(workflow.config_settings.config or {}))
+CFG = load_config(CONFIG_FILES, OVERRIDES)  # validates: a bad config stops here with the key and what was expected
+CONFIG_ARGS = " ".join([*(f"--config {shlex.quote(f)}" for f in CONFIG_FILES),
+                        *(f"--set {shlex.quote(o)}" for o in OVERRIDES)])
+# Rules run the interpreter that runs Snakemake (.venv's, whether or not it is activated), or, with `--sdm conda`,
+# `python3` of the rule's conda environment (envs/pipeline.yaml), which Snakemake puts first on PATH.
+USES_CONDA = "CONDA" in {m.name for m in (workflow.deployment_settings.deployment_method or ())}
+PY = "python3" if USES_CONDA else sys.executable
+ENV = "envs/pipeline.yaml"
+
+
+def config_args(wildcards, output):
+    """The scripts' config arguments. A function of the output, so Snakemake treats it as derived from the output
+    path (which carries the stage hash) and does not rerun a job whose hash is unchanged when an unrelated
+    --config value differs."""
+    return CONFIG_ARGS
 
 
 def script(name):
     return str(SRC / name)
 LOGS = f"{CFG.artifacts_dir}/logs"
-
-
-ENV = "envs/pipeline.yaml"
 
 
 def done(stage):
@@ -102,11 +119,11 @@ rule prepare_data:
         bench("01_data")
     params:
         py=PY,
-        config=CONFIG_FILE,
+        config=config_args,
     conda:
         ENV
     shell:
-        "{params.py} {input.script} --config {params.config} > {log} 2>&1"
+        "{params.py} {input.script} {params.config} > {log} 2>&1"
 
 
 rule train_tokenizer:
@@ -121,11 +138,11 @@ rule train_tokenizer:
         bench("02_tokenizer")
     params:
         py=PY,
-        config=CONFIG_FILE,
+        config=config_args,
     conda:
         ENV
     shell:
-        "{params.py} {input.script} --config {params.config} > {log} 2>&1"
+        "{params.py} {input.script} {params.config} > {log} 2>&1"
 
 
 rule encode_corpus:
@@ -142,11 +159,11 @@ rule encode_corpus:
     threads: workflow.cores
     params:
         py=PY,
-        config=CONFIG_FILE,
+        config=config_args,
     conda:
         ENV
     shell:
-        "RAYON_NUM_THREADS={threads} {params.py} {input.script} --config {params.config} --encode > {log} 2>&1"
+        "RAYON_NUM_THREADS={threads} {params.py} {input.script} {params.config} --encode > {log} 2>&1"
 
 
 rule pretrain:
@@ -163,11 +180,11 @@ rule pretrain:
     threads: workflow.cores
     params:
         py=PY,
-        config=CONFIG_FILE,
+        config=config_args,
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} {params.py} {input.script} --config {params.config} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.py} {input.script} {params.config} > {log} 2>&1"
 
 
 rule sft:
@@ -183,11 +200,11 @@ rule sft:
     threads: workflow.cores
     params:
         py=PY,
-        config=CONFIG_FILE,
+        config=config_args,
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} {params.py} {input.script} --config {params.config} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.py} {input.script} {params.config} > {log} 2>&1"
 
 
 rule export:
@@ -203,11 +220,11 @@ rule export:
     threads: workflow.cores
     params:
         py=PY,
-        config=CONFIG_FILE,
+        config=config_args,
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} {params.py} {input.script} --config {params.config} --export > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.py} {input.script} {params.config} --export > {log} 2>&1"
 
 
 rule checked:
@@ -225,11 +242,11 @@ rule check:
         log("05_check"),
     params:
         py=PY,
-        config=CONFIG_FILE,
+        config=config_args,
     conda:
         ENV
     shell:
-        "{params.py} {input.script} --config {params.config} --quiet-config > {log} 2>&1"
+        "{params.py} {input.script} {params.config} --quiet-config > {log} 2>&1"
 
 
 
@@ -249,8 +266,8 @@ rule install:
         log("06_install"),
     params:
         py=PY,
-        config=CONFIG_FILE,
+        config=config_args,
     conda:
         ENV
     shell:
-        "{params.py} {input.script} install --config {params.config} --quiet-config > {log} 2>&1"
+        "{params.py} {input.script} install {params.config} --quiet-config > {log} 2>&1"

@@ -16,11 +16,18 @@ DEFAULT_CONFIG = "config/default.yaml"
 
 def config_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config file (default: {DEFAULT_CONFIG})")
+    p.add_argument("--config", action="append", type=str, default=None,
+                   help=f"YAML config file (default: {DEFAULT_CONFIG}); given several times, the files are merged in "
+                        "order, later ones winning (as Snakemake merges --configfile)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value with a dotted key, e.g. --set tokenizer.vocab_size=4096 (repeatable)")
     p.add_argument("--quiet-config", action="store_true", help="do not print the resolved config")
     return p
+
+
+def config_files(args: argparse.Namespace) -> list[str]:
+    """The --config files given, or the default one."""
+    return args.config or [DEFAULT_CONFIG]
 
 
 def run_main(fn: Callable[[], int | None]) -> int:
@@ -44,9 +51,10 @@ def stage_main(description: str, run: Callable[[Config, argparse.Namespace], int
     args = parser.parse_args(argv)
 
     def body():
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config_files(args), args.overrides)
         if not args.quiet_config:
-            print(f"# resolved config ({args.config}{' + ' + ', '.join(args.overrides) if args.overrides else ''})")
+            print(f"# resolved config ({' + '.join(config_files(args))}"
+                  f"{' + ' + ', '.join(args.overrides) if args.overrides else ''})")
             print(dump_yaml(cfg), flush=True)
         return run(cfg, args)
 

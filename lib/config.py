@@ -26,6 +26,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from lib.errors import UserError
+from lib.fingerprint import code_fingerprint, content_fingerprint
 
 
 def _range(lo=None, hi=None, **extra):
@@ -464,6 +465,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def overrides_from_mapping(values: dict, prefix: str = "") -> list[str]:
+    """Snakemake's `--config` values as our dotted overrides: {"tokenizer": {"vocab_size": 1024}} and
+    {"tokenizer.vocab_size": 1024} both give ["tokenizer.vocab_size=1024"] (values as JSON, which YAML reads)."""
+    out = []
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out += overrides_from_mapping(v, key + ".")
+        else:  # strings as given (Snakemake leaves nested numbers as text: YAML reads them as a user would)
+            out.append(f"{key}={v if isinstance(v, str) else json.dumps(v)}")
+    return out
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -477,14 +491,56 @@ def read_yaml(path: str | Path) -> dict:
     return data or {}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config file (None = built-in defaults), apply dotted overrides and validate."""
-    data = read_yaml(path) if path else {}
-    base_dir = str(Path(path).resolve().parent) if path else "."
+def merge(base: dict, over: dict) -> dict:
+    """`over` merged into `base` the way Snakemake merges config files: mappings key by key, anything else replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _absolute_paths(data: dict, base: Path) -> dict:
+    """The local paths of one config file made absolute against its own directory, before it is merged with
+    others (each file's relative paths mean what they meant on their own)."""
+    def fix(p):
+        if not isinstance(p, str) or not p or Path(p).expanduser().is_absolute():
+            return p
+        if (base / p).exists() or any(c in p for c in "*?["):  # a local file, folder or glob
+            return str(base / p)
+        return p  # a hub id or a name, not a local path
+
+    data = json.loads(json.dumps(data))
+    for src in (data.get("data") or {}).get("sources") or []:
+        if isinstance(src, dict) and "path" in src:
+            src["path"] = fix(src["path"])
+    sft = data.get("sft") or {}
+    for src in sft.get("data") or []:
+        if isinstance(src, dict) and "path" in src:
+            src["path"] = fix(src["path"])
+    if isinstance(sft, dict) and "base_model" in sft:
+        sft["base_model"] = fix(sft["base_model"])
+    tok = data.get("tokenizer") or {}
+    if isinstance(tok, dict) and "pretrained" in tok:
+        tok["pretrained"] = fix(tok["pretrained"])
+    return data
+
+
+def load_config(path: str | Path | list | tuple | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file, or several merged in order (later ones win, mapping by mapping, as Snakemake merges
+    --configfile), apply dotted overrides and validate. None = the built-in defaults."""
+    paths = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path] if path else [])]
+    if len(paths) <= 1:
+        data = read_yaml(paths[0]) if paths else {}
+    else:
+        data = {}
+        for p in paths:
+            data = merge(data, _absolute_paths(read_yaml(p), p.resolve().parent))
+    base_dir = str(paths[-1].resolve().parent) if paths else "."
+    where = " + ".join(map(str, paths)) or "config"
     try:
         return from_dict(apply_overrides(data, overrides or []), base_dir=base_dir)
     except UserError as e:
-        raise UserError(f"{path or 'config'}: {e}") from None
+        raise UserError(f"{where}: {e}") from None
 
 
 def dump_yaml(cfg: Config) -> str:
@@ -496,7 +552,8 @@ def dump_yaml(cfg: Config) -> str:
 # Canonical JSON (sorted keys) makes key order and comments irrelevant; defaults are filled in, so writing a
 # default value explicitly does not change the hash.
 
-# Bump a stage's version when its code changes what it produces, so old artifacts are not reused.
+# A stage's code is part of its hash (STAGE_CODE, lib.fingerprint), so editing it reruns the stage by itself. Bump a
+# version only for what the code fingerprint cannot see (a change in what a package shipping data produces).
 STAGE_VERSIONS = {
     "01_data": 2,
     "02_tokenizer": 1,
@@ -524,6 +581,27 @@ def _resolve_path(cfg: Config, p: str | None) -> str | None:
     return p
 
 
+def _contents(cfg: Config, p: str | None) -> str | None:
+    """Fingerprint of the contents of the local files `p` names (None for no path, a hub id, or no match)."""
+    if not p:
+        return None
+    q = Path(p).expanduser()
+    return content_fingerprint([str(q if q.is_absolute() else Path(cfg.base_dir) / q)], cfg.artifacts_dir)
+
+
+# The code each stage runs: its script (text only) and the lib module doing the work, with what that imports.
+STAGE_CODE = {
+    "01_data": ("01_prepare_data.py", "lib.data"),
+    "02_tokenizer": ("02_train_tokenizer.py", "lib.tokenizer"),
+    "02_tokens": ("02_train_tokenizer.py", "lib.tokenizer"),
+    "03_pretrain": ("03_pretrain.py", "lib.pretrain"),
+    "04_sft": ("04_sft.py", "lib.sft"),
+    "04_export": ("04_sft.py", "lib.export"),
+    "05_check": ("05_check.py", "lib.check"),
+    "06_install": ("06_install.py", "lib.install"),
+}
+
+
 def upstream_stages(cfg: Config, stage: str) -> list[str]:
     """The stages whose artifacts this stage reads (their hashes go into its hash)."""
     if stage == "02_tokenizer":
@@ -540,10 +618,13 @@ def stage_config(cfg: Config, stage: str) -> dict:
     if stage == "01_data":
         for src, s in zip(c["data"]["sources"], cfg.data.sources):
             src["path"] = _resolve_path(cfg, s.path)
+            if s.type == "files":  # edited in place, a file keeps its path: its contents count
+                src["contents"] = _contents(cfg, s.path)
         return {"data": c["data"], "seed": cfg.seed}
     if stage == "02_tokenizer":
         if cfg.tokenizer.pretrained:  # a pretrained tokenizer does not depend on the corpus or training knobs
-            return {"pretrained": _resolve_path(cfg, cfg.tokenizer.pretrained)}
+            return {"pretrained": _resolve_path(cfg, cfg.tokenizer.pretrained),
+                    "contents": _contents(cfg, cfg.tokenizer.pretrained)}
         return {"tokenizer": {k: v for k, v in c["tokenizer"].items() if k != "encode_batch_docs"}}
     if stage == "02_tokens":
         return {}
@@ -552,8 +633,11 @@ def stage_config(cfg: Config, stage: str) -> dict:
     if stage == "04_sft":
         sft = c["sft"]
         sft["base_model"] = _resolve_path(cfg, cfg.sft.base_model)
+        sft["base_model_contents"] = _contents(cfg, cfg.sft.base_model)
         for d, s in zip(sft["data"], cfg.sft.data):
             d["path"] = _resolve_path(cfg, s.path)
+            if s.type == "files":
+                d["contents"] = _contents(cfg, s.path)
         return {"sft": sft, "seed": cfg.seed, "coursework": c["coursework"]}
     if stage in ("04_export", "05_check", "06_install"):
         key = {"04_export": "export", "05_check": "check", "06_install": "install"}[stage]
@@ -565,9 +649,14 @@ def upstream_hashes(cfg: Config, stage: str) -> dict[str, str]:
     return {up: stage_hash(cfg, up) for up in upstream_stages(cfg, stage)}
 
 
+def stage_code(stage: str) -> str:
+    """Fingerprint of the code the stage runs (lib.fingerprint): editing it reruns the stage."""
+    return code_fingerprint(*STAGE_CODE[stage])
+
+
 def stage_hash(cfg: Config, stage: str) -> str:
     return _digest({"version": STAGE_VERSIONS[stage], "config": stage_config(cfg, stage),
-                    "upstream": upstream_hashes(cfg, stage)})
+                    "upstream": upstream_hashes(cfg, stage), "code": stage_code(stage)})
 
 
 def stage_dir(cfg: Config, stage: str) -> Path:

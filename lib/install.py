@@ -48,6 +48,7 @@ from lib.artifacts import (atomic_write_json, atomic_write_text, current_umask, 
                            require_stage, stage_output)
 from lib.check import (REPORT_VERSION, SERVABLE_TASKS, check_model, default_report_dir, fmt_bytes, format_report,
                        open_source)
+from lib.cli import config_files
 from lib.config import CheckConfig, Config, InstallConfig, ServeConfig, stage_dir, to_dict
 from lib.errors import UserError
 from lib.runtime_env import copy_code, own_environment, shared_environment
@@ -612,9 +613,9 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def pipeline_origin(config_file: str | Path) -> str:
-    """What a pipeline install comes from: the config file that produced it (edits to it make updates)."""
-    return f"pipeline config {Path(config_file).resolve()}"
+def pipeline_origin(config_files: list[str]) -> str:
+    """What a pipeline install comes from: the config file(s) that produced it (edits to them make updates)."""
+    return "pipeline config " + " + ".join(str(Path(f).resolve()) for f in config_files)
 
 
 def origin_of(report: dict) -> str:
@@ -736,8 +737,8 @@ def run_command(cfg: Config, args) -> int:
         ref, report_path = args.target, default_report_dir(cfg.artifacts_dir, args.target) / "report.json"
     else:  # the pipeline's own export: named after the config, an update of what the same config installed
         ref, report_path = _pipeline_ref(cfg)
-        name = name or pipeline_install_name(cfg, args.config)
-        origin = pipeline_origin(args.config)
+        name = name or pipeline_install_name(cfg, config_files(args)[-1])
+        origin = pipeline_origin(config_files(args))
     icfg = InstallConfig(**{**to_dict(cfg.install), "force": args.force or cfg.install.force,
                             "venv": args.venv or cfg.install.venv,
                             "post_test": cfg.install.post_test and not args.no_test,

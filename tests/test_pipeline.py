@@ -1,5 +1,6 @@
 """Snakemake itself, on the smoke config in a temp dir: job counts for first run, no-op rerun, one-stage edit, revert."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -12,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_RULES = {"all", "data", "tokenizer", "tokens", "pretrained", "sft_model", "exported", "checked", "installed"}
 
 
-def snakemake(ws: Path, *args: str) -> subprocess.CompletedProcess:
+def snakemake(ws: Path, *args: str, configfiles=("config.yaml",), root: Path = ROOT) -> subprocess.CompletedProcess:
     # targets go before --configfile, which takes several values
-    cmd = [sys.executable, "-m", "snakemake", *args, "-s", str(ROOT / "Snakefile"), "--directory", str(ws),
-           "--cores", "2", "--configfile", str(ws / "config.yaml")]
+    cmd = [sys.executable, "-m", "snakemake", *args, "-s", str(root / "Snakefile"), "--directory", str(ws),
+           "--cores", "2", "--configfile", *(str(ws / c) for c in configfiles)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
 
 
@@ -81,3 +82,65 @@ def test_full_pipeline_then_nothing_to_do(ws):
     assert {"prepare_data", "train_tokenizer", "encode_corpus", "pretrain"} <= set(first)
     assert all(n == 1 for n in first.values())
     assert jobs_run(snakemake(ws, "all")) == {}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cache never lies: file contents, Snakemake's own config options and the code are all in the stage hash.
+
+TOKENS = {"prepare_data": 1, "train_tokenizer": 1, "encode_corpus": 1}
+
+
+@pytest.fixture
+def files_ws(tmp_path):
+    """The smoke config reading a local corpus file instead of the embedded Bible."""
+    lines = [f"Line {i}: and the word was spoken unto the people of the land number {i}." for i in range(400)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+    text = (ROOT / "config" / "smoke.yaml").read_text().replace(
+        "    - type: bible\n      max_docs: 3000\n", "    - type: files\n      path: corpus.txt\n      txt_mode: line\n")
+    assert "corpus.txt" in text
+    (tmp_path / "config.yaml").write_text(text + f"\ninstall:\n  models_dir: {tmp_path / 'models'}\n")
+    return tmp_path
+
+
+def test_editing_a_corpus_file_reruns_the_data_stage(files_ws):
+    assert jobs_run(snakemake(files_ws, "tokens")) == TOKENS
+    corpus = files_ws / "corpus.txt"
+    original = corpus.read_text()
+    corpus.write_text(original + "A new line appended to the corpus by its owner.\n")
+    assert jobs_run(snakemake(files_ws, "tokens")) == TOKENS  # same path, new contents: everything reruns
+    corpus.write_text(original)  # back to the old contents (a new mtime): the old artifacts are found again
+    assert jobs_run(snakemake(files_ws, "tokens")) == {}
+
+
+def test_snakemake_config_options_are_merged_not_ignored(ws):
+    assert jobs_run(snakemake(ws, "tokens")) == TOKENS
+    res = snakemake(ws, "tokens", "--config", 'tokenizer={"vocab_size": 600}')
+    assert jobs_run(res) == {"train_tokenizer": 1, "encode_corpus": 1}
+    metas = [json.loads(p.read_text()) for p in (ws / "artifacts" / "02_tokens").glob("*/meta.json")]
+    assert sorted(m["vocab_size"] for m in metas) == [512, 600]
+    # a second --configfile is merged over the first (later wins): the same edit, so a cache hit
+    (ws / "more.yaml").write_text("tokenizer:\n  vocab_size: 600\n")
+    assert jobs_run(snakemake(ws, "tokens", configfiles=("config.yaml", "more.yaml"))) == {}
+    assert jobs_run(snakemake(ws, "tokens")) == {}  # and the first config alone is still complete
+    # a --config value for another stage does not rerun these
+    assert jobs_run(snakemake(ws, "tokens", "--config", 'pretrain={"lr": 0.001}')) == {}
+
+
+def test_editing_the_code_reruns_the_stages_that_run_it(ws):
+    """A copy of the checkout, so its lib/ can be edited: each edit reruns exactly the stages whose code changed."""
+    code = ws / "code"
+    code.mkdir()
+    for f in ["Snakefile", *(p.name for p in ROOT.glob("0*.py"))]:
+        shutil.copy2(ROOT / f, code / f)
+    shutil.copytree(ROOT / "lib", code / "lib", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "config", code / "config")
+    shutil.copytree(ROOT / "envs", code / "envs")
+    assert jobs_run(snakemake(ws, "tokens", root=code)) == TOKENS
+    tokenizer_py = code / "lib" / "tokenizer.py"
+    original = tokenizer_py.read_text()
+    tokenizer_py.write_text(original + "\n# an edit\n")
+    assert jobs_run(snakemake(ws, "tokens", root=code)) == {"train_tokenizer": 1, "encode_corpus": 1}
+    tokenizer_py.write_text(original)
+    assert jobs_run(snakemake(ws, "tokens", root=code)) == {}
+    (code / "lib" / "sources.py").write_text((code / "lib" / "sources.py").read_text() + "\n# an edit\n")
+    assert jobs_run(snakemake(ws, "tokens", root=code)) == TOKENS  # lib.data reads through lib.sources

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Callable
 
+from lib.cli import config_files
 from lib.config import Config, ServeConfig, load_config, to_dict
 from lib.errors import UserError
 from lib.serving.engine import Engine, load_model
@@ -189,7 +190,7 @@ class BackgroundServer:
 
 def serve_command(args: argparse.Namespace) -> int:
     """What `python 07_serve.py` does with its parsed arguments."""
-    cfg: Config = load_config(args.config, args.overrides)
+    cfg: Config = load_config(config_files(args), args.overrides)
     serve = cfg.serve
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     host = args.host or serve.host

@@ -1,0 +1,148 @@
+"""Fingerprints for the stage hash: the contents of the local files a stage reads, and the code it runs.
+
+The cache must never lie: a stage's hash (lib.config.stage_hash) changes whenever something that changes its output
+changes. Its config section and upstream hashes are not enough for that:
+- a corpus file edited in place keeps its path, so the *contents* of the local files a stage reads are hashed
+  (sha256; remembered by path, size and mtime in <artifacts_dir>/.cache/fingerprints.json, so a 1 GB corpus is
+  read once, not on every dry run);
+- an edited lib module changes what a stage computes, so the source of the stage's script and of every lib module
+  it imports (found by reading the imports, function-level ones included) is hashed too.
+
+Not here: which files a stage reads (lib.config.stage_config), the hash itself (lib.config.stage_hash).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import glob
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(".cache") / "fingerprints.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Cache:
+    """sha256 of files by (path, size, mtime_ns), kept in one JSON file; unreadable or missing means empty."""
+
+    def __init__(self, path: Path):
+        self.path, self.changed = path, False
+        try:
+            self.entries = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def digest(self, file: Path) -> str:
+        st = file.stat()
+        key = str(file.resolve())
+        entry = self.entries.get(key)
+        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+            return entry[2]
+        digest = _sha256(file)
+        self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
+        self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        with contextlib.suppress(OSError):  # a read-only artifacts dir only costs speed
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".fingerprints.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.entries, f)
+            os.replace(tmp, self.path)
+
+
+def files_of(pattern: str) -> list[Path]:
+    """The files a local path names: a file, every file under a directory, or the matches of a glob."""
+    p = Path(pattern).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(q for q in p.rglob("*") if q.is_file() and not any(s.startswith(".") for s in q.parts[-2:]))
+    return sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+
+
+def content_fingerprint(patterns: list[str], artifacts_dir: str | Path) -> str | None:
+    """One digest of the contents (and relative names) of every file the patterns name; None when they name no
+    local file (a hub id, a glob matching nothing: the stage itself reports that)."""
+    cache = _Cache(Path(artifacts_dir) / CACHE)
+    h = hashlib.sha256()
+    found = False
+    for pattern in patterns:
+        base = Path(pattern).expanduser()
+        for f in files_of(pattern):
+            found = True
+            name = f.relative_to(base) if base.is_dir() else Path(f.name)
+            h.update(f"{name}\0{cache.digest(f)}\n".encode())
+    cache.save()
+    return h.hexdigest()[:16] if found else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Code.
+
+
+def _lib_imports(source: str) -> set[str]:
+    """The lib modules a source file imports anywhere in it: lib.x for `import lib.x`, `from lib.x import y`,
+    `from lib import x` (and lib.x.y for `from lib.x import y` when y is a module)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name == "lib" or a.name.startswith("lib."))
+        elif isinstance(node, ast.ImportFrom) and node.module and (node.module == "lib"
+                                                                    or node.module.startswith("lib.")):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return found
+
+
+def _module_file(name: str) -> Path | None:
+    rel = Path(*name.split("."))
+    for cand in (ROOT / rel.with_suffix(".py"), ROOT / rel / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None  # a name imported from a module (a function), not a module itself
+
+
+def _closure(module: str) -> list[Path]:
+    """The file of lib `module` and of every lib module it imports, directly or through other lib modules."""
+    todo, files = [_module_file(module)], set()
+    while todo:
+        f = todo.pop()
+        if f in files:
+            continue
+        files.add(f)
+        for name in _lib_imports(f.read_text(encoding="utf-8")):
+            parts = name.split(".")  # a package's __init__ runs too
+            todo += [m for i in range(1, len(parts) + 1) if (m := _module_file(".".join(parts[:i])))]
+    return sorted(files)
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(script: str, module: str) -> str:
+    """Digest of the code a stage runs: its `script` (a file at the repo root; its own text only, since a script
+    may serve two stages) and the lib `module` that does the work with every lib module it imports."""
+    h = hashlib.sha256()
+    for f in code_files(script, module):
+        h.update(f"{f}\0{_sha256(ROOT / f)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def code_files(script: str, module: str) -> list[str]:
+    """The files code_fingerprint covers, relative to the repo (for tests and curious users)."""
+    return sorted({script, *(str(f.relative_to(ROOT)) for f in _closure(module))})
