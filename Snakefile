@@ -76,6 +76,7 @@ rule all:
         done("04_export"),
         done("05_check"),
         INSTALLED,
+        done("08_report"),
 
 
 rule data:
@@ -271,3 +272,28 @@ rule install:
         ENV
     shell:
         "{params.py} {input.script} install {params.config} --quiet-config > {log} 2>&1"
+
+
+rule report:
+    input:
+        done("08_report"),
+
+
+rule report_card:
+    input:
+        script=script("08_report.py"),
+        check=done("05_check"),
+    output:
+        manifest=done("08_report"),
+    log:
+        log("08_report"),
+    benchmark:
+        bench("08_report")
+    threads: workflow.cores
+    params:
+        py=PY,
+        config=config_args,
+    conda:
+        ENV
+    shell:
+        "OMP_NUM_THREADS={threads} {params.py} {input.script} {params.config} --quiet-config > {log} 2>&1"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from lib.config import Config, dump_yaml, load_config
@@ -26,8 +27,11 @@ def config_parser(description: str) -> argparse.ArgumentParser:
 
 
 def config_files(args: argparse.Namespace) -> list[str]:
-    """The --config files given, or the default one."""
-    return args.config or [DEFAULT_CONFIG]
+    """The --config files given, or the default one (the checkout's, when run from another directory)."""
+    if args.config:
+        return args.config
+    here = Path(DEFAULT_CONFIG)
+    return [str(here if here.is_file() else Path(__file__).resolve().parents[1] / DEFAULT_CONFIG)]
 
 
 def run_main(fn: Callable[[], int | None]) -> int:

@@ -137,6 +137,9 @@ class TrainConfig:
     max_tokens: Optional[int] = field(default=None, metadata=_range(1))
     max_epochs: Optional[float] = field(default=None, metadata=_range(0.0))
     time_budget_min: Optional[float] = field(default=None, metadata=_range(0.0))
+    # end the run after this step without changing the schedule the stop conditions above set (a verify --quick of
+    # a submission replays the first steps of the real run exactly)
+    stop_at_step: Optional[int] = field(default=None, metadata=_range(1))
     # "random" windows of seq_len anywhere in the token stream, or "sequential" passes
     sampling: Literal["random", "sequential"] = "random"
     # "auto": bf16 autocast where the CPU/GPU supports it, else fp32
@@ -276,6 +279,19 @@ class ServeConfig:
 
 
 @dataclass
+class ReportConfig:
+    """08_report: the run's report card (lib/report.py)."""
+
+    # sentences whose perplexity under the phase-1 and the final model the report tabulates
+    sentences: list[str] = field(default_factory=lambda: [
+        "In the beginning God created the heaven and the earth.", "Hello! How are you today?",
+        "The quick brown fox jumps over the lazy dog."])
+    # prompts the final model answers in the report, each at temperatures 0.3, 0.8 and 1.5
+    prompts: list[str] = field(default_factory=lambda: ["Hi! How are you?", "What do you like to do?"])
+    sample_tokens: int = field(default=48, metadata=_range(1, 1024))
+
+
+@dataclass
 class Config:
     seed: int = field(default=1337, metadata=_range(0))
     # where stage artifacts go: <artifacts_dir>/<NN_stage>/<hash>/ (relative to the working directory)
@@ -290,6 +306,7 @@ class Config:
     install: InstallConfig = field(default_factory=InstallConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     coursework: CourseworkConfig = field(default_factory=CourseworkConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     # directory of the YAML file the config came from; relative data paths resolve against it (not hashed)
     base_dir: str = field(default=".", metadata={"internal": True})
 
@@ -563,6 +580,7 @@ STAGE_VERSIONS = {
     "04_export": 1,
     "05_check": 1,
     "06_install": 1,
+    "08_report": 1,
 }
 
 
@@ -599,6 +617,7 @@ STAGE_CODE = {
     "04_export": ("04_sft.py", "lib.export"),
     "05_check": ("05_check.py", "lib.check"),
     "06_install": ("06_install.py", "lib.install"),
+    "08_report": ("08_report.py", "lib.report"),
 }
 
 
@@ -609,7 +628,8 @@ def upstream_stages(cfg: Config, stage: str) -> list[str]:
     if stage == "04_sft":
         return ["03_pretrain"] if cfg.sft.base_model is None else []
     return {"01_data": [], "02_tokens": ["01_data", "02_tokenizer"], "03_pretrain": ["02_tokens", "02_tokenizer"],
-            "04_export": ["04_sft"], "05_check": ["04_export"], "06_install": ["05_check"]}[stage]
+            "04_export": ["04_sft"], "05_check": ["04_export"], "06_install": ["05_check"],
+            "08_report": ["05_check"]}[stage]
 
 
 def stage_config(cfg: Config, stage: str) -> dict:
@@ -639,8 +659,8 @@ def stage_config(cfg: Config, stage: str) -> dict:
             if s.type == "files":
                 d["contents"] = _contents(cfg, s.path)
         return {"sft": sft, "seed": cfg.seed, "coursework": c["coursework"]}
-    if stage in ("04_export", "05_check", "06_install"):
-        key = {"04_export": "export", "05_check": "check", "06_install": "install"}[stage]
+    if stage in ("04_export", "05_check", "06_install", "08_report"):
+        key = {"04_export": "export", "05_check": "check", "06_install": "install", "08_report": "report"}[stage]
         return {key: c[key]}
     raise KeyError(f"unknown stage {stage!r}; known: {', '.join(STAGE_VERSIONS)}")
 

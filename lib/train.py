@@ -299,6 +299,8 @@ def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], cfg: Tra
                 stop_reason = f"reached {total_steps} steps"
             elif cfg.time_budget_min is not None and elapsed >= cfg.time_budget_min * 60:
                 stop_reason = f"time budget of {cfg.time_budget_min} min used"
+            elif cfg.stop_at_step is not None and step >= cfg.stop_at_step:
+                stop_reason = f"stopped at step {step} (stop_at_step; the schedule is the full run's)"
             if stop_reason:
                 break
 
