@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import yaml
@@ -157,13 +156,16 @@ def make_bundle(cfg: Config, config_files: list[str], out: str | Path | None = N
         stages[stage] = entry
     freeze = subprocess.run([sys.executable, "-m", "pip", "freeze"], capture_output=True, text=True).stdout
     hw = probe_hardware(cfg.artifacts_dir)
-    meta = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit(),
+    # only what does not change between two bundles of the same run: the same artifacts give the same archive
+    machine = {"cpu": hw["cpu"], "ram_total_bytes": hw["ram"]["total_bytes"], "os": hw["os"],
+               "gpus": [{k: g.get(k) for k in ("name", "vram_total_bytes", "compute_capability")} for g in hw["gpus"]]}
+    meta = {"format": FORMAT, "created": read_json(report / MANIFEST)["created"], "git_commit": git_commit(),
             "stages": stages, "time_budgeted": budgeted, "final": read_json(report / MANIFEST).get("final"),
             "environment": {"python": platform.python_version(), "cpu": hw["cpu"]["name"],
                             "cpu_bf16": hw["cpu"]["bf16"], "gpus": [g["name"] for g in hw["gpus"]]}}
     files["bundle.json"] = json.dumps(meta, indent=2).encode()
     files["environment/pip-freeze.txt"] = freeze.encode()
-    files["environment/hardware.json"] = json.dumps(hw, indent=2, default=str).encode()
+    files["environment/hardware.json"] = json.dumps(machine, indent=2, default=str).encode()
     files["README.md"] = README.format(stages=", ".join(stages), budget=(
         f"Time-budgeted stages ({', '.join(budgeted)}) re-run with the step count they reached; their weights can "
         "differ (the schedule followed the clock), so verify reports them without requiring identity.\n"
@@ -175,7 +177,7 @@ def make_bundle(cfg: Config, config_files: list[str], out: str | Path | None = N
     out = Path(out) if out else Path(cfg.artifacts_dir) / "bundles" / f"submission-{stage_hash(cfg, '08_report')}.tar.gz"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in sorted(files):
             v = files[name]

@@ -24,7 +24,8 @@ from lib.artifacts import MANIFEST, git_commit, package_versions, read_json, req
 from lib.config import Config, dump_yaml, stage_dir, stage_hash
 from lib.hardware import probe_hardware
 
-STAGES = ("01_data", "02_tokenizer", "02_tokens", "03_pretrain", "04_sft", "04_export", "05_check", "06_install")
+STAGES = ("01_data", "02_tokenizer", "02_tokens", "03_pretrain", "04_sft", "04_export", "05_check")  # not the install:
+# it is not part of the run (`snakemake report` never installs)
 TEMPERATURES = (0.3, 0.8, 1.5)
 
 

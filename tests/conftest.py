@@ -42,6 +42,21 @@ def hardware_profile(name: str):
             os.environ[HARDWARE_ENV] = old
 
 
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, found on PATH (install.sh --dev installs it); browser tests are skipped without it."""
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("no chromium on PATH: install Debian's chromium (./install.sh --dev does) for browser tests")
+    return path
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET_RULES = {"all", "data", "tokenizer", "tokens", "pretrained", "sft_model", "exported", "checked", "installed"}
+TARGET_RULES = {"all", "data", "tokenizer", "tokens", "pretrained", "sft_model", "exported", "checked", "installed",
+                "report"}
 
 
 def snakemake(ws: Path, *args: str, configfiles=("config.yaml",), root: Path = ROOT) -> subprocess.CompletedProcess:

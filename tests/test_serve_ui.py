@@ -9,15 +9,13 @@ import types
 import gradio as gr
 import pytest
 
+from conftest import CHROMIUM_ARGS
 from lib.config import Config, ServeConfig
 from lib.serving.engine import Engine, encode_chat, load_model
 from lib.serving.resolve import resolve_model
 from lib.serving.server import BackgroundServer, build_app
 from lib.serving.ui import EXPORT_FORMAT, ChatUI, normalize
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +116,12 @@ def test_model_picker_lists_and_switches_models(ui, engine, refs):
 
 
 @pytest.mark.slow
-def test_browser_chat_streams_a_reply(engine, refs, tmp_path):
+def test_browser_chat_streams_a_reply(engine, refs, tmp_path, chromium):
     from playwright.sync_api import expect, sync_playwright
 
     app = build_app(engine, ServeConfig(max_new_tokens=24, temperature=0.7), list_models=lambda: refs)
     with BackgroundServer(app) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(url)

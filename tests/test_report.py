@@ -1,0 +1,201 @@
+"""The report card (08_report), the submission bundle and its verification, on one real smoke pipeline run by
+Snakemake in a temp dir: the page in a real browser, a bundle re-run stage by stage, and bundles that are damaged,
+tampered with or hostile (path traversal, links, a newer format)."""
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from conftest import CHROMIUM_ARGS, ROOT
+from lib.bundle import safe_extract, verify_bundle
+from lib.config import load_config, stage_dir
+from lib.errors import UserError
+
+pytestmark = pytest.mark.slow
+
+
+def run(ws, *args, check=True):
+    res = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ws, timeout=900)
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The smoke config, run to the end by Snakemake (report included), and its bundle."""
+    ws = tmp_path_factory.mktemp("run")
+    text = (ROOT / "config" / "smoke.yaml").read_text()
+    (ws / "config.yaml").write_text(text + f"\ninstall:\n  models_dir: {ws / 'models'}\n"
+                                    "report:\n  sentences: ['And God said, Let there be light.', 'Hello there.']\n")
+    run(ws, "-m", "snakemake", "all", "-s", ROOT / "Snakefile", "--directory", ws, "--cores", "2",
+        "--configfile", ws / "config.yaml")
+    res = run(ws, ROOT / "08_report.py", "bundle", "--config", ws / "config.yaml", "--quiet-config")
+    bundle = ws / res.stdout.split("submission bundle: ")[1].strip()
+    return ws, load_config(ws / "config.yaml"), bundle
+
+
+def test_report_card_has_every_figure(pipeline):
+    ws, cfg, _ = pipeline
+    out = ws / stage_dir(cfg, "08_report")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "pretrain.png", "report.html", "report.json",
+                                                     "report.md", "sft.png"]
+    r = json.loads((out / "report.json").read_text())
+    assert [s["stage"] for s in r["stages"]][:4] == ["01_data", "02_tokenizer", "02_tokens", "03_pretrain"]
+    assert all(s["done"] and s["wall_s"] is not None for s in r["stages"])
+    assert r["data"]["scripts"] == {"LATIN": 1.0} and r["tokenizer"]["vocab_size"] == 512
+    assert r["final"]["val_bpb"] > 0 and r["model"]["parameters"] > 0
+    assert [p["sentence"] for p in r["perplexity"]] == ["And God said, Let there be light.", "Hello there."]
+    assert all(p["phase 1"] > 1 and p["final"] > 1 for p in r["perplexity"])
+    assert [(s["prompt"], s["temperature"]) for s in r["samples"]][:3] == [
+        ("Hi! How are you?", 0.3), ("Hi! How are you?", 0.8), ("Hi! How are you?", 1.5)]
+    assert r["export"]["max_abs_logit_diff"] == 0.0 and all(g["greedy_match"] for g in r["export"]["gguf"])
+    assert r["check"]["runnable"] is True and r["coursework"]["phase 1"] == {"enabled": False}
+    md = (out / "report.md").read_text()
+    assert "## Perplexity of your sentences" in md and "![pretrain.png](pretrain.png)" in md
+    # the terminal summary is in the stage's log
+    log = next((ws / "artifacts" / "logs" / "08_report").glob("*.log")).read_text()
+    assert "report card:" in log and "bits/byte" in log
+
+
+def test_report_reads_well_in_a_browser(pipeline, chromium, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    ws, cfg, _ = pipeline
+    page_file = ws / stage_dir(cfg, "08_report") / "report.html"
+    assert "src='http" not in page_file.read_text() and "data:image/png;base64," in page_file.read_text()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(page_file.as_uri())
+            expect(page.locator("h1")).to_have_text("Models at Home — report card")
+            for title in ("Summary", "Stages", "Training", "Perplexity of your sentences", "Samples", "Resolved config"):
+                expect(page.locator("h2", has_text=title)).to_be_visible()
+            images = page.locator("img")
+            expect(images).to_have_count(2)
+            for i in range(2):  # decoded and laid out, not broken
+                assert images.nth(i).evaluate("img => img.complete && img.naturalWidth > 500")
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "report.png").stat().st_size > 50_000
+
+
+def test_bundle_is_complete_checksummed_and_deterministic(pipeline, tmp_path):
+    ws, cfg, bundle = pipeline
+    root = safe_extract(bundle, tmp_path / "x")
+    names = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    assert {"bundle.json", "README.md", "SHA256SUMS", "config/resolved.yaml", "report/report.html",
+            "model/hf/model.safetensors", "model/homellm-q8_0.gguf", "tokenizer/tokenizer.json",
+            "stages/03_pretrain/model.safetensors", "stages/04_sft/metrics.jsonl", "environment/pip-freeze.txt"} <= names
+    if shutil.which("sha256sum"):
+        assert subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=root).returncode == 0
+    assert "08_report.py verify" in (root / "README.md").read_text()
+    again = run(ws, ROOT / "08_report.py", "bundle", "--config", ws / "config.yaml", "--quiet-config",
+                "--out", tmp_path / "again.tar.gz")
+    assert "again.tar.gz" in again.stdout
+    assert (tmp_path / "again.tar.gz").read_bytes() == bundle.read_bytes()
+
+
+def test_verify_reruns_every_stage_identically(pipeline, tmp_path):
+    ws, _, bundle = pipeline
+    res = run(tmp_path, ROOT / "08_report.py", "verify", bundle, "--workdir", tmp_path / "full", "--quiet-config")
+    lines = res.stdout.splitlines()
+    for stage in ("01_data", "02_tokenizer", "02_tokens", "03_pretrain", "04_sft", "04_export"):
+        assert any(line.startswith(stage) and " identical " in line for line in lines), res.stdout
+    assert "max |Δ weight| 0, max |Δ loss| 0" in res.stdout and "verify: OK" in res.stdout
+    quick = run(tmp_path, ROOT / "08_report.py", "verify", bundle, "--quick", "10", "--workdir", tmp_path / "quick",
+                "--quiet-config")
+    assert "first 10 steps: max |Δ loss| 0" in quick.stdout and "04_sft" not in quick.stdout
+
+
+def _repack(bundle, out, edit=None, extra=None):
+    """A copy of the bundle with edit(name, data) -> data applied to every member and `extra` TarInfos added."""
+    with tarfile.open(bundle) as src, tarfile.open(out, "w:gz") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read() if m.isfile() else None
+            if edit and data is not None:
+                data = edit(m.name, data)
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data) if data is not None else None)
+        for info, data in extra or []:
+            dst.addfile(info, io.BytesIO(data) if data is not None else None)
+    return out
+
+
+def test_verify_says_different_when_the_submitted_weights_are_not_what_the_config_gives(pipeline, tmp_path):
+    _, _, bundle = pipeline
+    from safetensors.torch import load, save
+
+    changed = {}
+
+    def edit(name, data):
+        if name.endswith("stages/03_pretrain/model.safetensors"):
+            t = load(data)
+            t["model.norm.weight"] = t["model.norm.weight"] + 0.5
+            data = save(t)
+            changed["digest"] = hashlib.sha256(data).hexdigest()
+        return data
+
+    fake = _repack(bundle, tmp_path / "fake1.tar.gz", edit)
+
+    def fix_sums(name, data):  # a consistent archive: its own SHA256SUMS updated
+        if name.endswith("SHA256SUMS"):
+            lines = [f"{changed['digest']}  {n}" if n == "stages/03_pretrain/model.safetensors" else f"{d}  {n}"
+                     for d, n in (line.split("  ", 1) for line in data.decode().splitlines())]
+            data = ("\n".join(lines) + "\n").encode()
+        return data
+
+    fake = _repack(fake, tmp_path / "fake2.tar.gz", fix_sums)
+    lines = []
+    assert verify_bundle(fake, tmp_path / "work", echo=lines.append) is False
+    row = next(line for line in lines if line.startswith("03_pretrain"))
+    assert "different" in row and "max |Δ weight| 0.5" in row
+    assert lines[-1] == "verify: DIFFERENT (see above)"
+
+
+def test_damaged_or_hostile_bundles_are_refused_and_nothing_escapes(pipeline, tmp_path):
+    _, _, bundle = pipeline
+    # truncated
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(bundle.read_bytes()[: bundle.stat().st_size // 2])
+    with pytest.raises(UserError, match="not a readable bundle"):
+        safe_extract(cut, tmp_path / "a")
+    # tampered: one file changed, SHA256SUMS not
+    tampered = _repack(bundle, tmp_path / "t.tar.gz", lambda n, d: d + b"\n" if n.endswith("report.md") else d)
+    with pytest.raises(UserError, match="do not match SHA256SUMS: changed: report/report.md"):
+        safe_extract(tampered, tmp_path / "b")
+    # a missing file
+    gone = tmp_path / "gone.tar.gz"
+    with tarfile.open(bundle) as src, tarfile.open(gone, "w:gz") as dst:
+        for m in src.getmembers():
+            if not m.name.endswith("tokenizer/tokenizer.json"):
+                dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    with pytest.raises(UserError, match="missing: tokenizer/tokenizer.json"):
+        safe_extract(gone, tmp_path / "c")
+    # path traversal and links
+    evil = tarfile.TarInfo("submission/../../evil.txt")
+    evil.size = 4
+    with pytest.raises(UserError, match="refusing 'submission/../../evil.txt'"):
+        safe_extract(_repack(bundle, tmp_path / "e.tar.gz", extra=[(evil, b"evil")]), tmp_path / "d")
+    link = tarfile.TarInfo("submission/inputs/link")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    with pytest.raises(UserError, match="links and special files are not allowed"):
+        safe_extract(_repack(bundle, tmp_path / "l.tar.gz", extra=[(link, None)]), tmp_path / "f")
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path.parent / "evil.txt").exists()
+    # from a newer format
+    newer = _repack(bundle, tmp_path / "n.tar.gz", lambda n, d: d.replace(b'"format": 1', b'"format": 99')
+                    if n.endswith("bundle.json") else d)
+    with pytest.raises(UserError, match="bundle format 99 is newer than this checkout reads"):
+        safe_extract(newer, tmp_path / "g")
+    # and on the command line: one paragraph, no traceback
+    res = run(tmp_path, ROOT / "08_report.py", "verify", cut, "--workdir", tmp_path / "h", "--quiet-config",
+              check=False)
+    assert res.returncode == 2 and "not a readable bundle" in res.stderr and "Traceback" not in res.stderr
