@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["01_data", "02_tokenizer", "02_tokens", "03_pretrain", "04_sft", "04_export", "05_check", "06_install"]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*(ROOT / "config").glob("*.yaml"), *(ROOT / "config" / "recipes").glob("*.yaml")]),
+                         ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
