@@ -297,3 +297,14 @@ rule report_card:
         ENV
     shell:
         "OMP_NUM_THREADS={threads} {params.py} {input.script} {params.config} --quiet-config > {log} 2>&1"
+
+
+onsuccess:
+    # the report card's summary on the terminal (the stage itself printed it into its log)
+    card = stage_dir(CFG, "08_report") / "report.json"
+    if card.is_file():
+        import json
+
+        from lib.report import summary
+
+        print(summary(json.loads(card.read_text()), card.parent))

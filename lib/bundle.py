@@ -253,14 +253,16 @@ def _max_weight_diff(a: Path, b: Path) -> float:
     return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
 
 
-def _curve_diff(a: dict, b: dict, upto: int | None = None) -> float:
+def _curve_diff(submitted: dict, rerun: dict, upto: int | None = None) -> float:
+    """Max |Δ loss| over the steps the submitted curve logged (up to `upto`); inf if the re-run lacks one. A re-run
+    stopped early logs one extra eval at its last step, which the submitted curve need not have."""
     diffs = []
     for key in ("train", "val"):
-        mine = {s: v for s, v in b[key] if upto is None or s <= upto}
-        theirs = {s: v for s, v in a[key] if upto is None or s <= upto}
-        if mine.keys() != theirs.keys():
+        theirs = {s: v for s, v in submitted[key] if upto is None or s <= upto}
+        mine = dict(rerun[key])
+        if not theirs.keys() <= mine.keys():
             return float("inf")
-        diffs += [abs(mine[s] - theirs[s]) for s in mine]
+        diffs += [abs(mine[s] - theirs[s]) for s in theirs]
     return max(diffs, default=0.0)
 
 
