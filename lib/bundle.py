@@ -106,8 +106,8 @@ def _pin_config(cfg: Config, inputs: dict[str, Path]) -> tuple[dict, list[str]]:
     budgeted = []
     for stage, section in (("03_pretrain", c["pretrain"]), ("04_sft", c["sft"]["train"])):
         m = read_json(stage_dir(cfg, stage) / MANIFEST)
-        section["precision"] = "bf16" if "bf16" in str(m.get("precision")) else "fp16" if "fp16" in str(
-            m.get("precision")) else "fp32"
+        # the precision note starts with what ran ("fp32 (this CPU has no bf16 ...)", "bf16 autocast (...)")
+        section["precision"] = str(m.get("precision") or "fp32").split()[0]
         if section.get("time_budget_min"):
             section["time_budget_min"] = None
             section["max_steps"] = m["steps"]

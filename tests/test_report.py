@@ -5,23 +5,27 @@ tampered with or hostile (path traversal, links, a newer format)."""
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tarfile
 
 import pytest
+import yaml
 
 from conftest import CHROMIUM_ARGS, ROOT
 from lib.bundle import safe_extract, verify_bundle
 from lib.config import load_config, stage_dir
 from lib.errors import UserError
+from lib.hardware import HARDWARE_ENV
 
 pytestmark = pytest.mark.slow
 
 
-def run(ws, *args, check=True):
-    res = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ws, timeout=900)
+def run(ws, *args, check=True, env=None):
+    res = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ws, timeout=900,
+                         env=env)
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -29,14 +33,17 @@ def run(ws, *args, check=True):
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """The smoke config, run to the end by Snakemake (report included), and its bundle."""
+    """The smoke config, run to the end by Snakemake (report included), and its bundle — made on a CPU without bf16
+    units (injected), so the precision the run used must be pinned in the bundle for verify (which runs with this
+    machine's own policy) to re-run it identically."""
     ws = tmp_path_factory.mktemp("run")
     text = (ROOT / "config" / "smoke.yaml").read_text()
     (ws / "config.yaml").write_text(text + f"\ninstall:\n  models_dir: {ws / 'models'}\n"
                                     "report:\n  sentences: ['And God said, Let there be light.', 'Hello there.']\n")
+    fp32_cpu = {**os.environ, HARDWARE_ENV: "cpu-fp32"}
     run(ws, "-m", "snakemake", "all", "-s", ROOT / "Snakefile", "--directory", ws, "--cores", "2",
-        "--configfile", ws / "config.yaml")
-    res = run(ws, ROOT / "08_report.py", "bundle", "--config", ws / "config.yaml", "--quiet-config")
+        "--configfile", ws / "config.yaml", env=fp32_cpu)
+    res = run(ws, ROOT / "08_report.py", "bundle", "--config", ws / "config.yaml", "--quiet-config", env=fp32_cpu)
     bundle = ws / res.stdout.split("submission bundle: ")[1].strip()
     return ws, load_config(ws / "config.yaml"), bundle
 
@@ -98,8 +105,10 @@ def test_bundle_is_complete_checksummed_and_deterministic(pipeline, tmp_path):
     if shutil.which("sha256sum"):
         assert subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=root).returncode == 0
     assert "08_report.py verify" in (root / "README.md").read_text()
+    resolved = yaml.safe_load((root / "config" / "resolved.yaml").read_text())
+    assert resolved["pretrain"]["precision"] == resolved["sft"]["train"]["precision"] == "fp32"  # what ran
     again = run(ws, ROOT / "08_report.py", "bundle", "--config", ws / "config.yaml", "--quiet-config",
-                "--out", tmp_path / "again.tar.gz")
+                "--out", tmp_path / "again.tar.gz", env={**os.environ, HARDWARE_ENV: "cpu-fp32"})
     assert "again.tar.gz" in again.stdout
     assert (tmp_path / "again.tar.gz").read_bytes() == bundle.read_bytes()
 

@@ -30,6 +30,7 @@ import asyncio
 import itertools
 import json
 import queue
+import re
 import sys
 import threading
 import time
@@ -244,7 +245,8 @@ def _load_llamacpp(ref: ModelRef, note: str, max_active: int, max_context: int) 
     config = json.loads((ref.path / "config.json").read_text(encoding="utf-8")) if ref.path is not None else {}
     config.setdefault("vocab_size", model.n_vocab)
     stop_ids = _stop_ids(tokenizer, ref.path) if ref.path is not None else _stop_ids(tokenizer, ref.gguf.parent)
-    quant = ref.gguf.stem.rsplit("-", 1)[-1] if "-" in ref.gguf.stem else ref.gguf.stem
+    quant = re.search(r"(?i)(q\d+_[a-z0-9_]+|i?q\d_\w+|bf16|f16|f32)$", ref.gguf.stem)
+    quant = quant.group(1) if quant else "model"
     return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=model.n_ctx_seq,
                        stop_token_ids=stop_ids, device="cpu", dtype=f"gguf {quant}", parameters=model.n_params,
                        config=config, max_token_chars=max(len(t) for t in tokenizer.get_vocab()),
