@@ -26,7 +26,6 @@ import io
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -37,7 +36,7 @@ import yaml
 from lib.artifacts import MANIFEST, git_commit, read_json, require_stage
 from lib.config import Config, load_config, stage_dir, stage_hash, to_dict
 from lib.errors import UserError
-from lib.fingerprint import files_of
+from lib.fingerprint import files_of, sha256_file
 from lib.hardware import probe_hardware
 
 FORMAT = 1
@@ -52,19 +51,11 @@ DIGESTED = {"01_data": ("train-*.jsonl", "val-*.jsonl", "stats.json"),
 TRAINED = ("03_pretrain", "04_sft")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def stage_digest(stage: str, folder: Path) -> str:
     h = hashlib.sha256()
     for pattern in DIGESTED[stage]:
         for f in sorted(folder.glob(pattern)):
-            h.update(f"{f.relative_to(folder)}\0{_sha256(f)}\n".encode())
+            h.update(f"{f.relative_to(folder)}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -236,7 +227,7 @@ def safe_extract(archive: Path, dest: Path) -> Path:
         listed[name] = digest
     present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} - {SUMS}
     missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
-    changed = sorted(n for n in set(listed) & present if _sha256(root / n) != listed[n])
+    changed = sorted(n for n in set(listed) & present if sha256_file(root / n) != listed[n])
     if missing or extra or changed:
         raise UserError(f"{archive}: the files do not match {SUMS}: " + "; ".join(
             f"{what}: {', '.join(names[:5])}" for what, names in (("missing", missing), ("not listed", extra),

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(".cache") / "fingerprints.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -51,7 +52,7 @@ class _Cache:
         entry = self.entries.get(key)
         if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
             return entry[2]
-        digest = _sha256(file)
+        digest = sha256_file(file)
         self.entries[key] = [st.st_size, st.st_mtime_ns, digest]
         self.changed = True
         return digest
@@ -139,7 +140,7 @@ def code_fingerprint(script: str, module: str) -> str:
     may serve two stages) and the lib `module` that does the work with every lib module it imports."""
     h = hashlib.sha256()
     for f in code_files(script, module):
-        h.update(f"{f}\0{_sha256(ROOT / f)}\n".encode())
+        h.update(f"{f}\0{sha256_file(ROOT / f)}\n".encode())
     return h.hexdigest()[:16]
 
 

@@ -29,7 +29,6 @@ Not here: serving (lib/serving), the model analysis itself (lib/check).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -51,6 +50,7 @@ from lib.check import (REPORT_VERSION, SERVABLE_TASKS, check_model, default_repo
 from lib.cli import config_files
 from lib.config import CheckConfig, Config, InstallConfig, ServeConfig, stage_dir, to_dict
 from lib.errors import UserError
+from lib.fingerprint import sha256_file
 from lib.runtime_env import copy_code, own_environment, shared_environment
 
 INSTALLER_VERSION = "1.1"
@@ -177,14 +177,6 @@ def resolve_installed(name_or_path: str | Path, models_dir: str | Path) -> Path:
     return folder.resolve()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _manifest_files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for sub in ("model", "gguf") if (folder / sub).is_dir()
                   for p in (folder / sub).rglob("*") if p.is_file())
@@ -192,7 +184,7 @@ def _manifest_files(folder: Path) -> list[str]:
 
 def write_sums(folder: Path) -> int:
     files = _manifest_files(folder)
-    atomic_write_text(folder / SUMS, "".join(f"{_sha256(folder / rel)}  {rel}\n" for rel in files))
+    atomic_write_text(folder / SUMS, "".join(f"{sha256_file(folder / rel)}  {rel}\n" for rel in files))
     return len(files)
 
 
@@ -223,7 +215,7 @@ def verify_install(path: str | Path, quick: bool = False) -> dict:
     present = set(_manifest_files(folder))
     missing = sorted(set(expected) - present)
     extra = sorted(f for f in present - set(expected))
-    changed = [] if quick else sorted(rel for rel in set(expected) & present if _sha256(folder / rel) != expected[rel])
+    changed = [] if quick else sorted(rel for rel in set(expected) & present if sha256_file(folder / rel) != expected[rel])
     if missing or extra or changed:
         parts = []
         if changed:
