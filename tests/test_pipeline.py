@@ -103,6 +103,7 @@ def files_ws(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_editing_a_corpus_file_reruns_the_data_stage(files_ws):
     assert jobs_run(snakemake(files_ws, "tokens")) == TOKENS
     corpus = files_ws / "corpus.txt"
@@ -113,6 +114,7 @@ def test_editing_a_corpus_file_reruns_the_data_stage(files_ws):
     assert jobs_run(snakemake(files_ws, "tokens")) == {}
 
 
+@pytest.mark.slow
 def test_snakemake_config_options_are_merged_not_ignored(ws):
     assert jobs_run(snakemake(ws, "tokens")) == TOKENS
     res = snakemake(ws, "tokens", "--config", 'tokenizer={"vocab_size": 600}')
@@ -127,6 +129,7 @@ def test_snakemake_config_options_are_merged_not_ignored(ws):
     assert jobs_run(snakemake(ws, "tokens", "--config", 'pretrain={"lr": 0.001}')) == {}
 
 
+@pytest.mark.slow
 def test_editing_the_code_reruns_the_stages_that_run_it(ws):
     """A copy of the checkout, so its lib/ can be edited: each edit reruns exactly the stages whose code changed."""
     code = ws / "code"
