@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 
+from lib.config import merge
 from lib.errors import UserError
 
 
@@ -58,13 +59,6 @@ def hardware_overrides() -> dict:
         raise UserError(f"{HARDWARE_ENV}={raw[:80]!r}: expected a profile name ({', '.join(PROFILES)}) or a JSON "
                         'object such as {"cpu": {"bf16": false}, "gpus": []}')
     return value
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def cpu_bf16_override() -> bool | None:
@@ -176,6 +170,6 @@ def probe_hardware(disk_path: str | Path = ".") -> dict:
     }
     overrides = hardware_overrides()
     if overrides:
-        found = _merge(found, overrides)
+        found = merge(found, overrides)
         found["overridden"] = f"{HARDWARE_ENV}: {json.dumps(overrides, sort_keys=True)}"
     return found

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -44,7 +44,6 @@ class _Seq:
     ready: int | None = None  # the token sampled at the last decode, not yet taken
     logits_index: int = -1
     done: bool = False
-    history: list[int] = field(default_factory=list)
 
 
 class LlamaCppModel:
