@@ -542,6 +542,12 @@ def _absolute_paths(data: dict, base: Path) -> dict:
     return data
 
 
+def read_config_data(path: str | Path) -> dict:
+    """One config file's raw data with its local paths made absolute (to merge with others or save elsewhere)."""
+    path = Path(path)
+    return _absolute_paths(read_yaml(path), path.resolve().parent)
+
+
 def load_config(path: str | Path | list | tuple | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config file, or several merged in order (later ones win, mapping by mapping, as Snakemake merges
     --configfile), apply dotted overrides and validate. None = the built-in defaults."""
@@ -551,7 +557,7 @@ def load_config(path: str | Path | list | tuple | None = None, overrides: list[s
     else:
         data = {}
         for p in paths:
-            data = merge(data, _absolute_paths(read_yaml(p), p.resolve().parent))
+            data = merge(data, read_config_data(p))
     base_dir = str(paths[-1].resolve().parent) if paths else "."
     where = " + ".join(map(str, paths)) or "config"
     try:

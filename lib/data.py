@@ -420,7 +420,7 @@ class _Builder:
         self.hist = np.zeros(64, dtype=np.int64)  # documents by length: bucket i holds [2**(i-1), 2**i) chars
         self.nsrc = len(d.sources)
         self.per_source = {k: np.zeros(self.nsrc, dtype=np.int64)
-                           for k in ("kept", "exact_dup", "near_dup", "empty", "too_short", "too_long")}
+                           for k in ("kept", "kept_chars", "exact_dup", "near_dup", "empty", "too_short", "too_long")}
         self.workers = _worker_count() if workers is None else workers
         self.pool = None
         self.pending: deque = deque()  # (future, source of each document) in batch order
@@ -513,10 +513,11 @@ class _Builder:
                 st["bytes"] += int(r["bytes"][sel].sum())
         self.hist += np.bincount(np.frexp(r["chars"][kept].astype(np.float64))[1], minlength=64)  # = bit_length
         ps["kept"] += np.bincount(csrc[kept], minlength=n)
+        ps["kept_chars"] += np.bincount(csrc[kept], weights=r["chars"][kept], minlength=n).astype(np.int64)
 
 
 def _counter() -> dict:
-    return {"read": 0, "kept": 0, **{k: 0 for k in FILTERS}}
+    return {"read": 0, "kept": 0, "kept_chars": 0, **{k: 0 for k in FILTERS}}
 
 
 def _histogram(hist: np.ndarray) -> dict:

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import sys
 import time
 from collections import deque
 from pathlib import Path
 from typing import Optional
 
+from lib.artifacts import atomic_write_json
+
 METRICS = "metrics.jsonl"
+RUN_INFO = "run.json"  # who is training here (pid, host) and how far it means to go: read by the studio
 SAMPLES = "samples.txt"
 PLOT = "loss.png"
 TB_DIR = "tensorboard"
@@ -38,6 +43,7 @@ class Tracker:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         self._truncate(start_step)
+        self._write_run_info(start_step)
         self.metrics = open(self.dir / METRICS, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -58,6 +64,11 @@ class Tracker:
         keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
                 if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
         path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+
+    def _write_run_info(self, start_step: int, ended: Optional[str] = None) -> None:
+        atomic_write_json(self.dir / RUN_INFO, {
+            "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "start_step": start_step,
+            "total_steps": self.total_steps, "time_budget_s": self.time_budget_s, "ended": ended})
 
     def _write(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")
@@ -97,7 +108,8 @@ class Tracker:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
         self._write({"step": step, "loss": loss, "lr": lr, "tok_s": tok_s, "mfu": mfu, "elapsed_s": elapsed_s,
-                     "tokens": tokens, "time": time.time()})
+                     "tokens": tokens, "eta_s": round(eta_s, 1) if math.isfinite(eta_s) else None,
+                     "time": time.time()})
         if self.tb:
             self.tb.add_scalar("train/loss", loss, step)
             self.tb.add_scalar("train/lr", lr, step)
@@ -123,9 +135,12 @@ class Tracker:
                 if key in record:
                     self.tb.add_scalar(f"val/{key[4:]}", record[key], record["step"])
 
-    def close(self) -> None:
+    def close(self, ended: str = "finished") -> None:
+        """ended: "finished" or "stopped" (a signal: the run can resume), recorded in run.json."""
         if not self.enabled:
             return
+        info = json.loads((self.dir / RUN_INFO).read_text(encoding="utf-8"))
+        atomic_write_json(self.dir / RUN_INFO, {**info, "ended": ended})
         if self.bar is not None:
             self.bar.close()
         if self.tb:

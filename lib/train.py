@@ -358,7 +358,7 @@ def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], cfg: Tra
             if stop.received is not None:
                 save(step)
                 tracker.info(f"received signal {stop.received}: checkpoint saved at step {step}; rerun to resume")
-                tracker.close()
+                tracker.close(ended="stopped")
                 raise KeyboardInterrupt
             if stop_reason:
                 break

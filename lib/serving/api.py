@@ -322,6 +322,30 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape ({"error": {...}}), never a traceback or the UI's HTML page."""
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, e: RequestValidationError):
+        return _error_response(_validation_error(list(e.errors()) or [{"msg": "invalid request"}]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return _error_response(APIError(e.status_code, str(e.detail), code=code, headers=e.headers))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        import traceback
+
+        traceback.print_exception(e)
+        return _error_response(APIError(500, f"internal error: {type(e).__name__}", type="server_error",
+                                        code="internal_error"))
+
+
 class OpenAIServer:
     """Routes over one Engine. `app` is the FastAPI application (the UI is mounted on it by lib.serving.server)."""
 
@@ -527,26 +551,7 @@ class OpenAIServer:
         auth = [Depends(self._auth)]
         metrics = self.engine.metrics
 
-        @app.exception_handler(APIError)
-        async def _api_error(request: Request, e: APIError):
-            return _error_response(e)
-
-        @app.exception_handler(RequestValidationError)
-        async def _request_validation(request: Request, e: RequestValidationError):
-            return _error_response(_validation_error(list(e.errors()) or [{"msg": "invalid request"}]))
-
-        @app.exception_handler(StarletteHTTPException)
-        async def _http_error(request: Request, e: StarletteHTTPException):
-            code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-            return _error_response(APIError(e.status_code, str(e.detail), code=code, headers=e.headers))
-
-        @app.exception_handler(Exception)
-        async def _unexpected(request: Request, e: Exception):
-            import traceback
-
-            traceback.print_exception(e)
-            return _error_response(APIError(500, f"internal error: {type(e).__name__}", type="server_error",
-                                            code="internal_error"))
+        install_error_handlers(app)
 
         @app.get("/health")
         async def health():
@@ -591,6 +596,38 @@ class OpenAIServer:
                                code="method_not_allowed", headers={"Allow": API_ROUTES[path]})
             raise APIError(404, f"no API endpoint {request.method} {path} (this server has "
                                 f"{', '.join(f'{m} {p}' for p, m in API_ROUTES.items())})", code="not_found")
+
+        return app
+
+
+class NoModelServer(OpenAIServer):
+    """The API of a server started without a model (a fresh user opening the studio): it answers, in OpenAI's shape,
+    that there is nothing to serve yet, and how to get a model."""
+
+    def __init__(self, serve: ServeConfig, api_key: str | None, hint: str):
+        from lib.serving.engine import Metrics
+
+        self.hint = hint
+        self.engine, self.serve, self.api_key = None, serve, api_key
+        self.metrics = Metrics()
+        self.app = self._build()
+
+    def _build(self) -> FastAPI:
+        app = FastAPI(title="Models at Home", docs_url=None, redoc_url=None, openapi_url=None)
+        install_error_handlers(app)
+        auth = [Depends(self._auth)]
+
+        @app.get("/health")
+        async def health():
+            return {"status": "no model", "model": None}
+
+        @app.get("/v1/models", dependencies=auth)
+        async def list_models():
+            return {"object": "list", "data": []}
+
+        @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], dependencies=auth)
+        async def no_model(request: Request, rest: str):
+            raise APIError(503, f"no model is loaded: {self.hint}", type="server_error", code="model_not_loaded")
 
         return app
 

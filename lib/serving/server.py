@@ -19,13 +19,14 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 from lib.cli import config_files
 from lib.config import Config, ServeConfig, load_config, to_dict
 from lib.errors import UserError
 from lib.serving.engine import Engine, load_model
-from lib.serving.resolve import ModelRef, available_models, resolve_model
+from lib.serving.resolve import ModelRef, available_models, latest_pipeline_model, resolve_model
 
 API_KEY_ENV = "HOMELLM_API_KEY"
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
@@ -42,6 +43,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="allow binding a non-loopback address without an API key (anyone on the network can use it)")
     p.add_argument("--no-ui", action="store_true", help="serve only the API, not the Gradio UI")
+    p.add_argument("--studio", action="store_true",
+                   help="open the page on the training studio (Runs / Train / Data tabs) instead of the chat; with no "
+                        "model yet, the studio opens by itself")
     p.add_argument("--cli", action="store_true", help="chat in the terminal instead of serving")
     p.add_argument("--prompt", help="answer this one prompt on stdout and exit ('-' reads it from stdin)")
     p.add_argument("--system", help="system prompt for --cli / --prompt")
@@ -117,32 +121,39 @@ def url_of(sock: socket.socket) -> str:
 # The app.
 
 
-def build_app(engine: Engine, serve: ServeConfig, api_key: str | None = None,
-              list_models: Callable[[], list[ModelRef]] | None = None, ui: bool = True, loopback: bool = True):
-    """The ASGI app: the OpenAI API, and (unless ui=False) the Gradio UI mounted at /."""
+def build_app(engine: Engine | None, serve: ServeConfig, api_key: str | None = None,
+              list_models: Callable[[], list[ModelRef]] | None = None, ui: bool = True, loopback: bool = True,
+              studio=None, open_tab: str = "chat", no_model_note: str = ""):
+    """The ASGI app: the OpenAI API, and (unless ui=False) the Gradio UI mounted at /: the chat tab and, given a
+    lib.studio.ui.Studio, the studio's tabs. engine=None: no model yet (the API says so, the chat tab says how to
+    get one)."""
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    from lib.serving.api import OpenAIServer, StatusCounter
+    from lib.serving.api import NoModelServer, OpenAIServer, StatusCounter
 
-    app = OpenAIServer(engine, serve, api_key).app
+    server = OpenAIServer(engine, serve, api_key) if engine is not None else NoModelServer(serve, api_key,
+                                                                                          no_model_note)
+    app = server.app
     if ui:
         import gradio as gr
 
         from lib.serving.ui import build_ui
+        from lib.studio.ui import CSS
 
-        blocks = build_ui(engine, serve, list_models or (lambda: []))
+        blocks = build_ui(engine, serve, list_models or (lambda: []), studio=studio, open_tab=open_tab,
+                          no_model_note=no_model_note)
         auth = None
         if api_key:
             # Any user name; the API key is the password.
             auth = lambda _user, password: secrets.compare_digest(password.encode(), api_key.encode())  # noqa: E731
         app = gr.mount_gradio_app(app, blocks, path="/", auth=auth,
                                   auth_message="Log in with any user name and the server's API key as password.",
-                                  ssr_mode=False, mcp_server=False, footer_links=["settings"],
+                                  ssr_mode=False, mcp_server=False, footer_links=["settings"], css=CSS,
                                   max_file_size="2mb")  # uploads are conversation imports only
     if loopback:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
     # Outermost, so that it also counts the 500s that Starlette's error middleware answers.
-    return StatusCounter(app, engine.metrics)
+    return StatusCounter(app, engine.metrics if engine is not None else server.metrics)
 
 
 def run_server(app, sock: socket.socket, log_level: str = "warning") -> None:
@@ -200,8 +211,14 @@ def serve_command(args: argparse.Namespace) -> int:
     warning = None
     if args.prompt is None and not args.cli:  # refuse a bad bind before spending time on loading the model
         warning = check_bind(host, api_key, args.insecure)
-    ref = resolve_model(args.model, cfg, args.models_dir)
     log = sys.stderr
+    if args.model is None and latest_pipeline_model(cfg) is None and args.prompt is None and not args.cli:
+        if args.no_ui:
+            resolve_model(None, cfg, args.models_dir)  # raises: what to serve, and how to get it
+        print("no model yet: opening the training studio (train one there, then restart to chat with it)",
+              file=log, flush=True)
+        return _serve_page(args, cfg, None, host, port, api_key, warning, open_tab="train")
+    ref = resolve_model(args.model, cfg, args.models_dir)
     print(f"loading {ref.id} from {ref.path or ref.gguf} …", file=log, flush=True)
     choice = args.engine or serve.engine
     loaded = load_model(ref, args.device, choice, serve.max_active, serve.max_context)
@@ -218,24 +235,42 @@ def serve_command(args: argparse.Namespace) -> int:
             from lib.serving.chat_cli import repl
 
             return repl(engine, serve, system=args.system, seed=args.seed)
-        if not args.quiet_config:
-            print("# serve config: " + ", ".join(f"{k}={v}" for k, v in to_dict(serve).items()), file=log, flush=True)
-        if warning:
-            print(warning, file=log, flush=True)
-        sock = bind_socket(host, port)
-        app = build_app(engine, serve, api_key, lambda: available_models(cfg, args.models_dir), ui=not args.no_ui,
-                        loopback=is_loopback(host))
-        url = url_of(sock)
-        print(f"serving {loaded.id} ({loaded.parameters / 1e6:.1f}M parameters, context {loaded.context_length}) on "
-              f"{loaded.device} with {loaded.engine}", flush=True)
-        print(f"  chat UI:    {url}" if not args.no_ui else "  chat UI:    off (--no-ui)", flush=True)
-        print(f"  OpenAI API: {url}v1  (auth: {'Bearer key' if api_key else 'none'})", flush=True)
-        print(f"Running on {url}  (Ctrl+C to stop)", flush=True)
-        try:
-            run_server(app, sock)
-        except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful shutdown: the normal way to stop
-            pass
-        print("server stopped", file=log, flush=True)
-        return 0
+        return _serve_page(args, cfg, engine, host, port, api_key, warning,
+                           open_tab="train" if args.studio else "chat")
     finally:
         engine.close()
+
+
+def _serve_page(args, cfg: Config, engine: Engine | None, host: str, port: int, api_key: str | None,
+                warning: str | None, open_tab: str) -> int:
+    """Bind, build the app (API + chat + studio) and serve until Ctrl+C."""
+    from lib.studio.ui import Studio, studio_note
+
+    log = sys.stderr
+    if not args.quiet_config:
+        print("# serve config: " + ", ".join(f"{k}={v}" for k, v in to_dict(cfg.serve).items()), file=log, flush=True)
+    if warning:
+        print(warning, file=log, flush=True)
+    sock = bind_socket(host, port)
+    loopback = is_loopback(host)
+    # starting processes from a web page: only where nobody else can reach the page, or behind the API key
+    studio = None if args.no_ui else Studio(Path.cwd(), cfg, can_launch=loopback or bool(api_key))
+    app = build_app(engine, cfg.serve, api_key, lambda: available_models(cfg, args.models_dir), ui=not args.no_ui,
+                    loopback=loopback, studio=studio, open_tab=open_tab, no_model_note=studio_note(cfg))
+    url = url_of(sock)
+    if engine is not None:
+        loaded = engine.loaded
+        print(f"serving {loaded.id} ({loaded.parameters / 1e6:.1f}M parameters, context {loaded.context_length}) on "
+              f"{loaded.device} with {loaded.engine}", flush=True)
+    print(f"  chat UI:    {url}" if not args.no_ui else "  chat UI:    off (--no-ui)", flush=True)
+    if studio is not None:
+        print(f"  studio:     {url} (Runs, Train, Data tabs)" + ("" if studio.can_launch else
+                                                                 "; launching is off (no API key)"), flush=True)
+    print(f"  OpenAI API: {url}v1  (auth: {'Bearer key' if api_key else 'none'})", flush=True)
+    print(f"Running on {url}  (Ctrl+C to stop)", flush=True)
+    try:
+        run_server(app, sock)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful shutdown: the normal way to stop
+        pass
+    print("server stopped", file=log, flush=True)
+    return 0

@@ -218,63 +218,74 @@ class ChatUI:
 
     # -- layout --------------------------------------------------------------------------------------------
 
-    def build(self) -> gr.Blocks:
+    def build(self, demo: gr.Blocks) -> None:
+        """The chat tab's components, inside the caller's gr.Blocks."""
         ctx = self.engine.loaded.context_length
-        with gr.Blocks(title="Models at Home", analytics_enabled=False) as demo:
-            gr.Markdown("## Models at Home — chat")
-            with gr.Row():
-                with gr.Column(scale=3):
-                    chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chatbot", buttons=["copy"],
-                                         feedback_options=None)
-                    msg = gr.Textbox(placeholder="Type a message and press Enter (Shift+Enter for a new line)",
-                                     show_label=False, lines=1, max_lines=8, elem_id="chat-input", autofocus=True)
-                    with gr.Row():
-                        send = gr.Button("Send", variant="primary", elem_id="send-btn")
-                        stop = gr.Button("Stop", variant="stop", elem_id="stop-btn")
-                        regen = gr.Button("Regenerate", elem_id="regen-btn")
-                        clear = gr.Button("Clear", elem_id="clear-btn")
-                    counter = gr.Markdown(self.counter([], ""), elem_id="token-counter")
-                with gr.Column(scale=1):
-                    model = gr.Dropdown(self.model_choices(), value=self.engine.loaded.id, label="Model",
-                                        elem_id="model-picker")
-                    status = gr.Markdown(self.model_status(), elem_id="model-status")
-                    system = gr.Textbox(label="System prompt", lines=3, placeholder="e.g. You are a helpful assistant.",
-                                        elem_id="system-prompt")
-                    temperature = gr.Slider(0.0, max(2.0, self.serve.temperature), value=self.serve.temperature,
-                                            step=0.05, label="Temperature", info="0 = always the most likely token")
-                    top_p = gr.Slider(0.05, 1.0, value=max(0.05, self.serve.top_p), step=0.05, label="Top-p")
-                    max_tokens = gr.Slider(1, ctx, value=min(self.serve.max_new_tokens, ctx), step=1,
-                                           label="Max new tokens")
-                    with gr.Accordion("Save / load conversation", open=False):
-                        export_btn = gr.Button("Export as JSON", elem_id="export-btn")
-                        export_file = gr.File(label="Exported conversation", interactive=False, elem_id="export-file")
-                        import_btn = gr.UploadButton("Import JSON", file_types=[".json"], elem_id="import-btn")
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chatbot", buttons=["copy"],
+                                     feedback_options=None)
+                msg = gr.Textbox(placeholder="Type a message and press Enter (Shift+Enter for a new line)",
+                                 show_label=False, lines=1, max_lines=8, elem_id="chat-input", autofocus=True)
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary", elem_id="send-btn")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+                    regen = gr.Button("Regenerate", elem_id="regen-btn")
+                    clear = gr.Button("Clear", elem_id="clear-btn")
+                counter = gr.Markdown(self.counter([], ""), elem_id="token-counter")
+            with gr.Column(scale=1):
+                model = gr.Dropdown(self.model_choices(), value=self.engine.loaded.id, label="Model",
+                                    elem_id="model-picker")
+                status = gr.Markdown(self.model_status(), elem_id="model-status")
+                system = gr.Textbox(label="System prompt", lines=3, placeholder="e.g. You are a helpful assistant.",
+                                    elem_id="system-prompt")
+                temperature = gr.Slider(0.0, max(2.0, self.serve.temperature), value=self.serve.temperature,
+                                        step=0.05, label="Temperature", info="0 = always the most likely token")
+                top_p = gr.Slider(0.05, 1.0, value=max(0.05, self.serve.top_p), step=0.05, label="Top-p")
+                max_tokens = gr.Slider(1, ctx, value=min(self.serve.max_new_tokens, ctx), step=1,
+                                       label="Max new tokens")
+                with gr.Accordion("Save / load conversation", open=False):
+                    export_btn = gr.Button("Export as JSON", elem_id="export-btn")
+                    export_file = gr.File(label="Exported conversation", interactive=False, elem_id="export-file")
+                    import_btn = gr.UploadButton("Import JSON", file_types=[".json"], elem_id="import-btn")
 
-            sampling = [system, temperature, top_p, max_tokens]
-            submit_events = []
-            for trigger in (msg.submit, send.click):
-                ev = trigger(self.add_user, [msg, chatbot], [msg, chatbot], queue=False).then(
-                    self.reply, [chatbot, *sampling], [chatbot, counter])
-                submit_events.append(ev)
-            regen_ev = regen.click(self.drop_last_reply, chatbot, chatbot, queue=False).then(
+        sampling = [system, temperature, top_p, max_tokens]
+        submit_events = []
+        for trigger in (msg.submit, send.click):
+            ev = trigger(self.add_user, [msg, chatbot], [msg, chatbot], queue=False).then(
                 self.reply, [chatbot, *sampling], [chatbot, counter])
-            stop.click(self.stop, None, None, cancels=[*submit_events, regen_ev], queue=False)
-            clear.click(lambda s: ([], self.counter([], s)), system, [chatbot, counter], queue=False)
-            # .input fires on typing only: a .change would also fire when add_user empties the box, and its late
-            # answer could overwrite the count that the reply has just updated.
-            for comp in (msg, system):
-                comp.input(self.counter, [chatbot, system, msg, max_tokens], counter, queue=False,
-                           trigger_mode="always_last", show_progress="hidden")
-            export_btn.click(self.export, [chatbot, system], export_file)
-            import_btn.upload(self.import_, import_btn, [chatbot, system]).then(
-                self.counter, [chatbot, system], counter)
-            model.change(self.switch_model, model, [status, max_tokens]).then(
-                self.counter, [chatbot, system], counter)
-            demo.load(lambda: gr.update(choices=self.model_choices(), value=self.engine.loaded.id), None, model)
-        # Several browser tabs may chat at once; the engine interleaves their replies.
-        demo.queue(default_concurrency_limit=max(1, self.engine.max_active * 2))
-        return demo
+            submit_events.append(ev)
+        regen_ev = regen.click(self.drop_last_reply, chatbot, chatbot, queue=False).then(
+            self.reply, [chatbot, *sampling], [chatbot, counter])
+        stop.click(self.stop, None, None, cancels=[*submit_events, regen_ev], queue=False)
+        clear.click(lambda s: ([], self.counter([], s)), system, [chatbot, counter], queue=False)
+        # .input fires on typing only: a .change would also fire when add_user empties the box, and its late
+        # answer could overwrite the count that the reply has just updated.
+        for comp in (msg, system):
+            comp.input(self.counter, [chatbot, system, msg, max_tokens], counter, queue=False,
+                       trigger_mode="always_last", show_progress="hidden")
+        export_btn.click(self.export, [chatbot, system], export_file)
+        import_btn.upload(self.import_, import_btn, [chatbot, system]).then(
+            self.counter, [chatbot, system], counter)
+        model.change(self.switch_model, model, [status, max_tokens]).then(
+            self.counter, [chatbot, system], counter)
+        demo.load(lambda: gr.update(choices=self.model_choices(), value=self.engine.loaded.id), None, model)
 
 
-def build_ui(engine: Engine, serve: ServeConfig, list_models: Callable[[], list[ModelRef]]) -> gr.Blocks:
-    return ChatUI(engine, serve, list_models).build()
+def build_ui(engine: Engine | None, serve: ServeConfig, list_models: Callable[[], list[ModelRef]],
+             studio=None, open_tab: str = "chat", no_model_note: str = "") -> gr.Blocks:
+    """The app's page: the Chat tab (or, with no model, a note saying how to get one) and the studio's tabs."""
+    with gr.Blocks(title="Models at Home", analytics_enabled=False) as demo:
+        gr.Markdown("## Models at Home")
+        with gr.Tabs(selected=open_tab if studio is not None else "chat"):
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                if engine is not None:
+                    ChatUI(engine, serve, list_models).build(demo)
+                else:
+                    gr.Markdown(no_model_note, elem_id="no-model")
+            if studio is not None:
+                studio.build()
+                demo.load(*studio._load_events)
+    # Several browser tabs may chat at once; the engine interleaves their replies.
+    demo.queue(default_concurrency_limit=max(2, engine.max_active * 2 if engine is not None else 2))
+    return demo

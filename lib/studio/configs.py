@@ -1,0 +1,219 @@
+"""The studio's config form: which configs there are, the common knobs as overrides, what a model would cost, and
+saving the edited config as a YAML file the user keeps.
+
+    names = list_configs(".")                                      # config/default.yaml, config/recipes/..., ...
+    base = load_config(names[0])
+    values = form_values(base)                                     # {"model.dim": 256, "pretrain.lr": 0.001, ...}
+    overrides = form_overrides(base, {**values, "pretrain.lr": 3e-4})   # ["pretrain.lr=0.0003"]
+    estimate(load_config(names[0], overrides))                     # parameters and memory (05_check's formulas)
+    save_config(".", "my-run", names[0], overrides)                # config/studio/my-run.yaml, validated
+
+Overrides are `--set` strings and go through lib.config's validation, so the form accepts exactly what the
+command line accepts; a bad value is the same one-paragraph error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from lib.artifacts import atomic_write_text
+from lib.config import Config, CheckConfig, apply_overrides, from_dict, read_config_data
+from lib.errors import UserError
+from lib.model import PRESETS, HomeLLM, model_args
+
+SAVE_DIR = Path("config") / "studio"
+CUSTOM = "custom"
+# The form's knobs: (dotted key, label). Model dims are shown resolved (the preset's values unless set).
+FIELDS = [
+    ("model.preset", "Model preset"),
+    ("model.dim", "Width (dim)"),
+    ("model.n_layers", "Layers"),
+    ("model.n_heads", "Attention heads"),
+    ("tokenizer.vocab_size", "Vocabulary size"),
+    ("pretrain.seq_len", "Sequence length"),
+    ("pretrain.batch_size", "Batch size"),
+    ("pretrain.lr", "Learning rate"),
+    ("pretrain.max_steps", "Max steps (0 = no step limit)"),
+    ("pretrain.time_budget_min", "Time budget, minutes (0 = none)"),
+    ("data.sources", "Data sources (YAML list)"),
+]
+DIMS = ("dim", "n_layers", "n_heads")
+
+
+def list_configs(project_dir: str | Path) -> list[str]:
+    """Config files under <project>/config (recipes and saved studio configs included), relative paths."""
+    root = Path(project_dir)
+    found = sorted((root / "config").rglob("*.yaml")) if (root / "config").is_dir() else []
+    out = [str(p.relative_to(root)) for p in found if "accelerate" not in p.relative_to(root).parts]
+    first = [c for c in ("config/default.yaml", "config/smoke.yaml") if c in out]
+    return first + [c for c in out if c not in first]
+
+
+def _resolved_dims(cfg: Config) -> dict:
+    try:
+        a = model_args(cfg.model, cfg.tokenizer.vocab_size)
+    except UserError:
+        return {k: getattr(cfg.model, k) for k in DIMS}
+    return {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads}
+
+
+def form_values(cfg: Config) -> dict:
+    """The form's fields filled from a config."""
+    dims = _resolved_dims(cfg)
+    t = cfg.pretrain
+    return {"model.preset": cfg.model.preset or CUSTOM, **{f"model.{k}": v for k, v in dims.items()},
+            "tokenizer.vocab_size": cfg.tokenizer.vocab_size, "pretrain.seq_len": t.seq_len,
+            "pretrain.batch_size": t.batch_size, "pretrain.lr": t.lr, "pretrain.max_steps": t.max_steps or 0,
+            "pretrain.time_budget_min": t.time_budget_min or 0,
+            "data.sources": yaml.safe_dump(json.loads(json.dumps([_source_dict(s) for s in cfg.data.sources])),
+                                           sort_keys=False)}
+
+
+def _source_dict(src) -> dict:
+    """A data source as the user would write it: only the fields that differ from the defaults."""
+    from lib.config import SourceConfig, to_dict
+
+    default = to_dict(SourceConfig(type=src.type))
+    return {k: v for k, v in to_dict(src).items() if k == "type" or v != default.get(k)}
+
+
+def preset_dims(preset: str) -> dict:
+    return {k: PRESETS[preset][k] for k in DIMS} if preset in PRESETS else {}
+
+
+def form_overrides(base: Config, values: dict) -> list[str]:
+    """`--set` strings for the fields that differ from `base`."""
+    old = form_values(base)
+    out: list[str] = []
+
+    def put(key, value):
+        out.append(f"{key}={json.dumps(value)}")
+
+    preset = values.get("model.preset") or CUSTOM
+    if preset != old["model.preset"]:
+        put("model.preset", None if preset == CUSTOM else preset)
+    reference = preset_dims(preset) if preset != CUSTOM else {}
+    for k in DIMS:
+        v = _int(values.get(f"model.{k}"), f"model.{k}")
+        if v is not None and v != reference.get(k, old[f"model.{k}"] if preset == old["model.preset"] else None):
+            put(f"model.{k}", v)
+    if any(o.startswith("model.n_heads=") for o in out):
+        heads = _int(values["model.n_heads"], "model.n_heads")
+        kv = base.model.n_kv_heads or PRESETS.get(preset, {}).get("n_kv_heads") or heads
+        if heads % kv:  # the preset's grouped-query heads no longer divide: one kv head per head
+            put("model.n_kv_heads", heads)
+    if preset == CUSTOM:
+        seq = _int(values.get("pretrain.seq_len"), "pretrain.seq_len") or base.pretrain.seq_len
+        if base.model.max_seq_len is None or base.model.max_seq_len < seq:
+            put("model.max_seq_len", max(seq, PRESETS.get(old["model.preset"], {}).get("max_seq_len", seq)))
+    for key, cast in (("tokenizer.vocab_size", _int), ("pretrain.seq_len", _int), ("pretrain.batch_size", _int),
+                      ("pretrain.lr", _float)):
+        v = cast(values.get(key), key)
+        if v is not None and v != old[key]:
+            put(key, v)
+    for key in ("pretrain.max_steps", "pretrain.time_budget_min"):
+        v = _float(values.get(key), key)
+        v = None if not v else (int(v) if key.endswith("max_steps") else v)
+        if v != (old[key] or None):
+            put(key, v)
+    text = values.get("data.sources")
+    if text is not None and text.strip() != old["data.sources"].strip():
+        try:
+            sources = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"data.sources: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(sources, list) or not sources:
+            raise UserError("data.sources: expected a YAML list of sources, e.g. '- type: bible'")
+        put("data.sources", sources)
+    return out
+
+
+def _int(v, key):
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise UserError(f"{key}: expected a whole number, got {v!r}") from None
+    if f != int(f):
+        raise UserError(f"{key}: expected a whole number, got {v!r}")
+    return int(f)
+
+
+def _float(v, key):
+    if v is None or v == "":
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise UserError(f"{key}: expected a number, got {v!r}") from None
+
+
+def config_data(base_file: str | Path, overrides: list[str]) -> dict:
+    return apply_overrides(read_config_data(base_file), overrides)
+
+
+def validated(base_file: str | Path, overrides: list[str]) -> Config:
+    """The config the form describes, validated as `--config base_file --set ...` would be, and the model it
+    describes checked as 03_pretrain will check it."""
+    try:
+        cfg = from_dict(config_data(base_file, overrides), base_dir=str(Path(base_file).resolve().parent))
+        model_args(cfg.model, cfg.tokenizer.vocab_size)  # the model's own rules (heads divide dim, ...), before a launch
+        return cfg
+    except UserError as e:
+        raise UserError(f"{base_file} + the form: {e}") from None
+
+
+def safe_name(name: str) -> str:
+    """A file name from what the user typed: letters, digits, '-', '_' and '.', no leading dot, at most 64."""
+    text = (name or "").strip()
+    text = text[:-5] if text.lower().endswith(".yaml") else text
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-")[:64].rstrip(".-")
+    if not cleaned:
+        raise UserError(f"config name {name!r}: use letters, digits, '-', '_' or '.' (it becomes a file name)")
+    return cleaned
+
+
+def save_config(project_dir: str | Path, name: str, base_file: str | Path, overrides: list[str]) -> Path:
+    """Write config/studio/<name>.yaml: the base file with the overrides applied, after validating it. Returns the
+    path relative to the project dir."""
+    validated(base_file, overrides)
+    data = config_data(base_file, overrides)
+    rel = SAVE_DIR / f"{safe_name(name)}.yaml"
+    header = (f"# Saved by the studio from {base_file}" + (f" with {', '.join(overrides)}" if overrides else "")
+              + f".\n# Run it: snakemake --cores all --configfile {rel}\n")
+    atomic_write_text(Path(project_dir) / rel, header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return rel
+
+
+def estimate(cfg: Config, hardware: dict | None = None) -> dict:
+    """Parameters of the model the config describes (exact: built on the meta device) and memory to pretrain and
+    to serve it, by 05_check's formulas at the config's batch and sequence length."""
+    import torch
+
+    from lib.check import estimate_inference, estimate_training
+    from lib.hardware import probe_hardware
+
+    args = model_args(cfg.model, cfg.tokenizer.vocab_size)
+    with torch.device("meta"):
+        model = HomeLLM(args)
+    P = model.num_params()
+    d = {"hidden": args.dim, "layers": args.n_layers, "heads": args.n_heads, "kv_heads": args.n_kv_heads,
+         "head_dim": args.head_dim, "ffn": args.ffn_dim, "vocab": args.vocab_size, "context": args.max_seq_len,
+         "tied": args.tie_embeddings, "gated": True, "experts": 1, "experts_used": 1, "attention": "full",
+         "bias": False, "positions": 0}
+    hw = hardware or probe_hardware()
+    t = cfg.pretrain
+    act = "fp32" if t.precision == "fp32" else ("bf16" if hw["gpus"] or hw["cpu"]["bf16"] else "fp32")
+    train = estimate_training(P, d, CheckConfig(train_batch_size=t.batch_size, train_seq_len=t.seq_len), act,
+                              "fp32")["full"]
+    infer = estimate_inference(P, d, "fp32", args.max_seq_len, 1, "fp32")
+    need = train["total_with_grad_checkpointing" if t.grad_checkpointing else "total"]
+    ram = hw["ram"]["total_bytes"]
+    return {"parameters": P, "body_parameters": model.num_params(body_only=True), "train_bytes": need,
+            "infer_bytes": infer["total"], "activation_dtype": act, "ram_bytes": ram, "fits": need <= ram,
+            "flops_per_token": model.estimate_flops_per_token(t.seq_len)}

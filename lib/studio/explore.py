@@ -1,0 +1,127 @@
+"""The studio's data explorer: what a corpus artifact holds and what the SFT stage trains on.
+
+    corpus_overview(Path("artifacts/01_data/ab12cd34ef56"))   # per source, removed by reason, lengths, bytes/token
+    random_documents(Path("artifacts/01_data/ab12cd34ef56"), "val", k=3, seed=0)
+    sft_preview(cfg, k=3, seed=0)   # format per source; examples rendered with the chat template, trained tokens marked
+
+Reads only: stats.json and the shards of a 01_data directory, the meta.json of the 02_tokens directories built from
+it, and for SFT the config's data sources through the SFT stage's own loader and encoder (lib.sft_data, lib.sft),
+so what is highlighted is exactly what the loss mask trains.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import random
+from pathlib import Path
+
+from lib.artifacts import MANIFEST, is_complete, read_json
+from lib.config import Config, stage_dir
+from lib.errors import UserError
+from lib.sft import encode_conversations, encode_text, fit_length
+from lib.sft_data import load_sft_examples
+from lib.tokenizer import load_tokenizer
+
+
+def corpus_overview(data_dir: Path) -> dict:
+    """Documents and characters per source, removed by reason, the length histogram and the tokenizers' bytes per
+    token (from every 02_tokens directory encoded from this corpus)."""
+    if not is_complete(data_dir):
+        raise UserError(f"{data_dir}: not a complete 01_data directory (no {MANIFEST})")
+    stats = read_json(data_dir / "stats.json")
+    sources = [{"source": s["label"], "read": s["read"], "kept": s["kept"], "chars": s.get("kept_chars"),
+                **{k: s.get(k, 0) for k in ("exact_dup", "near_dup", "empty", "too_short", "too_long",
+                                             "skipped_bad_records")}} for s in stats.get("sources", [])]
+    tokens = []
+    root = data_dir.parent.parent / "02_tokens"
+    for meta_file in sorted(root.glob("*/meta.json")) if root.is_dir() else []:
+        meta = read_json(meta_file)
+        if meta.get("data_hash") == data_dir.name and is_complete(meta_file.parent):
+            tokens.append({"tokens_dir": meta_file.parent.name, "tokenizer": meta.get("tokenizer_hash"),
+                           "vocab_size": meta.get("vocab_size"), "val_bytes_per_token": meta.get("val_bytes_per_token"),
+                           "train_tokens": meta.get("splits", {}).get("train", {}).get("n_tokens")})
+    return {"documents": stats.get("documents"), "chars": stats.get("chars"), "splits": stats.get("splits", {}),
+            "sources": sources, "removed": stats.get("removed", {}),
+            "histogram": stats.get("length_histogram_chars", {}), "tokenizers": tokens}
+
+
+def random_documents(data_dir: Path, split: str, k: int = 3, seed: int | None = None, max_chars: int = 1200) -> list[str]:
+    """k documents picked at random from a split's shards (seeking to random offsets: shards can be large)."""
+    shards = sorted(data_dir.glob(f"{split}-*.jsonl"))
+    sizes = [p.stat().st_size for p in shards]
+    if not shards or not sum(sizes):
+        return []
+    rng = random.Random(seed)
+    out = []
+    for _ in range(k * 3):
+        if len(out) >= k:
+            break
+        shard = rng.choices(shards, weights=sizes)[0]
+        with open(shard, "rb") as f:
+            f.seek(rng.randrange(shard.stat().st_size))
+            f.readline()  # the rest of the line we landed in
+            line = f.readline() or (f.seek(0) or f.readline())
+        try:
+            text = json.loads(line)["text"]
+        except (ValueError, KeyError):
+            continue
+        out.append(text if len(text) <= max_chars else text[:max_chars] + " …")
+    return out
+
+
+def _tokenizer_for(cfg: Config, project: Path):
+    d = project / stage_dir(cfg, "02_tokenizer")
+    if is_complete(d):
+        return load_tokenizer(d)
+    if cfg.sft.base_model:
+        return load_tokenizer(Path(cfg.sft.base_model)) if Path(cfg.sft.base_model).is_dir() else None
+    return None
+
+
+def highlight(tokenizer, ids, mask) -> str:
+    """HTML of the tokens, the trained ones (mask) marked: <mark> around each run of trained tokens."""
+    pieces, run, trained = [], [], None
+    decode = getattr(tokenizer, "decode")
+
+    def flush():
+        if run:
+            text = html.escape(decode(run, skip_special_tokens=False))
+            pieces.append(f'<mark class="trained">{text}</mark>' if trained else f"<span>{text}</span>")
+
+    for tid, m in zip(list(map(int, ids)), list(map(bool, mask))):
+        if m != trained:
+            flush()
+            run, trained = [], m
+        run.append(tid)
+    flush()
+    return "".join(pieces)
+
+
+def sft_preview(cfg: Config, k: int = 3, seed: int | None = 0, project_dir: str | Path = ".") -> dict:
+    """The SFT data as the SFT stage sees it: each source's detected format and record counts, and k examples
+    rendered with the chat template with the trained (assistant) tokens marked, cut to sft.train.seq_len as in
+    training."""
+    examples, sources = load_sft_examples(cfg.sft, cfg.base_dir)
+    tokenizer = _tokenizer_for(cfg, Path(project_dir))
+    if tokenizer is None:
+        raise UserError(f"{stage_dir(cfg, '02_tokenizer')}: no tokenizer yet for this config; run the pipeline up to "
+                        f"the tokenizer (snakemake tokenizer) to see the examples tokenized")
+    from lib.sft import prepare_tokenizer
+
+    prepare_tokenizer(tokenizer, "the studio's SFT preview")
+    picked = random.Random(seed).sample(examples, min(k, len(examples)))
+    max_len = cfg.sft.train.seq_len + 1
+    rendered = []
+    for ex in picked:
+        enc = (encode_conversations(tokenizer, [ex.messages], max_len)[0] if ex.messages is not None
+               else encode_text(tokenizer, [ex.text], max_len)[0])
+        fitted, cut = fit_length(enc, max_len) if ex.messages is not None else (enc, len(enc.ids) >= max_len)
+        if fitted is None:
+            rendered.append({"where": ex.where, "html": highlight(tokenizer, enc.ids, enc.mask), "tokens": len(enc.ids),
+                             "trained": 0, "note": f"dropped: no assistant turn fits in {cfg.sft.train.seq_len} tokens"})
+            continue
+        rendered.append({"where": ex.where, "html": highlight(tokenizer, fitted.ids, fitted.mask),
+                         "tokens": len(fitted.ids), "trained": int(fitted.mask.sum()),
+                         "note": f"cut to {cfg.sft.train.seq_len} tokens" if cut else ""})
+    return {"sources": sources, "examples": rendered, "count": len(examples)}

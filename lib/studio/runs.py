@@ -1,0 +1,255 @@
+"""What the studio knows about runs: every stage directory under the artifacts dir, its status and its figures.
+
+    runs = find_runs("artifacts")                 # newest first
+    runs[0].id, runs[0].status, runs[0].figures   # "03_pretrain/ab12cd34ef56", "running", {"val_loss": ...}
+    curves = MetricsFile(runs[0].metrics_path).read()   # re-reads only what was appended since the last call
+
+Only reads: manifests (complete), the trainer's run.json in the checkpoint dir (who trains there, whether it
+stopped on a signal), the stage's log under <artifacts>/logs (errors) and Snakemake's benchmark file.
+Status, in this order:
+- complete:    manifest.json exists (the contract of an artifact directory);
+- running:     the trainer's process named in run.json is alive on this host, or, for a short stage, its staging
+               directory exists while a pipeline launched here is running;
+- failed:      the stage's log ends with an error (`error: ...` or a traceback);
+- interrupted: anything else left behind (stopped by a signal, killed): rerunning the pipeline resumes it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lib.artifacts import MANIFEST, read_json
+from lib.checkpoint import latest_checkpoint
+from lib.tracking import METRICS, RUN_INFO
+
+STAGES = ("01_data", "02_tokenizer", "02_tokens", "03_pretrain", "04_sft", "04_export", "05_check", "08_report")
+TRAINING_STAGES = ("03_pretrain", "04_sft")
+LOG_TAIL_BYTES = 16_384
+
+
+@dataclass
+class Run:
+    stage: str
+    hash: str
+    status: str  # complete | running | interrupted | failed
+    path: Path  # the artifact dir (exists iff complete)
+    work: Path | None  # the trainer's checkpoint dir (training stages)
+    updated: float  # newest mtime seen, for sorting
+    config: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)  # val_loss, val_bpb, tok_s, wall_s, steps, parameters
+    message: str = ""  # why it failed, where it stopped
+
+    @property
+    def id(self) -> str:
+        return f"{self.stage}/{self.hash}"
+
+    @property
+    def metrics_path(self) -> Path | None:
+        """The live metrics file while training (the checkpoint dir's), else the published copy."""
+        for d in (self.work, self.path):
+            if d is not None and (d / METRICS).is_file():
+                return d / METRICS
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def trainer_alive(info: dict) -> bool:
+    return (info.get("ended") is None and info.get("host") == socket.gethostname()
+            and isinstance(info.get("pid"), int) and pid_alive(info["pid"]))
+
+
+def log_error(log: Path) -> str | None:
+    """The error a stage's log ends with, or None."""
+    if not log.is_file():
+        return None
+    with open(log, "rb") as f:
+        f.seek(max(0, log.stat().st_size - LOG_TAIL_BYTES))
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        line = lines[i].strip()
+        if line.startswith("error: "):
+            return line[len("error: "):]
+        if line.startswith("Traceback (most recent call last)"):
+            return next((ln.strip() for ln in reversed(lines[i:]) if ln.strip()), "a Python exception")
+    return None
+
+
+def _benchmark_wall(artifacts: Path, stage: str, h: str) -> float | None:
+    f = artifacts / "logs" / stage / f"{h}.benchmark.tsv"
+    if not f.is_file():
+        return None
+    rows = list(csv.DictReader(f.read_text().splitlines(), delimiter="\t"))
+    try:
+        return float(rows[-1]["s"]) if rows else None
+    except (KeyError, ValueError):
+        return None
+
+
+def _figures(stage: str, manifest: dict, artifacts: Path, h: str) -> dict:
+    out: dict = {}
+    final = manifest.get("final_eval") or {}
+    for key in ("val_loss", "val_bpb"):
+        if key in final:
+            out[key] = final[key]
+    for key in ("steps", "parameters", "train_seconds"):
+        if key in manifest:
+            out[key] = manifest[key]
+    if manifest.get("train_seconds") and manifest.get("tokens"):
+        out["tok_s"] = manifest["tokens"] / manifest["train_seconds"]
+    wall = _benchmark_wall(artifacts, stage, h)
+    out["wall_s"] = wall if wall is not None else manifest.get("wall_time_s")
+    if stage == "01_data" and "documents" in manifest:
+        out["documents"] = manifest["documents"]
+    return out
+
+
+def _live_figures(metrics: Path | None) -> dict:
+    """Figures of an unfinished training run from its metrics file."""
+    if metrics is None:
+        return {}
+    rows = MetricsFile(metrics).read()
+    out: dict = {}
+    if rows["train"]:
+        last = rows["train"][-1]
+        out.update(steps=last["step"], tok_s=last.get("tok_s"), wall_s=last.get("elapsed_s"))
+    if rows["eval"]:
+        last = rows["eval"][-1]
+        out.update({k: last[k] for k in ("val_loss", "val_bpb") if k in last})
+    return out
+
+
+def find_runs(artifacts_dir: str | Path, launching: bool = False) -> list[Run]:
+    """Every stage directory (complete or not) under artifacts_dir, newest first. `launching`: a pipeline started
+    here is running (so a short stage's staging directory means it is running, not abandoned)."""
+    artifacts = Path(artifacts_dir)
+    runs: dict[tuple[str, str], Run] = {}
+    for stage in STAGES:
+        hashes: set[str] = set()
+        stage_root = artifacts / stage
+        if stage_root.is_dir():
+            for p in stage_root.iterdir():
+                name = p.name
+                if name.startswith("."):  # a staging dir: .<hash>.tmp-xxxx
+                    name = name[1:].split(".tmp-", 1)[0]
+                hashes.add(name)
+        logs = artifacts / "logs" / stage
+        if logs.is_dir():
+            hashes.update(p.name[:-len(".log")] for p in logs.glob("*.log"))
+        ckpts = artifacts / "checkpoints" / stage
+        if ckpts.is_dir():
+            hashes.update(p.name for p in ckpts.iterdir() if p.is_dir())
+        for h in hashes:
+            run = _run(artifacts, stage, h, launching)
+            if run is not None:
+                runs[(stage, h)] = run
+    return sorted(runs.values(), key=lambda r: r.updated, reverse=True)
+
+
+def _run(artifacts: Path, stage: str, h: str, launching: bool) -> Run | None:
+    path = artifacts / stage / h
+    work = artifacts / "checkpoints" / stage / h
+    work = work if work.is_dir() else None
+    log = artifacts / "logs" / stage / f"{h}.log"
+    stamps = [p.stat().st_mtime for p in (path, work, log) if p is not None and p.exists()]
+    if work is not None and (work / METRICS).is_file():
+        stamps.append((work / METRICS).stat().st_mtime)
+    run = Run(stage=stage, hash=h, status="interrupted", path=path, work=work, updated=max(stamps, default=0.0))
+    if (path / MANIFEST).is_file():
+        manifest = read_json(path / MANIFEST)
+        run.status, run.config = "complete", manifest.get("config", {})
+        run.figures = _figures(stage, manifest, artifacts, h)
+        return run
+    info = {}
+    if work is not None and (work / RUN_INFO).is_file():
+        try:
+            info = read_json(work / RUN_INFO)
+        except (OSError, ValueError):
+            info = {}
+    run.figures = _live_figures(run.metrics_path)
+    staging = path.parent.is_dir() and any(path.parent.glob(f".{h}.tmp-*"))
+    if trainer_alive(info) or (launching and staging and stage not in TRAINING_STAGES):
+        run.status = "running"
+        return run
+    error = log_error(log)
+    if error:
+        run.status, run.message = "failed", error
+    elif work is None and not staging:  # only a log: its directory was deleted, or it never began
+        return None
+    else:
+        how = "stopped" if info.get("ended") == "stopped" else "ended before finishing (killed?)"
+        step = checkpoint_step(work) if work is not None else None
+        where = f"; a rerun resumes from step {step}" if step is not None else "; a rerun starts it again"
+        run.message = f"{how}{where}"
+    return run
+
+
+def checkpoint_step(work: Path) -> int | None:
+    """The step of the checkpoint a rerun would resume from."""
+    ckpt = latest_checkpoint(work)
+    if ckpt is None:
+        return None
+    try:
+        return int(read_json(ckpt / "state.json")["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class MetricsFile:
+    """Incremental reader of a metrics.jsonl that grows: each read() parses only the bytes appended since the
+    last one (a file that shrank, as on resume, is read again from the start)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._offset = 0
+        self._rows: dict[str, list] = {"train": [], "eval": []}
+        self._lock = threading.Lock()
+
+    def read(self) -> dict[str, list]:
+        with self._lock:
+            try:
+                size = self.path.stat().st_size
+            except FileNotFoundError:
+                return {"train": [], "eval": []}
+            if size < self._offset:
+                self._offset, self._rows = 0, {"train": [], "eval": []}
+            if size > self._offset:
+                with open(self.path, "rb") as f:
+                    f.seek(self._offset)
+                    chunk = f.read(size - self._offset)
+                end = chunk.rfind(b"\n") + 1  # a half-written last line waits for the next read
+                for line in chunk[:end].decode("utf-8", "replace").splitlines():
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        continue
+                    if row.get("kind") == "eval":
+                        self._rows["eval"].append(row)
+                    elif "loss" in row:
+                        self._rows["train"].append(row)
+                self._offset += end
+            return {k: list(v) for k, v in self._rows.items()}
+
+
+def run_info(run: Run) -> dict:
+    """The trainer's run.json (pid, total steps, time budget), {} when there is none."""
+    if run.work is None or not (run.work / RUN_INFO).is_file():
+        return {}
+    try:
+        return read_json(run.work / RUN_INFO)
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,451 @@
+"""The training studio: Gradio tabs beside Chat in the app 07_serve.py starts (Runs, Train, Data).
+
+- Runs: every stage directory under the artifacts dir with its status, config, figures and report; two or more
+  training runs overlaid on one loss chart.
+- Train: pick a config, change the common knobs (the parameter count and 05_check's memory estimate follow as you
+  move them), start the pipeline (the Snakemake command is shown), stop it (the trainer checkpoints), resume it;
+  the live view of the training run (loss, lr, tokens/s, ETA, samples) updates once a second from metrics.jsonl.
+- Data: a corpus artifact's sources, removals, length histogram, random documents and bytes/token; the SFT data's
+  detected format and examples rendered with the chat template, trained tokens marked.
+
+Handlers are plain methods of `Studio` (tests call them without a browser); `build()` wires them into the current
+gr.Blocks. Launching needs `can_launch` (loopback or an API key; lib.serving.server decides).
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import yaml
+
+from lib.config import Config, load_config
+from lib.errors import UserError
+from lib.model import PRESETS
+from lib.studio.configs import (CUSTOM, FIELDS, estimate, form_overrides, form_values, list_configs, preset_dims,
+                                safe_name, save_config, validated)
+from lib.studio.explore import corpus_overview, random_documents, sft_preview
+from lib.studio.launch import TARGETS, Launcher
+from lib.studio.runs import TRAINING_STAGES, MetricsFile, Run, find_runs, run_info
+
+LIVE_PERIOD_S = 1.0  # the live view's refresh: one read of the new metrics lines per second, at most
+RUN_COLUMNS = ["run", "status", "val loss", "bits/byte", "tok/s", "steps", "wall", "updated", "note"]
+CSS = "mark.trained { background: #fde68a; } .sft-example { white-space: pre-wrap; font-family: monospace; " \
+      "border: 1px solid #ddd; padding: 6px; margin: 6px 0; }"
+
+
+def _fmt_seconds(s) -> str:
+    if s is None:
+        return ""
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _fmt_bytes(n) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def _curve(points: list[tuple]) -> pd.DataFrame:
+    """(step, value, series) points as a frame with numeric columns, so the plot's axes are numbers."""
+    return pd.DataFrame(points, columns=["step", "value", "series"]).astype({"step": "int64", "value": "float64"})
+
+
+def _num(v, fmt="{:.4f}"):
+    return "" if v is None else fmt.format(v)
+
+
+class Studio:
+    def __init__(self, project_dir: str | Path, cfg: Config, can_launch: bool = True, hardware: dict | None = None):
+        self.project = Path(project_dir).resolve()
+        self.cfg = cfg
+        artifacts = Path(cfg.artifacts_dir)
+        self.artifacts = artifacts if artifacts.is_absolute() else self.project / artifacts
+        self.launcher = Launcher(self.project, self.artifacts)
+        self.can_launch = can_launch
+        self.hardware = hardware
+        self._metrics: dict[Path, MetricsFile] = {}
+        self._live_keys: dict[str, tuple] = {}  # per browser session: what its plots show now
+
+    # -- runs ----------------------------------------------------------------------------------------------
+
+    def runs(self) -> list[Run]:
+        return find_runs(self.artifacts, launching=self.launcher.active() is not None)
+
+    def runs_table(self) -> pd.DataFrame:
+        rows = []
+        for r in self.runs():
+            f = r.figures
+            rows.append([r.id, r.status, _num(f.get("val_loss")), _num(f.get("val_bpb")),
+                         _num(f.get("tok_s"), "{:,.0f}"), f.get("steps", ""), _fmt_seconds(f.get("wall_s")),
+                         time.strftime("%Y-%m-%d %H:%M", time.localtime(r.updated)) if r.updated else "", r.message])
+        return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+    def run_choices(self, training_only: bool = False) -> list[str]:
+        return [r.id for r in self.runs() if not training_only or r.stage in TRAINING_STAGES]
+
+    def _find(self, run_id: str | None) -> Run | None:
+        return next((r for r in self.runs() if r.id == run_id), None)
+
+    def run_details(self, run_id: str | None):
+        """(summary markdown, config YAML, report HTML) of one run."""
+        run = self._find(run_id)
+        if run is None:
+            return "Pick a run.", "", ""
+        lines = [f"**{run.id}** — {run.status}" + (f": {run.message}" if run.message else "")]
+        lines += [f"- {k}: {v:,.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in run.figures.items()
+                  if v is not None and not isinstance(v, dict)]
+        lines.append(f"- directory: `{run.path if run.status == 'complete' else run.work or run.path}`")
+        config = (yaml.safe_dump(run.config, sort_keys=False) if run.config
+                  else "# not finished: the stage's config is in its manifest once it completes")
+        return "\n".join(lines), config, self._report_html(run)
+
+    def _report_html(self, run: Run) -> str:
+        """The run's report card (08_report), shown inline: the newest report built on top of this run."""
+        reports = self.artifacts / "08_report"
+        if not reports.is_dir():
+            return ""
+        for d in sorted(reports.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+            page = d / "report.html"
+            if not page.is_file():
+                continue
+            if run.stage == "08_report" and d.name != run.hash:
+                continue
+            if run.stage != "08_report" and run.hash not in page.read_text(encoding="utf-8", errors="replace"):
+                continue
+            return (f'<iframe title="report card" style="width:100%;height:640px;border:1px solid #ddd" '
+                    f'sandbox="" srcdoc="{html.escape(page.read_text(encoding="utf-8"))}"></iframe>')
+        return ""
+
+    def _rows(self, run: Run) -> dict:
+        path = run.metrics_path
+        if path is None:
+            return {"train": [], "eval": []}
+        reader = self._metrics.setdefault(path, MetricsFile(path))
+        return reader.read()
+
+    def overlay(self, run_ids: list[str] | None) -> pd.DataFrame:
+        """Loss curves (train and val) of the chosen runs on one chart."""
+        points = []
+        for run_id in run_ids or []:
+            run = self._find(run_id)
+            if run is None:
+                continue
+            rows = self._rows(run)
+            points += [(r["step"], r["loss"], f"{run_id} train") for r in rows["train"]]
+            points += [(r["step"], r["val_loss"], f"{run_id} val") for r in rows["eval"]]
+        return _curve(points) if points else gr.skip()
+
+    # -- live ----------------------------------------------------------------------------------------------
+
+    def live_run(self) -> Run | None:
+        """The training run to watch: the one running, else the most recently active one."""
+        runs = [r for r in self.runs() if r.stage in TRAINING_STAGES]
+        return next((r for r in runs if r.status == "running"), runs[0] if runs else None)
+
+    def live(self, session: str = "", force: bool = False):
+        """(status, loss plot, lr plot, tok/s plot, samples); a session's plots are skipped when nothing new was
+        written since it last got them."""
+        run = self.live_run()
+        if run is None:  # no empty frames for the plots: one without rows would set their axes to categories
+            return "No training run yet: start one above.", gr.skip(), gr.skip(), gr.skip(), ""
+        rows = self._rows(run)
+        train, evals = rows["train"], rows["eval"]
+        key = (run.id, run.status, len(train), len(evals))
+        changed = force or key != self._live_keys.get(session)
+        self._live_keys[session] = key
+        info = run_info(run)
+        total = info.get("total_steps")
+        last = train[-1] if train else {}
+        parts = [f"**{run.id}** — {run.status}", f"step {last.get('step', 0)}" + (f" / {total}" if total else "")]
+        if last:
+            parts.append(f"loss {last['loss']:.4f}")
+            parts.append(f"{last.get('tok_s', 0):,.0f} tok/s")
+            if run.status == "running" and last.get("eta_s") is not None:
+                parts.append(f"ETA {_fmt_seconds(last['eta_s'])}")
+        if evals:
+            parts.append(f"val loss {evals[-1]['val_loss']:.4f}")
+        parts.append(f"{len(train)} points")
+        status = " · ".join(parts)
+        if not changed or not train:
+            return status, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        loss = _curve([(r["step"], r["loss"], "train") for r in train] + [(r["step"], r["val_loss"], "val")
+                                                                          for r in evals])
+        lr = _curve([(r["step"], r["lr"], "lr") for r in train])
+        tok = _curve([(r["step"], r.get("tok_s") or 0.0, "tokens/s") for r in train])
+        samples = "\n".join(f"- step {e['step']}: `{s}`" for e in evals[-3:] for s in e.get("samples", []))
+        return status, loss, lr, tok, samples or "_samples appear at each eval_"
+
+    # -- launch --------------------------------------------------------------------------------------------
+
+    def configs(self) -> list[str]:
+        return list_configs(self.project)
+
+    def _base(self, name: str) -> Config:
+        if name not in self.configs():
+            raise gr.Error(f"{name}: not one of the config files under {self.project / 'config'}")
+        try:
+            return load_config(self.project / name)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+
+    def load_form(self, name: str) -> list:
+        """The form's fields from a config file (in FIELDS order), and a save name."""
+        values = form_values(self._base(name))
+        return [values[k] for k, _ in FIELDS] + [f"{Path(name).stem}-studio"]
+
+    def preset_changed(self, preset: str):
+        dims = preset_dims(preset)
+        if not dims:
+            return gr.skip(), gr.skip(), gr.skip()
+        return dims["dim"], dims["n_layers"], dims["n_heads"]
+
+    def _overrides(self, name: str, values: list) -> list[str]:
+        return form_overrides(self._base(name), dict(zip([k for k, _ in FIELDS], values)))
+
+    def describe(self, name: str, *values) -> tuple[str, str]:
+        """(estimate markdown, command preview) for the form as it stands."""
+        try:
+            overrides = self._overrides(name, list(values[:len(FIELDS)]))
+            cfg = validated(self.project / name, overrides)
+            e = estimate(cfg, self.hardware)
+        except (UserError, gr.Error) as err:
+            return f"**Not valid yet:** {err}", ""
+        fits = "fits" if e["fits"] else "**does not fit**"
+        text = (f"**{e['parameters'] / 1e6:.2f}M parameters** ({e['body_parameters'] / 1e6:.2f}M without the "
+                f"embedding) · pretraining needs about **{_fmt_bytes(e['train_bytes'])}** at batch "
+                f"{cfg.pretrain.batch_size} × {cfg.pretrain.seq_len} tokens ({e['activation_dtype']} activations; "
+                f"05_check's estimate), which {fits} in this machine's {_fmt_bytes(e['ram_bytes'])} of RAM · "
+                f"serving about {_fmt_bytes(e['infer_bytes'])}")
+        save_name = values[len(FIELDS)] if len(values) > len(FIELDS) else ""
+        target = values[len(FIELDS) + 1] if len(values) > len(FIELDS) + 1 else "all"
+        try:
+            path = f"config/studio/{safe_name(save_name)}.yaml" if overrides else name
+        except UserError:
+            path = "config/studio/<name>.yaml"
+        edits = f"\n\nEdits: `{' '.join('--set ' + o for o in overrides)}`" if overrides else ""
+        return text, f"`{self.launcher.display(path, target)}`{edits}"
+
+    def start(self, name: str, *values):
+        """Save the edited config (if edited) and start the pipeline on it."""
+        if not self.can_launch:
+            raise gr.Error("Launching is off: this server is exposed without an API key (--insecure).")
+        fields, save_name, target = list(values[:len(FIELDS)]), values[len(FIELDS)], values[len(FIELDS) + 1]
+        try:
+            overrides = self._overrides(name, fields)
+            path = save_config(self.project, save_name, self.project / name, overrides) if overrides else Path(name)
+            state = self.launcher.start(path, target)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        gr.Info(f"started: {state['command']}" + (f" (config saved as {path})" if overrides else ""))
+        return self.launch_status()
+
+    def stop(self):
+        if not self.can_launch:
+            raise gr.Error("Launching is off: this server is exposed without an API key (--insecure).")
+        if self.launcher.stop() is None:
+            gr.Info("Nothing is running.")
+        return self.launch_status()
+
+    def resume(self):
+        if not self.can_launch:
+            raise gr.Error("Launching is off: this server is exposed without an API key (--insecure).")
+        last = self.launcher.last()
+        if not last:
+            raise gr.Error("Nothing to resume: no pipeline was started from the studio in this directory yet.")
+        try:
+            self.launcher.start(last["config"], last.get("target", "all"))
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        return self.launch_status()
+
+    def launch_status(self) -> tuple[str, str]:
+        """(status line, log tail) of the latest launch."""
+        active = self.launcher.active()
+        last = active or self.launcher.last()
+        if not last:
+            return "Nothing started from the studio yet.", ""
+        if active:
+            line = f"**running** (pid {active['pid']}): `{active['command']}`"
+        else:
+            code = last.get("returncode")
+            verdict = "finished" if code == 0 else f"stopped or failed (exit code {code})"
+            line = f"**{verdict}**: `{last['command']}`"
+        return line, self.launcher.log_tail()
+
+    # -- data ----------------------------------------------------------------------------------------------
+
+    def data_choices(self) -> list[str]:
+        return [r.id for r in self.runs() if r.stage == "01_data" and r.status == "complete"]
+
+    def explore(self, data_id: str | None, seed: float | None = 0):
+        """(summary, sources table, removed table, length histogram, documents) of a 01_data run."""
+        run = self._find(data_id)
+        if run is None or run.stage != "01_data":
+            raise gr.Error("Pick a corpus (a complete 01_data run).")
+        try:
+            o = corpus_overview(run.path)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        splits = ", ".join(f"{k}: {v['documents']:,} documents, {v['chars']:,} characters" for k, v in o["splits"].items())
+        bpt = "; ".join(f"tokenizer {t['tokenizer']} (vocab {t['vocab_size']:,}): {t['val_bytes_per_token']} bytes/token"
+                        for t in o["tokenizers"]) or "no tokenizer has encoded this corpus yet"
+        summary = f"**{run.id}** — {o['documents']:,} documents, {o['chars']:,} characters ({splits}).\n\n{bpt}"
+        sources = pd.DataFrame(o["sources"])
+        removed = pd.DataFrame([{"reason": k, "documents": v} for k, v in o["removed"].items()])
+        hist = pd.DataFrame([{"characters": k, "documents": v} for k, v in o["histogram"].items()])
+        s = int(seed or 0)
+        docs = []
+        for split in ("train", "val"):
+            for text in random_documents(run.path, split, k=3, seed=s):
+                docs.append(f"**{split}** · {html.escape(text)}")
+        # buckets in length order (a bar chart sorts category labels as text otherwise)
+        hist_plot = gr.update(value=hist, sort=list(o["histogram"]))
+        return summary, sources, removed, hist_plot, "\n\n".join(docs) or "_no documents_"
+
+    def explore_sft(self, name: str, seed: float | None = 0):
+        cfg = self._base(name)
+        try:
+            p = sft_preview(cfg, k=3, seed=int(seed or 0), project_dir=self.project)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        lines = [f"**{p['count']:,} examples** from {len(p['sources'])} source(s):"]
+        lines += [f"- sft.data[{s['index']}] {s['type']}: format **{s['format']}**, {s['records']:,} records, "
+                  f"{s['examples']:,} examples, {s['skipped_no_reply']:,} skipped (no assistant reply)"
+                  for s in p["sources"]]
+        blocks = [f'<div class="sft-example"><small>{html.escape(e["where"])} — {e["tokens"]} tokens, {e["trained"]} '
+                  f'trained{(", " + html.escape(e["note"])) if e["note"] else ""}</small><br>{e["html"]}</div>'
+                  for e in p["examples"]]
+        return "\n".join(lines), '<p>Highlighted: the tokens the loss trains on.</p>' + "".join(blocks)
+
+    # -- layout --------------------------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """The studio's tabs, inside the caller's gr.Blocks / gr.Tabs."""
+        configs = self.configs()
+        first = configs[0] if configs else None
+        with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
+            refresh = gr.Button("Refresh", elem_id="runs-refresh", size="sm")
+            table = gr.Dataframe(self.runs_table(), interactive=False, elem_id="runs-table", wrap=True)
+            with gr.Row():
+                picked = gr.Dropdown(self.run_choices(), label="Run", elem_id="run-picker", scale=2)
+            details = gr.Markdown(elem_id="run-details")
+            config = gr.Code(language="yaml", label="Config of this stage", elem_id="run-config")
+            report = gr.HTML(elem_id="run-report")
+            compare = gr.Dropdown(self.run_choices(training_only=True), multiselect=True, label="Overlay the loss "
+                                  "curves of two or more training runs", elem_id="run-compare")
+            overlay = gr.LinePlot(x="step", y="value", color="series", title="loss", elem_id="overlay-plot",
+                                  height=320)
+        with gr.Tab("Train", id="train", elem_id="tab-train"):
+            with gr.Row():
+                base = gr.Dropdown(configs, value=first, label="Config", elem_id="config-picker", scale=2)
+                target = gr.Dropdown(list(TARGETS), value="all", label="Run up to", elem_id="target-picker")
+                save_name = gr.Textbox(f"{Path(first).stem}-studio" if first else "", label="Save the edited config as",
+                                       elem_id="save-name",
+                                       info="config/studio/<name>.yaml (only when something is edited)")
+            values = form_values(self._base(first)) if first else {}
+            inputs = []
+            with gr.Row():
+                for key, label in FIELDS[:4]:
+                    if key == "model.preset":
+                        inputs.append(gr.Dropdown([*PRESETS, CUSTOM], value=values.get(key), label=label,
+                                                  elem_id="field-" + key.replace(".", "-")))
+                    else:
+                        inputs.append(gr.Number(values.get(key), label=label, precision=0, minimum=1,
+                                                elem_id="field-" + key.replace(".", "-")))
+            with gr.Row():
+                for key, label in FIELDS[4:10]:
+                    inputs.append(gr.Number(values.get(key), label=label, elem_id="field-" + key.replace(".", "-"),
+                                            precision=None if key in ("pretrain.lr", "pretrain.time_budget_min") else 0))
+            inputs.append(gr.Code(values.get("data.sources", ""), language="yaml", label=FIELDS[10][1],
+                                  elem_id="field-data-sources", lines=4))
+            estimate_md = gr.Markdown(elem_id="estimate")
+            command_md = gr.Markdown(elem_id="command")
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="start-btn", interactive=self.can_launch)
+                stop = gr.Button("Stop", variant="stop", elem_id="stop-run-btn", interactive=self.can_launch)
+                resume = gr.Button("Resume", elem_id="resume-btn", interactive=self.can_launch)
+            if not self.can_launch:
+                gr.Markdown("Launching is off: this server is reachable from the network without an API key.")
+            launch_md = gr.Markdown(self.launch_status()[0], elem_id="launch-status")
+            with gr.Accordion("Pipeline log", open=False):
+                log = gr.Textbox(self.launch_status()[1], lines=12, max_lines=12, show_label=False,
+                                 elem_id="launch-log", autoscroll=True)
+            gr.Markdown("### Live training")
+            live_md = gr.Markdown(elem_id="live-status")
+            with gr.Row():
+                loss_plot = gr.LinePlot(x="step", y="value", color="series", title="loss", elem_id="live-loss",
+                                        height=260)
+                lr_plot = gr.LinePlot(x="step", y="value", color="series", title="learning rate", elem_id="live-lr",
+                                      height=260)
+                tok_plot = gr.LinePlot(x="step", y="value", color="series", title="tokens / s", elem_id="live-toks",
+                                       height=260)
+            samples = gr.Markdown(elem_id="live-samples")
+            timer = gr.Timer(LIVE_PERIOD_S)
+        with gr.Tab("Data", id="data", elem_id="tab-data"):
+            with gr.Row():
+                corpus = gr.Dropdown(self.data_choices(), label="Corpus (01_data)", elem_id="data-picker", scale=2)
+                seed = gr.Number(0, label="Sample seed", precision=0, elem_id="data-seed")
+                show = gr.Button("Explore", elem_id="explore-btn")
+            summary = gr.Markdown(elem_id="data-summary")
+            with gr.Row():
+                sources = gr.Dataframe(label="Per source", interactive=False, elem_id="data-sources")
+                removed = gr.Dataframe(label="Removed, by reason", interactive=False, elem_id="data-removed")
+            hist = gr.BarPlot(x="characters", y="documents",
+                              title="document length (characters)", elem_id="data-hist", height=260, sort=None)
+            docs = gr.Markdown(elem_id="data-docs")
+            gr.Markdown("### SFT data")
+            with gr.Row():
+                sft_cfg = gr.Dropdown(configs, value=first, label="Config", elem_id="sft-config", scale=2)
+                sft_btn = gr.Button("Preview SFT examples", elem_id="sft-btn")
+            sft_md = gr.Markdown(elem_id="sft-summary")
+            sft_html = gr.HTML(elem_id="sft-examples")
+
+        # wiring
+        def refresh_runs():
+            return (self.runs_table(), gr.update(choices=self.run_choices()),
+                    gr.update(choices=self.run_choices(training_only=True)), gr.update(choices=self.data_choices()))
+
+        refresh.click(refresh_runs, None, [table, picked, compare, corpus], queue=False)
+        picked.change(self.run_details, picked, [details, config, report])
+        compare.change(self.overlay, compare, overlay)
+        form = [base, *inputs, save_name, target]
+        base.change(self.load_form, base, [*inputs, save_name]).then(self.describe, form, [estimate_md, command_md])
+        inputs[0].change(self.preset_changed, inputs[0], inputs[1:4])
+        for comp in [*inputs, save_name, target]:
+            comp.change(self.describe, form, [estimate_md, command_md], trigger_mode="always_last",
+                        show_progress="hidden")
+        start.click(self.start, form, [launch_md, log]).then(refresh_runs, None, [table, picked, compare, corpus])
+        stop.click(self.stop, None, [launch_md, log]).then(refresh_runs, None, [table, picked, compare, corpus])
+        resume.click(self.resume, None, [launch_md, log])
+
+        last_status = {"line": None}
+
+        def tick(request: gr.Request):
+            live = self.live(getattr(request, "session_hash", "") or "")
+            line, tail = self.launch_status()
+            runs_update = [gr.skip()] * 4
+            if line != last_status["line"]:  # a launch started or ended: the runs list changed
+                last_status["line"] = line
+                runs_update = list(refresh_runs())
+            return (*live, line, tail, *runs_update)
+
+        timer.tick(tick, None, [live_md, loss_plot, lr_plot, tok_plot, samples, launch_md, log,
+                                table, picked, compare, corpus], show_progress="hidden")
+        show.click(self.explore, [corpus, seed], [summary, sources, removed, hist, docs])
+        sft_btn.click(self.explore_sft, [sft_cfg, seed], [sft_md, sft_html])
+        self._load_events = (self.describe, form, [estimate_md, command_md])
+
+
+def studio_note(cfg: Config) -> str:
+    """What the chat tab says when no model is loaded yet."""
+    return ("### No model yet\nThere is no trained model in "
+            f"`{Path(cfg.artifacts_dir).resolve()}` and none was named with `--model`. Train one in the **Train** tab "
+            "(start `config/smoke.yaml` for a first look in under a minute, or `config/default.yaml` for the demo "
+            "model), then restart `python 07_serve.py`, which serves the newest model. Or install one: "
+            "`python 06_install.py install PATH` / `python 07_serve.py --model PATH`.")

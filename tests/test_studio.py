@@ -1,0 +1,392 @@
+"""The training studio: run discovery and status, the config form (overrides, validation, saving, estimates), the
+launcher (one pipeline at a time, stop = checkpoint, resume), the data explorer, and the whole thing in a real
+browser: a fresh user starts 07_serve.py with no model, launches the smoke config from the form, watches the loss
+chart grow, stops, resumes, sees the run complete and explores its data."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import CHROMIUM_ARGS, CPU_PROFILES, hardware_profile
+from lib.artifacts import atomic_write_json
+from lib.config import load_config, stage_dir
+from lib.errors import UserError
+from lib.hardware import probe_hardware
+from lib.model import HomeLLM, model_args
+from lib.studio.configs import (estimate, form_overrides, form_values, list_configs, safe_name, save_config,
+                                validated)
+from lib.studio.explore import corpus_overview, random_documents, sft_preview
+from lib.studio.launch import Launcher
+from lib.studio.runs import MetricsFile, find_runs, log_error
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS_ENV = "MODELS_AT_HOME_SCREENSHOTS"  # where the browser test also copies its screenshots
+
+
+def workspace(tmp_path: Path, max_steps: int = 30) -> Path:
+    """A project dir as a user has it: config/smoke.yaml (models dir in the temp dir), nothing run yet."""
+    ws = tmp_path / "ws"
+    (ws / "config").mkdir(parents=True)
+    text = (ROOT / "config" / "smoke.yaml").read_text().replace("max_steps: 30", f"max_steps: {max_steps}")
+    (ws / "config" / "smoke.yaml").write_text(text + f"\ninstall:\n  models_dir: {tmp_path / 'models'}\n")
+    return ws
+
+
+# -- runs ---------------------------------------------------------------------------------------------------
+
+
+def _fake_stage(artifacts: Path, stage: str, h: str, manifest: dict | None = None, log: str | None = None,
+                run_json: dict | None = None, metrics: list[dict] | None = None) -> None:
+    if manifest is not None:
+        atomic_write_json(artifacts / stage / h / "manifest.json", {"stage": stage, "hash": h, "config": {}, **manifest})
+    if log is not None:
+        (artifacts / "logs" / stage).mkdir(parents=True, exist_ok=True)
+        (artifacts / "logs" / stage / f"{h}.log").write_text(log)
+    work = artifacts / "checkpoints" / stage / h
+    if run_json is not None:
+        atomic_write_json(work / "run.json", run_json)
+    if metrics is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def test_run_status_comes_from_manifests_trainer_and_logs(tmp_path):
+    a = tmp_path / "artifacts"
+    host = socket.gethostname()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rows = [{"step": 5, "loss": 4.0, "lr": 1e-3, "tok_s": 900.0, "elapsed_s": 1.0}]
+        _fake_stage(a, "03_pretrain", "aaaaaaaaaaaa", manifest={"final_eval": {"val_loss": 3.5, "val_bpb": 2.0},
+                                                               "tokens": 1000, "train_seconds": 2.0, "steps": 5})
+        _fake_stage(a, "03_pretrain", "bbbbbbbbbbbb", run_json={"pid": sleeper.pid, "host": host, "ended": None},
+                    metrics=rows)
+        _fake_stage(a, "03_pretrain", "cccccccccccc", run_json={"pid": sleeper.pid, "host": host, "ended": "stopped"},
+                    metrics=rows, log="step 5\nreceived signal 15: checkpoint saved at step 5; rerun to resume\n")
+        _fake_stage(a, "04_sft", "dddddddddddd", run_json={"pid": 999_999_999, "host": host, "ended": None},
+                    metrics=rows, log="loading\nerror: sft.data[0]: data/chat.jsonl:3: not JSON\n")
+        _fake_stage(a, "04_sft", "eeeeeeeeeeee", run_json={"pid": 999_999_999, "host": host, "ended": None},
+                    metrics=rows, log="step 5\n")  # killed (-9): no error, no signal message
+        _fake_stage(a, "01_data", "ffffffffffff", log="Traceback (most recent call last):\n  File x\nValueError: boom\n")
+        (a / "02_tokens" / ".999999999999.tmp-x").mkdir(parents=True)  # a short stage being written
+        by_id = {r.id: r for r in find_runs(a, launching=True)}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert by_id["03_pretrain/aaaaaaaaaaaa"].status == "complete"
+    assert by_id["03_pretrain/aaaaaaaaaaaa"].figures["val_loss"] == 3.5
+    assert by_id["03_pretrain/aaaaaaaaaaaa"].figures["tok_s"] == 500.0
+    assert by_id["03_pretrain/bbbbbbbbbbbb"].status == "running"
+    assert by_id["03_pretrain/bbbbbbbbbbbb"].figures["steps"] == 5
+    assert by_id["03_pretrain/cccccccccccc"].status == "interrupted"
+    assert by_id["03_pretrain/cccccccccccc"].message == "stopped; a rerun starts it again"  # no checkpoint yet
+    assert by_id["04_sft/dddddddddddd"].status == "failed"
+    assert "not JSON" in by_id["04_sft/dddddddddddd"].message
+    assert by_id["04_sft/eeeeeeeeeeee"].status == "interrupted"
+    assert by_id["01_data/ffffffffffff"].status == "failed" and "ValueError: boom" in by_id["01_data/ffffffffffff"].message
+    assert by_id["02_tokens/999999999999"].status == "running"
+    # the trainer's process is gone now: the same directory reads as interrupted
+    assert {r.id: r.status for r in find_runs(a)}["03_pretrain/bbbbbbbbbbbb"] == "interrupted"
+
+
+def test_log_error_finds_the_last_error():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "x.log"
+        p.write_text("ok\n")
+        assert log_error(p) is None
+        p.write_text("error: model.dim: expected an integer >= 8, got 4\n")
+        assert log_error(p) == "model.dim: expected an integer >= 8, got 4"
+
+
+def test_metrics_reader_reads_only_what_was_appended(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    reader = MetricsFile(path)
+    assert reader.read() == {"train": [], "eval": []}
+    path.write_text('{"step": 1, "loss": 5.0, "lr": 0.1}\n{"step": 2, "lo')  # a half-written line waits
+    assert [r["step"] for r in reader.read()["train"]] == [1]
+    with open(path, "a") as f:
+        f.write('ss": 4.0, "lr": 0.1}\n{"step": 2, "val_loss": 4.5, "kind": "eval"}\n')
+    rows = reader.read()
+    assert [r["step"] for r in rows["train"]] == [1, 2] and rows["eval"][0]["val_loss"] == 4.5
+    path.write_text('{"step": 1, "loss": 6.0, "lr": 0.1}\n')  # shorter: rewritten on resume
+    assert [r["loss"] for r in reader.read()["train"]] == [6.0]
+
+
+# -- the form -----------------------------------------------------------------------------------------------
+
+
+def test_form_round_trip_gives_no_overrides_and_edits_become_set_strings(tmp_path):
+    ws = workspace(tmp_path)
+    base = load_config(ws / "config" / "smoke.yaml")
+    values = form_values(base)
+    assert form_overrides(base, values) == []
+    edited = {**values, "pretrain.lr": 5e-4, "pretrain.max_steps": 99, "model.preset": "demo",
+              "model.dim": 256, "model.n_layers": 4, "model.n_heads": 4, "data.sources": "- type: fortunes\n"}
+    overrides = form_overrides(base, edited)
+    assert overrides == ['model.preset="demo"', "pretrain.lr=0.0005", "pretrain.max_steps=99",
+                         'data.sources=[{"type": "fortunes"}]']
+    cfg = validated(ws / "config" / "smoke.yaml", overrides)
+    assert (cfg.model.preset, cfg.model.dim, cfg.pretrain.max_steps) == ("demo", None, 99)
+    assert cfg.data.sources[0].type == "fortunes"
+    # custom dims: the preset is dropped and every dim is given, max_seq_len included
+    custom = form_overrides(base, {**values, "model.preset": "custom", "model.dim": 96, "model.n_heads": 6})
+    cfg = validated(ws / "config" / "smoke.yaml", custom)
+    assert (cfg.model.preset, cfg.model.dim, cfg.model.n_heads, cfg.model.n_layers) == (None, 96, 6, 2)
+
+
+def test_form_errors_name_the_key(tmp_path):
+    ws = workspace(tmp_path)
+    base = load_config(ws / "config" / "smoke.yaml")
+    values = form_values(base)
+    with pytest.raises(UserError, match=r"pretrain\.batch_size: expected a whole number"):
+        form_overrides(base, {**values, "pretrain.batch_size": 2.5})
+    with pytest.raises(UserError, match=r"data\.sources: expected a YAML list"):
+        form_overrides(base, {**values, "data.sources": "type: bible"})
+    bad = form_overrides(base, {**values, "pretrain.lr": 7.0})
+    with pytest.raises(UserError, match=r"pretrain\.lr"):  # the same validation as --set
+        validated(ws / "config" / "smoke.yaml", bad)
+    with pytest.raises(UserError, match="n_heads"):
+        validated(ws / "config" / "smoke.yaml", form_overrides(base, {**values, "model.preset": "custom",
+                                                                     "model.dim": 64, "model.n_heads": 5}))
+
+
+def test_saved_config_is_sanitised_validated_and_runs_the_same(tmp_path):
+    ws = workspace(tmp_path)
+    assert safe_name("../../etc/passwd") == "etc-passwd"
+    assert safe_name(".hidden run!.yaml") == "hidden-run"
+    with pytest.raises(UserError, match="config name"):
+        safe_name("../..")
+    overrides = ["pretrain.max_steps=12"]
+    rel = save_config(ws, "../../escape", ws / "config" / "smoke.yaml", overrides)
+    assert rel == Path("config/studio/escape.yaml") and (ws / rel).is_file()
+    assert not (tmp_path / "escape.yaml").exists()
+    saved = load_config(ws / rel)
+    direct = load_config(ws / "config" / "smoke.yaml", overrides)
+    for stage in ("01_data", "03_pretrain", "04_sft"):  # the saved file means what --set meant
+        assert stage_dir(saved, stage) == stage_dir(direct, stage)
+    assert "config/studio/escape.yaml" in list_configs(ws)
+    with pytest.raises(UserError, match=r"model\.n_layers"):
+        save_config(ws, "bad", ws / "config" / "smoke.yaml", ["model.n_layers=0"])
+    assert not (ws / "config" / "studio" / "bad.yaml").exists()
+
+
+@pytest.fixture(params=CPU_PROFILES)
+def hardware(request):
+    """The machine the estimate is judged for: a CPU with and one without bf16 units (never this machine's)."""
+    with hardware_profile(request.param):
+        return probe_hardware("/tmp")
+
+
+def test_estimate_counts_the_model_it_would_build(tmp_path, hardware):
+    ws = workspace(tmp_path)
+    cfg = validated(ws / "config" / "smoke.yaml", ["model.preset=demo", "tokenizer.vocab_size=4096"])
+    e = estimate(cfg, hardware)
+    assert e["parameters"] == HomeLLM(model_args(cfg.model, 4096)).num_params()
+    bigger = estimate(validated(ws / "config" / "smoke.yaml", ["model.preset=demo", "tokenizer.vocab_size=4096",
+                                                               "pretrain.batch_size=64"]), hardware)
+    assert bigger["train_bytes"] > e["train_bytes"] and bigger["parameters"] == e["parameters"]
+    assert e["activation_dtype"] == ("bf16" if hardware["cpu"]["bf16"] else "fp32")
+    fp32 = estimate(validated(ws / "config" / "smoke.yaml", ["model.preset=demo", "tokenizer.vocab_size=4096",
+                                                             "pretrain.precision=fp32"]), hardware)
+    assert fp32["activation_dtype"] == "fp32" and fp32["train_bytes"] >= e["train_bytes"]
+
+
+# -- the pipeline: launcher and explorer ----------------------------------------------------------------------
+
+
+def _wait(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_launcher_runs_one_pipeline_stops_with_a_checkpoint_and_resumes(tmp_path):
+    ws = workspace(tmp_path, max_steps=1500)
+    launcher = Launcher(ws, "artifacts")
+    state = launcher.start("config/smoke.yaml", "pretrained")
+    assert state["command"] == ("snakemake --cores all -s " + str(ROOT / "Snakefile")
+                                + " --rerun-incomplete pretrained --configfile config/smoke.yaml")
+    with pytest.raises(UserError, match="already running"):
+        launcher.start("config/smoke.yaml", "pretrained")
+    with pytest.raises(UserError, match="already running"):  # another studio on the same artifacts dir
+        Launcher(ws, "artifacts").start("config/smoke.yaml", "pretrained")
+    run = _wait(lambda: next((r for r in find_runs(ws / "artifacts", launching=True)
+                              if r.stage == "03_pretrain" and r.figures.get("steps", 0) >= 40), None), 120,
+                "pretraining to log 40 steps")
+    assert run.status == "running"
+    ended = launcher.stop()
+    assert ended["returncode"] != 0 and launcher.active() is None
+    run = next(r for r in find_runs(ws / "artifacts") if r.id == run.id)
+    assert run.status == "interrupted" and "stopped; a rerun resumes from step" in run.message
+    stopped_at = int(re.search(r"step (\d+)", run.message).group(1))
+    assert stopped_at >= 40
+
+    launcher.start("config/smoke.yaml", "pretrained")
+    _wait(lambda: launcher.active() is None, 300, "the resumed pipeline to finish")
+    assert launcher.last()["returncode"] == 0, launcher.log_tail()
+    run = next(r for r in find_runs(ws / "artifacts") if r.id == run.id)
+    assert run.status == "complete" and run.figures["steps"] == 1500
+    log = (ws / "artifacts" / "logs" / "03_pretrain" / f"{run.hash}.log").read_text()
+    assert f"(step {stopped_at}," in log  # "resuming from ... (step N, ...": it continued, not restarted
+
+
+@pytest.mark.slow
+def test_data_explorer_and_sft_preview_on_a_real_corpus(tmp_path):
+    ws = workspace(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "snakemake", "tokens", "-s", str(ROOT / "Snakefile"), "--cores", "2",
+                          "--configfile", "config/smoke.yaml"], cwd=ws, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg = load_config(ws / "config" / "smoke.yaml")
+    data = ws / stage_dir(cfg, "01_data")
+    o = corpus_overview(data)
+    src = o["sources"][0]
+    assert src["source"] == "bible" and src["kept"] == o["documents"] and src["chars"] == o["chars"]
+    assert sum(o["removed"].values()) == src["read"] - src["kept"]
+    assert sum(o["histogram"].values()) == o["documents"]
+    assert o["tokenizers"] and 1.5 < o["tokenizers"][0]["val_bytes_per_token"] < 6
+    val_texts = {json.loads(line)["text"] for line in (data / "val-00000.jsonl").read_text().splitlines()}
+    docs = random_documents(data, "val", k=3, seed=1)
+    assert len(docs) == 3 and all(d in val_texts for d in docs)
+    assert random_documents(data, "val", k=3, seed=1) == docs  # the same seed, the same documents
+
+    preview = sft_preview(cfg, k=3, seed=0, project_dir=ws)
+    assert preview["sources"][0]["format"] == "chitchat" and preview["count"] == 200
+    shown = [e for e in preview["examples"] if e["trained"]]
+    assert shown
+    for e in shown:
+        marked = re.findall(r'<mark class="trained">(.*?)</mark>', e["html"], flags=re.S)
+        assert marked and all(m.endswith("&lt;|im_end|&gt;") for m in marked)  # each assistant turn and its end
+        assert "&lt;|im_start|&gt;user" not in "".join(marked)  # user turns are never trained
+
+
+# -- in the browser -------------------------------------------------------------------------------------------
+
+
+def _serve(ws: Path, port_file: Path):
+    """07_serve.py in the workspace, as a fresh user starts it: no model anywhere."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = open(port_file, "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "07_serve.py"), "--config", "config/smoke.yaml", "--port", "0",
+                             "--quiet-config"], cwd=ws, stdout=out, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    url = _wait(lambda: (re.search(r"Running on (http://\S+/)", port_file.read_text()) or [None, None])[1], 120,
+                "07_serve.py to print its URL")
+    return proc, url
+
+
+@pytest.mark.slow
+def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
+    from playwright.sync_api import expect, sync_playwright
+
+    import httpx
+
+    ws = workspace(tmp_path)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    proc, url = _serve(ws, tmp_path / "serve.log")
+    try:
+        assert httpx.get(url + "health").json() == {"status": "no model", "model": None}
+        r = httpx.post(url + "v1/chat/completions", json={"model": "x", "messages": []})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_loaded"
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(url)
+                # no model: the page opens on the studio's Train tab; the estimate follows the form
+                expect(page.locator("#estimate")).to_contain_text("parameters", timeout=60_000)
+                expect(page.locator("#command")).to_contain_text("--configfile config/smoke.yaml")
+                steps = page.locator("#field-pretrain-max_steps input")
+                steps.fill("1500")
+                steps.press("Enter")
+                layers = page.locator("#field-model-n_layers input")
+                before = page.locator("#estimate").inner_text()
+                layers.fill("3")
+                layers.press("Enter")
+                expect(page.locator("#estimate")).not_to_have_text(before, timeout=20_000)
+                expect(page.locator("#command")).to_contain_text("config/studio/smoke-studio.yaml")
+                expect(page.locator("#command")).to_contain_text("pretrain.max_steps=1500")
+                page.locator("#target-picker input").click()
+                page.get_by_role("option", name="report", exact=True).click()
+                expect(page.locator("#command")).to_contain_text(" report --configfile")
+                page.screenshot(path=str(shots / "studio-train-form.png"), full_page=True)
+
+                page.locator("#start-btn").click()
+                expect(page.locator("#launch-status")).to_contain_text("running", timeout=30_000)
+                saved = yaml.safe_load((ws / "config" / "studio" / "smoke-studio.yaml").read_text())
+                assert saved["pretrain"]["max_steps"] == 1500 and saved["model"]["n_layers"] == 3
+
+                # the live view gains points while it trains
+                live = page.locator("#live-status")
+                expect(live).to_contain_text("03_pretrain", timeout=120_000)
+                expect(live).to_contain_text("running", timeout=60_000)
+                first = _points(page)
+                _wait(lambda: _points(page) >= first + 3 and _points(page) >= 5, 60, "the loss chart to gain points")
+                expect(page.locator("#live-loss canvas, #live-loss svg").first).to_be_visible()
+                page.screenshot(path=str(shots / "studio-live.png"), full_page=True)
+
+                page.locator("#stop-run-btn").click()
+                expect(page.locator("#launch-status")).to_contain_text("stopped or failed", timeout=90_000)
+                expect(live).to_contain_text("interrupted", timeout=10_000)
+                stopped = _points(page)
+
+                page.locator("#resume-btn").click()
+                expect(page.locator("#launch-status")).to_contain_text("running", timeout=30_000)
+                expect(page.locator("#launch-status")).to_contain_text("finished", timeout=300_000)
+                published = next((ws / "artifacts" / "03_pretrain").glob("*/metrics.jsonl")).read_text().splitlines()
+                assert len([r for r in published if '"loss"' in r]) > stopped  # the resumed run went on
+
+                page.locator("#tab-runs-button, button[role=tab]:has-text('Runs')").first.click()
+                page.locator("#runs-refresh").click()
+                table = page.locator("#runs-table")
+                for stage in ("01_data", "03_pretrain", "04_sft", "08_report"):
+                    expect(table).to_contain_text(stage, timeout=20_000)
+                expect(table).not_to_contain_text("interrupted")
+                expect(table).not_to_contain_text("running")
+                page.screenshot(path=str(shots / "studio-runs.png"), full_page=True)
+
+                page.locator("button[role=tab]:has-text('Data')").first.click()
+                page.locator("#data-picker input").click()
+                page.get_by_role("option").filter(has_text="01_data/").first.click()
+                page.locator("#explore-btn").click()
+                expect(page.locator("#data-summary")).to_contain_text("documents", timeout=30_000)
+                expect(page.locator("#data-summary")).to_contain_text("bytes/token")
+                expect(page.locator("#data-sources")).to_contain_text("bible")
+                page.locator("#sft-btn").click()
+                expect(page.locator("#sft-summary")).to_contain_text("chitchat", timeout=60_000)
+                expect(page.locator("#sft-examples mark.trained").first).to_be_visible()
+                page.screenshot(path=str(shots / "studio-data.png"), full_page=True)
+
+                page.locator("button[role=tab]:has-text('Chat')").first.click()
+                expect(page.locator("#no-model")).to_contain_text("No model yet")
+                page.screenshot(path=str(shots / "studio-chat-no-model.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    for png in shots.glob("*.png"):
+        assert png.stat().st_size > 10_000
+    if os.environ.get(SCREENSHOTS_ENV):
+        shutil.copytree(shots, os.environ[SCREENSHOTS_ENV], dirs_exist_ok=True)
+
+
+def _points(page) -> int:
+    m = re.search(r"(\d+) points", page.locator("#live-status").inner_text())
+    return int(m.group(1)) if m else 0
