@@ -1,8 +1,10 @@
 """Stage 07 — serve a model: Gradio chat UI + OpenAI-compatible API in one process, or chat in the terminal.
 
     python 07_serve.py                                   # the latest pipeline model on http://127.0.0.1:7860/
+                                                         # (no model yet: the studio opens, to train one)
     python 07_serve.py --model mymodel                   # an installed model (see 06_install.py)
     python 07_serve.py --model artifacts/04_sft/<hash>   # any model directory
+    python 07_serve.py --studio                          # open on the training studio (Runs / Train / Data tabs)
     python 07_serve.py --cli                             # chat in the terminal (/reset, /system TEXT, /quit)
     python 07_serve.py --prompt "Tell me a joke"         # one answer on stdout, for scripts
     python 07_serve.py --host 0.0.0.0 --api-key SECRET   # reachable from the network, key required

@@ -390,3 +390,39 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
 def _points(page) -> int:
     m = re.search(r"(\d+) points", page.locator("#live-status").inner_text())
     return int(m.group(1)) if m else 0
+
+
+def test_studio_handlers_overlay_details_and_the_launch_guard(tmp_path):
+    import gradio as gr
+
+    from lib.studio.ui import Studio
+
+    ws = workspace(tmp_path)
+    a = ws / "artifacts"
+    curve = [{"step": s, "loss": 6.0 - s / 10, "lr": 1e-3, "tok_s": 100.0, "elapsed_s": s} for s in (1, 5, 10)]
+    for h, shift in (("aaaaaaaaaaaa", 0.0), ("bbbbbbbbbbbb", 0.5)):
+        _fake_stage(a, "03_pretrain", h, manifest={"config": {"pretrain": {"lr": 0.001 + shift}},
+                                                   "final_eval": {"val_loss": 5.0 + shift}},
+                    metrics=curve + [{"step": 10, "val_loss": 5.0 + shift, "kind": "eval", "samples": ["x"]}])
+    studio = Studio(ws, load_config(ws / "config" / "smoke.yaml"), can_launch=False)
+    table = studio.runs_table()
+    assert set(table["run"]) == {"03_pretrain/aaaaaaaaaaaa", "03_pretrain/bbbbbbbbbbbb"}
+    assert set(table["status"]) == {"complete"}
+    both = studio.overlay(["03_pretrain/aaaaaaaaaaaa", "03_pretrain/bbbbbbbbbbbb"])
+    assert set(both["series"]) == {f"03_pretrain/{h} {k}" for h in ("aaaaaaaaaaaa", "bbbbbbbbbbbb")
+                                   for k in ("train", "val")}
+    assert str(both["value"].dtype) == "float64" and len(both) == 8
+    summary, config, _ = studio.run_details("03_pretrain/bbbbbbbbbbbb")
+    assert "complete" in summary and "lr: 0.501" in config
+    status, loss, *_ = studio.live("tab-1")
+    assert "10 points" not in status and "3 points" in status and len(loss) == 4
+    assert studio.live("tab-1")[1] is not loss  # unchanged: skipped for this tab ...
+    assert len(studio.live("tab-2")[1]) == 4  # ... while another tab gets the curves
+    # a server exposed without an API key never launches anything
+    with pytest.raises(gr.Error, match="Launching is off"):
+        studio.start("config/smoke.yaml", *studio.load_form("config/smoke.yaml"), "all")
+    with pytest.raises(gr.Error, match="Launching is off"):
+        studio.resume()
+    assert not (a / ".studio").exists()
+    with pytest.raises(gr.Error, match="not one of the config files"):  # only configs from the list
+        studio.load_form("../../etc/passwd")
