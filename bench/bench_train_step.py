@@ -146,7 +146,7 @@ def main(argv=None) -> int:
           f"{a.clock} clock, {a.rounds} x {a.steps} interleaved steps per model (tok/s from the best)")
     print(f"matmul peak ({str(dtype).split('.')[-1]}): {peak:.1f} GFLOP/s (best of {len(shapes)} GEMM shapes, "
           f"measured in each round: {' '.join(f'{p:.0f}' for p in peaks)})")
-    print(f"first-step loss (same weights): " + ", ".join(f"{n} {v:.4f}" for n, v in first.items()))
+    print("first-step loss (same weights): " + ", ".join(f"{n} {v:.4f}" for n, v in first.items()))
     if t_compile is not None:
         print(f"compile + first step of the compiled model: {t_compile:.1f} s")
     print(f"{'model':<32} {'best s':>7} {'median s':>9} {'tok/s':>7} {'6N GFLOP/s':>11} {'of peak':>8} "

@@ -25,6 +25,7 @@ from typing import Callable
 from lib.artifacts import atomic_write_json, atomic_write_text, require_stage, stage_output
 from lib.config import CheckConfig, Config, stage_dir
 from lib.errors import UserError
+from lib.hub import endpoint, hub_call, hub_token, offline_reason
 from lib.hardware import probe_hardware
 
 REPORT_VERSION = 1
@@ -101,7 +102,7 @@ class Source:
 
     def _read_text(self, rel: str) -> str:
         if self.kind == "hub":
-            path = _hub_call(lambda: self._api.hf_hub_download(self.repo_id, rel, revision=self.revision,
+            path = hub_call(lambda: self._api.hf_hub_download(self.repo_id, rel, revision=self.revision,
                                                                 etag_timeout=self._timeout), self.repo_id)
             return Path(path).read_text(encoding="utf-8")
         return (self.root / rel).read_text(encoding="utf-8")
@@ -227,72 +228,14 @@ def open_source(ref: str, cfg: CheckConfig | None = None) -> Source:
 # mirror, which is also how the tests serve recorded responses from a local server.
 
 
-def hub_token(cfg: CheckConfig) -> str | None:
-    """HF_TOKEN from the environment, else the token file named in the config, else the hub's saved login."""
-    if os.environ.get("HF_TOKEN"):
-        return os.environ["HF_TOKEN"].strip()
-    if cfg.hf_token_file:
-        p = Path(cfg.hf_token_file).expanduser()
-        if not p.is_file():
-            raise UserError(f"check.hf_token_file: {p} does not exist (expected a file holding a hub access token)")
-        return p.read_text(encoding="utf-8").strip() or None
-    return None
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
-    if env is not None:
-        return env.strip().upper() in ("1", "ON", "YES", "TRUE")
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def _is_network_error(e: BaseException) -> bool:
-    names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"ConnectError", "TimeoutException", "TransportError", "NetworkError", "ConnectionError",
-                         "TimeoutError", "ReadTimeout", "ConnectTimeout", "RemoteProtocolError"})
-
-
-def _hub_call(fn: Callable, repo_id: str):
-    """Run one hub request; turn the hub client's errors into one clear paragraph."""
-    from huggingface_hub.errors import (DisabledRepoError, GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        return fn()
-    except GatedRepoError:
-        raise UserError(f"{repo_id}: gated model: accept its licence on {endpoint}/{repo_id} with your account, "
-                        "then set HF_TOKEN to an access token of that account (or check.hf_token_file)") from None
-    except RepositoryNotFoundError:
-        raise UserError(f"{repo_id}: not found on {endpoint}, or private: check the spelling; for a private model "
-                        "set HF_TOKEN to an access token that can read it (or check.hf_token_file)") from None
-    except RevisionNotFoundError:
-        raise UserError(f"{repo_id}: revision not found (check.revision)") from None
-    except DisabledRepoError:
-        raise UserError(f"{repo_id}: this repository has been disabled on the hub") from None
-    except OfflineModeIsEnabled:
-        raise UserError(f"{repo_id}: the hub is in offline mode (HF_HUB_OFFLINE=1): unset it to check a hub id, "
-                        "or check a local copy of the model instead") from None
-    except HfHubHTTPError as e:
-        raise UserError(f"{repo_id}: the hub answered with an error ({str(e).splitlines()[0]})") from None
-    except Exception as e:  # noqa: BLE001 - network errors come from the hub's HTTP library, whichever it is
-        if _is_network_error(e):
-            raise UserError(f"{repo_id}: cannot reach the Hugging Face hub at {endpoint} ({type(e).__name__}: {e}). "
-                            "Checking a hub id needs network access; offline, check a local model directory or "
-                            ".gguf file instead") from None
-        raise
-
-
 def open_hub(repo_id: str, cfg: CheckConfig) -> Source:
-    if _hub_offline():
+    if offline_reason():
         raise UserError(f"{repo_id}: the hub is in offline mode (HF_HUB_OFFLINE=1): unset it to check a hub id, "
                         "or check a local copy of the model instead")
     from huggingface_hub import HfApi
 
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=hub_token(cfg))
-    info = _hub_call(lambda: api.model_info(repo_id, revision=cfg.revision, files_metadata=True,
+    api = HfApi(endpoint=endpoint(), token=hub_token(cfg))
+    info = hub_call(lambda: api.model_info(repo_id, revision=cfg.revision, files_metadata=True,
                                             timeout=cfg.hub_timeout_s), repo_id)
     files = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
     return Source(ref=repo_id, kind="hub", files=files, repo_id=repo_id, revision=info.sha or cfg.revision,
@@ -304,13 +247,13 @@ def _hub_safetensors(src: Source, names: list[str]) -> dict:
     out = {}
     root_names = [n for n in names if "/" not in n]
     if root_names and ("model.safetensors" in src.files or "model.safetensors.index.json" in src.files):
-        meta = _hub_call(lambda: api.get_safetensors_metadata(src.repo_id, revision=src.revision,
+        meta = hub_call(lambda: api.get_safetensors_metadata(src.repo_id, revision=src.revision,
                                                               timeout=src._timeout), src.repo_id)
         for fname, fm in meta.files_metadata.items():
             out[fname] = {k: (t.dtype, list(t.shape)) for k, t in fm.tensors.items()}
     for n in names:  # other files (diffusers components in sub-folders, unusual names): header by header
         if n not in out:
-            fm = _hub_call(lambda: api.parse_safetensors_file_metadata(src.repo_id, n, revision=src.revision,
+            fm = hub_call(lambda: api.parse_safetensors_file_metadata(src.repo_id, n, revision=src.revision,
                                                                        timeout=src._timeout), src.repo_id)
             out[n] = {k: (t.dtype, list(t.shape)) for k, t in fm.tensors.items()}
     return out

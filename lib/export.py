@@ -170,7 +170,7 @@ OLLAMA_TEMPLATE = (
 
 
 def modelfile(gguf_name: str, stops: list[str], context: int, system_prompt: Optional[str]) -> str:
-    lines = [f"# Ollama: ollama create <name> -f Modelfile && ollama run <name>", f"FROM ./{gguf_name}",
+    lines = ["# Ollama: ollama create <name> -f Modelfile && ollama run <name>", f"FROM ./{gguf_name}",
              f'TEMPLATE """{OLLAMA_TEMPLATE}"""']
     if system_prompt:
         lines.append(f'SYSTEM """{system_prompt}"""')

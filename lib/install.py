@@ -330,7 +330,7 @@ def _download_hub(report: dict, dst: Path, check_cfg: CheckConfig, trust_remote_
     """Download a hub model's safetensors + config + tokenizer files (needs network)."""
     from huggingface_hub import snapshot_download
 
-    from lib.check import _hub_call, hub_token
+    from lib.hub import endpoint, hub_call, hub_token
 
     src = report["source"]
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "LICENSE*", "README.md"]
@@ -338,9 +338,9 @@ def _download_hub(report: dict, dst: Path, check_cfg: CheckConfig, trust_remote_
         patterns.append("*.py")
     log(f"download: {src['repo_id']}@{src['revision']} ({fmt_bytes(report['files']['total_bytes'])} in the repo; "
         "safetensors, configs and tokenizer files only)")
-    _hub_call(lambda: snapshot_download(src["repo_id"], revision=src["revision"], local_dir=str(dst),
+    hub_call(lambda: snapshot_download(src["repo_id"], revision=src["revision"], local_dir=str(dst),
                                         allow_patterns=patterns, token=hub_token(check_cfg),
-                                        endpoint=os.environ.get("HF_ENDPOINT") or None,
+                                        endpoint=endpoint(),
                                         etag_timeout=check_cfg.hub_timeout_s), src["repo_id"])
     shutil.rmtree(dst / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping, not part of the model
 

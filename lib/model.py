@@ -562,7 +562,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: Optiona
             return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
         parts = ([f"missing tensors: {show(missing)}"] if missing else []) + \
                 ([f"unexpected tensors: {show(unexpected)}"] if unexpected else []) + \
-                ([f"wrong shapes: " + show([f'{k} {tuple(tensors[k].shape)} != {tuple(expected[k])}' for k in wrong])]
+                (["wrong shapes: " + show([f'{k} {tuple(tensors[k].shape)} != {tuple(expected[k])}' for k in wrong])]
                  if wrong else [])
         raise UserError(f"{d}: the weights do not match config.json: " + "; ".join(parts))
 

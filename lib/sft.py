@@ -23,6 +23,7 @@ from accelerate.utils import DistributedType
 
 from lib.config import Config, SftConfig, stage_dir
 from lib.errors import UserError
+from lib.hub import endpoint, hub_call, offline_reason, require_reachable
 from lib.sft_data import Example, load_sft_examples
 
 # Fixed prompts of the end-of-turn check after training (and the default samples of the stage log).
@@ -416,35 +417,24 @@ class HFCausalLM(torch.nn.Module):
 
 
 def _hub_model(name: str) -> Path:
-    """A hub model id, from the local HF cache or downloaded (safetensors, configs and tokenizer files only).
-    HF_ENDPOINT is read at call time (a mirror, or a test's fake hub); offline or unreachable fails in seconds."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
+    """A hub model id, from the local HF cache or downloaded (safetensors, configs and tokenizer files only);
+    offline or unreachable fails in seconds (lib.hub)."""
     from huggingface_hub import snapshot_download
 
-    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]
     try:
-        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True, endpoint=endpoint))
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True, endpoint=endpoint()))
     except Exception:  # not in the cache: go to the network below
         pass
     where = f"sft.base_model: {name!r} is not a local directory (relative paths resolve against the config file), " \
-            f"so it was looked up on the hub ({endpoint}), but"
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-        raise UserError(f"{where} it is not in the local HF cache and HF_HUB_OFFLINE is set. Download it on a "
-                        "connected machine (save_pretrained to a folder) and point sft.base_model at that folder")
-    url = urlparse(endpoint)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
-    except OSError as e:
-        raise UserError(f"{where} the hub cannot be reached ({e}); use a local model folder") from None
-    try:
-        return Path(snapshot_download(name, allow_patterns=patterns, endpoint=endpoint))
-    except Exception as e:  # the hub boundary: a wrong name, a gated repo, a network failure
-        raise UserError(f"sft.base_model: cannot download {name!r} from {endpoint} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0]})") from None
+            f"so it was looked up on the hub ({endpoint()}), but"
+    reason = offline_reason()
+    if reason:
+        raise UserError(f"{where} it is not in the local HF cache and {reason}. Download it on a connected machine "
+                        "(save_pretrained to a folder) and point sft.base_model at that folder")
+    require_reachable(where, "use a local model folder")
+    return Path(hub_call(lambda: snapshot_download(name, allow_patterns=patterns, endpoint=endpoint()),
+                         f"sft.base_model: cannot download {name!r}"))
 
 
 def resolve_base_model(cfg: Config) -> Path:

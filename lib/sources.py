@@ -19,18 +19,16 @@ import gzip
 import importlib.metadata
 import importlib.util
 import json
-import os
 import re
-import socket
 import sys
 import tempfile
 import zlib
 from pathlib import Path
 from typing import IO, Iterator
-from urllib.parse import urlparse
 
 from lib.config import SourceConfig
 from lib.errors import UserError
+from lib.hub import offline_reason, require_reachable
 
 FILE_FORMATS = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 # yielded instead of a paragraph that grew far beyond data.max_chars (its text is not kept in memory)
@@ -114,10 +112,6 @@ def resolve_files(pattern: str, base_dir: str, key: str) -> list[Path]:
     return files
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
 def check_hub_reachable(name: str, key: str, timeout: float = 3.0) -> None:
     """Fail fast, with a UserError, when a hub dataset cannot be streamed (offline mode or no network).
 
@@ -127,16 +121,11 @@ def check_hub_reachable(name: str, key: str, timeout: float = 3.0) -> None:
         return
     hint = ("download the dataset on a connected machine and point a `type: files` source at its files "
             "(.jsonl/.parquet/...), or unset the offline mode")
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if _env_true(var):
-            raise UserError(f"{key}: the hub dataset {name!r} cannot be streamed: {var} is set (offline mode); {hint}")
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-    except OSError as e:
-        raise UserError(f"{key}: the hub dataset {name!r} cannot be streamed: {endpoint.hostname}:{port} is not "
-                        f"reachable ({e}); {hint}") from None
+    where = f"{key}: the hub dataset {name!r} cannot be streamed:"
+    reason = offline_reason(datasets=True)
+    if reason:
+        raise UserError(f"{where} {reason} (offline mode); {hint}")
+    require_reachable(where, hint, timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from lib.artifacts import atomic_write_json, is_complete, read_json, require_sta
 from lib.config import Config, stage_dir, stage_hash
 from lib.data import iter_documents, read_stats
 from lib.errors import UserError
+from lib.hub import endpoint, hub_call, offline_reason
 from lib.sources import pkg_dir
 
 EOS_TOKEN = "<|endoftext|>"
@@ -227,35 +228,28 @@ def _local_candidate(name: str, base_dir: str) -> Path | None:
     return None
 
 
+TOKENIZER_PATTERNS = ["tokenizer*", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+
+
 def _hub_tokenizer(name: str):
-    """A tokenizer from the HF cache or the hub; an unreachable hub fails in seconds, not after minutes of retries."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-    from transformers import AutoTokenizer
+    """A tokenizer from the HF cache or the hub (HF_ENDPOINT read now, so a mirror set after import counts); an
+    unreachable hub fails in seconds, not after minutes of retries."""
+    from huggingface_hub import HfApi, snapshot_download
 
     try:  # already in the local HF cache: no network needed
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError):
+        return load_tokenizer(Path(snapshot_download(name, allow_patterns=TOKENIZER_PATTERNS, local_files_only=True,
+                                                     endpoint=endpoint())))
+    except Exception:  # not cached (the hub client's errors vary): go to the network below
         pass
-    where = (f"tokenizer.pretrained: {name!r} is not a local directory, so it was looked up as a Hugging Face hub id, "
-             f"but")
-    if constants.HF_HUB_OFFLINE:
-        raise UserError(f"{where} it is not in the local HF cache and HF_HUB_OFFLINE is set. Download it on a "
-                        f"machine with internet (save_pretrained to a folder) and set tokenizer.pretrained to that folder")
-    # One quick metadata request first: transformers' own download retries an unreachable host for ~50 s.
-    try:
-        HfApi().model_info(name, timeout=10)
-    except GatedRepoError:
-        raise UserError(f"{where} the repository is gated: accept its licence on huggingface.co and set HF_TOKEN") from None
-    except RepositoryNotFoundError:
-        raise UserError(f"{where} no such repository exists on {constants.ENDPOINT} (or it is private: set HF_TOKEN)") from None
-    except Exception as e:  # network failures come in many types (DNS, TLS, proxy, timeout)
-        raise UserError(f"{where} the hub ({constants.ENDPOINT}) cannot be reached ({type(e).__name__}: {e}). Use "
-                        f"tokenizer.pretrained: gpt2 (offline), a local tokenizer folder, or train one (pretrained: null)") from None
-    try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{where} loading it failed: {e}") from None
+    subject = f"tokenizer.pretrained: {name!r} (not a local directory, so looked up as a Hugging Face hub id)"
+    reason = offline_reason()
+    if reason:
+        raise UserError(f"{subject}: it is not in the local HF cache and {reason}. Download it on a machine with "
+                        f"internet (save_pretrained to a folder) and set tokenizer.pretrained to that folder")
+    # One quick metadata request first: the download retries an unreachable host for ~50 s.
+    hub_call(lambda: HfApi(endpoint=endpoint()).model_info(name, timeout=10), subject)
+    path = hub_call(lambda: snapshot_download(name, allow_patterns=TOKENIZER_PATTERNS, endpoint=endpoint()), subject)
+    return load_tokenizer(Path(path))
 
 
 def pretrained_tokenizer(name: str, base_dir: str = "."):

@@ -6,6 +6,8 @@ shards + manifest), built with the real `stage_output`, so these tests do not de
 
 import importlib.util
 import json
+import re
+import shutil
 import time
 
 import numpy as np
@@ -208,13 +210,28 @@ def test_hub_id_offline_fails_fast(tmp_path):
     assert time.time() - start < 20
 
 
-def test_hub_id_without_offline_flag_fails_fast(tmp_path, monkeypatch):
-    from huggingface_hub import constants
+def test_hub_ids_go_to_the_hub_and_its_answers_are_clear_errors(tmp_path, fake_hub, trained):
+    from transformers import AutoTokenizer
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the real HTTP request: DNS fails here, 404 online
+    """The real client against the fake hub (no network): a repo it has is downloaded and loaded; an unknown one is
+    a clear error naming the endpoint; a hub that refuses connections fails in seconds."""
+    _, trained_dir = trained
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for f in trained_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, repo / f.name)
+    fake_hub.add("models-at-home-test/a-tokenizer", repo)
+    tok = train_or_load_tokenizer(make_cfg(tmp_path / "a", pretrained="models-at-home-test/a-tokenizer"))
+    assert AutoTokenizer.from_pretrained(str(tok)).get_vocab() == AutoTokenizer.from_pretrained(str(trained_dir)).get_vocab()
+    assert any("/api/models/models-at-home-test/a-tokenizer" in r[1] for r in fake_hub.requests)
+
+    with pytest.raises(UserError, match=f"no-such-tokenizer.*not found on {re.escape(fake_hub.url)}, or private"):
+        train_or_load_tokenizer(make_cfg(tmp_path / "b", pretrained="models-at-home-test/no-such-tokenizer"))
+    fake_hub.close()  # the endpoint now refuses connections
     start = time.time()
-    with pytest.raises(UserError, match="cannot be reached|no such repository"):
-        train_or_load_tokenizer(make_cfg(tmp_path, pretrained="models-at-home-test/no-such-tokenizer"))
+    with pytest.raises(UserError, match="cannot reach the Hugging Face hub"):
+        train_or_load_tokenizer(make_cfg(tmp_path / "c", pretrained="models-at-home-test/other-tokenizer"))
     assert time.time() - start < 20
 
 
