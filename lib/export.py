@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from lib.chat import OLLAMA_TEMPLATE, end_of_turn_ids, prompt_ids
 from lib.config import Config, stage_dir
 from lib.errors import UserError
 
@@ -95,12 +96,6 @@ def build_hf_dir(sft_dir: Path, hf: Path) -> None:
 # Checks: what transformers reads back equals what we trained.
 
 
-def prompt_ids(tokenizer, prompt: str, system_prompt: Optional[str]) -> list[int]:
-    from lib.sft import chat_prompt_ids
-
-    return chat_prompt_ids(tokenizer, prompt, system_prompt)
-
-
 def check_hf_dir(hf: Path, system_prompt: Optional[str]) -> dict:
     """Load the directory with transformers (no remote code) and compare its logits with our model's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -160,15 +155,6 @@ def check_gguf(path: Path, reference: dict[str, list[int]], system_prompt: Optio
 # ---------------------------------------------------------------------------------------------------------
 # Ollama.
 
-# Ollama's Go template for ChatML, the same text as our Jinja template renders (system first, then every turn,
-# then the generation prompt "<|im_start|>assistant\n").
-OLLAMA_TEMPLATE = (
-    '{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-    '{{- range .Messages }}{{ if ne .Role "system" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
-    '{{ end }}<|im_start|>assistant\n'
-)
-
-
 def modelfile(gguf_name: str, stops: list[str], context: int, system_prompt: Optional[str]) -> str:
     lines = ["# Ollama: ollama create <name> -f Modelfile && ollama run <name>", f"FROM ./{gguf_name}",
              f'TEMPLATE """{OLLAMA_TEMPLATE}"""']
@@ -186,7 +172,6 @@ def modelfile(gguf_name: str, stops: list[str], context: int, system_prompt: Opt
 def run_export(cfg: Config, force: bool = False) -> Path:
     from lib.artifacts import atomic_write_text, is_complete, read_json, require_stage, stage_output
     from lib.gguf_export import write_gguf
-    from lib.sft import end_token_ids
     from lib.tokenizer import load_tokenizer
 
     final = stage_dir(cfg, "04_export")
@@ -224,7 +209,7 @@ def run_export(cfg: Config, force: bool = False) -> Path:
         if cfg.export.modelfile and ggufs:
             tok = load_tokenizer(hf)
             chosen = next((g for g in ggufs if g["type"] == "q8_0"), ggufs[0])  # the smaller file runs faster
-            stops = [tok.convert_ids_to_tokens(i) for i in end_token_ids(tok)]
+            stops = [tok.convert_ids_to_tokens(i) for i in end_of_turn_ids(tok)]
             atomic_write_text(out / "Modelfile", modelfile(chosen["file"], stops, conf.get("max_position_embeddings",
                                                                                             2048), system_prompt))
             extra["modelfile"] = {"file": "Modelfile", "from": chosen["file"], "stop": stops}

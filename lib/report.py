@@ -104,7 +104,7 @@ def _model_figures(cfg: Config, pretrain_dir: Path, final_dir: Path) -> dict:
 
     from lib.generate import SamplingParams, generate
     from lib.model import load_hf
-    from lib.serving.engine import encode_chat
+    from lib.chat import encode_chat
     from lib.tokenizer import load_tokenizer
 
     out: dict = {"perplexity": [], "samples": []}

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 
+from lib.chat import end_of_turn_ids, prepare_tokenizer, prompt_ids, render
 from lib.config import Config, SftConfig, stage_dir
 from lib.errors import UserError
 from lib.hub import endpoint, hub_call, offline_reason, require_reachable
@@ -34,86 +35,7 @@ CHECK_MAX_TOKENS = 64
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Chat rendering and loss masks.
-
-
-def chatml_render(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Our ChatML template (lib.tokenizer.CHAT_TEMPLATE) in Python: the text and the character spans of every
-    assistant turn's trained part (content + `<|im_end|>`). A test checks it equals apply_chat_template."""
-    from lib.tokenizer import IM_END, IM_START
-
-    parts, spans, pos = [], [], 0
-    for m in messages:
-        header = f"{IM_START}{m['role']}\n"
-        body = m["content"] + IM_END
-        start = pos + len(header)
-        if m["role"] == "assistant":
-            spans.append((start, start + len(body)))
-        parts += [header, body, "\n"]
-        pos = start + len(body) + 1
-    return "".join(parts), spans
-
-
-def template_render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Any chat template: render growing prefixes of the conversation to find where each assistant turn starts
-    (after the generation prompt) and ends (the rendered turn without trailing whitespace)."""
-
-    def apply(msgs, gen=False):
-        try:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-        except Exception as e:  # jinja errors of a template that cannot render this prefix
-            raise UserError(f"the base model's chat template cannot render a conversation prefix ({type(e).__name__}: "
-                            f"{e}); use a tokenizer with a ChatML template") from None
-
-    text = apply(messages)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix = apply(messages[:i], gen=True)  # everything before the turn, with the assistant header
-        upto = apply(messages[: i + 1])
-        if not (upto.startswith(prefix) and text.startswith(upto)):
-            raise UserError("the base model's chat template is not prefix-stable (rendering a conversation prefix "
-                            "does not give the start of the full rendering), so assistant turns cannot be masked; "
-                            "use a tokenizer with a ChatML template")
-        spans.append((len(prefix), len(upto.rstrip())))
-    return text, spans
-
-
-def render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    from lib.tokenizer import CHAT_TEMPLATE
-
-    if tokenizer.chat_template == CHAT_TEMPLATE:
-        return chatml_render(messages)
-    return template_render(tokenizer, messages)
-
-
-def prepare_tokenizer(tokenizer, where: str):
-    """Make sure the tokenizer has a chat template and the ChatML tokens it needs (ours: always)."""
-    from lib.tokenizer import CHAT_TEMPLATE, IM_END, IM_START
-
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    if tokenizer.chat_template == CHAT_TEMPLATE:
-        missing = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
-        if missing:
-            raise UserError(f"{where}: the tokenizer has no {' / '.join(missing)} token, which the ChatML chat "
-                            f"template needs; use a tokenizer from stage 02 (it always has them) or one with a chat "
-                            f"template of its own")
-    return tokenizer
-
-
-def end_token_ids(tokenizer) -> list[int]:
-    """Ids that end an assistant turn: <|im_end|> (when the vocabulary has it) and eos."""
-    from lib.tokenizer import IM_END
-
-    ids = []
-    im_end = tokenizer.get_vocab().get(IM_END)
-    if im_end is not None:
-        ids.append(im_end)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+# Loss masks (the rendering itself is lib.chat's).
 
 
 @dataclass
@@ -598,19 +520,14 @@ def reply_ids(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[
         model.train(was_training)
 
 
-def chat_prompt_ids(tokenizer, prompt: str, system_prompt: Optional[str]) -> list[int]:
-    msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
-
-
 def chat_sampler(tokenizer, prompts: list[str], max_new_tokens: int, seed: int, system_prompt: Optional[str]):
     """sample_fn for lib.train.fit: each prompt as a user turn, the model's reply sampled (logged at every eval)."""
-    stops = end_token_ids(tokenizer)
+    stops = end_of_turn_ids(tokenizer)
 
     def sample(model) -> list[str]:
         out = []
         for p in prompts:
-            new, _ = reply_ids(model, chat_prompt_ids(tokenizer, p, system_prompt), max_new_tokens, stops, 0.8, seed)
+            new, _ = reply_ids(model, prompt_ids(tokenizer, p, system_prompt), max_new_tokens, stops, 0.8, seed)
             out.append(f"{p} -> {tokenizer.decode(new, skip_special_tokens=True)}")
         return out
 
@@ -621,10 +538,10 @@ def end_of_turn_check(model, tokenizer, prompts: list[str], system_prompt: Optio
                       max_new_tokens: int = CHECK_MAX_TOKENS) -> dict:
     """Greedy replies to fixed prompts and the share that end their turn (emit <|im_end|>/eos) within
     max_new_tokens instead of rambling on."""
-    stops = end_token_ids(tokenizer)
+    stops = end_of_turn_ids(tokenizer)
     answers, ended = [], 0
     for p in prompts:
-        new, stopped = reply_ids(model, chat_prompt_ids(tokenizer, p, system_prompt), max_new_tokens, stops)
+        new, stopped = reply_ids(model, prompt_ids(tokenizer, p, system_prompt), max_new_tokens, stops)
         ended += stopped
         answers.append({"prompt": p, "reply": tokenizer.decode(new, skip_special_tokens=True), "ended_turn": stopped,
                         "tokens": len(new)})
@@ -696,7 +613,7 @@ def write_generation_config(out: Path, tokenizer) -> None:
     from lib.artifacts import atomic_write_json
 
     atomic_write_json(out / "generation_config.json", {
-        "_from_model_config": False, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": end_token_ids(tokenizer),
+        "_from_model_config": False, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": end_of_turn_ids(tokenizer),
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id})
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from lib.chat import content_text
 from lib.config import SftConfig, SftDataConfig
 from lib.errors import UserError
 
@@ -141,13 +142,12 @@ def _alpaca(rec: dict) -> Example:
 
 
 def _content(value: Any, where: str) -> str:
-    """Message content: a string, or OpenAI's list of parts of which the text parts are joined."""
-    if isinstance(value, str):
-        return value.strip()
-    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        texts = [p.get("text") for p in value if p.get("type", "text") == "text"]
-        if all(isinstance(t, str) for t in texts):
-            return "".join(texts).strip()
+    """Message content: a string, or OpenAI's list of parts of which the text parts are joined (others left out)."""
+    if isinstance(value, (str, list)):
+        try:
+            return content_text(value, other_parts="skip").strip()
+        except ValueError:
+            pass
     raise _Bad(f"{where} should be a string (or a list of {{\"type\": \"text\", \"text\": ...}} parts), "
                f"got {type(value).__name__}")
 

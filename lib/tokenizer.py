@@ -28,28 +28,16 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from lib.artifacts import atomic_write_json, is_complete, read_json, require_stage, stage_output
+from lib.chat import CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, PAD_TOKEN
 from lib.config import Config, stage_dir, stage_hash
 from lib.data import iter_documents, read_stats
 from lib.errors import UserError
 from lib.hub import endpoint, hub_call, offline_reason
 from lib.sources import pkg_dir
 
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 # The order fixes the ids of a trained tokenizer: <|endoftext|> = 0, <|pad|> = 1, <|im_start|> = 2, <|im_end|> = 3.
 SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, IM_START, IM_END]
 BYTE_ALPHABET = 256
-
-# ChatML: "<|im_start|>{role}\n{content}<|im_end|>\n" per message; the generation prompt opens an assistant turn.
-# No bos and no default system prompt, so the rendered string is exactly the messages.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 # A trained tokenizer does not know the model's context length; the export stage writes the real one.
 DEFAULT_MODEL_MAX_LENGTH = 2048

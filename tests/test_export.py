@@ -72,7 +72,7 @@ def test_hf_dir_loads_in_transformers_with_our_logits(exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lib.model import load_hf
-    from lib.tokenizer import CHAT_TEMPLATE
+    from lib.chat import CHAT_TEMPLATE
 
     hf = exported[1] / "hf"
     conf = json.loads((hf / "config.json").read_text())

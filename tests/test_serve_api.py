@@ -22,7 +22,8 @@ import pytest
 from conftest import ROOT
 from lib.config import Config, ServeConfig
 from lib.errors import UserError
-from lib.serving.engine import ContextTooLong, Engine, EngineBusy, TextStream, encode_chat, fit_conversation, load_model
+from lib.chat import encode_chat
+from lib.serving.engine import ContextTooLong, Engine, EngineBusy, TextStream, fit_conversation, load_model
 from lib.serving.resolve import resolve_model
 from lib.serving.server import BackgroundServer, build_app, check_bind, is_loopback
 
@@ -544,8 +545,7 @@ def test_resolve_and_verify_installed_models(tiny_chat_model, tmp_path):
 def test_a_chat_template_refusal_is_a_400(tiny_chat_model, tmp_path):
     import shutil
 
-    from lib.serving.engine import ChatTemplateError
-    from lib.tokenizer import CHAT_TEMPLATE
+    from lib.chat import CHAT_TEMPLATE, ChatTemplateError
 
     strict = tmp_path / "strict"
     shutil.copytree(tiny_chat_model, strict)

@@ -21,7 +21,8 @@ from lib.config import Config, ServeConfig  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from lib.generate import SamplingParams  # noqa: E402
 from lib.gguf_export import write_gguf  # noqa: E402
-from lib.serving.engine import Engine, choose_engine, encode_chat, load_model  # noqa: E402
+from lib.chat import encode_chat  # noqa: E402
+from lib.serving.engine import Engine, choose_engine, load_model  # noqa: E402
 from lib.serving.resolve import resolve_model  # noqa: E402
 from lib.serving.server import BackgroundServer, build_app  # noqa: E402
 

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import CHROMIUM_ARGS
 from lib.config import Config, ServeConfig
-from lib.serving.engine import Engine, encode_chat, load_model
+from lib.chat import encode_chat
+from lib.serving.engine import Engine, load_model
 from lib.serving.resolve import resolve_model
 from lib.serving.server import BackgroundServer, build_app
 from lib.serving.ui import EXPORT_FORMAT, ChatUI, normalize

@@ -357,7 +357,8 @@ def test_smollm2_template_rendering_and_lora_lowers_val_loss(smollm2_hf, tmp_pat
     from accelerate import Accelerator
 
     from lib.config import TrainConfig
-    from lib.sft import apply_lora, load_base, prepare_tokenizer, template_render
+    from lib.chat import prepare_tokenizer, template_render
+    from lib.sft import apply_lora, load_base
     from lib.tokenizer import load_tokenizer
     from lib.train import evaluate, fit
 

@@ -17,9 +17,9 @@ from conftest import ROOT, pkg_dir
 from lib.artifacts import read_json, stage_output
 from lib.config import from_dict, stage_dir
 from lib.errors import UserError
-from lib.tokenizer import (CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, PAD_TOKEN, TOKENIZER_FILES, check_vocab_size,
-                           encode_corpus, load_tokenizer, open_tokens, read_token_meta, token_dtype,
-                           train_or_load_tokenizer)
+from lib.chat import CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, PAD_TOKEN
+from lib.tokenizer import (TOKENIZER_FILES, check_vocab_size, encode_corpus, load_tokenizer, open_tokens, read_token_meta,
+                           token_dtype, train_or_load_tokenizer)
 
 UNICODE_LINES = [
     "Naïve café — “quoted” and ‘single’ façade; Ångström, smörgåsbord, Œuvre.",

@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lib.config import ServeConfig
-from lib.serving.engine import ChatTemplateError, ContextTooLong, Engine, EngineBusy, encode_chat, sampling_params
+from lib.chat import ChatTemplateError, content_text, encode_chat
+from lib.serving.engine import ContextTooLong, Engine, EngineBusy, sampling_params
 
 # After deciding on 413, the rest of an oversized body is read and dropped (never stored) so that the client, still
 # sending, gets to read the answer instead of a reset connection; past this many times the limit we hang up.
@@ -83,13 +84,11 @@ class ChatMessage(_Body):
     @classmethod
     def _text_only(cls, v):
         """A string, or a list of {"type": "text", "text": ...} parts (joined); no images or audio."""
-        if isinstance(v, str):
-            return v
-        if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                       and set(p) <= {"type", "text"} for p in v):
-            return "".join(p["text"] for p in v)
-        raise ValueError('expected a string or a list of {"type": "text", "text": "..."} parts '
-                         '(this model reads text only)')
+        try:
+            return content_text(v, strict=True)
+        except ValueError:
+            raise ValueError('expected a string or a list of {"type": "text", "text": "..."} parts '
+                             '(this model reads text only)') from None
 
 
 def _check_stop(v):

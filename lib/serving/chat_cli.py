@@ -12,7 +12,8 @@ import sys
 from typing import TextIO
 
 from lib.config import ServeConfig
-from lib.serving.engine import ChatTemplateError, ContextTooLong, Engine, fit_conversation, sampling_params
+from lib.chat import ChatTemplateError
+from lib.serving.engine import ContextTooLong, Engine, fit_conversation, sampling_params
 
 HELP = """commands:
   /reset          forget the conversation (the system prompt stays)

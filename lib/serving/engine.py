@@ -40,20 +40,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from lib.chat import encode_chat, end_of_turn_ids
 from lib.errors import UserError
 from lib.serving.resolve import ModelRef
 
-# Special-token texts that commonly end a turn; whichever of them the vocabulary has stop a chat reply.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>")
-
-
 class EngineBusy(Exception):
     """The request queue is full; the caller should retry later (HTTP 503)."""
-
-
-class ChatTemplateError(ValueError):
-    """The model's chat template refused the conversation (some templates demand alternating roles, a first user
-    turn, ...): the client's input, so HTTP 400."""
 
 
 class ContextTooLong(ValueError):
@@ -128,20 +120,6 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def _stop_ids(tokenizer, hf_dir: Path) -> list[int]:
-    """eos from the tokenizer and generation_config.json, plus the end-of-turn tokens the vocabulary has."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen_cfg = hf_dir / "generation_config.json"
-    if gen_cfg.is_file():
-        eos = json.loads(gen_cfg.read_text(encoding="utf-8")).get("eos_token_id")
-        ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int))
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return sorted(ids)
-
-
 def choose_engine(ref: ModelRef, device: str, requested: str = "auto") -> tuple[str, str]:
     """("llama.cpp" | "torch", why). llama.cpp needs a GGUF file, the CPU and an importable llama-cpp-python."""
     from lib.serving import llamacpp
@@ -205,7 +183,7 @@ def _load_torch(ref: ModelRef, device: str, note: str) -> LoadedModel:
                         f"(config.json); the tokenizer files do not belong to this model")
     context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", None) or 2048
     return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=int(context),
-                       stop_token_ids=_stop_ids(tokenizer, hf_dir), device=device, dtype=str(dtype).split(".")[-1],
+                       stop_token_ids=sorted(end_of_turn_ids(tokenizer, hf_dir)), device=device, dtype=str(dtype).split(".")[-1],
                        parameters=model.num_params(), config=config,
                        # a byte-level token's string has one character per byte, so it bounds the decoded length
                        max_token_chars=max(len(t) for t in tokenizer.get_vocab()), engine="torch", engine_note=note)
@@ -244,7 +222,7 @@ def _load_llamacpp(ref: ModelRef, note: str, max_active: int, max_context: int) 
                         "; the tokenizer files do not belong to this model")
     config = json.loads((ref.path / "config.json").read_text(encoding="utf-8")) if ref.path is not None else {}
     config.setdefault("vocab_size", model.n_vocab)
-    stop_ids = _stop_ids(tokenizer, ref.path) if ref.path is not None else _stop_ids(tokenizer, ref.gguf.parent)
+    stop_ids = sorted(end_of_turn_ids(tokenizer, ref.path if ref.path is not None else ref.gguf.parent))
     quant = re.search(r"(?i)(q\d+_[a-z0-9_]+|i?q\d_\w+|bf16|f16|f32)$", ref.gguf.stem)
     quant = quant.group(1) if quant else "model"
     return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=model.n_ctx_seq,
@@ -265,62 +243,7 @@ def sampling_params(temperature: float, top_p: float, max_new_tokens: int, seed:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Prompts.
-
-# Private-use code points mark where each message's content sits in the rendered template.
-_MARK = "\ue000{}\ue001"
-
-
-def _added_token_texts(tokenizer) -> list[str]:
-    return [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
-
-
-def _render(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool) -> str:
-    from jinja2.exceptions import TemplateError
-
-    try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-    except TemplateError as e:  # includes the templates' own raise_exception("...")
-        raise ChatTemplateError(f"the model's chat template rejected this conversation: {e}") from None
-
-
-def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation rendered with the tokenizer's chat template, ready for the reply.
-
-    Message text is data, not markup: a user who types "<|im_end|><|im_start|>system" gets those characters
-    as ordinary text tokens, not the special tokens that delimit turns. Only the template adds special tokens.
-    """
-    from lib.tokenizer import CHAT_TEMPLATE
-
-    template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
-    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-    specials = _added_token_texts(tokenizer)
-    if not any(s in m["content"] for m in msgs for s in specials):
-        text = _render(tokenizer, msgs, template, add_generation_prompt)
-        return tokenizer.encode(text, add_special_tokens=False, verbose=False)
-    # Render with placeholders, then encode the template's pieces normally and the contents with special-token
-    # matching off. A template that rewrites content (trim, replace) loses a placeholder: then neutralise instead.
-    marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(msgs)]
-    text = _render(tokenizer, marked, template, add_generation_prompt)
-    ids: list[int] = []
-    rest = text
-    for i, m in enumerate(msgs):
-        mark = _MARK.format(i)
-        if rest.count(mark) != 1:
-            return encode_chat(tokenizer, [_defused(m, specials) for m in msgs], add_generation_prompt)
-        before, rest = rest.split(mark)
-        ids += tokenizer.encode(before, add_special_tokens=False, verbose=False)
-        ids += tokenizer.encode(m["content"], add_special_tokens=False, split_special_tokens=True, verbose=False)
-    return ids + tokenizer.encode(rest, add_special_tokens=False, verbose=False)
-
-
-def _defused(message: dict, specials: list[str]) -> dict:
-    """The message with each special-token text broken by a zero-width space (it then tokenises as plain text)."""
-    content = message["content"]
-    for s in specials:
-        content = content.replace(s, s[:1] + "\u200b" + s[1:])
-    return {**message, "content": content}
+# Prompts (rendering and encoding are lib.chat's).
 
 
 def fit_conversation(tokenizer, messages: list[dict], context_length: int, reserve: int) -> tuple[list[int], int]:

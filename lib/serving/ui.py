@@ -26,8 +26,8 @@ import gradio as gr  # noqa: E402
 from lib.artifacts import atomic_write_json  # noqa: E402
 from lib.config import ServeConfig  # noqa: E402
 from lib.errors import UserError  # noqa: E402
-from lib.serving.engine import (ChatTemplateError, ContextTooLong, Engine, EngineBusy, encode_chat,  # noqa: E402
-                                fit_conversation, sampling_params)
+from lib.chat import ChatTemplateError, content_text, encode_chat  # noqa: E402
+from lib.serving.engine import ContextTooLong, Engine, EngineBusy, fit_conversation, sampling_params  # noqa: E402
 from lib.serving.resolve import ModelRef  # noqa: E402
 
 EXPORT_FORMAT = "models-at-home-chat"
@@ -36,14 +36,12 @@ ROLES = ("system", "user", "assistant")
 
 
 def _text(content) -> str:
-    """Message content as text: Gradio 6 hands the Chatbot's messages over as lists of typed parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return content.get("text") or ""
-    if isinstance(content, (list, tuple)):
-        return "".join(_text(p) for p in content)
-    return ""
+    """Message content as text: Gradio 6 hands the Chatbot's messages over as lists of typed parts (files and
+    images, which a text model cannot read, are left out)."""
+    try:
+        return content_text(content, other_parts="skip")
+    except ValueError:
+        return ""
 
 
 def normalize(history) -> list[dict]:

@@ -17,6 +17,7 @@ import random
 from pathlib import Path
 
 from lib.artifacts import MANIFEST, is_complete, read_json
+from lib.chat import prepare_tokenizer
 from lib.config import Config, stage_dir
 from lib.errors import UserError
 from lib.sft import encode_conversations, encode_text, fit_length
@@ -107,8 +108,6 @@ def sft_preview(cfg: Config, k: int = 3, seed: int | None = 0, project_dir: str 
     if tokenizer is None:
         raise UserError(f"{stage_dir(cfg, '02_tokenizer')}: no tokenizer yet for this config; run the pipeline up to "
                         f"the tokenizer (snakemake tokenizer) to see the examples tokenized")
-    from lib.sft import prepare_tokenizer
-
     prepare_tokenizer(tokenizer, "the studio's SFT preview")
     picked = random.Random(seed).sample(examples, min(k, len(examples)))
     max_len = cfg.sft.train.seq_len + 1
