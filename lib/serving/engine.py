@@ -275,49 +275,33 @@ def fit_conversation(tokenizer, messages: list[dict], context_length: int, reser
 class TextStream:
     """Incremental detokenizer with stop strings.
 
-    `push(id)` returns the text that is now safe to show: decoding waits while the last tokens end inside a
-    UTF-8 character (a byte-level BPE splits emoji and CJK across tokens), a stop string ends the stream and is
-    not shown, and a tail that could be the beginning of a stop string is held back until it is not.
+    `push(id)` returns the text that is now safe to show: tokenizers' DecodeStream waits while the last tokens end
+    inside a UTF-8 character (a byte-level BPE splits emoji and CJK across tokens), a stop string ends the stream and
+    is not shown, and a tail that could be the beginning of a stop string is held back until it is not.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
-        self.tokenizer = tokenizer
+        from tokenizers.decoders import DecodeStream
+
+        self.backend = tokenizer.backend_tokenizer  # every tokenizer we load is a fast (Rust) one
         self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
         self.text = ""  # everything emitted so far
         self.stopped = False  # a stop string was found
-        self._prefix = 0  # ids[_prefix:_read] is the window already emitted; decoding it gives the offset
-        self._read = 0
+        self._stream = DecodeStream(skip_special_tokens=True)
         self._held = ""
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def push(self, token_id: int) -> str:
         if self.stopped:
             return ""
-        self.ids.append(token_id)
-        # Decoding a short window instead of everything keeps a step O(1); the window starts a token early so
-        # that tokenizers whose decode depends on the previous token (leading spaces) decode it right.
-        before = self._decode(self.ids[self._prefix:self._read])
-        now = self._decode(self.ids[self._prefix:])
-        if len(now) <= len(before) or now.endswith("\ufffd"):
-            return ""  # nothing new yet, or a multi-byte character is still incomplete
-        self._prefix, self._read = self._read, len(self.ids)
-        return self._cut(now[len(before):])
+        piece = self._stream.step(self.backend, token_id)
+        return self._cut(piece) if piece else ""  # None: a multi-byte character is still incomplete
 
     def finish(self) -> str:
-        """The rest of the text at the end of generation (held-back text and any incomplete character)."""
+        """The rest of the text at the end of generation: what was held back as a possible stop string."""
         if self.stopped:
             return ""
-        before = self._decode(self.ids[self._prefix:self._read])
-        now = self._decode(self.ids[self._prefix:])
-        self._prefix = self._read = len(self.ids)
-        out = self._cut(now[len(before):])
-        if not self.stopped:  # the held-back tail was not the start of a stop string after all
-            out += self._held
-            self.text += self._held
-            self._held = ""
+        out, self._held = self._held, ""
+        self.text += out
         return out
 
     def _cut(self, piece: str) -> str:
