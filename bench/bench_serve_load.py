@@ -38,7 +38,8 @@ def build_demo_shaped_model(out: Path) -> Path:
     import torch
 
     from lib.config import ModelConfig
-    from lib.model import HomeLLM, model_args, save_hf
+    from lib.hf_io import save_hf
+    from lib.model import HomeLLM, model_args
     from lib.tokenizer import save_tokenizer, train_bpe, wrap_tokenizer
 
     bible = Path(importlib.util.find_spec("bible").submodule_search_locations[0]) / "data" / "kjv.jsonl"

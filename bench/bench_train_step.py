@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.config import ModelConfig  # noqa: E402
-from lib.model import HomeLLM, hf_config, model_args  # noqa: E402
+from lib.hf_io import hf_config  # noqa: E402
+from lib.model import HomeLLM, model_args  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -23,9 +23,14 @@ from typing import Optional
 
 import torch
 
+from lib.artifacts import atomic_write_json, atomic_write_text, is_complete, read_json, require_stage, stage_output
+from lib.base_model import merge_adapter, reply_ids
 from lib.chat import OLLAMA_TEMPLATE, end_of_turn_ids, prompt_ids
 from lib.config import Config, stage_dir
 from lib.errors import UserError
+from lib.gguf_export import write_gguf
+from lib.hf_io import load_hf, save_model_dir
+from lib.tokenizer import load_tokenizer
 
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja", "model.safetensors", "model.safetensors.index.json")
@@ -60,8 +65,6 @@ def copy_hf_dir(src: Path, dst: Path) -> None:
 
 def finish_tokenizer_config(hf: Path) -> None:
     """The tokenizer's model_max_length becomes the model's real context (stage 02 could not know it)."""
-    from lib.artifacts import atomic_write_json, read_json
-
     conf = read_json(hf / "config.json")
     tok_cfg = read_json(hf / "tokenizer_config.json")
     ctx = conf.get("max_position_embeddings")
@@ -73,15 +76,10 @@ def finish_tokenizer_config(hf: Path) -> None:
 def build_hf_dir(sft_dir: Path, hf: Path) -> None:
     """The HF directory of the export: copied from 04_sft, or the base model with the LoRA adapter merged in
     when SFT saved the adapter alone (sft.lora.merge: false)."""
-    from lib.artifacts import read_json
-
     has_weights = (sft_dir / "model.safetensors").is_file() or (sft_dir / "model.safetensors.index.json").is_file()
     if has_weights:
         copy_hf_dir(sft_dir, hf)
     elif (sft_dir / "adapter" / "adapter_config.json").is_file():
-        from lib.sft import merge_adapter, save_model_dir
-        from lib.tokenizer import load_tokenizer
-
         base = Path(read_json(sft_dir / "manifest.json")["base_model"])
         if not (base / "config.json").is_file():
             raise UserError(f"{sft_dir}: the SFT output is a LoRA adapter of {base}, which no longer exists; rerun "
@@ -106,8 +104,6 @@ def check_hf_dir(hf: Path, system_prompt: Optional[str]) -> dict:
     result = {"transformers_class": type(theirs).__name__}
     conf = json.loads((hf / "config.json").read_text(encoding="utf-8"))
     if conf.get("model_type") == "llama":
-        from lib.model import load_hf
-
         ours = load_hf(hf)
         with torch.no_grad():
             a = theirs(ids).logits
@@ -118,10 +114,6 @@ def check_hf_dir(hf: Path, system_prompt: Optional[str]) -> dict:
 
 def greedy_reference(hf: Path, system_prompt: Optional[str]) -> dict[str, list[int]]:
     """Our model's greedy tokens for the check prompts (the reference every GGUF must reproduce)."""
-    from lib.model import load_hf
-    from lib.sft import reply_ids
-    from lib.tokenizer import load_tokenizer
-
     tok = load_tokenizer(hf)
     model = load_hf(hf)
     return {p: reply_ids(model, prompt_ids(tok, p, system_prompt), CHECK_TOKENS, [])[0] for p in CHECK_PROMPTS}
@@ -170,10 +162,6 @@ def modelfile(gguf_name: str, stops: list[str], context: int, system_prompt: Opt
 
 
 def run_export(cfg: Config, force: bool = False) -> Path:
-    from lib.artifacts import atomic_write_text, is_complete, read_json, require_stage, stage_output
-    from lib.gguf_export import write_gguf
-    from lib.tokenizer import load_tokenizer
-
     final = stage_dir(cfg, "04_export")
     if is_complete(final) and not force:
         print(f"04_export: {final} is already complete; reusing it")

@@ -7,17 +7,23 @@ from the `model` section, runs the shared loop in lib/train.py and publishes an 
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from lib.artifacts import read_json, require_stage, stage_output
-from lib.config import Config, stage_dir, stage_hash
+from lib.config import Config, stage_dir
 from lib.errors import UserError
+from lib.generate import SamplingParams, generate
+from lib.hf_io import save_hf
+from lib.model import HomeLLM, model_args
+from lib.tokenizer import load_tokenizer
+from lib.tracking import METRICS, PLOT, SAMPLES, TB_DIR
+from lib.train import fit, make_accelerator, work_dir
 
 
 class TokenWindows:
@@ -60,11 +66,6 @@ class TokenWindows:
             yield self._gather(starts[i:i + self.batch_size])
 
 
-def work_dir(cfg: Config, stage: str) -> Path:
-    """Checkpoints and logs of a training stage: beside the artifacts, not a declared output (survives failures)."""
-    return Path(cfg.artifacts_dir) / "checkpoints" / stage / stage_hash(cfg, stage)
-
-
 def check_coursework_phase1(cfg: Config) -> dict:
     """Coursework rules for phase 1, checked before training; the result goes into the manifest."""
     rules = cfg.coursework
@@ -89,27 +90,9 @@ def check_coursework_phase1(cfg: Config) -> dict:
             "max_epochs_phase1": rules.max_epochs_phase1, "cpu_only": rules.cpu_only, "checked": "passed"}
 
 
-def make_accelerator(precision: str, cpu_only: bool):
-    """An accelerate Accelerator with the precision the hardware does fast; returns (accelerator, note)."""
-    from accelerate import Accelerator
-
-    from lib.train import choose_precision
-
-    device_type = "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"
-    mixed, note = choose_precision(precision, device_type)
-    accelerator = Accelerator(mixed_precision=mixed, cpu=device_type == "cpu")
-    asked = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() in ("1", "true")]
-    if asked and device_type == "cpu":  # accelerate shards on GPUs only; say so instead of pretending
-        note += (f"; {asked[0]} needs CUDA GPUs, so these {accelerator.num_processes} CPU processes train as "
-                 "plain data parallel (DDP over gloo)")
-    return accelerator, note
-
-
 def sampler(tokenizer, prompts: list[str], max_new_tokens: int, seed: int):
     """A function that samples a continuation of each prompt (logged at every eval)."""
     def sample(model) -> list[str]:
-        from lib.generate import SamplingParams, generate
-
         was_training = model.training
         model.eval()
         out = []
@@ -127,10 +110,6 @@ def sampler(tokenizer, prompts: list[str], max_new_tokens: int, seed: int):
 
 def publish_model(model, tokenizer_dir: Path, out: Path, weights: Path | None, tokenizer) -> None:
     """Write an HF-format model directory: our weights under Llama names, the tokenizer files, generation config."""
-    from safetensors.torch import load_file
-
-    from lib.model import save_hf
-
     if weights is not None:
         model.load_state_dict(load_file(str(weights)))
     save_hf(model, out, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -141,10 +120,6 @@ def publish_model(model, tokenizer_dir: Path, out: Path, weights: Path | None, t
 
 
 def run_pretrain(cfg: Config) -> Path:
-    from lib.model import HomeLLM, model_args
-    from lib.tokenizer import load_tokenizer
-    from lib.train import fit
-
     tokens_dir = require_stage(cfg, "02_tokens", "Run: python 02_train_tokenizer.py --encode (or snakemake tokens).")
     tok_dir = require_stage(cfg, "02_tokenizer", "Run: python 02_train_tokenizer.py (or snakemake tokenizer).")
     meta = read_json(tokens_dir / "meta.json")
@@ -187,8 +162,6 @@ def run_pretrain(cfg: Config) -> Path:
     model = HomeLLM(args).float()
     with stage_output(cfg, "03_pretrain") as (out, extra):
         publish_model(model, tok_dir, out, result.weights_path, tokenizer)
-        from lib.tracking import METRICS, PLOT, SAMPLES, TB_DIR
-
         for name in (METRICS, SAMPLES, PLOT):
             if (work / name).exists():
                 shutil.copy2(work / name, out / name)

@@ -103,7 +103,7 @@ def _model_figures(cfg: Config, pretrain_dir: Path, final_dir: Path) -> dict:
     import torch
 
     from lib.generate import SamplingParams, generate
-    from lib.model import load_hf
+    from lib.hf_io import load_hf
     from lib.chat import encode_chat
     from lib.tokenizer import load_tokenizer
 

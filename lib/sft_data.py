@@ -6,7 +6,7 @@ turning every supported format into one shape — a conversation of `{"role", "c
 
 The format of a source is detected from its first record (or forced with `sft.data[i].format`); every later record
 must have the same shape, otherwise a UserError names the file, the record and what was expected, and lists the
-supported formats with an example of each. Rendering, masks and batches live in lib/sft.py.
+supported formats with an example of each. Rendering is lib/chat.py's; masks and batches live in lib/sft_batches.py.
 """
 
 from __future__ import annotations

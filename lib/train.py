@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Callable, Iterator, Optional, Protocol
 import torch
 
 from lib.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
-from lib.config import TrainConfig
+from lib.config import Config, TrainConfig, stage_hash
 from lib.errors import UserError
 from lib.hardware import cpu_bf16_override, cpu_has_bf16_units
 from lib.tracking import Tracker
@@ -129,6 +130,25 @@ def progress_of(step: int, total_steps: Optional[int], elapsed_s: float, cfg: Tr
     if cfg.time_budget_min:
         p = max(p, elapsed_s / (cfg.time_budget_min * 60))
     return p
+
+
+def work_dir(cfg: Config, stage: str) -> Path:
+    """Checkpoints and logs of a training stage: beside the artifacts, not a declared output (survives failures)."""
+    return Path(cfg.artifacts_dir) / "checkpoints" / stage / stage_hash(cfg, stage)
+
+
+def make_accelerator(precision: str, cpu_only: bool):
+    """An accelerate Accelerator with the precision the hardware does fast; returns (accelerator, note)."""
+    from accelerate import Accelerator  # heavy (~1 s); only a training run needs it
+
+    device_type = "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"
+    mixed, note = choose_precision(precision, device_type)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=device_type == "cpu")
+    asked = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() in ("1", "true")]
+    if asked and device_type == "cpu":  # accelerate shards on GPUs only; say so instead of pretending
+        note += (f"; {asked[0]} needs CUDA GPUs, so these {accelerator.num_processes} CPU processes train as "
+                 "plain data parallel (DDP over gloo)")
+    return accelerator, note
 
 
 # -----------------------------------------------------------------------------------------------------------

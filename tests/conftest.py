@@ -83,7 +83,8 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     import torch
 
     from lib.config import ModelConfig
-    from lib.model import HomeLLM, model_args, save_hf
+    from lib.hf_io import save_hf
+    from lib.model import HomeLLM, model_args
     from lib.tokenizer import save_tokenizer, train_bpe, wrap_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_chat_model")

@@ -50,7 +50,7 @@ def exported(tiny_chat_model, tmp_path_factory):
 
 def ours_greedy(model_dir: Path, prompt: str, n: int) -> tuple[list[int], list[int]]:
     from lib.generate import SamplingParams, generate
-    from lib.model import load_hf
+    from lib.hf_io import load_hf
     from lib.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
@@ -71,7 +71,7 @@ def test_layout_and_manifest(exported):
 def test_hf_dir_loads_in_transformers_with_our_logits(exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lib.model import load_hf
+    from lib.hf_io import load_hf
     from lib.chat import CHAT_TEMPLATE
 
     hf = exported[1] / "hf"

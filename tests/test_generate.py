@@ -6,7 +6,7 @@ import torch
 
 from lib.errors import UserError
 from lib.generate import KVCache, SamplingParams, generate, stream
-from lib.model import save_hf
+from lib.hf_io import save_hf
 from test_model import VOCAB, greedy_no_cache, hf_load, tiny
 
 PROMPT = [5, 17, 3, 88, 41, 7, 7, 60]

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from lib.config import ModelConfig, load_config
 from lib.errors import UserError
-from lib.model import (PRESETS, HomeLLM, linear_cross_entropy, load_hf, model_args, preset_table, save_hf)
+from lib.hf_io import load_hf, save_hf
+from lib.model import PRESETS, HomeLLM, linear_cross_entropy, model_args, preset_table
 
 VOCAB = 96
 

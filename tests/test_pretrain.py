@@ -49,7 +49,7 @@ def run_script(args, ws, extra=(), check=True, **kw):
 
 def clean(ws, extra=()):
     cfg = load_config(SMOKE, overrides(ws, extra))
-    from lib.pretrain import work_dir
+    from lib.train import work_dir
 
     shutil.rmtree(stage_dir(cfg, "03_pretrain"), ignore_errors=True)
     shutil.rmtree(work_dir(cfg, "03_pretrain"), ignore_errors=True)
@@ -106,7 +106,7 @@ def test_kill_9_then_rerun_matches_uninterrupted(workspace):
     ref_losses = train_losses(out)
 
     cfg = clean(workspace, extra)
-    from lib.pretrain import work_dir
+    from lib.train import work_dir
 
     cmd = [sys.executable, str(ROOT / "03_pretrain.py"), "--config", str(SMOKE), "--quiet-config"]
     for o in overrides(workspace, extra):
@@ -134,7 +134,7 @@ def test_kill_9_then_rerun_matches_uninterrupted(workspace):
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(workspace):
     extra = ["pretrain.max_steps=400", "pretrain.ckpt_every=1000", "pretrain.eval_every=1000"]
     cfg = clean(workspace, extra)
-    from lib.pretrain import work_dir
+    from lib.train import work_dir
 
     cmd = [sys.executable, str(ROOT / "03_pretrain.py"), "--config", str(SMOKE), "--quiet-config"]
     for o in overrides(workspace, extra):

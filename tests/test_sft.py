@@ -12,8 +12,8 @@ import torch
 
 from lib.config import LoraConfig, SftConfig, SftDataConfig, load_config, stage_dir
 from lib.errors import UserError
-from lib.sft import (SftBatches, encode_conversations, encode_examples, fit_length, overfit_decision, pack,
-                     split_examples)
+from lib.sft import overfit_decision
+from lib.sft_batches import SftBatches, encode_conversations, encode_examples, fit_length, pack, split_examples
 from lib.sft_data import UNANSWERABLE, Example, load_sft_examples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -358,7 +358,7 @@ def test_smollm2_template_rendering_and_lora_lowers_val_loss(smollm2_hf, tmp_pat
 
     from lib.config import TrainConfig
     from lib.chat import prepare_tokenizer, template_render
-    from lib.sft import apply_lora, load_base
+    from lib.base_model import apply_lora, load_base
     from lib.tokenizer import load_tokenizer
     from lib.train import evaluate, fit
 
@@ -516,7 +516,7 @@ def test_script_reports_user_errors_without_traceback(tmp_path):
 def test_base_model_from_the_hub(fake_hub, tiny_chat_model, tmp_path, monkeypatch):
     """A hub id as sft.base_model: downloaded through the real huggingface_hub client (a local fake hub answers);
     an unknown id and the offline mode give one clear message."""
-    from lib.sft import load_base, resolve_base_model
+    from lib.base_model import load_base, resolve_base_model
 
     fake_hub.add("someone/tiny-chat", tiny_chat_model)
     cfg = load_config(SMOKE, [f"artifacts_dir={tmp_path}", "sft.base_model=someone/tiny-chat"])

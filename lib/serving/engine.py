@@ -157,10 +157,10 @@ def load_model(ref: ModelRef, device: str = "auto", engine: str = "auto", max_ac
 
 
 def _load_torch(ref: ModelRef, device: str, note: str) -> LoadedModel:
-    """Our HomeLLM on the HF weights (safetensors through lib.model.load_hf)."""
+    """Our HomeLLM on the HF weights (safetensors through lib.hf_io.load_hf)."""
     import torch
 
-    from lib.model import load_hf
+    from lib.hf_io import load_hf
     from lib.tokenizer import load_tokenizer
 
     hf_dir = ref.path

@@ -20,7 +20,7 @@ from lib.artifacts import MANIFEST, is_complete, read_json
 from lib.chat import prepare_tokenizer
 from lib.config import Config, stage_dir
 from lib.errors import UserError
-from lib.sft import encode_conversations, encode_text, fit_length
+from lib.sft_batches import encode_conversations, encode_text, fit_length
 from lib.sft_data import load_sft_examples
 from lib.tokenizer import load_tokenizer
 
