@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lib.errors import UserError
+from lib.hf_io import args_from_hf_config
 
 QTYPES = ("f16", "q8_0")
 Q8_BLOCK = 32  # Q8_0 quantizes rows in blocks of 32 values (one fp16 scale per block)
@@ -53,17 +54,6 @@ def _read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path}: missing; expected an HF model directory with config.json, model.safetensors and "
                         f"tokenizer.json") from None
-
-
-def _rope_theta(cfg: dict) -> float:
-    """rope_theta: a top-level key in older configs, inside `rope_parameters` in transformers >= 5."""
-    params = cfg.get("rope_parameters") or {}
-    rope_type = params.get("rope_type", "default")
-    scaling = cfg.get("rope_scaling")
-    if rope_type != "default" or (scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default")):
-        raise UserError(f"config.json: rope scaling ({rope_type if rope_type != 'default' else scaling}) is not "
-                        "supported by the GGUF export; only plain llama rope")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -157,21 +147,13 @@ def tokenizer_metadata(model_dir: Path, vocab_size: int) -> dict:
 # The writer.
 
 
-def llama_hparams(cfg: dict) -> dict:
-    if cfg.get("model_type") != "llama":
-        raise UserError(f"config.json: model_type {cfg.get('model_type')!r}; the GGUF export supports the llama "
-                        "architecture only (HomeLLM and SmolLM2 are llama)")
-    for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            raise UserError(f"config.json: {key}=true is not supported by the GGUF export (llama has no biases)")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise UserError(f"config.json: hidden_act {cfg['hidden_act']!r}; llama uses silu")
-    n_heads = cfg["num_attention_heads"]
-    return {"dim": cfg["hidden_size"], "n_layers": cfg["num_hidden_layers"], "n_heads": n_heads,
-            "n_kv_heads": cfg.get("num_key_value_heads") or n_heads, "ffn_dim": cfg["intermediate_size"],
-            "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-            "ctx": cfg.get("max_position_embeddings", 2048), "eps": cfg.get("rms_norm_eps", 1e-5),
-            "theta": _rope_theta(cfg), "vocab": cfg["vocab_size"], "tied": bool(cfg.get("tie_word_embeddings", False))}
+def llama_hparams(cfg: dict, where: str = "config.json") -> dict:
+    """The hyper-parameters the GGUF writer needs, read by the same parser that loads a Llama directory into our
+    model (lib.hf_io), so what cannot be loaded cannot be exported either."""
+    a = args_from_hf_config(cfg, where)
+    return {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+            "ffn_dim": a.ffn_dim, "head_dim": a.head_dim, "ctx": a.max_seq_len, "eps": a.norm_eps,
+            "theta": a.rope_theta, "vocab": a.vocab_size, "tied": a.tie_embeddings}
 
 
 def gguf_tensors(weights: dict[str, np.ndarray], hp: dict) -> dict[str, np.ndarray]:
@@ -210,7 +192,7 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, qtype: str, name: st
     if qtype not in QTYPES:
         raise UserError(f"export.gguf: {qtype!r} is not supported; expected one of {', '.join(QTYPES)}")
     model_dir, out_path = Path(model_dir), Path(out_path)
-    hp = llama_hparams(_read_json(model_dir / "config.json"))
+    hp = llama_hparams(_read_json(model_dir / "config.json"), str(model_dir / "config.json"))
     tok = tokenizer_metadata(model_dir, hp["vocab"])
     tensors = gguf_tensors(load_weights(model_dir), hp)
 
