@@ -98,7 +98,8 @@ def _sse_completion(url: str, model: str, ids: list[int], n: int) -> tuple[float
 
 def worker_ours(ref_spec: str, engine_name: str, prompt_len: int, n: int) -> dict:
     from lib.config import Config, ServeConfig
-    from lib.serving.engine import Engine, load_model
+    from lib.serving.engine import Engine
+    from lib.serving.loading import load_model
     from lib.serving.resolve import resolve_model
     from lib.serving.server import BackgroundServer, build_app
 
@@ -136,7 +137,7 @@ def worker_llamacpp(gguf: str, tokenizer_spec: str, prompt_len: int, n: int) -> 
     from llama_cpp import Llama
 
     from lib.config import Config
-    from lib.serving.engine import gguf_tokenizer
+    from lib.serving.loading import gguf_tokenizer
     from lib.serving.resolve import resolve_model
     from lib.tokenizer import load_tokenizer
 
@@ -166,7 +167,7 @@ def worker_transformers(ref_spec: str, prompt_len: int, n: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from lib.config import Config
-    from lib.serving.engine import gguf_tokenizer
+    from lib.serving.loading import gguf_tokenizer
     from lib.serving.resolve import resolve_model
     from lib.tokenizer import load_tokenizer
 

@@ -6,12 +6,14 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from lib.config import Config, ServeConfig
 from lib.serving.chat_cli import _params, one_shot, repl
-from lib.serving.engine import Engine, fit_conversation, load_model
+from lib.serving.engine import Engine
+from lib.serving.loading import load_model
 from lib.serving.resolve import resolve_model
+from lib.serving.text import fit_conversation
 
 
 class RecordingEngine(Engine):

@@ -18,14 +18,16 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import ROOT
+
+from lib.chat import encode_chat
 from lib.config import Config, ServeConfig
 from lib.errors import UserError
-from lib.chat import encode_chat
-from lib.serving.engine import ContextTooLong, Engine, EngineBusy, TextStream, fit_conversation, load_model
+from lib.serving.engine import Engine, EngineBusy
+from lib.serving.loading import load_model
 from lib.serving.resolve import resolve_model
 from lib.serving.server import BackgroundServer, build_app, check_bind, is_loopback
+from lib.serving.text import ContextTooLong, TextStream, fit_conversation
 
 KEY = "test-key-5f1c"
 JSON = {"content-type": "application/json"}

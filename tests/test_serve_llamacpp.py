@@ -12,17 +12,17 @@ import httpx
 import openai
 import pytest
 import torch
-
 from conftest import ROOT
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (./install.sh builds it from source)")
 
+from lib.chat import encode_chat  # noqa: E402
 from lib.config import Config, ServeConfig  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from lib.generate import SamplingParams  # noqa: E402
 from lib.gguf_export import write_gguf  # noqa: E402
-from lib.chat import encode_chat  # noqa: E402
-from lib.serving.engine import Engine, choose_engine, load_model  # noqa: E402
+from lib.serving.engine import Engine  # noqa: E402
+from lib.serving.loading import choose_engine, load_model  # noqa: E402
 from lib.serving.resolve import resolve_model  # noqa: E402
 from lib.serving.server import BackgroundServer, build_app  # noqa: E402
 

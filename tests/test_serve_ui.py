@@ -8,15 +8,15 @@ import types
 
 import gradio as gr
 import pytest
-
 from conftest import CHROMIUM_ARGS
-from lib.config import Config, ServeConfig
+
 from lib.chat import encode_chat
-from lib.serving.engine import Engine, load_model
+from lib.config import Config, ServeConfig
+from lib.serving.engine import Engine
+from lib.serving.loading import load_model
 from lib.serving.resolve import resolve_model
 from lib.serving.server import BackgroundServer, build_app
 from lib.serving.ui import EXPORT_FORMAT, ChatUI, normalize
-
 
 
 @pytest.fixture(scope="module")

@@ -24,15 +24,16 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lib.config import ServeConfig
 from lib.chat import ChatTemplateError, content_text, encode_chat
-from lib.serving.engine import ContextTooLong, Engine, EngineBusy, sampling_params
+from lib.config import ServeConfig
+from lib.serving.engine import Engine, EngineBusy, Metrics
+from lib.serving.text import ContextTooLong, sampling_params
 
 # After deciding on 413, the rest of an oversized body is read and dropped (never stored) so that the client, still
 # sending, gets to read the answer instead of a reset connection; past this many times the limit we hang up.
@@ -604,8 +605,6 @@ class NoModelServer(OpenAIServer):
     that there is nothing to serve yet, and how to get a model."""
 
     def __init__(self, serve: ServeConfig, api_key: str | None, hint: str):
-        from lib.serving.engine import Metrics
-
         self.hint = hint
         self.engine, self.serve, self.api_key = None, serve, api_key
         self.metrics = Metrics()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from lib.config import ServeConfig
 from lib.chat import ChatTemplateError
-from lib.serving.engine import ContextTooLong, Engine, fit_conversation, sampling_params
+from lib.config import ServeConfig
+from lib.serving.engine import Engine
+from lib.serving.text import ContextTooLong, fit_conversation, sampling_params
 
 HELP = """commands:
   /reset          forget the conversation (the system prompt stays)

@@ -11,7 +11,7 @@ repetition penalty (transformers' rule, over the prompt and the output), top-k, 
 token always kept), then a draw seeded with the request's seed; temperature 0 is argmax. So greedy output equals
 the torch path's for the same weights, and a seed makes a reply reproducible (the two paths draw differently).
 
-Not here: choosing this engine (lib.serving.engine), text and stop strings (engine.TextStream).
+Not here: choosing this engine (lib.serving.loading), text and stop strings (lib.serving.text.TextStream).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@
 
 Every answer is a `ModelRef` with an HF-format directory (`path`: config.json + safetensors + tokenizer), a GGUF
 file (`gguf`), or both: exports and installs keep their GGUF files beside the HF folder, and the engine serves
-the GGUF with llama.cpp where it can (lib.serving.engine picks).
-Not here: loading the weights (lib.serving.engine).
+the GGUF with llama.cpp where it can (lib.serving.loading picks).
+Not here: loading the weights (lib.serving.loading).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ from typing import Callable
 from lib.cli import config_files
 from lib.config import Config, ServeConfig, load_config, to_dict
 from lib.errors import UserError
-from lib.serving.engine import Engine, load_model
+from lib.serving.engine import Engine
+from lib.serving.loading import load_model
 from lib.serving.resolve import ModelRef, available_models, latest_pipeline_model, resolve_model
 
 API_KEY_ENV = "HOMELLM_API_KEY"

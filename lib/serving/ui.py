@@ -24,11 +24,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr  # noqa: E402
 
 from lib.artifacts import atomic_write_json  # noqa: E402
+from lib.chat import ChatTemplateError, content_text, encode_chat  # noqa: E402
 from lib.config import ServeConfig  # noqa: E402
 from lib.errors import UserError  # noqa: E402
-from lib.chat import ChatTemplateError, content_text, encode_chat  # noqa: E402
-from lib.serving.engine import ContextTooLong, Engine, EngineBusy, fit_conversation, sampling_params  # noqa: E402
+from lib.serving.engine import Engine, EngineBusy  # noqa: E402
 from lib.serving.resolve import ModelRef  # noqa: E402
+from lib.serving.text import ContextTooLong, fit_conversation, sampling_params  # noqa: E402
 
 EXPORT_FORMAT = "models-at-home-chat"
 MAX_IMPORT_BYTES = 2 * 1024 * 1024

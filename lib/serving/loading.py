@@ -1,0 +1,189 @@
+"""Loading a model to serve: which engine decodes it (llama.cpp for a model with a GGUF file on a CPU, else torch),
+the device, the tokenizer, the stop ids and the context, as one LoadedModel the engine, API, UI and CLI share.
+
+    loaded = load_model(resolve_model(None, cfg), device="auto", engine="auto")
+    loaded.describe()        # id, source, parameters, context, device/dtype, engine
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from lib.chat import end_of_turn_ids
+from lib.errors import UserError
+from lib.serving.resolve import ModelRef
+
+
+@dataclass
+class LoadedModel:
+    ref: ModelRef
+    model: Any  # lib.model.HomeLLM in eval mode (engine "torch"), or lib.serving.llamacpp.LlamaCppModel
+    tokenizer: Any  # transformers PreTrainedTokenizerFast
+    context_length: int
+    stop_token_ids: list[int]
+    device: str
+    dtype: str
+    parameters: int
+    config: dict = field(default_factory=dict)  # the model's config.json
+    # the longest token's text: a text longer than context_length * this cannot fit, whatever it says
+    max_token_chars: int = 64
+    engine: str = "torch"  # "torch" or "llama.cpp"
+    engine_note: str = ""  # why this engine (shown at start and in /info)
+
+    def stream(self, prompt_ids: list[int], params) -> Iterator[int]:
+        """New token ids for a prompt (lib.generate.stream's contract), from whichever decoder serves this model."""
+        if self.engine == "llama.cpp":
+            return self.model.stream(prompt_ids, params)
+        from lib.generate import stream
+
+        return stream(self.model, prompt_ids, params)
+
+    @property
+    def id(self) -> str:
+        return self.ref.id
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def surely_too_long(self, n_chars: int) -> bool:
+        """True when a text of n_chars characters cannot fit the context (checked before spending time tokenizing)."""
+        return n_chars > self.context_length * self.max_token_chars
+
+    def describe(self) -> dict:
+        """What /info and the UI show about the model."""
+        return {
+            "id": self.id, "source": self.ref.source, "path": str(self.ref.path or self.ref.gguf),
+            "gguf": str(self.ref.gguf) if self.ref.gguf else None, "engine": self.engine,
+            "engine_note": self.engine_note,
+            "architecture": (self.config.get("architectures") or [self.config.get("model_type")])[0],
+            "parameters": self.parameters, "context_length": self.context_length,
+            "vocab_size": self.config.get("vocab_size"), "device": self.device, "dtype": self.dtype,
+            "chat_template": self.has_chat_template, "stop_token_ids": self.stop_token_ids, "info": self.ref.info,
+        }
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu (or auto)")
+    return device
+
+
+def choose_engine(ref: ModelRef, device: str, requested: str = "auto") -> tuple[str, str]:
+    """("llama.cpp" | "torch", why). llama.cpp needs a GGUF file, the CPU and an importable llama-cpp-python."""
+    from lib.serving import llamacpp
+
+    if requested == "torch":
+        return "torch", "engine torch (asked for)"
+    ok, why_not = llamacpp.available()
+    problems = []
+    if ref.gguf is None:
+        problems.append("the model has no GGUF file (export or install one to serve it with llama.cpp)")
+    if device != "cpu":
+        problems.append(f"llama.cpp here runs on the CPU and the model is to run on {device}")
+    if not ok:
+        problems.append(why_not)
+    if not problems:
+        return "llama.cpp", f"engine llama.cpp on {ref.gguf.name}"
+    if requested == "llama.cpp":
+        raise UserError("serve.engine llama.cpp: " + "; ".join(problems))
+    slower = "; the torch engine decodes several times slower on a CPU" if device == "cpu" and ref.gguf else ""
+    return "torch", "engine torch: " + "; ".join(problems) + slower
+
+
+def load_model(ref: ModelRef, device: str = "auto", engine: str = "auto", max_active: int = 4,
+               max_context: int = 4096) -> LoadedModel:
+    """Load `ref` for serving with the engine `choose_engine` picks, and check that tokenizer and model fit."""
+    device = pick_device(device)
+    if ref.install_dir is not None:  # an installed model is served only if every file matches its SHA256SUMS
+        from lib.install import verify_install
+
+        verify_install(ref.install_dir)
+    engine, note = choose_engine(ref, device, engine)
+    if engine == "llama.cpp":
+        return _load_llamacpp(ref, note, max_active, max_context)
+    return _load_torch(ref, device, note)
+
+
+def _load_torch(ref: ModelRef, device: str, note: str) -> LoadedModel:
+    """Our HomeLLM on the HF weights (safetensors through lib.hf_io.load_hf)."""
+    import torch
+
+    from lib.hf_io import load_hf
+    from lib.tokenizer import load_tokenizer
+
+    hf_dir = ref.path
+    if hf_dir is None:  # a GGUF alone: dequantised into an HF folder first (once per process)
+        hf_dir = _gguf_as_hf(ref.gguf)
+    config_path = hf_dir / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{config_path}: cannot read the model config ({e})") from None
+    tokenizer = load_tokenizer(hf_dir)
+    # bf16 halves memory and is fast on GPUs; CPUs serve in fp32 (bf16 matmuls are slow on most of them).
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = load_hf(hf_dir, device=device, dtype=dtype)
+    model.eval()
+    n_vocab = config.get("vocab_size")
+    largest_id = max(tokenizer.get_vocab().values())
+    if isinstance(n_vocab, int) and largest_id >= n_vocab:
+        raise UserError(f"{hf_dir}: the tokenizer has token id {largest_id} but the model's vocab_size is {n_vocab} "
+                        f"(config.json); the tokenizer files do not belong to this model")
+    context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", None) or 2048
+    return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=int(context),
+                       stop_token_ids=sorted(end_of_turn_ids(tokenizer, hf_dir)), device=device, dtype=str(dtype).split(".")[-1],
+                       parameters=model.num_params(), config=config,
+                       # a byte-level token's string has one character per byte, so it bounds the decoded length
+                       max_token_chars=max(len(t) for t in tokenizer.get_vocab()), engine="torch", engine_note=note)
+
+
+def _gguf_as_hf(gguf: Path) -> Path:
+    import tempfile
+
+    from lib.convert import gguf_to_hf
+
+    out = Path(tempfile.mkdtemp(prefix="serve-gguf-")) / gguf.stem
+    print(f"converting {gguf} to HF weights for the torch engine (llama.cpp would serve it as is) …",
+          file=sys.stderr, flush=True)
+    return gguf_to_hf(gguf, out)
+
+
+def gguf_tokenizer(gguf: Path):
+    """The tokenizer (and chat template) stored in a GGUF file, as a transformers tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:  # transformers raises many kinds for a tokenizer it cannot rebuild
+        raise UserError(f"{gguf}: cannot read its tokenizer ({type(e).__name__}: {e}); serve the HF folder of "
+                        "the model instead") from None
+
+
+def _load_llamacpp(ref: ModelRef, note: str, max_active: int, max_context: int) -> LoadedModel:
+    from lib.serving.llamacpp import LlamaCppModel
+    from lib.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ref.path) if ref.path is not None else gguf_tokenizer(ref.gguf)
+    model = LlamaCppModel(ref.gguf, n_ctx_seq=max_context, n_seq=max_active)
+    if len(tokenizer) > model.n_vocab:
+        raise UserError(f"{ref.gguf}: the tokenizer has {len(tokenizer)} tokens but the GGUF model only {model.n_vocab}"
+                        "; the tokenizer files do not belong to this model")
+    config = json.loads((ref.path / "config.json").read_text(encoding="utf-8")) if ref.path is not None else {}
+    config.setdefault("vocab_size", model.n_vocab)
+    stop_ids = sorted(end_of_turn_ids(tokenizer, ref.path if ref.path is not None else ref.gguf.parent))
+    quant = re.search(r"(?i)(q\d+_[a-z0-9_]+|i?q\d_\w+|bf16|f16|f32)$", ref.gguf.stem)
+    quant = quant.group(1) if quant else "model"
+    return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=model.n_ctx_seq,
+                       stop_token_ids=stop_ids, device="cpu", dtype=f"gguf {quant}", parameters=model.n_params,
+                       config=config, max_token_chars=max(len(t) for t in tokenizer.get_vocab()),
+                       engine="llama.cpp", engine_note=note)
