@@ -65,7 +65,10 @@ def test_our_exported_model(tiny_chat_model, tmp_path, hardware):
     assert e["context_length"] == cfg["max_position_embeddings"] == 256
     fp32 = e["inference"]["by_dtype"]["fp32"]
     assert fp32["weights"] == exact * 4 and fp32["load_transient"] == 0
-    assert fp32["total"] == fp32["weights"] + fp32["kv_cache"] + fp32["activations"] + RUNTIME_OVERHEAD_BYTES
+    # our tokenizer's class hands tokenizer.json to the Rust library: 3.4 bytes of memory per byte of the file
+    assert fp32["tokenizer"] == int((tiny_chat_model / "tokenizer.json").stat().st_size * 3.4)
+    assert fp32["total"] == (fp32["weights"] + fp32["kv_cache"] + fp32["activations"] + fp32["tokenizer"]
+                             + RUNTIME_OVERHEAD_BYTES)
     assert e["inference"]["by_dtype"]["bf16"]["load_transient"] == exact * 4  # converting from the stored fp32
     assert r["verdict"] == {"supported": True, "servable": True, "runnable": True, "problems": [],
                             "recommended": {"device": "cpu", "dtype": cpu_dtype(hardware),
@@ -442,3 +445,12 @@ def test_cli_hub_error_is_one_paragraph_exit_2():
 def test_pipeline_mode_without_export_is_a_clear_error(tmp_path):
     res = run_check_cli("--config", ROOT / "config/smoke.yaml", "--set", f"artifacts_dir={tmp_path}")
     assert res.returncode == 2 and "04_export" in res.stderr and "has not been run" in res.stderr
+
+
+def test_tokenizer_memory_follows_its_file_and_class():
+    from lib.check.formulas import tokenizer_bytes
+
+    assert tokenizer_bytes(1_000_000, "TokenizersBackend") == tokenizer_bytes(1_000_000, None) == 3_400_000
+    assert tokenizer_bytes(1_000_000, "PreTrainedTokenizerFast") == 3_400_000
+    assert tokenizer_bytes(1_000_000, "GemmaTokenizer") == 11_400_000  # Python objects first, then the Rust copy
+    assert tokenizer_bytes(None, "GemmaTokenizer") == tokenizer_bytes(0, None) == 0

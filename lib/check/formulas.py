@@ -26,6 +26,14 @@ SAFETENSORS_DTYPE_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"
 # already imported torch and transformers by 143-146 MB, whatever the model size (0.9M-135M parameters): lazily
 # imported model/tokenizer/generation code, the chat-template engine, allocator pools and thread pools.
 RUNTIME_OVERHEAD_BYTES = 145 * MiB
+# The tokenizer's own data (vocabulary, merges) grows with its tokenizer.json, by how the tokenizer class builds it.
+# Classes that hand tokenizer.json to the Rust library as is (TokenizersBackend, PreTrainedTokenizerFast) hold about
+# 3.4 bytes per byte of it (measured on the calibration models: 12 MB for SmolLM2's 3.5 MB file). Model-specific
+# classes of transformers 5 (GemmaTokenizer, BertTokenizer, ...) first build the vocabulary and merges as Python
+# objects: a 14-byte JSON entry like "▁the": 1234, becomes a str (49 + len bytes), an int (28) and a dict slot (~36):
+# about 8 bytes per byte of JSON, and the Rust tokenizer beside them.
+RUST_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+TOKENIZER_BYTES_PER_JSON_BYTE = {"rust": 3.4, "python": 8.0 + 3.4}
 # What `python -c "import torch, transformers"` occupies before any model (measured: 249 MB). Counted in the
 # RAM a CPU run needs, not in the per-model estimate that the benchmark checks.
 FRAMEWORK_BYTES = 250 * MiB
@@ -177,8 +185,12 @@ FORMULAS = [
     "of the last position, fp32); assumes fused SDPA attention (eager attention adds B*h*S*S*bytes_act)",
     "load_transient = stored weight bytes when a 32/16-bit dtype differs from the stored one (the file is "
     "mapped while converted copies are made), else 0; int8/int4 assume pre-quantized weights (GGUF, bitsandbytes)",
-    "inference(dtype) = weights + kv_cache + activations + load_transient + runtime overhead (145 MB, calibrated "
-    "by bench/bench_check_memory.py: tokenizer, lazily imported model/generation code, allocator and thread pools)",
+    "tokenizer = size of tokenizer.json * 3.4 when its class hands the file to the Rust library (TokenizersBackend, "
+    "PreTrainedTokenizerFast), * 11.4 when transformers first builds vocabulary and merges as Python objects "
+    "(GemmaTokenizer, BertTokenizer, ...: ~8 bytes of Python objects per byte of JSON, plus the Rust copy)",
+    "inference(dtype) = weights + kv_cache + activations + load_transient + tokenizer + runtime overhead (145 MB, "
+    "calibrated by bench/bench_check_memory.py on SmolLM2-135M and our tiny/demo models: lazily imported "
+    "tokenizer/model/generation code, allocator and thread pools)",
     "CPU RAM needed = inference + 250 MB (python + torch + transformers imported); GPU memory needed = inference "
     "- runtime overhead + 500 MB (CUDA context, cuBLAS workspace)",
     "train_activations = L * Bt * St * (10*d + 4*f) * bytes_act + 3 * Bt * St * V * 4 (logits, log-softmax and their "
@@ -238,8 +250,18 @@ def inference_activation_bytes(d: dict, seq: int, batch: int, dtype: str) -> int
     return int(batch * seq * (4 * h + 2 * kvd + 3 * f) * _act_bytes(dtype) + batch * V * 4)
 
 
-def estimate_inference(P: int, d: dict, dtype: str, seq: int, batch: int, stored_dtype: str | None) -> dict:
-    """Memory of loading the model in `dtype` and generating up to `seq` tokens (see FORMULAS)."""
+def tokenizer_bytes(json_bytes: int | None, tokenizer_class: str | None) -> int:
+    """Memory of the loaded tokenizer's data, from the size of tokenizer.json and the class that loads it."""
+    if not json_bytes:
+        return 0
+    kind = "rust" if tokenizer_class in RUST_TOKENIZER_CLASSES or not tokenizer_class else "python"
+    return int(json_bytes * TOKENIZER_BYTES_PER_JSON_BYTE[kind])
+
+
+def estimate_inference(P: int, d: dict, dtype: str, seq: int, batch: int, stored_dtype: str | None,
+                       tokenizer: int = 0) -> dict:
+    """Memory of loading the model in `dtype` and generating up to `seq` tokens (see FORMULAS); `tokenizer`: the
+    tokenizer's data (tokenizer_bytes)."""
     weights = int(P * DTYPE_BYTES[dtype])
     kv = kv_cache_bytes(d, seq, batch, dtype) if d.get("kv_cache", True) else 0
     act = inference_activation_bytes(d, seq, batch, dtype)
@@ -247,9 +269,9 @@ def estimate_inference(P: int, d: dict, dtype: str, seq: int, batch: int, stored
     # int8/int4 assume pre-quantized weights (a GGUF file, a bitsandbytes checkpoint): nothing is converted
     if stored_dtype and stored_dtype != dtype and dtype in TORCH_DTYPE:
         transient = int(P * DTYPE_BYTES.get(stored_dtype, 4))
-    total = weights + kv + act + transient + RUNTIME_OVERHEAD_BYTES
+    total = weights + kv + act + transient + tokenizer + RUNTIME_OVERHEAD_BYTES
     return {"weights": weights, "kv_cache": kv, "activations": act, "load_transient": transient,
-            "runtime_overhead": RUNTIME_OVERHEAD_BYTES, "total": total}
+            "tokenizer": tokenizer, "runtime_overhead": RUNTIME_OVERHEAD_BYTES, "total": total}
 
 
 def lora_params(d: dict, rank: int) -> int:
@@ -336,7 +358,9 @@ def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: d
         stored_dtype = None  # quantized blocks: any dtype is a conversion (the GGUF import makes fp32)
     else:
         stored_dtype = _dtype_key(det.full_config.get("torch_dtype") or det.full_config.get("dtype"))
-    inference = {dt: estimate_inference(P, d, dt, seq, cfg.batch_size, stored_dtype) for dt in DTYPE_BYTES}
+    tok_cfg = src.read_json("tokenizer_config.json") if "tokenizer_config.json" in src.files else None
+    tok = tokenizer_bytes(src.files.get("tokenizer.json"), (tok_cfg or {}).get("tokenizer_class"))
+    inference = {dt: estimate_inference(P, d, dt, seq, cfg.batch_size, stored_dtype, tok) for dt in DTYPE_BYTES}
     out = {
         "params": {"total": int(P), "source": source, "from_config_formula": formula},
         "dims": d,
