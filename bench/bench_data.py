@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 
 from lib.config import load_config  # noqa: E402
 from lib.data import MinHasher, U64Set, build_corpus, clean_text, iter_documents, lsh_params  # noqa: E402
-from lib.sources import BadRecords, open_source, pkg_dir  # noqa: E402
+from lib.records import BadRecords  # noqa: E402
+from lib.sources import open_source, pkg_dir  # noqa: E402
 
 
 def timed(fn, repeat: int = 3):

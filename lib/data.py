@@ -41,7 +41,8 @@ import numpy as np
 from lib.artifacts import atomic_write_json, is_complete, stage_output
 from lib.config import Config, DataConfig, stage_dir
 from lib.errors import UserError
-from lib.sources import OVERSIZED, BadRecords, open_source, source_label
+from lib.records import OVERSIZED, BadRecords
+from lib.sources import open_source, source_label
 
 STAGE = "01_data"
 SPLITS = ("train", "val")

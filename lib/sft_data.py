@@ -11,9 +11,7 @@ supported formats with an example of each. Rendering is lib/chat.py's; masks and
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,9 @@ from typing import Any, Iterator, Optional
 from lib.chat import content_text
 from lib.config import SftConfig, SftDataConfig
 from lib.errors import UserError
+from lib.records import (FILE_FORMATS, BadRecords, csv_rows, file_format, json_records, jsonl_records, parquet_rows,
+                         resolve_files, txt_documents)
+from lib.sources import check_hub_reachable, pkg_dir
 
 ROLES = ("system", "user", "assistant")
 # SQuAD v2 questions without an answer become this reply, so the model learns to decline instead of inventing one.
@@ -40,7 +41,7 @@ FORMAT_EXAMPLES = {
     "text": '{"text": "any text"}  (or a .txt file; continued pretraining, loss on every token)',
 }
 CHITCHAT_EXAMPLE = '{"messages": [[{"text": "Hi", "sender": "a"}], [{"text": "Hello!", "sender": "b"}]]}'
-FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+FILE_TYPES = FILE_FORMATS  # every format lib.records reads
 DIALOG_KEYS = ("dialog", "dialogue", "turns", "utterances")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "system": "system"}
@@ -306,32 +307,6 @@ def convert_record(rec: Any, fmt: str, where: str) -> Optional[Example]:
 # Reading records: (where, record) pairs from files, the hub and the embedded dialogs.
 
 
-def _open_text(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _file_type(path: Path) -> Optional[str]:
-    name = path.name.lower().removesuffix(".gz")
-    return next((t for t in FILE_TYPES if name.endswith(t)), None)
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    n = 0
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            n += 1
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: record {n} is not valid JSON ({e.msg}); expected one JSON object "
-                                "per line") from None
-            yield f"{path}:{lineno} (record {n})", rec
-
-
 def _squad_nested(data: list, path: Path) -> Iterator[tuple[str, Any]]:
     """The original SQuAD JSON: data[] -> paragraphs[] -> qas[], flattened to one record per question."""
     for a, article in enumerate(data):
@@ -342,87 +317,52 @@ def _squad_nested(data: list, path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{path}: data[{a}].paragraphs[{p}] {qid}", rec
 
 
-def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        with _open_text(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); expected an array of records") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; expected a JSON file") from None
-    if isinstance(data, list):
-        for i, rec in enumerate(data):
-            yield f"{path}: record {i + 1}", rec
-    elif isinstance(data, dict) and isinstance(data.get("data"), list) and data["data"] and \
-            isinstance(data["data"][0], dict) and "paragraphs" in data["data"][0]:
+def _json_file(path: Path, bad: BadRecords) -> Iterator[tuple[str, Any]]:
+    """A top-level array streams record by record. A top-level object is read whole (it may be one record) and is
+    then the original SQuAD layout, an object of records keyed by id (chitchat-dataset's dataset.json), or one
+    record."""
+    items = json_records(path, bad)
+    first = next(items, None)
+    if first is None:
+        return
+    if first[1] is None:  # an array
+        for i, (lineno, _, rec) in enumerate(itertools.chain([first], items)):
+            yield f"{path}:{lineno} (record {i + 1})", rec
+        return
+    data = {key: rec for _, key, rec in itertools.chain([first], items)}
+    if isinstance(data.get("data"), list) and data["data"] and isinstance(data["data"][0], dict) and \
+            "paragraphs" in data["data"][0]:
         yield from _squad_nested(data["data"], path)
-    elif isinstance(data, dict) and data and all(isinstance(v, (dict, list)) for v in data.values()) and \
-            detect_format(data) is None:
-        # an object of records keyed by id, as chitchat-dataset's dataset.json
+    elif all(isinstance(v, (dict, list)) for v in data.values()) and detect_format(data) is None:
         for i, (key, rec) in enumerate(data.items()):
             yield f"{path}: record {i + 1} (key {key!r})", rec
     else:
         yield f"{path}: record 1", data
 
 
-def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    csv.field_size_limit(1 << 30)
-    with _open_text(path) as f:
-        reader = csv.DictReader(f, strict=True)
-        try:
-            for n, row in enumerate(reader, 1):
-                # csv gives "" for empty cells; keep them as strings (alpaca's input may be empty)
-                yield f"{path}:{reader.line_num} (record {n})", {k: v for k, v in row.items() if k is not None}
-        except csv.Error as e:
-            raise UserError(f"{path}:{reader.line_num}: CSV error ({e}); expected a header row and quoted fields "
-                            "closed with '\"'") from None
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{path}: not a readable parquet file ({e})") from None
-    for i, rec in enumerate(table.to_pylist()):
-        yield f"{path}: row {i + 1}", rec
-
-
-def _read_txt(path: Path) -> Iterator[tuple[str, Any]]:
-    """Plain text: one document per blank-line separated paragraph (continued pretraining)."""
-    with _open_text(path) as f:
-        buf, start = [], 1
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                if not buf:
-                    start = lineno
-                buf.append(line)
-            elif buf:
-                yield f"{path}:{start}", {"text": "".join(buf).strip()}
-                buf = []
-        if buf:
-            yield f"{path}:{start}", {"text": "".join(buf).strip()}
-
-
-READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet,
-           ".txt": _read_txt}
-
-
 def read_file_records(path: Path) -> Iterator[tuple[str, Any]]:
-    kind = _file_type(path)
+    """(where, record) for every record of one local file, read by lib.records (streaming, one error policy)."""
+    kind = file_format(path)
     if kind is None:
         raise UserError(f"{path}: unsupported file type; expected one of {', '.join(FILE_TYPES)} (optionally .gz)")
-    try:
-        yield from READERS[kind](path)
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text; convert it (e.g. iconv -t UTF-8)") from None
+    bad = BadRecords("error", option=None)  # SFT data has no skip option: a bad record is an error
+    if kind == ".jsonl":
+        for n, (lineno, rec) in enumerate(jsonl_records(path, bad), 1):
+            yield f"{path}:{lineno} (record {n})", rec
+    elif kind == ".json":
+        yield from _json_file(path, bad)
+    elif kind == ".csv":
+        for n, (lineno, row) in enumerate(csv_rows(path, bad), 1):
+            yield f"{path}:{lineno} (record {n})", row  # "" for empty cells: alpaca's input may be empty
+    elif kind == ".parquet":
+        for row_no, rec in parquet_rows(path, bad):
+            yield f"{path}: row {row_no}", rec
+    else:  # plain text: one document per blank-line separated paragraph (continued pretraining)
+        for start, text in txt_documents(path, bad, "paragraph", max_chars=1 << 30):
+            yield f"{path}:{start}", {"text": text.strip()}
 
 
 def chitchat_path() -> Path:
-    from lib.sources import pkg_dir
-
     d = pkg_dir("chitchat_dataset")
     path = d / "dataset.json" if d else None
     if path is None or not path.is_file():
@@ -432,8 +372,6 @@ def chitchat_path() -> Path:
 
 
 def _read_hf(src: SftDataConfig, key: str) -> Iterator[tuple[str, Any]]:
-    from lib.sources import check_hub_reachable
-
     check_hub_reachable(src.name, key)  # offline: a clear error in seconds instead of minutes of retries
     import datasets
 
@@ -450,15 +388,13 @@ def iter_records(src: SftDataConfig, index: int, base_dir: str) -> Iterator[tupl
     """(where, record) for every record of one `sft.data` entry, in a fixed order."""
     key = f"sft.data[{index}]"
     if src.type == "chitchat":
-        yield from _read_json(chitchat_path())
+        yield from _json_file(chitchat_path(), BadRecords("error", option=None))
     elif src.type == "hf":
         yield from _read_hf(src, key)
     else:
-        from lib.sources import resolve_files
-
         files = resolve_files(src.path, base_dir, f"{key}.path")
         for path in files:
-            if _file_type(path) is None:
+            if file_format(path) is None:
                 raise UserError(f"{key}.path: {path}: unsupported file type; expected {', '.join(FILE_TYPES)}")
         for path in files:
             yield from read_file_records(path)

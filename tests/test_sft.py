@@ -186,7 +186,7 @@ def test_bad_roles_and_system_in_the_middle(tmp_path):
 
 
 def test_invalid_json_and_empty_dataset(tmp_path):
-    with pytest.raises(UserError, match=r"b\.jsonl:2: record 2 is not valid JSON"):
+    with pytest.raises(UserError, match=r"b\.jsonl:2: invalid JSON: Expecting value"):  # the corpus reader's words
         load(tmp_path, "b.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": \n')
     with pytest.raises(UserError, match="no usable examples .all 1 records lack an assistant reply"):
         load(tmp_path, "e.jsonl", jsonl([{"messages": [{"role": "user", "content": "alone"}]}]))
