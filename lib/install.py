@@ -49,7 +49,9 @@ from lib.check import (REPORT_VERSION, SERVABLE_TASKS, check_model, default_repo
                        open_source)
 from lib.cli import config_files
 from lib.config import CheckConfig, Config, InstallConfig, ServeConfig, stage_dir, to_dict
+from lib.convert import gguf_to_hf
 from lib.errors import UserError
+from lib.hub import endpoint, hub_call, hub_token
 from lib.fingerprint import sha256_file
 from lib.runtime_env import copy_code, own_environment, shared_environment
 
@@ -330,8 +332,6 @@ def _download_hub(report: dict, dst: Path, check_cfg: CheckConfig, trust_remote_
     """Download a hub model's safetensors + config + tokenizer files (needs network)."""
     from huggingface_hub import snapshot_download
 
-    from lib.hub import endpoint, hub_call, hub_token
-
     src = report["source"]
     patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "LICENSE*", "README.md"]
     if trust_remote_code:
@@ -532,8 +532,6 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         src = report["source"]
         t0 = time.time()
         if src["kind"] == "gguf":
-            from lib.convert import gguf_to_hf
-
             log(f"model: converting GGUF {src['path']} to a plain HF folder (safetensors, fp32)")
             gguf_to_hf(src["path"], model_dir)
         elif src["kind"] == "hub":

@@ -21,8 +21,12 @@ from collections import Counter
 from pathlib import Path
 
 from lib.artifacts import MANIFEST, git_commit, package_versions, read_json, require_stage, stage_output
+from lib.chat import encode_chat
 from lib.config import Config, dump_yaml, stage_dir, stage_hash
+from lib.generate import SamplingParams, generate
 from lib.hardware import probe_hardware
+from lib.hf_io import load_hf
+from lib.tokenizer import load_tokenizer
 
 STAGES = ("01_data", "02_tokenizer", "02_tokens", "03_pretrain", "04_sft", "04_export", "05_check")  # not the install:
 # it is not part of the run (`snakemake report` never installs)
@@ -102,10 +106,6 @@ def _model_figures(cfg: Config, pretrain_dir: Path, final_dir: Path) -> dict:
     """Perplexity of report.sentences under both models; samples of the final model at each temperature."""
     import torch
 
-    from lib.generate import SamplingParams, generate
-    from lib.hf_io import load_hf
-    from lib.chat import encode_chat
-    from lib.tokenizer import load_tokenizer
 
     out: dict = {"perplexity": [], "samples": []}
     models = {"phase 1": (load_hf(pretrain_dir), load_tokenizer(pretrain_dir)),

@@ -15,8 +15,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lib.chat import end_of_turn_ids
+from lib.convert import gguf_to_hf
 from lib.errors import UserError
+from lib.generate import stream
+from lib.hf_io import load_hf
+from lib.install import verify_install
+from lib.serving import llamacpp
+from lib.serving.llamacpp import LlamaCppModel
 from lib.serving.resolve import ModelRef
+from lib.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -39,8 +46,6 @@ class LoadedModel:
         """New token ids for a prompt (lib.generate.stream's contract), from whichever decoder serves this model."""
         if self.engine == "llama.cpp":
             return self.model.stream(prompt_ids, params)
-        from lib.generate import stream
-
         return stream(self.model, prompt_ids, params)
 
     @property
@@ -80,8 +85,6 @@ def pick_device(device: str = "auto") -> str:
 
 def choose_engine(ref: ModelRef, device: str, requested: str = "auto") -> tuple[str, str]:
     """("llama.cpp" | "torch", why). llama.cpp needs a GGUF file, the CPU and an importable llama-cpp-python."""
-    from lib.serving import llamacpp
-
     if requested == "torch":
         return "torch", "engine torch (asked for)"
     ok, why_not = llamacpp.available()
@@ -105,8 +108,6 @@ def load_model(ref: ModelRef, device: str = "auto", engine: str = "auto", max_ac
     """Load `ref` for serving with the engine `choose_engine` picks, and check that tokenizer and model fit."""
     device = pick_device(device)
     if ref.install_dir is not None:  # an installed model is served only if every file matches its SHA256SUMS
-        from lib.install import verify_install
-
         verify_install(ref.install_dir)
     engine, note = choose_engine(ref, device, engine)
     if engine == "llama.cpp":
@@ -118,8 +119,6 @@ def _load_torch(ref: ModelRef, device: str, note: str) -> LoadedModel:
     """Our HomeLLM on the HF weights (safetensors through lib.hf_io.load_hf)."""
     import torch
 
-    from lib.hf_io import load_hf
-    from lib.tokenizer import load_tokenizer
 
     hf_dir = ref.path
     if hf_dir is None:  # a GGUF alone: dequantised into an HF folder first (once per process)
@@ -150,7 +149,6 @@ def _load_torch(ref: ModelRef, device: str, note: str) -> LoadedModel:
 def _gguf_as_hf(gguf: Path) -> Path:
     import tempfile
 
-    from lib.convert import gguf_to_hf
 
     out = Path(tempfile.mkdtemp(prefix="serve-gguf-")) / gguf.stem
     print(f"converting {gguf} to HF weights for the torch engine (llama.cpp would serve it as is) …",
@@ -170,8 +168,6 @@ def gguf_tokenizer(gguf: Path):
 
 
 def _load_llamacpp(ref: ModelRef, note: str, max_active: int, max_context: int) -> LoadedModel:
-    from lib.serving.llamacpp import LlamaCppModel
-    from lib.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(ref.path) if ref.path is not None else gguf_tokenizer(ref.gguf)
     model = LlamaCppModel(ref.gguf, n_ctx_seq=max_context, n_seq=max_active)

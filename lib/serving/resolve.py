@@ -21,6 +21,7 @@ from pathlib import Path
 from lib.artifacts import MANIFEST, is_complete, read_json
 from lib.config import Config, stage_dir
 from lib.errors import UserError
+from lib.install import INFO, MARKER, list_installed, models_dir_for, resolve_installed, verify_install
 
 # Stages whose output is a servable HF model directory, furthest first.
 MODEL_STAGES = ("04_export", "04_sft", "03_pretrain")
@@ -117,15 +118,11 @@ def latest_pipeline_model(cfg: Config) -> ModelRef | None:
 
 def models_dir_of(cfg: Config, override: str | Path | None = None) -> Path:
     """--models-dir, else the models dir 06_install.py uses for this config."""
-    from lib.install import models_dir_for
-
     return models_dir_for(cfg.install, override)
 
 
 def installed_ref(folder: Path, quick: bool = False) -> ModelRef:
     """A verified install as a ModelRef. quick: only check the file list (listings); loading hashes every file."""
-    from lib.install import INFO, verify_install
-
     verify_install(folder, quick=quick)  # UserError naming missing or changed files
     hf = find_hf_dir(folder)
     if hf is None:
@@ -138,8 +135,6 @@ def installed_ref(folder: Path, quick: bool = False) -> ModelRef:
 
 def installed_models(models_dir: str | Path) -> list[ModelRef]:
     """Installed models whose file list is intact; broken ones are left out of the picker."""
-    from lib.install import list_installed
-
     refs = []
     for entry in list_installed(models_dir):
         try:
@@ -180,8 +175,6 @@ def _path_ref(path: Path) -> ModelRef:
     if not path.is_dir():
         what = "is a file (not .gguf)" if path.exists() else "does not exist"
         raise UserError(f"--model {path}: expected a model directory or a .gguf file, but it {what}")
-    from lib.install import INFO, MARKER
-
     if (path / MARKER).is_file() or (path / INFO).is_file():  # an install folder
         return installed_ref(path.resolve(), quick=True)
     hf = find_hf_dir(path)
@@ -199,8 +192,6 @@ def _path_ref(path: Path) -> ModelRef:
 
 
 def _installed_by_name(name: str, models_dir: Path) -> ModelRef:
-    from lib.install import resolve_installed
-
     folder = resolve_installed(name, models_dir)  # UserError listing the installed names when unknown
     return installed_ref(Path(folder), quick=True)
 

@@ -128,6 +128,8 @@ def build_app(engine: Engine | None, serve: ServeConfig, api_key: str | None = N
     """The ASGI app: the OpenAI API, and (unless ui=False) the Gradio UI mounted at /: the chat tab and, given a
     lib.studio.ui.Studio, the studio's tabs. engine=None: no model yet (the API says so, the chat tab says how to
     get one)."""
+    # The web stack (FastAPI, and gradio below: seconds to import) loads only when serving; --cli and --prompt
+    # never import it.
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     from lib.serving.api import NoModelServer, OpenAIServer, StatusCounter
@@ -135,7 +137,7 @@ def build_app(engine: Engine | None, serve: ServeConfig, api_key: str | None = N
     server = OpenAIServer(engine, serve, api_key) if engine is not None else NoModelServer(serve, api_key,
                                                                                           no_model_note)
     app = server.app
-    if ui:
+    if ui:  # gradio only with the UI (--no-ui serves the API without it)
         import gradio as gr
 
         from lib.serving.ui import build_ui

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from lib.chat import encode_chat
+from lib.generate import SamplingParams
 
 
 class ContextTooLong(ValueError):
@@ -22,8 +23,6 @@ class ContextTooLong(ValueError):
 def sampling_params(temperature: float, top_p: float, max_new_tokens: int, seed: int | None = None, **extra):
     """lib.generate.SamplingParams from the knobs users see. top_p = 0 keeps only the most likely token, i.e. greedy
     (OpenAI's reading of it; lib.generate itself wants top_p in (0, 1])."""
-    from lib.generate import SamplingParams
-
     if top_p <= 0:
         temperature, top_p = 0.0, 1.0
     return SamplingParams(temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),

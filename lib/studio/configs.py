@@ -21,8 +21,10 @@ from pathlib import Path
 import yaml
 
 from lib.artifacts import atomic_write_text
-from lib.config import Config, CheckConfig, apply_overrides, from_dict, read_config_data
+from lib.check import estimate_inference, estimate_training
+from lib.config import CheckConfig, Config, SourceConfig, apply_overrides, from_dict, read_config_data, to_dict
 from lib.errors import UserError
+from lib.hardware import probe_hardware
 from lib.model import PRESETS, HomeLLM, model_args
 
 SAVE_DIR = Path("config") / "studio"
@@ -75,8 +77,6 @@ def form_values(cfg: Config) -> dict:
 
 def _source_dict(src) -> dict:
     """A data source as the user would write it: only the fields that differ from the defaults."""
-    from lib.config import SourceConfig, to_dict
-
     default = to_dict(SourceConfig(type=src.type))
     return {k: v for k, v in to_dict(src).items() if k == "type" or v != default.get(k)}
 
@@ -195,8 +195,6 @@ def estimate(cfg: Config, hardware: dict | None = None) -> dict:
     to serve it, by 05_check's formulas at the config's batch and sequence length."""
     import torch
 
-    from lib.check import estimate_inference, estimate_training
-    from lib.hardware import probe_hardware
 
     args = model_args(cfg.model, cfg.tokenizer.vocab_size)
     with torch.device("meta"):
