@@ -251,15 +251,10 @@ def txt_documents(path: Path, bad: BadRecords, mode: str = "paragraph", max_char
     if f is None:
         return
     with f, _io_errors(path):
-        if mode == "line":  # the hot loop of a large .txt corpus: no generator layers in between
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    _not_utf8(path, lineno, raw, e, bad)
-                    continue
+        if mode == "line":
+            for lineno, line in _decoded_lines(path, f, bad):
                 if not line.isspace():
-                    yield lineno, line[1:] if lineno == 1 and line.startswith("\ufeff") else line
+                    yield lineno, line
             return
         cap = 4 * max_chars + 4096
         buf, size, start = [], 0, 1
