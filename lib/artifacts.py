@@ -33,24 +33,31 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over the target. The file gets the mode an
-    ordinary open() would give it (0666 less the umask), not mkstemp's private 0600, so a manifest is as readable
-    as the weights beside it."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """A temp path beside `path` for any writer that wants a file name (safetensors, GGUF, matplotlib, tar). When
+    the block ends without an error it is fsync'd, given the mode an ordinary open() would give it (0666 less the
+    umask, not mkstemp's private 0600) and renamed over `path`; otherwise it is removed. Readers never see a
+    half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

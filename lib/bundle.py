@@ -24,7 +24,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from lib.artifacts import MANIFEST, git_commit, read_json, require_stage
+from lib.artifacts import MANIFEST, atomic_file, git_commit, read_json, require_stage
 from lib.config import Config, load_config, stage_dir, stage_hash, to_dict
 from lib.errors import UserError
 from lib.fingerprint import files_of, sha256_file
@@ -167,13 +166,12 @@ def make_bundle(cfg: Config, config_files: list[str], out: str | Path | None = N
 
     out = Path(out) if out else Path(cfg.artifacts_dir) / "bundles" / f"submission-{stage_hash(cfg, '08_report')}.tar.gz"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
+    with atomic_file(out) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in sorted(files):
             v = files[name]
             _add_file(tar, f"submission/{name}", v if isinstance(v, bytes) else v.read_bytes())
-    os.replace(tmp, out)
     return out
 
 

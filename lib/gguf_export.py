@@ -12,11 +12,11 @@ a UserError saying so. The reverse direction (GGUF -> HF) is lib/convert.py.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from lib.artifacts import atomic_file
 from lib.errors import UserError
 from lib.hf_io import args_from_hf_config
 
@@ -196,60 +196,59 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, qtype: str, name: st
     tok = tokenizer_metadata(model_dir, hp["vocab"])
     tensors = gguf_tensors(load_weights(model_dir), hp)
 
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), arch="llama")
-    writer.add_name(name)
-    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0))
-    if qtype == "q8_0":
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_context_length(hp["ctx"])
-    writer.add_embedding_length(hp["dim"])
-    writer.add_block_count(hp["n_layers"])
-    writer.add_feed_forward_length(hp["ffn_dim"])
-    writer.add_head_count(hp["n_heads"])
-    writer.add_head_count_kv(hp["n_kv_heads"])
-    writer.add_rope_dimension_count(hp["head_dim"])
-    if hp["head_dim"] != hp["dim"] // hp["n_heads"]:
-        writer.add_key_length(hp["head_dim"])
-        writer.add_value_length(hp["head_dim"])
-    writer.add_rope_freq_base(hp["theta"])
-    writer.add_layer_norm_rms_eps(hp["eps"])
-    writer.add_vocab_size(hp["vocab"])
+    with atomic_file(out_path) as tmp:  # a GGUF appears whole or not at all
+        writer = gguf.GGUFWriter(str(tmp), arch="llama")
+        writer.add_name(name)
+        writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0))
+        if qtype == "q8_0":
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_context_length(hp["ctx"])
+        writer.add_embedding_length(hp["dim"])
+        writer.add_block_count(hp["n_layers"])
+        writer.add_feed_forward_length(hp["ffn_dim"])
+        writer.add_head_count(hp["n_heads"])
+        writer.add_head_count_kv(hp["n_kv_heads"])
+        writer.add_rope_dimension_count(hp["head_dim"])
+        if hp["head_dim"] != hp["dim"] // hp["n_heads"]:
+            writer.add_key_length(hp["head_dim"])
+            writer.add_value_length(hp["head_dim"])
+        writer.add_rope_freq_base(hp["theta"])
+        writer.add_layer_norm_rms_eps(hp["eps"])
+        writer.add_vocab_size(hp["vocab"])
 
-    writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-    writer.add_tokenizer_pre(tok["pre"])
-    writer.add_token_list(tok["tokens"])
-    writer.add_token_types(tok["types"])
-    writer.add_token_merges(tok["merges"])
-    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                     ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
-        if tok[key] is not None:
-            add(tok[key])
-    if tok["im_end"] is not None and tok["im_end"] != tok["eos"]:
-        writer.add_eot_token_id(tok["im_end"])  # llama.cpp ends generation at eot as well as eos
-    writer.add_add_bos_token(tok["add_bos"])
-    writer.add_add_eos_token(False)
-    if tok["chat_template"]:
-        writer.add_chat_template(tok["chat_template"])
+        writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+        writer.add_tokenizer_pre(tok["pre"])
+        writer.add_token_list(tok["tokens"])
+        writer.add_token_types(tok["types"])
+        writer.add_token_merges(tok["merges"])
+        for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                         ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
+            if tok[key] is not None:
+                add(tok[key])
+        if tok["im_end"] is not None and tok["im_end"] != tok["eos"]:
+            writer.add_eot_token_id(tok["im_end"])  # llama.cpp ends generation at eot as well as eos
+        writer.add_add_bos_token(tok["add_bos"])
+        writer.add_add_eos_token(False)
+        if tok["chat_template"]:
+            writer.add_chat_template(tok["chat_template"])
 
-    counts = {"F32": 0, "F16": 0, "Q8_0": 0}
-    for tname, w in tensors.items():
-        if w.ndim == 1:  # norms stay float32, as llama.cpp keeps them
-            writer.add_tensor(tname, w.astype(np.float32))
-            counts["F32"] += 1
-        elif qtype == "q8_0" and w.shape[-1] % Q8_BLOCK == 0:
-            q = gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(tname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            counts["Q8_0"] += 1
-        else:  # f16, or a row length Q8_0 blocks do not divide
-            writer.add_tensor(tname, w.astype(np.float16))
-            counts["F16"] += 1
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    os.replace(tmp, out_path)
+        counts = {"F32": 0, "F16": 0, "Q8_0": 0}
+        for tname, w in tensors.items():
+            if w.ndim == 1:  # norms stay float32, as llama.cpp keeps them
+                writer.add_tensor(tname, w.astype(np.float32))
+                counts["F32"] += 1
+            elif qtype == "q8_0" and w.shape[-1] % Q8_BLOCK == 0:
+                q = gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
+                writer.add_tensor(tname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                counts["Q8_0"] += 1
+            else:  # f16, or a row length Q8_0 blocks do not divide
+                writer.add_tensor(tname, w.astype(np.float16))
+                counts["F16"] += 1
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
     return {"file": out_path.name, "type": qtype, "bytes": out_path.stat().st_size, "tensors": counts,
             "pre_tokenizer": tok["pre"], "vocab": hp["vocab"]}

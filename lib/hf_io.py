@@ -10,15 +10,13 @@ HomeLLM (our exports, SmolLM2-135M, ...), with a clear error for what we do not 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib.artifacts import atomic_write_json, current_umask
+from lib.artifacts import atomic_file, atomic_write_json
 from lib.chat import end_of_turn_ids
 from lib.errors import UserError
 from lib.model import HomeLLM, ModelArgs, rope_tables
@@ -83,17 +81,8 @@ def save_hf(model: HomeLLM, out_dir: str | Path, extra_config: Optional[dict] = 
 
 
 def _atomic_save_safetensors(tensors: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, 0o666 & ~current_umask())  # an ordinary file like the JSON beside it, not mkstemp's 0600
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:

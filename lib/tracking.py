@@ -14,7 +14,7 @@ from collections import deque
 from pathlib import Path
 from typing import Optional
 
-from lib.artifacts import atomic_write_json
+from lib.artifacts import atomic_file, atomic_write_json
 
 METRICS = "metrics.jsonl"
 RUN_INFO = "run.json"  # who is training here (pid, host) and how far it means to go: read by the studio
@@ -171,7 +171,6 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     ax2.set_ylabel("learning rate")
     ax2.set_xlabel("step")
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(png_path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(png_path)

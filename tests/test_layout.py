@@ -63,3 +63,25 @@ def test_function_level_lib_imports_are_few_and_explained():
                 inner.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.module}")
     allowed = ("lib.serving.api", "lib.serving.ui", "lib.studio.ui", "lib.serving.chat_cli")
     assert [i for i in inner if not i.endswith(allowed)] == [], inner
+
+
+def test_atomic_file_appears_whole_with_an_ordinary_mode_or_not_at_all(tmp_path):
+    """lib.artifacts.atomic_file is the one way to write a file in place: used for JSON, safetensors, GGUF, plots
+    and bundles."""
+    import os
+
+    import pytest
+
+    from lib.artifacts import atomic_file, current_umask
+
+    target = tmp_path / "sub" / "weights.safetensors"
+    with atomic_file(target) as tmp:
+        assert tmp.parent == target.parent and tmp.suffix == ".safetensors" and not target.exists()
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer died")
+    assert target.read_bytes() == b"new" and os.listdir(target.parent) == [target.name]  # nothing left behind
