@@ -58,6 +58,8 @@ class _Cache:
         return digest
 
     def save(self) -> None:
+        # its own temp-file-and-rename, not lib.artifacts.atomic_file: lib.config imports this module, and
+        # lib.artifacts imports lib.config
         if not self.changed:
             return
         with contextlib.suppress(OSError):  # a read-only artifacts dir only costs speed
