@@ -426,3 +426,20 @@ def test_studio_handlers_overlay_details_and_the_launch_guard(tmp_path):
     assert not (a / ".studio").exists()
     with pytest.raises(gr.Error, match="not one of the config files"):  # only configs from the list
         studio.load_form("../../etc/passwd")
+
+
+def test_an_installed_copy_of_the_code_shows_runs_but_launches_nothing(tmp_path, monkeypatch):
+    """An install's runtime/ holds lib/ without the Snakefile: the studio reads runs but cannot start the pipeline."""
+    import gradio as gr
+
+    import lib.studio.launch
+    from lib.studio.ui import Studio
+
+    ws = workspace(tmp_path)
+    assert Studio(ws, load_config(ws / "config" / "smoke.yaml")).can_launch
+    monkeypatch.setattr(lib.studio.launch, "SNAKEFILE", tmp_path / "runtime" / "Snakefile")
+    studio = Studio(ws, load_config(ws / "config" / "smoke.yaml"))
+    assert not studio.can_launch and "no Snakefile" in studio.why_not
+    with pytest.raises(gr.Error, match="installed model's copy"):
+        studio.start("config/smoke.yaml", *studio.load_form("config/smoke.yaml"), "all")
+    assert studio.runs_table().empty

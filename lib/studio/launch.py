@@ -35,12 +35,12 @@ TARGETS = ("all", "report", "sft_model", "pretrained", "tokens", "data")
 
 
 class Launcher:
-    def __init__(self, project_dir: str | Path, artifacts_dir: str | Path, snakefile: Path = SNAKEFILE):
+    def __init__(self, project_dir: str | Path, artifacts_dir: str | Path, snakefile: Path | None = None):
         self.project = Path(project_dir).resolve()
         artifacts = Path(artifacts_dir)
         self.artifacts = artifacts if artifacts.is_absolute() else self.project / artifacts
         self.dir = self.artifacts / ".studio"
-        self.snakefile = Path(snakefile).resolve()
+        self.snakefile = Path(snakefile or SNAKEFILE).resolve()
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
 

@@ -67,7 +67,13 @@ class Studio:
         artifacts = Path(cfg.artifacts_dir)
         self.artifacts = artifacts if artifacts.is_absolute() else self.project / artifacts
         self.launcher = Launcher(self.project, self.artifacts)
-        self.can_launch = can_launch
+        self.can_launch, self.why_not = can_launch, ""
+        if not can_launch:
+            self.why_not = "Launching is off: this server is reachable from the network without an API key."
+        elif not self.launcher.snakefile.is_file():  # an installed model's runtime/ copy: code, but no pipeline
+            self.can_launch = False
+            self.why_not = ("Launching is off: this is an installed model's copy of the code, without the pipeline "
+                            "(no Snakefile); run 07_serve.py from the Models at Home checkout to train.")
         self.hardware = hardware
         self._metrics: dict[Path, MetricsFile] = {}
         self._live_keys: dict[str, tuple] = {}  # per browser session: what its plots show now
@@ -234,7 +240,7 @@ class Studio:
     def start(self, name: str, *values):
         """Save the edited config (if edited) and start the pipeline on it."""
         if not self.can_launch:
-            raise gr.Error("Launching is off: this server is exposed without an API key (--insecure).")
+            raise gr.Error(self.why_not)
         fields, save_name, target = list(values[:len(FIELDS)]), values[len(FIELDS)], values[len(FIELDS) + 1]
         try:
             overrides = self._overrides(name, fields)
@@ -247,14 +253,14 @@ class Studio:
 
     def stop(self):
         if not self.can_launch:
-            raise gr.Error("Launching is off: this server is exposed without an API key (--insecure).")
+            raise gr.Error(self.why_not)
         if self.launcher.stop() is None:
             gr.Info("Nothing is running.")
         return self.launch_status()
 
     def resume(self):
         if not self.can_launch:
-            raise gr.Error("Launching is off: this server is exposed without an API key (--insecure).")
+            raise gr.Error(self.why_not)
         last = self.launcher.last()
         if not last:
             raise gr.Error("Nothing to resume: no pipeline was started from the studio in this directory yet.")
@@ -371,7 +377,7 @@ class Studio:
                 stop = gr.Button("Stop", variant="stop", elem_id="stop-run-btn", interactive=self.can_launch)
                 resume = gr.Button("Resume", elem_id="resume-btn", interactive=self.can_launch)
             if not self.can_launch:
-                gr.Markdown("Launching is off: this server is reachable from the network without an API key.")
+                gr.Markdown(self.why_not, elem_id="launch-off")
             launch_md = gr.Markdown(self.launch_status()[0], elem_id="launch-status")
             with gr.Accordion("Pipeline log", open=False):
                 log = gr.Textbox(self.launch_status()[1], lines=12, max_lines=12, show_label=False,
