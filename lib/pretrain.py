@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from lib.artifacts import read_json, require_stage, stage_output
+from lib.base_model import reply_ids
 from lib.config import Config, stage_dir
 from lib.errors import UserError
-from lib.generate import SamplingParams, generate
 from lib.hf_io import save_hf
 from lib.model import HomeLLM, model_args
 from lib.tokenizer import load_tokenizer
@@ -91,18 +91,16 @@ def check_coursework_phase1(cfg: Config) -> dict:
 
 
 def sampler(tokenizer, prompts: list[str], max_new_tokens: int, seed: int):
-    """A function that samples a continuation of each prompt (logged at every eval)."""
+    """A function that samples a continuation of each prompt (logged at every eval), with the same reply helper
+    as SFT's samples and the export's reference (lib.base_model.reply_ids)."""
+    stops = [tokenizer.eos_token_id]
+
     def sample(model) -> list[str]:
-        was_training = model.training
-        model.eval()
         out = []
         for prompt in prompts:
-            ids = tokenizer.encode(prompt, add_special_tokens=False)
-            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_k=50, seed=seed,
-                                    stop_token_ids=[tokenizer.eos_token_id])
-            new = generate(model, ids, params)
+            new, _ = reply_ids(model, tokenizer.encode(prompt, add_special_tokens=False), max_new_tokens, stops, 0.8,
+                               seed)
             out.append(prompt + tokenizer.decode(new, skip_special_tokens=True))
-        model.train(was_training)
         return out
 
     return sample
