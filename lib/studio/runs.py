@@ -119,17 +119,25 @@ def _figures(stage: str, manifest: dict, artifacts: Path, h: str) -> dict:
 
 
 def _live_figures(metrics: Path | None) -> dict:
-    """Figures of an unfinished training run from its metrics file."""
+    """Figures of an unfinished training run from the end of its metrics file (the last train and eval records;
+    only the tail is read, so a long run's file costs the same as a short one's)."""
     if metrics is None:
         return {}
-    rows = MetricsFile(metrics).read()
+    with open(metrics, "rb") as f:
+        f.seek(max(0, metrics.stat().st_size - LOG_TAIL_BYTES))
+        lines = f.read().decode("utf-8", "replace").splitlines()
     out: dict = {}
-    if rows["train"]:
-        last = rows["train"][-1]
-        out.update(steps=last["step"], tok_s=last.get("tok_s"), wall_s=last.get("elapsed_s"))
-    if rows["eval"]:
-        last = rows["eval"][-1]
-        out.update({k: last[k] for k in ("val_loss", "val_bpb") if k in last})
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:  # the first, partial line of the tail, or a line being written
+            continue
+        if row.get("kind") == "eval" and "val_loss" not in out:
+            out.update({k: row[k] for k in ("val_loss", "val_bpb") if k in row})
+        elif "loss" in row and "steps" not in out:
+            out.update(steps=row["step"], tok_s=row.get("tok_s"), wall_s=row.get("elapsed_s"))
+        if "steps" in out and "val_loss" in out:
+            break
     return out
 
 
