@@ -67,6 +67,7 @@ def test_our_exported_model(tiny_chat_model, tmp_path, hardware):
     assert fp32["weights"] == exact * 4 and fp32["load_transient"] == 0
     # our tokenizer's class hands tokenizer.json to the Rust library: 3.4 bytes of memory per byte of the file
     assert fp32["tokenizer"] == int((tiny_chat_model / "tokenizer.json").stat().st_size * 3.4)
+    assert fp32["mapped_not_read"] == 0  # tied: the output head reads the whole embedding at every token
     assert fp32["total"] == (fp32["weights"] + fp32["kv_cache"] + fp32["activations"] + fp32["tokenizer"]
                              + RUNTIME_OVERHEAD_BYTES)
     assert e["inference"]["by_dtype"]["bf16"]["load_transient"] == exact * 4  # converting from the stored fp32
@@ -130,7 +131,12 @@ def test_minilm_is_an_embedding_model(hardware):
     assert r["model"]["task"] == "embedding" and r["model"]["family"] == "bert"
     assert r["model"]["loader"] == "sentence-transformers"
     assert "sentence-transformers" in [lib["name"] for lib in r["requirements"]["libraries"]]
-    assert all(x["kv_cache"] == 0 for x in r["estimates"]["inference"]["by_dtype"].values())  # encoders keep none
+    by_dtype = r["estimates"]["inference"]["by_dtype"]
+    assert all(x["kv_cache"] == 0 for x in by_dtype.values())  # encoders keep none
+    # stored fp32 and loaded fp32: the file is mapped, and an encoder reads its embedding only at the prompt's rows
+    d = r["estimates"]["dims"]
+    assert by_dtype["fp32"]["mapped_not_read"] == d["vocab"] * d["hidden"] * 4 == 30522 * 384 * 4
+    assert by_dtype["bf16"]["mapped_not_read"] == 0  # a converting load copies every weight
     assert r["verdict"]["servable"] is False and "training" not in r["estimates"]
     assert "07_serve serves text-generation models" in format_report(r)
 

@@ -178,7 +178,9 @@ FORMULAS = [
     "2*d*f, 2 norms*d) + d, times E experts for the MLP of MoE models; multimodal: + vision tower "
     "L_v*(4*d_v^2 + 2*d_v*f_v) + projector d_v*d + d*d",
     "weights(dtype) = P * bytes(dtype); bytes: fp32 4, fp16/bf16 2, int8 1.0625 (Q8_0: 8.5 bit), "
-    "int4 0.5625 (Q4_0: 4.5 bit)",
+    "int4 0.5625 (Q4_0: 4.5 bit); resident at inference: minus V*d*bytes when safetensors are loaded in their "
+    "stored dtype (mapped, not copied) and the input embedding is not the output head (untied, or an encoder): "
+    "only the prompt's rows of it are ever read",
     "kv_cache = 2 (K and V) * L * kv_heads * head_dim * S * B * bytes_kv; bytes_kv = 4 for fp32, else 2 "
     "(state-space models: L * B * d_inner * (d_state + d_conv) * 4, independent of S)",
     "activations (inference, prefill of S tokens) = B * S * (4*d + 2*kv*hd + 3*f) * bytes_act + B * V * 4 (logits "
@@ -258,20 +260,33 @@ def tokenizer_bytes(json_bytes: int | None, tokenizer_class: str | None) -> int:
     return int(json_bytes * TOKENIZER_BYTES_PER_JSON_BYTE[kind])
 
 
+def mapped_embedding_bytes(d: dict, dtype: str, stored_dtype: str | None, mapped: bool) -> int:
+    """The part of the weights a run never makes resident. A safetensors file loaded without a dtype conversion is
+    mapped, not copied, so only the pages a run touches count in RSS: an input embedding that is not also the
+    output head (untied, or an encoder) is read only at the rows of the prompt's tokens."""
+    if not (mapped and stored_dtype == dtype and dtype in TORCH_DTYPE and d.get("vocab") and d.get("hidden")):
+        return 0
+    if d.get("tied") and d.get("kv_cache", True):  # a tied decoder's head reads the whole matrix at every token
+        return 0
+    return int(d["vocab"] * d["hidden"] * DTYPE_BYTES[dtype])
+
+
 def estimate_inference(P: int, d: dict, dtype: str, seq: int, batch: int, stored_dtype: str | None,
-                       tokenizer: int = 0) -> dict:
+                       tokenizer: int = 0, mapped: bool = False) -> dict:
     """Memory of loading the model in `dtype` and generating up to `seq` tokens (see FORMULAS); `tokenizer`: the
-    tokenizer's data (tokenizer_bytes)."""
+    tokenizer's data (tokenizer_bytes); `mapped`: the weights are safetensors that a same-dtype load maps."""
     weights = int(P * DTYPE_BYTES[dtype])
+    never_read = mapped_embedding_bytes(d, dtype, stored_dtype, mapped)
     kv = kv_cache_bytes(d, seq, batch, dtype) if d.get("kv_cache", True) else 0
     act = inference_activation_bytes(d, seq, batch, dtype)
     transient = 0
     # int8/int4 assume pre-quantized weights (a GGUF file, a bitsandbytes checkpoint): nothing is converted
     if stored_dtype and stored_dtype != dtype and dtype in TORCH_DTYPE:
         transient = int(P * DTYPE_BYTES.get(stored_dtype, 4))
-    total = weights + kv + act + transient + tokenizer + RUNTIME_OVERHEAD_BYTES
-    return {"weights": weights, "kv_cache": kv, "activations": act, "load_transient": transient,
-            "tokenizer": tokenizer, "runtime_overhead": RUNTIME_OVERHEAD_BYTES, "total": total}
+    total = weights - never_read + kv + act + transient + tokenizer + RUNTIME_OVERHEAD_BYTES
+    return {"weights": weights, "mapped_not_read": never_read, "kv_cache": kv, "activations": act,
+            "load_transient": transient, "tokenizer": tokenizer, "runtime_overhead": RUNTIME_OVERHEAD_BYTES,
+            "total": total}
 
 
 def lora_params(d: dict, rank: int) -> int:
@@ -360,7 +375,9 @@ def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: d
         stored_dtype = _dtype_key(det.full_config.get("torch_dtype") or det.full_config.get("dtype"))
     tok_cfg = src.read_json("tokenizer_config.json") if "tokenizer_config.json" in src.files else None
     tok = tokenizer_bytes(src.files.get("tokenizer.json"), (tok_cfg or {}).get("tokenizer_class"))
-    inference = {dt: estimate_inference(P, d, dt, seq, cfg.batch_size, stored_dtype, tok) for dt in DTYPE_BYTES}
+    mapped = det.gguf is None and any(f.endswith(".safetensors") for f in src.files)
+    inference = {dt: estimate_inference(P, d, dt, seq, cfg.batch_size, stored_dtype, tok, mapped)
+                 for dt in DTYPE_BYTES}
     out = {
         "params": {"total": int(P), "source": source, "from_config_formula": formula},
         "dims": d,

@@ -130,7 +130,9 @@ def compatibility(det: Detection, est: dict, hw: dict) -> dict:
             if dev["gpu"] is None:
                 need = e["total"] + FRAMEWORK_BYTES
             else:
-                need = e["total"] - e["runtime_overhead"] - e["load_transient"] + GPU_CONTEXT_BYTES
+                # a GPU holds every weight (copied to the device, never mapped), but none of the host-side extras
+                need = (e["total"] + e.get("mapped_not_read", 0) - e["runtime_overhead"] - e["load_transient"]
+                        - e.get("tokenizer", 0) + GPU_CONTEXT_BYTES)
             fits, notes = _fit_notes(need, dev["available"])
             if dev["gpu"] is None:
                 if dt == "fp16":
