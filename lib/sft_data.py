@@ -41,7 +41,6 @@ FORMAT_EXAMPLES = {
     "text": '{"text": "any text"}  (or a .txt file; continued pretraining, loss on every token)',
 }
 CHITCHAT_EXAMPLE = '{"messages": [[{"text": "Hi", "sender": "a"}], [{"text": "Hello!", "sender": "b"}]]}'
-FILE_TYPES = FILE_FORMATS  # every format lib.records reads
 DIALOG_KEYS = ("dialog", "dialogue", "turns", "utterances")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "system": "system"}
@@ -344,7 +343,7 @@ def read_file_records(path: Path) -> Iterator[tuple[str, Any]]:
     """(where, record) for every record of one local file, read by lib.records (streaming, one error policy)."""
     kind = file_format(path)
     if kind is None:
-        raise UserError(f"{path}: unsupported file type; expected one of {', '.join(FILE_TYPES)} (optionally .gz)")
+        raise UserError(f"{path}: unsupported file type; expected one of {', '.join(FILE_FORMATS)} (optionally .gz)")
     bad = BadRecords("error", option=None)  # SFT data has no skip option: a bad record is an error
     if kind == ".jsonl":
         for n, (lineno, rec) in enumerate(jsonl_records(path, bad), 1):
@@ -395,7 +394,7 @@ def iter_records(src: SftDataConfig, index: int, base_dir: str) -> Iterator[tupl
         files = resolve_files(src.path, base_dir, f"{key}.path")
         for path in files:
             if file_format(path) is None:
-                raise UserError(f"{key}.path: {path}: unsupported file type; expected {', '.join(FILE_TYPES)}")
+                raise UserError(f"{key}.path: {path}: unsupported file type; expected {', '.join(FILE_FORMATS)}")
         for path in files:
             yield from read_file_records(path)
 

@@ -23,7 +23,8 @@ PLOT = "loss.png"
 TB_DIR = "tensorboard"
 
 
-def _fmt_time(seconds: float) -> str:
+def fmt_duration(seconds: float) -> str:
+    """"1h05m" or "4m07s"."""
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
@@ -104,7 +105,7 @@ class Tracker:
         eta_s = min(eta) if eta else float("nan")
         total = f"/{self.total_steps}" if self.total_steps else ""
         self._print(f"step {step:6d}{total} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:8,.0f} tok/s | "
-                    f"mfu {100 * mfu:5.1f}% | elapsed {_fmt_time(elapsed_s)} | eta {_fmt_time(eta_s) if math.isfinite(eta_s) else '?'}")
+                    f"mfu {100 * mfu:5.1f}% | elapsed {fmt_duration(elapsed_s)} | eta {fmt_duration(eta_s) if math.isfinite(eta_s) else '?'}")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
         self._write({"step": step, "loss": loss, "lr": lr, "tok_s": tok_s, "mfu": mfu, "elapsed_s": elapsed_s,

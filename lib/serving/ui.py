@@ -283,8 +283,7 @@ def build_ui(engine: Engine | None, serve: ServeConfig, list_models: Callable[[]
                 else:
                     gr.Markdown(no_model_note, elem_id="no-model")
             if studio is not None:
-                studio.build()
-                demo.load(*studio._load_events)
+                studio.build(demo)
     # Several browser tabs may chat at once; the engine interleaves their replies.
     demo.queue(default_concurrency_limit=max(2, engine.max_active * 2 if engine is not None else 2))
     return demo

@@ -141,12 +141,13 @@ def _live_figures(metrics: Path | None) -> dict:
     return out
 
 
-def find_runs(artifacts_dir: str | Path, launching: bool = False) -> list[Run]:
+def find_runs(artifacts_dir: str | Path, launching: bool = False, stages=STAGES) -> list[Run]:
     """Every stage directory (complete or not) under artifacts_dir, newest first. `launching`: a pipeline started
-    here is running (so a short stage's staging directory means it is running, not abandoned)."""
+    here is running (so a short stage's staging directory means it is running, not abandoned). `stages`: only
+    these (None: all)."""
     artifacts = Path(artifacts_dir)
     runs: dict[tuple[str, str], Run] = {}
-    for stage in STAGES:
+    for stage in stages or STAGES:
         hashes: set[str] = set()
         stage_root = artifacts / stage
         if stage_root.is_dir():

@@ -22,6 +22,7 @@ import gradio as gr
 import pandas as pd
 import yaml
 
+from lib.check import fmt_bytes
 from lib.config import Config, load_config
 from lib.errors import UserError
 from lib.model import PRESETS
@@ -30,6 +31,7 @@ from lib.studio.configs import (CUSTOM, FIELDS, estimate, form_overrides, form_v
 from lib.studio.explore import corpus_overview, random_documents, sft_preview
 from lib.studio.launch import TARGETS, Launcher
 from lib.studio.runs import TRAINING_STAGES, MetricsFile, Run, find_runs, run_info
+from lib.tracking import fmt_duration
 
 LIVE_PERIOD_S = 1.0  # the live view's refresh: one read of the new metrics lines per second, at most
 RUN_COLUMNS = ["run", "status", "val loss", "bits/byte", "tok/s", "steps", "wall", "updated", "note"]
@@ -38,17 +40,7 @@ CSS = "mark.trained { background: #fde68a; } .sft-example { white-space: pre-wra
 
 
 def _fmt_seconds(s) -> str:
-    if s is None:
-        return ""
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def _fmt_bytes(n) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
+    return "" if s is None else fmt_duration(s)
 
 
 def _curve(points: list[tuple]) -> pd.DataFrame:
@@ -63,7 +55,6 @@ def _num(v, fmt="{:.4f}"):
 class Studio:
     def __init__(self, project_dir: str | Path, cfg: Config, can_launch: bool = True, hardware: dict | None = None):
         self.project = Path(project_dir).resolve()
-        self.cfg = cfg
         artifacts = Path(cfg.artifacts_dir)
         self.artifacts = artifacts if artifacts.is_absolute() else self.project / artifacts
         self.launcher = Launcher(self.project, self.artifacts)
@@ -80,20 +71,21 @@ class Studio:
 
     # -- runs ----------------------------------------------------------------------------------------------
 
-    def runs(self) -> list[Run]:
-        return find_runs(self.artifacts, launching=self.launcher.active() is not None)
+    def runs(self, stages=None) -> list[Run]:
+        return find_runs(self.artifacts, launching=self.launcher.active() is not None, stages=stages)
 
-    def runs_table(self) -> pd.DataFrame:
+    def runs_table(self, runs: list[Run] | None = None) -> pd.DataFrame:
         rows = []
-        for r in self.runs():
+        for r in self.runs() if runs is None else runs:
             f = r.figures
             rows.append([r.id, r.status, _num(f.get("val_loss")), _num(f.get("val_bpb")),
                          _num(f.get("tok_s"), "{:,.0f}"), f.get("steps", ""), _fmt_seconds(f.get("wall_s")),
                          time.strftime("%Y-%m-%d %H:%M", time.localtime(r.updated)) if r.updated else "", r.message])
         return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
-    def run_choices(self, training_only: bool = False) -> list[str]:
-        return [r.id for r in self.runs() if not training_only or r.stage in TRAINING_STAGES]
+    def run_choices(self, training_only: bool = False, runs: list[Run] | None = None) -> list[str]:
+        return [r.id for r in (self.runs() if runs is None else runs)
+                if not training_only or r.stage in TRAINING_STAGES]
 
     def _find(self, run_id: str | None) -> Run | None:
         return next((r for r in self.runs() if r.id == run_id), None)
@@ -151,7 +143,7 @@ class Studio:
 
     def live_run(self) -> Run | None:
         """The training run to watch: the one running, else the most recently active one."""
-        runs = [r for r in self.runs() if r.stage in TRAINING_STAGES]
+        runs = self.runs(stages=TRAINING_STAGES)  # once a second: only the training stages are scanned
         return next((r for r in runs if r.status == "running"), runs[0] if runs else None)
 
     def live(self, session: str = "", force: bool = False):
@@ -224,10 +216,10 @@ class Studio:
             return f"**Not valid yet:** {err}", ""
         fits = "fits" if e["fits"] else "**does not fit**"
         text = (f"**{e['parameters'] / 1e6:.2f}M parameters** ({e['body_parameters'] / 1e6:.2f}M without the "
-                f"embedding) · pretraining needs about **{_fmt_bytes(e['train_bytes'])}** at batch "
+                f"embedding) · pretraining needs about **{fmt_bytes(e['train_bytes'])}** at batch "
                 f"{cfg.pretrain.batch_size} × {cfg.pretrain.seq_len} tokens ({e['activation_dtype']} activations; "
-                f"05_check's estimate), which {fits} in this machine's {_fmt_bytes(e['ram_bytes'])} of RAM · "
-                f"serving about {_fmt_bytes(e['infer_bytes'])}")
+                f"05_check's estimate), which {fits} in this machine's {fmt_bytes(e['ram_bytes'])} of RAM · "
+                f"serving about {fmt_bytes(e['infer_bytes'])}")
         save_name = values[len(FIELDS)] if len(values) > len(FIELDS) else ""
         target = values[len(FIELDS) + 1] if len(values) > len(FIELDS) + 1 else "all"
         try:
@@ -286,8 +278,9 @@ class Studio:
 
     # -- data ----------------------------------------------------------------------------------------------
 
-    def data_choices(self) -> list[str]:
-        return [r.id for r in self.runs() if r.stage == "01_data" and r.status == "complete"]
+    def data_choices(self, runs: list[Run] | None = None) -> list[str]:
+        return [r.id for r in (self.runs(stages=("01_data",)) if runs is None else runs)
+                if r.stage == "01_data" and r.status == "complete"]
 
     def explore(self, data_id: str | None, seed: float | None = 0):
         """(summary, sources table, removed table, length histogram, documents) of a 01_data run."""
@@ -331,7 +324,7 @@ class Studio:
 
     # -- layout --------------------------------------------------------------------------------------------
 
-    def build(self) -> None:
+    def build(self, demo: gr.Blocks) -> None:
         """The studio's tabs, inside the caller's gr.Blocks / gr.Tabs."""
         configs = self.configs()
         first = configs[0] if configs else None
@@ -414,8 +407,10 @@ class Studio:
 
         # wiring
         def refresh_runs():
-            return (self.runs_table(), gr.update(choices=self.run_choices()),
-                    gr.update(choices=self.run_choices(training_only=True)), gr.update(choices=self.data_choices()))
+            runs = self.runs()  # one scan for the table and the three pickers
+            return (self.runs_table(runs), gr.update(choices=self.run_choices(runs=runs)),
+                    gr.update(choices=self.run_choices(training_only=True, runs=runs)),
+                    gr.update(choices=self.data_choices(runs)))
 
         refresh.click(refresh_runs, None, [table, picked, compare, corpus], queue=False)
         picked.change(self.run_details, picked, [details, config, report])
@@ -445,7 +440,7 @@ class Studio:
                                 table, picked, compare, corpus], show_progress="hidden")
         show.click(self.explore, [corpus, seed], [summary, sources, removed, hist, docs])
         sft_btn.click(self.explore_sft, [sft_cfg, seed], [sft_md, sft_html])
-        self._load_events = (self.describe, form, [estimate_md, command_md])
+        demo.load(self.describe, form, [estimate_md, command_md])
 
 
 def studio_note(cfg: Config) -> str:
