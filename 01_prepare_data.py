@@ -9,7 +9,7 @@ An already complete directory is left as it is unless --force is given.
 """
 
 from lib.cli import stage_main
-from lib.data import run_stage
+from lib.data.prepare import run_data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--force", action="store_true", help="rebuild even if the artifact directory is complete")
 
     def run(cfg, args):
-        print(run_stage(cfg, force=args.force))
+        print(run_data(cfg, force=args.force))
         return 0
 
     return stage_main(__doc__, run, argv, add_args)

@@ -10,7 +10,7 @@ per stage (without and with --encode).
 """
 
 from lib.cli import stage_main
-from lib.tokenizer import encode_corpus, train_or_load_tokenizer
+from lib.data.tokenizer import run_tokenizer, run_tokens
 
 
 def _args(parser):
@@ -21,7 +21,7 @@ def _args(parser):
 
 
 def _run(cfg, args):
-    stage = encode_corpus if args.encode else train_or_load_tokenizer
+    stage = run_tokens if args.encode else run_tokenizer
     stage(cfg, force=args.force)
     return 0
 

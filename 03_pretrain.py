@@ -9,23 +9,12 @@ Interrupt it any time (Ctrl+C, kill, even kill -9): rerunning the same command r
 The model goes to artifacts/03_pretrain/<hash>/ as an HF-format directory (config.json + model.safetensors).
 """
 
-from lib.artifacts import is_complete
 from lib.cli import stage_main
-from lib.config import stage_dir
+from lib.train.pretrain import run_pretrain
 
 
 def run(cfg, args) -> int:
-    import shutil
-
-    from lib.pretrain import run_pretrain
-    from lib.train import work_dir
-
-    if is_complete(stage_dir(cfg, "03_pretrain")):
-        if not args.force:
-            print(f"already pretrained: {stage_dir(cfg, '03_pretrain')} (use --force to train again)")
-            return 0
-        shutil.rmtree(work_dir(cfg, "03_pretrain"), ignore_errors=True)  # start over instead of resuming
-    run_pretrain(cfg)
+    run_pretrain(cfg, force=args.force)
     return 0
 
 

@@ -16,13 +16,13 @@ from lib.cli import stage_main
 
 def run(cfg, args) -> int:
     if args.export:
-        from lib.export import run_export
+        from lib.export.exporter import run_export
 
         run_export(cfg, force=args.force)
     else:
-        from lib.sft import sft_stage
+        from lib.train.sft import run_sft
 
-        sft_stage(cfg, force=args.force)
+        run_sft(cfg, force=args.force)
     return 0
 
 

@@ -15,15 +15,13 @@ otherwise. The model is checked first (05_check's report is reused when current)
 here. An existing install is replaced only after a yes, or with --force.
 """
 
-from lib.cli import config_files, config_parser, run_main
-from lib.config import dump_yaml, load_config
-from lib.install import run_command
+from lib.cli import stage_main
+from lib.install.installer import run_command
 
 COMMANDS = ("install", "list", "info", "remove", "config")
 
 
-def main(argv=None) -> int:
-    parser = config_parser(__doc__.split("\n\n")[0])
+def add_args(parser):
     parser.add_argument("command", choices=COMMANDS, help="what to do")
     parser.add_argument("target", nargs="?", default=None,
                         help="install: model dir, .gguf file or hub id (default: the pipeline's export); "
@@ -36,15 +34,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-test", action="store_true", help="skip the post-install load-and-generate test")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a model whose config asks for its own Python code (off by default)")
-    args = parser.parse_args(argv)
 
-    def body():
-        cfg = load_config(config_files(args), args.overrides)
-        if args.command == "install" and not args.quiet_config:
-            print(f"# resolved config ({' + '.join(config_files(args))})\n{dump_yaml(cfg)}", flush=True)
-        return run_command(cfg, args)
 
-    return run_main(body)
+def main(argv=None) -> int:
+    return stage_main(__doc__.split("\n\n")[0], run_command, argv, add_args,
+                      shows_config=lambda args: args.command == "install")
 
 
 if __name__ == "__main__":

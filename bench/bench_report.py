@@ -1,8 +1,8 @@
 """What the report card and a teacher's check cost, on a pipeline run that already exists.
 
     snakemake --cores all --config 'install={"models_dir": "/tmp/run/models"}' --directory /tmp/run   # first
-    python bench/bench_report.py --workdir /tmp/run                      # config/default.yaml's run
-    python bench/bench_report.py --workdir /tmp/run --config config/smoke.yaml --quick 10
+    python -m bench.bench_report --workdir /tmp/run                      # config/default.yaml's run
+    python -m bench.bench_report --workdir /tmp/run --config config/smoke.yaml --quick 10
 
 Prints, from Snakemake's own benchmark files of that run: every stage's wall time, the pipeline's total and the
 report stage's share of it (target < 10%); then the time of `08_report.py bundle` and of `08_report.py verify
@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lib import ROOT
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,8 @@
 """Load test of `07_serve.py`: concurrent streaming chats through the official openai client, then a burst of
 malformed requests, against a real server subprocess.
 
-    python bench/bench_serve_load.py        # random weights in the demo model's shape (preset demo, vocab 8192)
-    python bench/bench_serve_load.py --model artifacts/04_export/<hash> --requests 32 --max-tokens 64
+    python -m bench.bench_serve_load        # random weights in the demo model's shape (preset demo, vocab 8192)
+    python -m bench.bench_serve_load --model artifacts/04_export/<hash> --requests 32 --max-tokens 64
 
 Reports, measured in the same run:
   baseline    the same requests one after another (streaming, same seeds): what one user at a time gets
@@ -27,8 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from lib import ROOT
 
 
 def build_demo_shaped_model(out: Path) -> Path:
@@ -38,9 +37,9 @@ def build_demo_shaped_model(out: Path) -> Path:
     import torch
 
     from lib.config import ModelConfig
-    from lib.hf_io import save_hf
-    from lib.model import HomeLLM, model_args
-    from lib.tokenizer import save_tokenizer, train_bpe, wrap_tokenizer
+    from lib.data.tokenizer import save_tokenizer, train_bpe, wrap_tokenizer
+    from lib.model.hf_io import save_hf
+    from lib.model.homellm import HomeLLM, model_args
 
     bible = Path(importlib.util.find_spec("bible").submodule_search_locations[0]) / "data" / "kjv.jsonl"
     with open(bible, encoding="utf-8") as f:

@@ -1,7 +1,7 @@
 """Serving speed on this CPU: 07_serve's engines against llama.cpp itself and transformers, on the same models.
 
-    python bench/bench_serving_engines.py                 # our 512-8-8 export (f16 + q8_0 GGUF) and SmolLM2 Q4_1
-    python bench/bench_serving_engines.py --models smollm2 --new-tokens 128
+    python -m bench.bench_serving_engines                 # our 512-8-8 export (f16 + q8_0 GGUF) and SmolLM2 Q4_1
+    python -m bench.bench_serving_engines --models smollm2 --new-tokens 128
 
 For each model, each contender runs in a fresh process (so peak RSS is its own) on the same prompt of
 --prompt-tokens tokens, greedy, --new-tokens new tokens:
@@ -28,8 +28,6 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 CONTENDERS = ("ours/llama.cpp", "ours/torch", "llama.cpp", "transformers")
 
 
@@ -46,10 +44,10 @@ def build_ours(out: Path, preset: str, vocab: int) -> Path:
     import torch
 
     from lib.config import ModelConfig
-    from lib.gguf_export import write_gguf
-    from lib.hf_io import save_hf
-    from lib.model import HomeLLM, model_args
-    from lib.tokenizer import save_tokenizer, train_bpe, wrap_tokenizer
+    from lib.data.tokenizer import save_tokenizer, train_bpe, wrap_tokenizer
+    from lib.export.gguf import write_gguf
+    from lib.model.hf_io import save_hf
+    from lib.model.homellm import HomeLLM, model_args
 
     bible = Path(importlib.util.find_spec("bible").submodule_search_locations[0]) / "data" / "kjv.jsonl"
     texts = [json.loads(line)["text"] for line in bible.read_text().splitlines()[:12000]]
@@ -119,7 +117,7 @@ def worker_ours(ref_spec: str, engine_name: str, prompt_len: int, n: int) -> dic
             out.update(ttft_s=ttft, prefill_tps=len(ids) / ttft, decode_tps=(toks - 1) / (total - ttft), tokens=toks)
             for k in (1, 4, 8):
                 results = []
-                threads = [threading.Thread(target=lambda: results.append(_sse_completion(url, loaded.id, ids, n)))
+                threads = [threading.Thread(target=lambda results=results: results.append(_sse_completion(url, loaded.id, ids, n)))
                            for _ in range(k)]
                 t0 = time.perf_counter()
                 for t in threads:
@@ -137,9 +135,9 @@ def worker_llamacpp(gguf: str, tokenizer_spec: str, prompt_len: int, n: int) -> 
     from llama_cpp import Llama
 
     from lib.config import Config
+    from lib.data.tokenizer import load_tokenizer
     from lib.serving.loading import gguf_tokenizer
     from lib.serving.resolve import resolve_model
-    from lib.tokenizer import load_tokenizer
 
     ref = resolve_model(tokenizer_spec, Config())
     tok = load_tokenizer(ref.path) if ref.path else gguf_tokenizer(ref.gguf)
@@ -167,9 +165,9 @@ def worker_transformers(ref_spec: str, prompt_len: int, n: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from lib.config import Config
+    from lib.data.tokenizer import load_tokenizer
     from lib.serving.loading import gguf_tokenizer
     from lib.serving.resolve import resolve_model
-    from lib.tokenizer import load_tokenizer
 
     ref = resolve_model(ref_spec, Config())
     if ref.path is not None:
@@ -203,7 +201,7 @@ def worker_transformers(ref_spec: str, prompt_len: int, n: int) -> dict:
 
 
 def run_worker(*args: str) -> dict:
-    res = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, timeout=1800,
+    res = subprocess.run([sys.executable, "-m", "bench.bench_serving_engines", "--worker", *args], capture_output=True, text=True, timeout=1800,
                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
     lines = [x for x in res.stdout.splitlines() if x.startswith("{")]
     if res.returncode != 0 or not lines:

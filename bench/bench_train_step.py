@@ -2,13 +2,13 @@
 transformers' LlamaForCausalLM with the same shapes, weights and precision policy, plus this machine's measured
 matmul GFLOP/s, all in the same run (the two models interleaved, so a busy neighbour slows both alike).
 
-    .venv/bin/python bench/bench_train_step.py                          # reference: 512-8-8, batch 8 x 256, vocab 8192
-    .venv/bin/python bench/bench_train_step.py --threads 1 --clock cpu  # on a busy shared machine (see below)
-    .venv/bin/python bench/bench_train_step.py --preset demo --batch 16 --no-hf   # the demo config's step time
-    .venv/bin/python bench/bench_train_step.py --precision bf16         # force bf16 autocast
-    .venv/bin/python bench/bench_train_step.py --compile                # also ours with torch.compile'd blocks
+    .venv/bin/python -m bench.bench_train_step                          # reference: 512-8-8, batch 8 x 256, vocab 8192
+    .venv/bin/python -m bench.bench_train_step --threads 1 --clock cpu  # on a busy shared machine (see below)
+    .venv/bin/python -m bench.bench_train_step --preset demo --batch 16 --no-hf   # the demo config's step time
+    .venv/bin/python -m bench.bench_train_step --precision bf16         # force bf16 autocast
+    .venv/bin/python -m bench.bench_train_step --compile                # also ours with torch.compile'd blocks
 
-Precision "auto" is the pipeline's policy (lib.train.choose_precision): bf16 autocast where the CPU has bf16
+Precision "auto" is the pipeline's policy (lib.train.loop.choose_precision): bf16 autocast where the CPU has bf16
 matrix units (AVX-512 BF16 / AMX), fp32 otherwise, because without them torch emulates bf16 matmuls far slower
 than fp32. The matmul peak is measured in that same dtype, as the best of large GEMMs and of the model's own
 GEMM shapes. --clock cpu measures process CPU time; with --threads 1 that is the work itself, unaffected by other
@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lib.config import ModelConfig  # noqa: E402
-from lib.hf_io import hf_config  # noqa: E402
-from lib.model import HomeLLM, model_args  # noqa: E402
+from lib.config import ModelConfig
+from lib.model.hf_io import hf_config
+from lib.model.homellm import HomeLLM, model_args
 
 
 def parse_args(argv=None):
@@ -73,7 +69,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     clock = time.perf_counter if a.clock == "wall" else time.process_time
-    from lib.train import cpu_has_fast_bf16
+    from lib.train.loop import cpu_has_fast_bf16
 
     bf16 = a.precision == "bf16" or (a.precision == "auto" and cpu_has_fast_bf16())
     dtype = torch.bfloat16 if bf16 else torch.float32

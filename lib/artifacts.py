@@ -1,4 +1,4 @@
-"""Artifact directories: atomic writes, the manifest, and staging a stage's output so it appears complete or not at all.
+"""Artifact directories: the manifest, and staging a stage's output so it appears complete or not at all.
 
 Contract: an artifact directory is complete iff its `manifest.json` exists. A stage writes into a hidden
 temporary directory beside the final one and renames it into place at the end, manifest included, so a
@@ -10,62 +10,21 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
-import os
 import platform
 import resource
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
-from lib.config import Config, stage_config, stage_dir, stage_hash, upstream_hashes
+from lib.atomic import atomic_dir, atomic_write_json
+from lib.config import Config
 from lib.errors import UserError
+from lib.stages import stage_config, stage_dir, stage_hash, upstream_hashes
 
 MANIFEST = "manifest.json"
 PACKAGES = ("torch", "numpy", "tokenizers", "transformers", "datasets", "accelerate", "peft", "safetensors",
             "snakemake", "gguf", "huggingface-hub")
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | Path):
-    """A temp path beside `path` for any writer that wants a file name (safetensors, GGUF, matplotlib, tar). When
-    the block ends without an error it is fsync'd, given the mode an ordinary open() would give it (0666 less the
-    umask, not mkstemp's private 0600) and renamed over `path`; otherwise it is removed. Readers never see a
-    half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~current_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def read_json(path: str | Path):
@@ -114,14 +73,12 @@ def stage_output(cfg: Config, stage: str):
     Put counts and figures into `manifest_extra` (a dict); they land in manifest.json.
     """
     final = stage_dir(cfg, stage)
-    final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed run (kill -9 skips cleanup)
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; artifacts are ordinary readable directories
     extra: dict = {}
     start = time.time()
-    try:
+    # an existing `final` is an incomplete leftover, or an empty dir Snakemake created for the output
+    with atomic_dir(final) as tmp:
         yield tmp, extra
         manifest = {
             "stage": stage,
@@ -136,12 +93,6 @@ def stage_output(cfg: Config, stage: str):
             **extra,
         }
         atomic_write_json(tmp / MANIFEST, manifest)
-        if final.exists():  # an incomplete leftover, or an empty dir Snakemake created for the output
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def require_stage(cfg: Config, stage: str, hint: str) -> Path:

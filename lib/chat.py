@@ -1,6 +1,6 @@
 """The chat format in one place: ChatML's tokens and templates (Jinja for transformers, Go for Ollama), rendering a
 conversation with the spans the loss trains on, encoding it for a reply, the ids that end a turn, and OpenAI-style
-content parts read as text. Training (lib.sft), export (lib.export) and serving (lib.serving) all use these, so a
+content parts read as text. Training (lib.train.sft), export (lib.export.exporter) and serving (lib.serving) all use these, so a
 change to the format is made here once.
 
     text, spans = render(tokenizer, messages)        # spans: the assistant turns' trained characters
@@ -15,8 +15,9 @@ No bos and no default system prompt, so the rendered string is exactly the messa
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lib.errors import UserError
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from lib import ROOT
 from lib.config import Config, dump_yaml, load_config
 from lib.errors import UserError
 
@@ -31,7 +32,7 @@ def config_files(args: argparse.Namespace) -> list[str]:
     if args.config:
         return args.config
     here = Path(DEFAULT_CONFIG)
-    return [str(here if here.is_file() else Path(__file__).resolve().parents[1] / DEFAULT_CONFIG)]
+    return [str(here if here.is_file() else ROOT / DEFAULT_CONFIG)]
 
 
 def run_main(fn: Callable[[], int | None]) -> int:
@@ -47,8 +48,10 @@ def run_main(fn: Callable[[], int | None]) -> int:
 
 
 def stage_main(description: str, run: Callable[[Config, argparse.Namespace], int | None],
-               argv: list[str] | None = None, add_args: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
-    """The body of a numbered stage script: parse args, load + print the config, run the stage."""
+               argv: list[str] | None = None, add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+               shows_config: Callable[[argparse.Namespace], bool] = lambda args: True) -> int:
+    """The body of every numbered script: parse args, load the config (and print it once, unless --quiet-config or
+    `shows_config(args)` says this command has no use for it), run, and turn a UserError into one paragraph."""
     parser = config_parser(description)
     if add_args:
         add_args(parser)
@@ -56,7 +59,7 @@ def stage_main(description: str, run: Callable[[Config, argparse.Namespace], int
 
     def body():
         cfg = load_config(config_files(args), args.overrides)
-        if not args.quiet_config:
+        if not args.quiet_config and shows_config(args):
             print(f"# resolved config ({' + '.join(config_files(args))}"
                   f"{' + ' + ', '.join(args.overrides) if args.overrides else ''})")
             print(dump_yaml(cfg), flush=True)

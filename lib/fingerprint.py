@@ -1,14 +1,17 @@
 """Fingerprints for the stage hash: the contents of the local files a stage reads, and the code it runs.
 
-The cache must never lie: a stage's hash (lib.config.stage_hash) changes whenever something that changes its output
+The cache must never lie: a stage's hash (lib.stages.stage_hash) changes whenever something that changes its output
 changes. Its config section and upstream hashes are not enough for that:
 - a corpus file edited in place keeps its path, so the *contents* of the local files a stage reads are hashed
   (sha256; remembered by path, size and mtime in <artifacts_dir>/.cache/fingerprints.json, so a 1 GB corpus is
   read once, not on every dry run);
-- an edited lib module changes what a stage computes, so the source of the stage's script and of every lib module
-  it imports (found by reading the imports, function-level ones included) is hashed too.
+- an edited lib module changes what a stage computes, so the code of the stage's script and of every lib module it
+  imports (found by reading the imports, function-level ones included) is hashed too: its syntax tree, so a comment,
+  a docstring or a reformatting changes nothing. The config package and the stage map are left out: what they give a
+  stage is config values, and the stage hash covers exactly the values the stage reads, so a new `serve:` default or
+  a new stage in the map reruns nothing that does not read it.
 
-Not here: which files a stage reads (lib.config.stage_config), the hash itself (lib.config.stage_hash).
+Not here: which files a stage reads and the hash itself (lib.stages).
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ import functools
 import glob
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from lib import ROOT
+from lib.atomic import atomic_file
+
 CACHE = Path(".cache") / "fingerprints.json"
 
 
@@ -58,16 +61,11 @@ class _Cache:
         return digest
 
     def save(self) -> None:
-        # its own temp-file-and-rename, not lib.artifacts.atomic_file: lib.config imports this module, and
-        # lib.artifacts imports lib.config
         if not self.changed:
             return
         with contextlib.suppress(OSError):  # a read-only artifacts dir only costs speed
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".fingerprints.", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.entries, f)
-            os.replace(tmp, self.path)
+            with atomic_file(self.path) as tmp:
+                tmp.write_text(json.dumps(self.entries), encoding="utf-8")
 
 
 def files_of(pattern: str) -> list[Path]:
@@ -131,18 +129,37 @@ def _closure(module: str) -> list[Path]:
             continue
         files.add(f)
         for name in _lib_imports(f.read_text(encoding="utf-8")):
+            if name.startswith(NOT_CODE):
+                continue
             parts = name.split(".")  # a package's __init__ runs too
             todo += [m for i in range(1, len(parts) + 1) if (m := _module_file(".".join(parts[:i])))]
     return sorted(files)
 
 
-@functools.lru_cache(maxsize=None)
+# Modules whose contribution to a stage is config values (hashed as values), not computation.
+NOT_CODE = ("lib.config", "lib.stages")
+
+
+def code_text(source: str) -> str:
+    """What of a source file counts as code: its syntax tree without docstrings (comments and layout never reach it)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+@functools.cache
 def code_fingerprint(script: str, module: str) -> str:
     """Digest of the code a stage runs: its `script` (a file at the repo root; its own text only, since a script
     may serve two stages) and the lib `module` that does the work with every lib module it imports."""
     h = hashlib.sha256()
     for f in code_files(script, module):
-        h.update(f"{f}\0{sha256_file(ROOT / f)}\n".encode())
+        code = code_text((ROOT / f).read_text(encoding="utf-8"))
+        h.update(f"{f}\0{hashlib.sha256(code.encode()).hexdigest()}\n".encode())
     return h.hexdigest()[:16]
 
 

@@ -1,5 +1,5 @@
 """What this machine has: CPU cores, RAM, GPUs with their memory, free disk, and whether the CPU multiplies bf16
-natively. The model check (lib/check.py) judges against it and the trainer (lib/train.py) picks its precision from it.
+natively. The model check (lib/check.py) judges against it and the trainer (lib/train/loop.py) picks its precision from it.
 Probing only reads system counters; it never allocates memory on a device. torch is imported only if it is already
 installed (it is optional here).
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Callable, TypeVar
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 from lib.config import CheckConfig
@@ -74,8 +75,14 @@ def require_reachable(where: str, hint: str, timeout: float = 5.0) -> None:
 
 def hub_call(fn: Callable[[], T], subject: str) -> T:
     """Run one hub request; turn the hub client's errors into one paragraph that starts with `subject`."""
-    from huggingface_hub.errors import (DisabledRepoError, GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        DisabledRepoError,
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     where = endpoint()
     try:

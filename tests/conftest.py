@@ -3,13 +3,11 @@
 import contextlib
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable here; hub paths are tested at the HTTP boundary
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -83,9 +81,9 @@ def tiny_chat_model(tmp_path_factory) -> Path:
     import torch
 
     from lib.config import ModelConfig
-    from lib.hf_io import save_hf
-    from lib.model import HomeLLM, model_args
-    from lib.tokenizer import save_tokenizer, train_bpe, wrap_tokenizer
+    from lib.data.tokenizer import save_tokenizer, train_bpe, wrap_tokenizer
+    from lib.model.hf_io import save_hf
+    from lib.model.homellm import HomeLLM, model_args
 
     out = tmp_path_factory.mktemp("tiny_chat_model")
     with open(pkg_dir("bible") / "data" / "kjv.jsonl", encoding="utf-8") as f:
@@ -109,7 +107,7 @@ def tiny_chat_model_talkative(tiny_chat_model, tmp_path_factory) -> Path:
 
     from safetensors.torch import load_file, save_file
 
-    from lib.tokenizer import load_tokenizer
+    from lib.data.tokenizer import load_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_chat_model_talkative")
     shutil.copytree(tiny_chat_model, out, dirs_exist_ok=True)
@@ -138,8 +136,8 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct converted once per session to a plain HF folder (fp32 model.safetensors, tokenizer.json,
-    chat template) with lib.convert.gguf_to_hf (~25 s). Treat it as read-only: copy it before changing anything."""
-    from lib.convert import gguf_to_hf
+    chat template) with lib.export.convert.gguf_to_hf (~25 s). Treat it as read-only: copy it before changing anything."""
+    from lib.export.convert import gguf_to_hf
 
     return gguf_to_hf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
 

@@ -32,6 +32,6 @@ def test_config_loads_and_builds_its_plugin(path):
             reshard_after_forward=fc["fsdp_reshard_after_forward"], state_dict_type=fc["fsdp_state_dict_type"])
         assert plugin.fsdp_version == 2
         # the class FSDP wraps must be our transformer block
-        import lib.model
+        import lib.model.homellm
 
-        assert hasattr(lib.model, fc["fsdp_transformer_layer_cls_to_wrap"])
+        assert hasattr(lib.model.homellm, fc["fsdp_transformer_layer_cls_to_wrap"])

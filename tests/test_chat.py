@@ -6,8 +6,16 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from lib.chat import (CHAT_TEMPLATE, IM_END, OLLAMA_TEMPLATE, chatml_render, content_text, end_of_turn_ids,
-                      prompt_ids, render)
+from lib.chat import (
+    CHAT_TEMPLATE,
+    IM_END,
+    OLLAMA_TEMPLATE,
+    chatml_render,
+    content_text,
+    end_of_turn_ids,
+    prompt_ids,
+    render,
+)
 
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},

@@ -11,12 +11,20 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CPU_PROFILES, ROOT, hardware_profile, pkg_dir
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import CPU_PROFILES, ROOT, hardware_profile, pkg_dir
-from lib.check import (FRAMEWORK_BYTES, RUNTIME_OVERHEAD_BYTES, TORCH_DTYPE, check_model, format_report, kv_cache_bytes,
-                       params_from_config, read_safetensors_header)
+from lib.check import (
+    FRAMEWORK_BYTES,
+    RUNTIME_OVERHEAD_BYTES,
+    TORCH_DTYPE,
+    check_model,
+    format_report,
+    kv_cache_bytes,
+    params_from_config,
+    read_safetensors_header,
+)
 from lib.config import CheckConfig
 from lib.errors import UserError
 from lib.hardware import probe_hardware

@@ -2,14 +2,14 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from lib.config import Config, dump_yaml, from_dict, load_config, stage_hash, to_dict, upstream_stages
+from lib import ROOT
+from lib.config import Config, dump_yaml, from_dict, load_config, to_dict
 from lib.errors import UserError
+from lib.stages import stage_hash, upstream_stages
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["01_data", "02_tokenizer", "02_tokens", "03_pretrain", "04_sft", "04_export", "05_check", "06_install"]
 
 

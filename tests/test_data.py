@@ -1,4 +1,4 @@
-"""Stage 01 (lib/data.py, lib/sources.py, 01_prepare_data.py): every source type on files written here, the
+"""Stage 01 (lib/data/prepare.py, lib/data/sources.py, 01_prepare_data.py): every source type on files written here, the
 embedded packages, each kind of bad input with its message, dedup, split stability, determinism, the script."""
 
 import gzip
@@ -13,8 +13,17 @@ import numpy as np
 import pytest
 
 from lib.config import from_dict
-from lib.data import (MinHasher, U64Set, build_corpus, clean_text, iter_documents, jaccard_estimate, lsh_params,
-                      read_stats, run_stage)
+from lib.data.prepare import (
+    MinHasher,
+    U64Set,
+    build_corpus,
+    clean_text,
+    iter_documents,
+    jaccard_estimate,
+    lsh_params,
+    read_stats,
+    run_data,
+)
 from lib.errors import UserError
 
 WORDS = ("apple river stone cloud garden light music paper window silver forest dream candle ocean mountain "
@@ -39,7 +48,7 @@ def make_cfg(tmp_path, sources, **data):
 def build(tmp_path, sources, **data):
     """Run the stage; return (texts of train+val, stats)."""
     cfg = make_cfg(tmp_path, sources, **data)
-    out = run_stage(cfg)
+    out = run_data(cfg)
     return list(iter_documents(out, "train")) + list(iter_documents(out, "val")), read_stats(out)
 
 
@@ -317,11 +326,11 @@ def test_repeat_passes_are_not_deduplicated_against_each_other(tmp_path):
 def test_split_is_stable_when_documents_are_added(tmp_path):
     write(tmp_path / "a.txt", "\n".join(docs(400)) + "\n")
     cfg = make_cfg(tmp_path, [{"type": "files", "path": "a.txt", "txt_mode": "line"}], val_fraction=0.2)
-    out = run_stage(cfg)
+    out = run_data(cfg)
     val = set(iter_documents(out, "val"))
     assert 40 < len(val) < 120
     write(tmp_path / "a.txt", "\n".join(docs(1000, seed=1) + docs(400)) + "\n")  # more documents, some before
-    out2 = run_stage(cfg)
+    out2 = run_data(cfg)
     assert out2 != out  # the hash covers the file's contents: new contents, a new stage directory
     assert set(iter_documents(out2, "val")) >= val
     assert not val & set(iter_documents(out2, "train"))
@@ -332,7 +341,7 @@ def test_shards_roll_over_and_determinism(tmp_path):
     write(tmp_path / "a.txt", "\n".join(f"{i} {sentence(rng, 40)} ünïcödé \"quoted\"" for i in range(5000)) + "\n")
     sources = [{"type": "files", "path": str(tmp_path / "a.txt"), "txt_mode": "line"}]
     cfg = make_cfg(tmp_path, sources, shard_mb=1, val_fraction=0.1)
-    a = run_stage(cfg)
+    a = run_data(cfg)
     # the same config again, in this process only (no worker processes) and with two workers: the same bytes
     for workers in (0, 2):
         b = tmp_path / f"workers{workers}"

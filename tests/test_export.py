@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.config import load_config, stage_dir
+from lib import ROOT
+from lib.config import from_dict, load_config
 from lib.errors import UserError
+from lib.stages import stage_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "config" / "smoke.yaml"
 # Long answers to the export check prompts, learnt by heart below, so greedy decoding has clear margins and
 # quantization noise cannot flip a token: the q8_0 comparison then tests the export, not luck.
@@ -39,19 +40,19 @@ def export_cfg(tmp: Path, base: Path, *extra):
 
 @pytest.fixture(scope="module")
 def exported(tiny_chat_model, tmp_path_factory):
-    from lib.export import run_export
-    from lib.sft import sft_stage
+    from lib.export.exporter import run_export
+    from lib.train.sft import train_sft
 
     cfg = export_cfg(tmp_path_factory.mktemp("export"), tiny_chat_model)
-    sft_stage(cfg)
+    train_sft(cfg)
     out = run_export(cfg)
     return cfg, out, json.loads((out / "manifest.json").read_text())
 
 
 def ours_greedy(model_dir: Path, prompt: str, n: int) -> tuple[list[int], list[int]]:
-    from lib.generate import SamplingParams, generate
-    from lib.hf_io import load_hf
-    from lib.tokenizer import load_tokenizer
+    from lib.data.tokenizer import load_tokenizer
+    from lib.model.generate import SamplingParams, generate
+    from lib.model.hf_io import load_hf
 
     tok = load_tokenizer(model_dir)
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False)
@@ -71,8 +72,8 @@ def test_layout_and_manifest(exported):
 def test_hf_dir_loads_in_transformers_with_our_logits(exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lib.hf_io import load_hf
     from lib.chat import CHAT_TEMPLATE
+    from lib.model.hf_io import load_hf
 
     hf = exported[1] / "hf"
     conf = json.loads((hf / "config.json").read_text())
@@ -98,7 +99,7 @@ def test_hf_dir_loads_in_transformers_with_our_logits(exported):
 def test_gguf_loads_in_transformers_and_decodes_like_pytorch(exported, qtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lib.export import hf_greedy
+    from lib.export.exporter import hf_greedy
 
     out = exported[1]
     name = f"homellm-{qtype}.gguf"
@@ -156,7 +157,7 @@ def test_modelfile(exported):
 def test_rope_permutation_matches_llama_cpp_rotation():
     """Scores with HF's rotate_half rope on the original rows == scores with llama.cpp's adjacent-pair rope on the
     permuted rows: the permutation is what makes the GGUF compute the same attention."""
-    from lib.gguf_export import rope_permute
+    from lib.export.gguf import rope_permute
 
     torch.manual_seed(0)
     n_heads, hd, dim, T = 2, 8, 16, 5
@@ -188,16 +189,16 @@ def test_rope_permutation_matches_llama_cpp_rotation():
 def test_adapter_only_sft_is_merged_at_export(tiny_chat_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lib.export import run_export
-    from lib.sft import sft_stage
+    from lib.export.exporter import run_export
+    from lib.train.sft import train_sft
 
     common = ["sft.lora.enabled=true", "sft.train.max_steps=6", "export.gguf=[]"]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     merged_cfg = export_cfg(tmp_path / "a", tiny_chat_model, *common)
     adapter_cfg = export_cfg(tmp_path / "b", tiny_chat_model, *common, "sft.lora.merge=false")
-    merged_dir = sft_stage(merged_cfg)
-    adapter_dir = sft_stage(adapter_cfg)
+    merged_dir = train_sft(merged_cfg)
+    adapter_dir = train_sft(adapter_cfg)
     assert not (adapter_dir / "model.safetensors").exists() and (adapter_dir / "adapter").is_dir()
     out = run_export(adapter_cfg)
     assert not (out / "Modelfile").exists() and not list(out.glob("*.gguf"))
@@ -212,9 +213,9 @@ def test_other_architectures_sft_but_gguf_refuses(tiny_chat_model, tmp_path):
     """A non-Llama base (GPT-2 here) trains through the transformers wrapper and exports as HF; GGUF says why not."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lib.export import run_export
-    from lib.sft import sft_stage
-    from lib.tokenizer import load_tokenizer, save_tokenizer
+    from lib.data.tokenizer import load_tokenizer, save_tokenizer
+    from lib.export.exporter import run_export
+    from lib.train.sft import train_sft
 
     base = tmp_path / "gpt2"
     tok = load_tokenizer(tiny_chat_model)
@@ -222,20 +223,20 @@ def test_other_architectures_sft_but_gguf_refuses(tiny_chat_model, tmp_path):
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=1, n_head=2)).save_pretrained(base)
     save_tokenizer(tok, base)
     cfg = export_cfg(tmp_path, base, "sft.train.max_steps=3")
-    out = sft_stage(cfg)
+    out = train_sft(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["base_kind"] == "hf" and json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
     with pytest.raises(UserError, match="supports the llama architecture only; set export.gguf: \\[\\]"):
         run_export(cfg)
     lora = export_cfg(tmp_path, base, "sft.lora.enabled=true")
     with pytest.raises(UserError, match="its linear layers are named: .*c_attn"):
-        sft_stage(lora)
+        train_sft(lora)
 
 
-def test_bad_export_name():
-    from lib.export import safe_name
+def test_bad_export_name(tmp_path):
+    from lib.export.exporter import run_export
 
-    assert safe_name("my-model_1.0") == "my-model_1.0"
     for bad in ("../evil", "a/b", "", ".hidden", "x" * 65, "a b"):
-        with pytest.raises(UserError, match="export.name"):
-            safe_name(bad)
+        cfg = from_dict({"export": {"name": bad}, "artifacts_dir": str(tmp_path)})
+        with pytest.raises(UserError, match="export.name .*expected 1-64 letters"):
+            run_export(cfg)

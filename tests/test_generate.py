@@ -1,13 +1,13 @@
-"""lib.generate: the KV-cache engine gives transformers' greedy tokens on the same exported weights; stops,
+"""lib.model.generate: the KV-cache engine gives transformers' greedy tokens on the same exported weights; stops,
 seeds, top-k/top-p, repetition penalty, stop strings and streaming behave as documented."""
 
 import pytest
 import torch
+from test_model import VOCAB, greedy_no_cache, hf_load, tiny
 
 from lib.errors import UserError
-from lib.generate import KVCache, SamplingParams, generate, stream
-from lib.hf_io import save_hf
-from test_model import VOCAB, greedy_no_cache, hf_load, tiny
+from lib.model.generate import KVCache, SamplingParams, generate, stream
+from lib.model.hf_io import save_hf
 
 PROMPT = [5, 17, 3, 88, 41, 7, 7, 60]
 
@@ -79,9 +79,9 @@ def test_cache_matches_full_forward(model, greedy):
 
 
 def test_decode_fast_path_matches_linear(model, greedy):
-    """Decoding splits each one-row matmul across two cores (lib.model.project); with one thread it does not.
+    """Decoding splits each one-row matmul across two cores (lib.model.homellm.project); with one thread it does not.
     Both give nn.Linear's result up to fp32 rounding, and the same tokens."""
-    from lib.model import project
+    from lib.model.homellm import project
 
     threads = torch.get_num_threads()
     layer = model.model.layers[0].mlp.gate_proj

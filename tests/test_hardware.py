@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import CPU_PROFILES, ROOT, hardware_profile
+
 from lib.errors import UserError
 from lib.hardware import HARDWARE_ENV, PROFILES, probe_hardware
-from lib.train import choose_precision, cpu_has_fast_bf16
+from lib.train.loop import choose_precision, cpu_has_fast_bf16
 
 
 def test_probe_reports_this_machine_without_an_override(monkeypatch):
@@ -62,7 +62,7 @@ def test_a_bad_override_reaches_the_user_as_one_paragraph(tiny_chat_model):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The precision policy (lib.train.choose_precision) on each CPU.
+# The precision policy (lib.train.loop.choose_precision) on each CPU.
 
 
 @pytest.mark.parametrize("profile", CPU_PROFILES)

@@ -12,13 +12,23 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CPU_PROFILES, ROOT, hardware_profile, pkg_dir
+
 from lib.check import default_report_dir, run_check
 from lib.config import InstallConfig, load_config
 from lib.errors import UserError
-from lib.install import (MARKER, install_model, list_installed, models_dir_for, remove_installed, resolve_installed,
-                         sanitize_name, set_models_dir, validate_name, verify_install)
+from lib.install.installer import (
+    MARKER,
+    install_model,
+    list_installed,
+    models_dir_for,
+    name_from,
+    remove_installed,
+    resolve_installed,
+    set_models_dir,
+    verify_install,
+)
+from lib.names import check_name
 
 NO_TEST = InstallConfig(post_test=False)
 
@@ -202,7 +212,7 @@ def test_smollm2_install_generates_paris(smollm2_hf, tmp_path):
 
 @pytest.mark.slow
 def test_gguf_source_and_export_dir_with_gguf_and_modelfile(tiny_chat_model, tmp_path):
-    from lib.gguf_export import write_gguf
+    from lib.export.gguf import write_gguf
 
     export = tmp_path / "export"
     shutil.copytree(tiny_chat_model, export / "hf")
@@ -316,13 +326,14 @@ def test_existing_install_needs_force_or_a_yes(tiny_chat_model, tmp_path):
 
 @pytest.mark.slow
 def test_names_are_sanitised(tiny_chat_model, tmp_path):
-    assert sanitize_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB_SmolLM2-135M-Instruct"
-    assert sanitize_name("../../etc/passwd") == "etc_passwd"
-    assert sanitize_name("my model (v2)!") == "my-model-v2"
-    assert sanitize_name("...") == "model"
-    for bad in ("../evil", "/abs/path", "a b", "", ".hidden", "x/y", "a..b", "ü"):
+    assert name_from("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB_SmolLM2-135M-Instruct"
+    assert name_from("../../etc/passwd") == "etc_passwd"
+    assert name_from("my model (v2)!") == "my-model-v2"
+    assert name_from("...") == "model"
+    assert check_name(name_from("x" * 200), "install name") == "x" * 64
+    for bad in ("../evil", "/abs/path", "a b", "", ".hidden", "x/y", "a..b", "ü", "x" * 65):
         with pytest.raises(UserError, match="install name"):
-            validate_name(bad)
+            check_name(bad, "install name")
     models = tmp_path / "models"
     with pytest.raises(UserError, match="install name"):
         install_model(str(tiny_chat_model), models, name="../escape", cfg=NO_TEST, echo=None)
@@ -338,14 +349,14 @@ def test_names_are_sanitised(tiny_chat_model, tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_install_leaves_nothing(tiny_chat_model, tmp_path, monkeypatch):
-    import lib.install
+    import lib.install.installer
 
     models = tmp_path / "models"
 
     def ctrl_c(folder):  # Ctrl+C while the manifest is being written
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lib.install, "write_sums", ctrl_c)
+    monkeypatch.setattr(lib.install.installer, "write_sums", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         install_model(str(tiny_chat_model), models, name="m", cfg=NO_TEST, echo=None)
     assert list(models.iterdir()) == []
@@ -415,11 +426,11 @@ def test_venv_install_has_an_environment_of_its_own(tiny_chat_model, tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_mode_export_then_check_then_install(tiny_chat_model, tmp_path):
-    """05_check and 06_install without a model argument work on this config's export (04_export, made by lib.export
+    """05_check and 06_install without a model argument work on this config's export (04_export, made by lib.export.exporter
     from an 04_sft stage dir that holds our tiny model); install reuses the 05_check report."""
     from lib.artifacts import stage_output
-    from lib.config import stage_dir
-    from lib.export import run_export
+    from lib.export.exporter import run_export
+    from lib.stages import stage_dir
 
     sets = [f"artifacts_dir={tmp_path / 'artifacts'}", "export.gguf=[f16]"]
     cfg = load_config(ROOT / "config/smoke.yaml", sets)

@@ -5,7 +5,7 @@ function level only what is heavy or optional."""
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from lib import ROOT
 
 
 def lib_imports() -> dict[str, set[str]]:
@@ -48,10 +48,10 @@ def test_lib_imports_have_no_cycle():
 
 def test_stages_do_not_import_each_other_sideways():
     graph = lib_imports()
-    assert "lib.sft" not in graph["lib.export"]  # export reads what SFT wrote, through hf_io / base_model
-    assert "lib.pretrain" not in graph["lib.sft"]  # shared training helpers live in lib.train
-    for low in ("lib.config", "lib.errors", "lib.artifacts", "lib.chat", "lib.hub", "lib.records"):
-        assert not {m for m in graph[low] if m.startswith(("lib.serving", "lib.studio", "lib.sft", "lib.pretrain"))}
+    assert "lib.train.sft" not in graph["lib.export.exporter"]  # export reads what SFT wrote, through hf_io / base_model
+    assert "lib.train.pretrain" not in graph["lib.train.sft"]  # shared training helpers live in lib.train.loop
+    for low in ("lib.config", "lib.errors", "lib.artifacts", "lib.chat", "lib.hub", "lib.data.records"):
+        assert not {m for m in graph[low] if m.startswith(("lib.serving", "lib.studio", "lib.train.sft", "lib.train.pretrain"))}
 
 
 def test_function_level_lib_imports_are_few_and_explained():
@@ -66,13 +66,13 @@ def test_function_level_lib_imports_are_few_and_explained():
 
 
 def test_atomic_file_appears_whole_with_an_ordinary_mode_or_not_at_all(tmp_path):
-    """lib.artifacts.atomic_file is the one way to write a file in place: used for JSON, safetensors, GGUF, plots
+    """lib.atomic.atomic_file is the one way to write a file in place: used for JSON, safetensors, GGUF, plots
     and bundles."""
     import os
 
     import pytest
 
-    from lib.artifacts import atomic_file, current_umask
+    from lib.atomic import atomic_file, current_umask
 
     target = tmp_path / "sub" / "weights.safetensors"
     with atomic_file(target) as tmp:
@@ -85,3 +85,37 @@ def test_atomic_file_appears_whole_with_an_ordinary_mode_or_not_at_all(tmp_path)
             tmp.write_bytes(b"half")
             raise RuntimeError("writer died")
     assert target.read_bytes() == b"new" and os.listdir(target.parent) == [target.name]  # nothing left behind
+
+
+def test_ruff_finds_nothing():
+    """The lint config in pyproject.toml holds for the whole tree (CI runs it here, as part of the suite)."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    res = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+def test_atomic_dir_publishes_whole_and_keeps_the_old_folder_until_the_new_one_is_in(tmp_path):
+    """lib.atomic.atomic_dir is the one folder publish (stage outputs, checkpoints, installs, environments)."""
+    import os
+
+    import pytest
+
+    from lib.atomic import atomic_dir, current_umask
+
+    final = tmp_path / "install"
+    with atomic_dir(final) as tmp:
+        assert not final.exists()
+        (tmp / "a.txt").write_text("one")
+    assert (final / "a.txt").read_text() == "one" and final.stat().st_mode & 0o777 == 0o777 & ~current_umask()
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final, keep_old=True) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("builder died")
+    assert (final / "a.txt").read_text() == "one" and os.listdir(tmp_path) == ["install"]  # old kept, temp gone
+    with atomic_dir(final, keep_old=True) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert sorted(os.listdir(final)) == ["b.txt"] and os.listdir(tmp_path) == ["install"]  # replaced, old removed

@@ -1,4 +1,4 @@
-"""lib.model: HomeLLM against transformers' Llama (same logits, same greedy tokens), HF save/load round trips,
+"""lib.model.homellm: HomeLLM against transformers' Llama (same logits, same greedy tokens), HF save/load round trips,
 the chunked loss and its mask, gradient checkpointing, presets and config errors."""
 
 import json
@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from lib.config import ModelConfig, load_config
 from lib.errors import UserError
-from lib.hf_io import load_hf, save_hf
-from lib.model import PRESETS, HomeLLM, linear_cross_entropy, model_args, preset_table
+from lib.model.hf_io import load_hf, save_hf
+from lib.model.homellm import PRESETS, HomeLLM, linear_cross_entropy, model_args, preset_table
 
 VOCAB = 96
 

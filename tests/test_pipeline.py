@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from lib import ROOT
+
 TARGET_RULES = {"all", "data", "tokenizer", "tokens", "pretrained", "sft_model", "exported", "checked", "installed",
                 "report"}
 
@@ -130,8 +131,10 @@ def test_snakemake_config_options_are_merged_not_ignored(ws):
 
 
 @pytest.mark.slow
-def test_editing_the_code_reruns_the_stages_that_run_it(ws):
-    """A copy of the checkout, so its lib/ can be edited: each edit reruns exactly the stages whose code changed."""
+def test_editing_the_code_reruns_the_stages_that_run_it_and_nothing_else_does(ws):
+    """A copy of the checkout, so its lib/ can be edited. The cache key is honest both ways: an edit to the code a
+    stage runs reruns exactly the stages that run it; a comment, a docstring, a `serve:` default in the config schema
+    or a new line in the stage map reruns nothing (what the config code gives a stage is values, hashed as values)."""
     code = ws / "code"
     code.mkdir()
     for f in ["Snakefile", *(p.name for p in ROOT.glob("0*.py"))]:
@@ -140,11 +143,36 @@ def test_editing_the_code_reruns_the_stages_that_run_it(ws):
     shutil.copytree(ROOT / "config", code / "config")
     shutil.copytree(ROOT / "envs", code / "envs")
     assert jobs_run(snakemake(ws, "tokens", root=code)) == TOKENS
-    tokenizer_py = code / "lib" / "tokenizer.py"
-    original = tokenizer_py.read_text()
-    tokenizer_py.write_text(original + "\n# an edit\n")
+
+    def edit(rel: str, old: str, new: str) -> str:
+        path = code / rel
+        original = path.read_text()
+        assert old in original, (rel, old)
+        path.write_text(original.replace(old, new, 1))
+        return original
+
+    def dry_run() -> dict[str, int]:
+        return jobs_run(snakemake(ws, "tokens", "-n", root=code))
+
+    # code: a statement added to the tokenizer's module reruns the tokenizer stages, not the data stage
+    original = edit("lib/data/tokenizer.py", "\ndef ", "\nEDITED = True\n\n\ndef ")
     assert jobs_run(snakemake(ws, "tokens", root=code)) == {"train_tokenizer": 1, "encode_corpus": 1}
-    tokenizer_py.write_text(original)
-    assert jobs_run(snakemake(ws, "tokens", root=code)) == {}
-    (code / "lib" / "sources.py").write_text((code / "lib" / "sources.py").read_text() + "\n# an edit\n")
-    assert jobs_run(snakemake(ws, "tokens", root=code)) == TOKENS  # lib.data reads through lib.sources
+    (code / "lib/data/tokenizer.py").write_text(original)
+    assert jobs_run(snakemake(ws, "tokens", root=code)) == {}  # reverted: a cache hit
+    # not code: comments, docstrings, layout
+    edit("lib/data/tokenizer.py", "\ndef ", "\n# a comment\n\n\ndef ")
+    edit("lib/data/prepare.py", '"""', '"""A longer docstring. ')
+    edit("lib/data/sources.py", "\ndef ", "\n\n\n\ndef ")
+    assert dry_run() == {}
+    # config code: a serve default and a comment in the schema, a new field no stage hashes, the stage map's comments
+    edit("lib/config/schema.py", "port: int = field(default=7860", "port: int = field(default=7861")
+    edit("lib/config/schema.py", "class TokenizerConfig:", "class TokenizerConfig:  # an edit")
+    edit("lib/config/load.py", "\ndef ", "\n# an edit\n\n\ndef ")
+    edit("lib/stages.py", "\ndef ", "\n# an edit\n\n\ndef ")
+    assert dry_run() == {}
+    # a default that a stage does hash reruns that stage and what follows, through its value
+    edit("lib/config/schema.py", "min_frequency: int = field(default=2,", "min_frequency: int = field(default=3,")
+    assert dry_run() == {"train_tokenizer": 1, "encode_corpus": 1}
+    # a lib module the data stage imports indirectly reruns everything downstream
+    edit("lib/data/sources.py", "\ndef ", "\nEDITED = True\n\n\ndef ")
+    assert dry_run() == TOKENS

@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lib import ROOT
 from lib.artifacts import is_complete
-from lib.config import load_config, stage_dir
+from lib.config import load_config
 from lib.errors import UserError
+from lib.stages import stage_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "config" / "smoke.yaml"
 # A short run with a checkpoint every 4 steps, eval every 5 (so best/last bookkeeping is exercised too).
 RUN = ["pretrain.max_steps=16", "pretrain.ckpt_every=4", "pretrain.eval_every=5", "pretrain.log_every=1",
@@ -49,7 +50,7 @@ def run_script(args, ws, extra=(), check=True, **kw):
 
 def clean(ws, extra=()):
     cfg = load_config(SMOKE, overrides(ws, extra))
-    from lib.train import work_dir
+    from lib.train.loop import work_dir
 
     shutil.rmtree(stage_dir(cfg, "03_pretrain"), ignore_errors=True)
     shutil.rmtree(work_dir(cfg, "03_pretrain"), ignore_errors=True)
@@ -106,7 +107,7 @@ def test_kill_9_then_rerun_matches_uninterrupted(workspace):
     ref_losses = train_losses(out)
 
     cfg = clean(workspace, extra)
-    from lib.train import work_dir
+    from lib.train.loop import work_dir
 
     cmd = [sys.executable, str(ROOT / "03_pretrain.py"), "--config", str(SMOKE), "--quiet-config"]
     for o in overrides(workspace, extra):
@@ -134,7 +135,7 @@ def test_kill_9_then_rerun_matches_uninterrupted(workspace):
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(workspace):
     extra = ["pretrain.max_steps=400", "pretrain.ckpt_every=1000", "pretrain.eval_every=1000"]
     cfg = clean(workspace, extra)
-    from lib.train import work_dir
+    from lib.train.loop import work_dir
 
     cmd = [sys.executable, str(ROOT / "03_pretrain.py"), "--config", str(SMOKE), "--quiet-config"]
     for o in overrides(workspace, extra):
@@ -172,7 +173,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     from accelerate import Accelerator
 
     from lib.config import TrainConfig
-    from lib.train import fit
+    from lib.train.loop import fit
 
     class Flaky(torch.nn.Module):
         def __init__(self):
@@ -230,7 +231,7 @@ def test_two_process_ddp_matches_single_process(workspace):
 
 def test_lr_warms_up_linearly_then_follows_a_cosine_down_to_min_lr():
     from lib.config import TrainConfig
-    from lib.train import get_lr
+    from lib.train.loop import get_lr
 
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
     assert get_lr(0, 0.0, cfg) == pytest.approx(1e-4)  # step 0 trains at lr / warmup_steps, never at 0
@@ -247,7 +248,7 @@ def test_lr_warms_up_linearly_then_follows_a_cosine_down_to_min_lr():
 
 def test_planned_steps_is_the_tightest_of_the_limits():
     from lib.config import TrainConfig
-    from lib.train import planned_steps
+    from lib.train.loop import planned_steps
 
     tps, epoch = 64, 6400  # tokens per step, tokens per epoch
     assert planned_steps(TrainConfig(max_steps=100), tps, epoch) == 100

@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import ROOT
 import torch
 import yaml
+from conftest import ROOT
 
-from lib.config import load_config, stage_dir, to_dict
-from lib.model import HomeLLM, model_args
+from lib.config import load_config, to_dict
+from lib.model.homellm import HomeLLM, model_args
+from lib.stages import stage_dir
 
 RECIPES = ROOT / "config" / "recipes"
 

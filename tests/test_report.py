@@ -13,12 +13,13 @@ import tarfile
 
 import pytest
 import yaml
-
 from conftest import CHROMIUM_ARGS, ROOT
-from lib.bundle import safe_extract, verify_bundle
-from lib.config import load_config, stage_dir
+
+from lib.config import load_config
 from lib.errors import UserError
 from lib.hardware import HARDWARE_ENV
+from lib.report.bundle import safe_extract, verify_bundle
+from lib.stages import stage_dir
 
 pytestmark = pytest.mark.slow
 

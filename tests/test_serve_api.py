@@ -125,7 +125,7 @@ def test_fit_conversation_drops_oldest_turns_first(loaded):
 
 
 def test_engine_cancels_queues_and_refuses_when_full(loaded):
-    from lib.generate import SamplingParams
+    from lib.model.generate import SamplingParams
 
     engine = Engine(loaded, max_active=1, max_queue=1)
     try:
@@ -480,7 +480,7 @@ def _stage_with_model(cfg, stage: str, model_dir, sub: str = "."):
     import shutil
 
     from lib.artifacts import stage_output
-    from lib.config import stage_dir
+    from lib.stages import stage_dir
 
     with stage_output(cfg, stage) as (tmp, extra):
         shutil.copytree(model_dir, tmp / sub, dirs_exist_ok=True)
@@ -517,7 +517,7 @@ def test_resolve_and_verify_installed_models(tiny_chat_model, tmp_path):
     import shutil
 
     from lib.config import from_dict
-    from lib.install import INFO, MARKER, write_sums
+    from lib.install.installer import INFO, MARKER, write_sums
     from lib.serving.resolve import available_models
 
     models = tmp_path / "models"

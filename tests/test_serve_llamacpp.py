@@ -19,8 +19,8 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (./in
 from lib.chat import encode_chat  # noqa: E402
 from lib.config import Config, ServeConfig  # noqa: E402
 from lib.errors import UserError  # noqa: E402
-from lib.generate import SamplingParams  # noqa: E402
-from lib.gguf_export import write_gguf  # noqa: E402
+from lib.export.gguf import write_gguf  # noqa: E402
+from lib.model.generate import SamplingParams  # noqa: E402
 from lib.serving.engine import Engine  # noqa: E402
 from lib.serving.loading import choose_engine, load_model  # noqa: E402
 from lib.serving.resolve import resolve_model  # noqa: E402

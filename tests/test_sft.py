@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from lib.config import LoraConfig, SftConfig, SftDataConfig, load_config, stage_dir
+from lib import ROOT
+from lib.config import LoraConfig, SftConfig, SftDataConfig, load_config
+from lib.data.sft_data import UNANSWERABLE, Example, load_sft_examples
 from lib.errors import UserError
-from lib.sft import overfit_decision
-from lib.sft_batches import SftBatches, encode_conversations, encode_examples, fit_length, pack, split_examples
-from lib.sft_data import UNANSWERABLE, Example, load_sft_examples
+from lib.stages import stage_dir
+from lib.train.sft import overfit_decision
+from lib.train.sft_batches import SftBatches, encode_conversations, encode_examples, fit_length, pack, split_examples
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "config" / "smoke.yaml"
 
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def tok(tiny_chat_model):
-    from lib.tokenizer import load_tokenizer
+    from lib.data.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_chat_model)
 
@@ -356,11 +357,11 @@ def test_detector_without_train_loss_and_empty_history():
 def test_smollm2_template_rendering_and_lora_lowers_val_loss(smollm2_hf, tmp_path):
     from accelerate import Accelerator
 
-    from lib.config import TrainConfig
     from lib.chat import prepare_tokenizer, template_render
-    from lib.base_model import apply_lora, load_base
-    from lib.tokenizer import load_tokenizer
-    from lib.train import evaluate, fit
+    from lib.config import TrainConfig
+    from lib.data.tokenizer import load_tokenizer
+    from lib.train.base_model import apply_lora, load_base
+    from lib.train.loop import evaluate, fit
 
     tok = prepare_tokenizer(load_tokenizer(smollm2_hf), str(smollm2_hf))
     # its own template (ChatML plus a default system prompt) goes the generic way: ids still equal the template's
@@ -411,10 +412,10 @@ def sft_cfg(tmp_path, base: Path, *extra):
 def test_full_sft_stage_end_to_end(tiny_chat_model, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lib.sft import sft_stage
+    from lib.train.sft import train_sft
 
     cfg = sft_cfg(tmp_path, tiny_chat_model)
-    out = sft_stage(cfg)
+    out = train_sft(cfg)
     assert out == stage_dir(cfg, "04_sft")
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json", "metrics.jsonl", "manifest.json"):
@@ -441,7 +442,7 @@ def test_full_sft_stage_end_to_end(tiny_chat_model, tmp_path, capsys):
     before, after = load_file(str(tiny_chat_model / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
     mtime = (out / "manifest.json").stat().st_mtime
-    sft_stage(cfg)
+    train_sft(cfg)
     assert (out / "manifest.json").stat().st_mtime == mtime
 
 
@@ -450,11 +451,11 @@ def test_lora_stage_adapter_and_merge_agree_with_peft_on_transformers(tiny_chat_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lib.sft import sft_stage
+    from lib.train.sft import train_sft
 
     cfg = sft_cfg(tmp_path, tiny_chat_model, "sft.lora.enabled=true", "sft.lora.rank=4", "sft.train.lr=0.01",
                   "sft.train.max_steps=4")
-    out = sft_stage(cfg)
+    out = train_sft(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["mode"] == "lora" and manifest["lora"]["rank"] == 4 and manifest["lora"]["alpha"] == 8
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "model.safetensors").is_file()
@@ -470,20 +471,20 @@ def test_lora_stage_adapter_and_merge_agree_with_peft_on_transformers(tiny_chat_
 
 
 def test_default_base_needs_phase_1_and_qlora_needs_cuda(tmp_path):
-    from lib.sft import run_sft
+    from lib.train.sft import train_sft
 
     cfg = load_config(SMOKE, [f"artifacts_dir={tmp_path}"])
     with pytest.raises(UserError, match="the 03_pretrain stage has not been run.*03_pretrain.py"):
-        run_sft(cfg)
+        train_sft(cfg)
     cfg = load_config(SMOKE, [f"artifacts_dir={tmp_path}", "sft.lora.qlora=true"])
     # CPU-only CI: the CUDA message; on a GPU machine without bitsandbytes: the package message
     expected = "needs the bitsandbytes package" if torch.cuda.is_available() else "QLoRA .* needs a CUDA GPU"
     with pytest.raises(UserError, match=expected):
-        run_sft(cfg)
+        train_sft(cfg)
 
 
 def test_coursework_rules_checked_before_training(tiny_chat_model, tmp_path):
-    from lib.sft import check_coursework_phase2
+    from lib.train.sft import check_coursework_phase2
 
     cfg = load_config(SMOKE, ["coursework.enabled=true", "sft.train.max_epochs=3"])
     with pytest.raises(UserError, match=r"max_epochs x sft.repeat <= coursework.max_epochs_phase2 \(2.0\); got 3.0"):
@@ -516,7 +517,7 @@ def test_script_reports_user_errors_without_traceback(tmp_path):
 def test_base_model_from_the_hub(fake_hub, tiny_chat_model, tmp_path, monkeypatch):
     """A hub id as sft.base_model: downloaded through the real huggingface_hub client (a local fake hub answers);
     an unknown id and the offline mode give one clear message."""
-    from lib.base_model import load_base, resolve_base_model
+    from lib.train.base_model import load_base, resolve_base_model
 
     fake_hub.add("someone/tiny-chat", tiny_chat_model)
     cfg = load_config(SMOKE, [f"artifacts_dir={tmp_path}", "sft.base_model=someone/tiny-chat"])

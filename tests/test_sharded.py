@@ -1,7 +1,7 @@
 """Sharded training saves complete state: a HomeLLM sharded with FSDP2 over two CPU processes (torchrun, gloo)
-checkpoints through lib.checkpoint — gathered whole, written once — and resumes exactly: model, optimizer, each
+checkpoints through lib.train.checkpoint — gathered whole, written once — and resumes exactly: model, optimizer, each
 process's RNG (dropout) and the step. accelerate shards only on GPUs, so here torch's FSDP2 is driven directly;
-lib.train.fit calls the same functions under accelerate's FSDP config."""
+lib.train.loop.fit calls the same functions under accelerate's FSDP config."""
 
 import subprocess
 import sys
@@ -9,21 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
-from conftest import ROOT
-
-HELPER = ROOT / "tests" / "helpers" / "fsdp_resume.py"
+HELPER = "tests.helpers.fsdp_resume"  # run as a module from the checkout
 pytestmark = pytest.mark.slow
 
 
 def run(out: Path, steps: int, *args, single: bool = False) -> dict:
     if single:
-        cmd = [sys.executable, str(HELPER), str(out), str(steps), "--single", *map(str, args)]
+        cmd = [sys.executable, "-m", HELPER, str(out), str(steps), "--single", *map(str, args)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(HELPER), str(out), str(steps), *map(str, args)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
+               "-m", HELPER, str(out), str(steps), *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={"OMP_NUM_THREADS": "1",
                                                                                  "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return load_file(str(out / "final.safetensors"))

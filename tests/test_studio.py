@@ -16,20 +16,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import CHROMIUM_ARGS, CPU_PROFILES, hardware_profile
-from lib.artifacts import atomic_write_json
-from lib.config import load_config, stage_dir
+
+from lib import ROOT
+from lib.atomic import atomic_write_json
+from lib.config import load_config
 from lib.errors import UserError
 from lib.hardware import probe_hardware
-from lib.model import HomeLLM, model_args
-from lib.studio.configs import (estimate, form_overrides, form_values, list_configs, safe_name, save_config,
-                                validated)
+from lib.model.homellm import HomeLLM, model_args
+from lib.stages import stage_dir
+from lib.studio.configs import config_name, estimate, form_overrides, form_values, list_configs, save_config, validated
 from lib.studio.explore import corpus_overview, random_documents, sft_preview
 from lib.studio.launch import Launcher
 from lib.studio.runs import MetricsFile, find_runs, log_error
 
-ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS_ENV = "MODELS_AT_HOME_SCREENSHOTS"  # where the browser test also copies its screenshots
 
 
@@ -163,12 +163,15 @@ def test_form_errors_name_the_key(tmp_path):
 
 def test_saved_config_is_sanitised_validated_and_runs_the_same(tmp_path):
     ws = workspace(tmp_path)
-    assert safe_name("../../etc/passwd") == "etc-passwd"
-    assert safe_name(".hidden run!.yaml") == "hidden-run"
-    with pytest.raises(UserError, match="config name"):
-        safe_name("../..")
+    assert config_name("my-run_2.yaml") == "my-run_2"
+    for bad in ("../../etc/passwd", ".hidden run!.yaml", "../..", ""):  # refused with the rule, never changed
+        with pytest.raises(UserError, match="config name .*expected 1-64 letters"):
+            config_name(bad)
     overrides = ["pretrain.max_steps=12"]
-    rel = save_config(ws, "../../escape", ws / "config" / "smoke.yaml", overrides)
+    with pytest.raises(UserError, match="config name"):
+        save_config(ws, "../../escape", ws / "config" / "smoke.yaml", overrides)
+    assert not (tmp_path / "escape.yaml").exists() and not (ws / "config" / "studio").exists()
+    rel = save_config(ws, "escape", ws / "config" / "smoke.yaml", overrides)
     assert rel == Path("config/studio/escape.yaml") and (ws / rel).is_file()
     assert not (tmp_path / "escape.yaml").exists()
     saved = load_config(ws / rel)
@@ -292,9 +295,8 @@ def _serve(ws: Path, port_file: Path):
 
 @pytest.mark.slow
 def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
-    from playwright.sync_api import expect, sync_playwright
-
     import httpx
+    from playwright.sync_api import expect, sync_playwright
 
     ws = workspace(tmp_path)
     shots = tmp_path / "screenshots"

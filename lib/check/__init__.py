@@ -5,7 +5,7 @@ A model reference is a local HF directory, a .gguf file, a Hugging Face hub id (
 fetched: the file list with sizes, small config files, safetensors headers) or the pipeline's own export dir.
 Its type is detected from its files' structure by a chain of detectors (never from its name). Estimates come
 from exact parameter counts (safetensors / GGUF headers) where present, else from config formulas; every
-formula is written into the report. Used by 05_check.py and by lib/install.py (which refuses what does not fit).
+formula is written into the report. Used by 05_check.py and by lib/install/installer.py (which refuses what does not fit).
 
 One module per job, in the order a check runs:
     source     the reference opened: local dir, .gguf file or hub repo (metadata only), safetensors headers
@@ -16,6 +16,15 @@ One module per job, in the order a check runs:
     report     check_model() over all of them, the report as text/JSON, 05_check's stage
 """
 
+from lib.check.checker import (
+                                REPORT_VERSION,
+                                SERVABLE_TASKS,
+                                check_model,
+                                default_report_dir,
+                                format_report,
+                                run_check,
+                                write_report,
+)
 from lib.check.detect import Detection, detect
 from lib.check.formulas import (
                                 FRAMEWORK_BYTES,
@@ -29,15 +38,6 @@ from lib.check.formulas import (
                                 fmt_bytes,
                                 kv_cache_bytes,
                                 params_from_config,
-)
-from lib.check.report import (
-                                REPORT_VERSION,
-                                SERVABLE_TASKS,
-                                check_model,
-                                default_report_dir,
-                                format_report,
-                                run_check,
-                                write_report,
 )
 from lib.check.source import Source, open_source, read_safetensors_header
 

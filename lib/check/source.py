@@ -209,7 +209,7 @@ def _hub_safetensors(src: Source, names: list[str]) -> dict:
             out[fname] = {k: (t.dtype, list(t.shape)) for k, t in fm.tensors.items()}
     for n in names:  # other files (diffusers components in sub-folders, unusual names): header by header
         if n not in out:
-            fm = hub_call(lambda: api.parse_safetensors_file_metadata(src.repo_id, n, revision=src.revision,
+            fm = hub_call(lambda n=n: api.parse_safetensors_file_metadata(src.repo_id, n, revision=src.revision,
                                                                        timeout=src._timeout), src.repo_id)
             out[n] = {k: (t.dtype, list(t.shape)) for k, t in fm.tensors.items()}
     return out

@@ -4,5 +4,5 @@
     python 07_serve.py                       # the latest pipeline model, UI + API on http://127.0.0.1:7860/
     python 07_serve.py --model mymodel --cli # chat in the terminal with an installed model
 
-Not here: the sampling maths and the KV cache (lib.generate), the model itself (lib.model).
+Not here: the sampling maths and the KV cache (lib.model.generate), the model itself (lib.model.homellm).
 """

@@ -121,7 +121,7 @@ class _Sampling(_Body):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict | None = None
     user: str | None = None
-    # Extensions many OpenAI-compatible servers accept (vLLM, llama.cpp); lib.generate implements them.
+    # Extensions many OpenAI-compatible servers accept (vLLM, llama.cpp); lib.model.generate implements them.
     top_k: int | None = Field(None, ge=0, le=100_000)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
 

@@ -15,14 +15,14 @@ wait in a bounded queue.
 Two decoders sit behind the same token iterators (`LoadedModel.stream`), picked by `choose_engine` (lib.serving.loading):
 - llama.cpp (lib.serving.llamacpp) for a model that has a GGUF file, on a CPU: llama.cpp's own speed, and one
   batched decode per round for all active requests;
-- torch (lib.generate.stream, a KV cache per request) for GPUs and for models without a GGUF. It also serves a
+- torch (lib.model.generate.stream, a KV cache per request) for GPUs and for models without a GGUF. It also serves a
   GGUF when llama-cpp-python is missing (converted to HF weights on load), and says why that is slower.
 
 Text comes out through `TextStream` (lib.serving.text): UTF-8-complete pieces only, stop strings cut off, and any
 text that could be the start of a stop string held back until it is known not to be one.
 
 Not here: loading and choosing the decoder (lib.serving.loading), HTTP (lib.serving.api), the UI (lib.serving.ui),
-sampling maths (lib.generate).
+sampling maths (lib.model.generate).
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from lib.serving.loading import LoadedModel, load_model
 from lib.serving.resolve import ModelRef
@@ -149,7 +150,7 @@ class Handle:
         while True:
             try:
                 kind, value = await asyncio.wait_for(self._q.get(), poll_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 yield "idle", ""
                 continue
             yield kind, value
@@ -162,7 +163,7 @@ class _Request:
     handle: Handle
     loaded: LoadedModel
     prompt_ids: list[int]
-    params: Any  # lib.generate.SamplingParams
+    params: Any  # lib.model.generate.SamplingParams
     stop: list[str]
     submitted: float
 
@@ -305,7 +306,7 @@ class Engine:
         try:
             token = next(a.tokens)
         except StopIteration:
-            # lib.generate ends the stream at a stop token (not yielded) or at max_new_tokens.
+            # lib.model.generate ends the stream at a stop token (not yielded) or at max_new_tokens.
             self._finish(a, "length" if handle.completion_tokens >= req.params.max_new_tokens else "stop")
             return True
         except Exception as e:  # a bug or out-of-memory must fail this request, not the server

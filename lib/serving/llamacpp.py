@@ -1,12 +1,12 @@
 """llama.cpp as the serving engine's decoder for GGUF models on a CPU, through llama-cpp-python's C API.
 
 One llama.cpp context holds up to `n_seq` sequences, each with its own slice of the KV cache. Every request gets a
-token iterator (`stream`), as lib.generate gives the torch path; the engine's round-robin asks each active request
+token iterator (`stream`), as lib.model.generate gives the torch path; the engine's round-robin asks each active request
 for its next token in turn. The first request of a round that has no token ready runs one `llama_decode` over a
 batch holding the next token of *every* active sequence (and a chunk of any prompt not yet read), so N concurrent
 users cost about one forward pass per round instead of N: that is where the aggregate speed comes from.
 
-Sampling uses llama.cpp's own sampler chain per sequence, configured to mean what lib.generate.sample_next means:
+Sampling uses llama.cpp's own sampler chain per sequence, configured to mean what lib.model.generate.sample_next means:
 repetition penalty (transformers' rule, over the prompt and the output), top-k, temperature, top-p (the most likely
 token always kept), then a draw seeded with the request's seed; temperature 0 is argmax. So greedy output equals
 the torch path's for the same weights, and a seed makes a reply reproducible (the two paths draw differently).
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from lib.errors import UserError
 
@@ -107,7 +107,7 @@ class LlamaCppModel:
     # -- one request -------------------------------------------------------------------------------------
 
     def stream(self, prompt_ids: list[int], params) -> Iterator[int]:
-        """New token ids one at a time for `params` (lib.generate.SamplingParams); ends at a stop token id (not
+        """New token ids one at a time for `params` (lib.model.generate.SamplingParams); ends at a stop token id (not
         yielded), max_new_tokens or the sequence's context. Closing the iterator frees the sequence's slot."""
         prompt = list(prompt_ids)[-(self.n_ctx_seq - 1):]
         max_new = min(params.max_new_tokens, self.n_ctx_seq - len(prompt))
@@ -148,7 +148,7 @@ class LlamaCppModel:
             seed = params.seed if params.seed is not None else L.LLAMA_DEFAULT_SEED  # the default = random
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(int(seed) & 0xFFFFFFFF))
         if params.repetition_penalty != 1.0:
-            for t in prompt:  # the penalty covers the prompt, as lib.generate's does
+            for t in prompt:  # the penalty covers the prompt, as lib.model.generate's does
                 L.llama_sampler_accept(chain, t)
         return chain
 

@@ -10,26 +10,27 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lib.chat import end_of_turn_ids
-from lib.convert import gguf_to_hf
+from lib.data.tokenizer import load_tokenizer
 from lib.errors import UserError
-from lib.generate import stream
-from lib.hf_io import load_hf
-from lib.install import verify_install
+from lib.export.convert import gguf_to_hf
+from lib.install.installer import verify_install
+from lib.model.generate import stream
+from lib.model.hf_io import load_hf
 from lib.serving import llamacpp
 from lib.serving.llamacpp import LlamaCppModel
 from lib.serving.resolve import ModelRef
-from lib.tokenizer import load_tokenizer
 
 
 @dataclass
 class LoadedModel:
     ref: ModelRef
-    model: Any  # lib.model.HomeLLM in eval mode (engine "torch"), or lib.serving.llamacpp.LlamaCppModel
+    model: Any  # lib.model.homellm.HomeLLM in eval mode (engine "torch"), or lib.serving.llamacpp.LlamaCppModel
     tokenizer: Any  # transformers PreTrainedTokenizerFast
     context_length: int
     stop_token_ids: list[int]
@@ -43,7 +44,7 @@ class LoadedModel:
     engine_note: str = ""  # why this engine (shown at start and in /info)
 
     def stream(self, prompt_ids: list[int], params) -> Iterator[int]:
-        """New token ids for a prompt (lib.generate.stream's contract), from whichever decoder serves this model."""
+        """New token ids for a prompt (lib.model.generate.stream's contract), from whichever decoder serves this model."""
         if self.engine == "llama.cpp":
             return self.model.stream(prompt_ids, params)
         return stream(self.model, prompt_ids, params)
@@ -116,7 +117,7 @@ def load_model(ref: ModelRef, device: str = "auto", engine: str = "auto", max_ac
 
 
 def _load_torch(ref: ModelRef, device: str, note: str) -> LoadedModel:
-    """Our HomeLLM on the HF weights (safetensors through lib.hf_io.load_hf)."""
+    """Our HomeLLM on the HF weights (safetensors through lib.model.hf_io.load_hf)."""
     import torch
 
 

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.artifacts import MANIFEST, is_complete, read_json
-from lib.config import Config, stage_dir
+from lib.config import Config
 from lib.errors import UserError
-from lib.install import INFO, MARKER, list_installed, models_dir_for, resolve_installed, verify_install
+from lib.install.installer import INFO, MARKER, list_installed, models_dir_for, resolve_installed, verify_install
+from lib.stages import model_stages, stage_dir
 
 # Stages whose output is a servable HF model directory, furthest first.
-MODEL_STAGES = ("04_export", "04_sft", "03_pretrain")
+MODEL_STAGES = model_stages()
 # Where the HF directory may sit inside a stage or install folder (the folder itself first).
 _HF_SUBDIRS = (".", "model", "hf")
 
@@ -113,7 +114,7 @@ def latest_pipeline_model(cfg: Config) -> ModelRef | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Installed models (lib.install owns the folder layout: <models_dir>/<name>/{model/, model_info.json, SHA256SUMS}).
+# Installed models (lib.install.installer owns the folder layout: <models_dir>/<name>/{model/, model_info.json, SHA256SUMS}).
 
 
 def models_dir_of(cfg: Config, override: str | Path | None = None) -> Path:

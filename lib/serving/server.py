@@ -19,11 +19,10 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from lib.cli import config_files
-from lib.config import Config, ServeConfig, load_config, to_dict
+from lib.config import Config, ServeConfig, to_dict
 from lib.errors import UserError
 from lib.serving.engine import Engine
 from lib.serving.loading import load_model
@@ -202,9 +201,8 @@ class BackgroundServer:
 # The command.
 
 
-def serve_command(args: argparse.Namespace) -> int:
-    """What `python 07_serve.py` does with its parsed arguments."""
-    cfg: Config = load_config(config_files(args), args.overrides)
+def serve_command(cfg: Config, args: argparse.Namespace) -> int:
+    """What `python 07_serve.py` does with its config and parsed arguments."""
     serve = cfg.serve
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     host = args.host or serve.host

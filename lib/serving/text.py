@@ -4,10 +4,10 @@ show (whole UTF-8 characters, stop strings cut, a possible stop string held back
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from lib.chat import encode_chat
-from lib.generate import SamplingParams
+from lib.model.generate import SamplingParams
 
 
 class ContextTooLong(ValueError):
@@ -21,8 +21,8 @@ class ContextTooLong(ValueError):
 
 
 def sampling_params(temperature: float, top_p: float, max_new_tokens: int, seed: int | None = None, **extra):
-    """lib.generate.SamplingParams from the knobs users see. top_p = 0 keeps only the most likely token, i.e. greedy
-    (OpenAI's reading of it; lib.generate itself wants top_p in (0, 1])."""
+    """lib.model.generate.SamplingParams from the knobs users see. top_p = 0 keeps only the most likely token, i.e. greedy
+    (OpenAI's reading of it; lib.model.generate itself wants top_p in (0, 1])."""
     if top_p <= 0:
         temperature, top_p = 0.0, 1.0
     return SamplingParams(temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),

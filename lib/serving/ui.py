@@ -16,14 +16,14 @@ import secrets
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a home server
 
 import gradio as gr  # noqa: E402
 
-from lib.artifacts import atomic_write_json  # noqa: E402
+from lib.atomic import atomic_write_json  # noqa: E402
 from lib.chat import ChatTemplateError, content_text, encode_chat  # noqa: E402
 from lib.config import ServeConfig  # noqa: E402
 from lib.errors import UserError  # noqa: E402

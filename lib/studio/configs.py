@@ -15,17 +15,17 @@ command line accepts; a bad value is the same one-paragraph error.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import yaml
 
-from lib.artifacts import atomic_write_text
+from lib.atomic import atomic_write_text
 from lib.check import estimate_inference, estimate_training
 from lib.config import CheckConfig, Config, SourceConfig, apply_overrides, from_dict, read_config_data, to_dict
 from lib.errors import UserError
 from lib.hardware import probe_hardware
-from lib.model import PRESETS, HomeLLM, model_args
+from lib.model.homellm import PRESETS, HomeLLM, model_args
+from lib.names import check_name
 
 SAVE_DIR = Path("config") / "studio"
 CUSTOM = "custom"
@@ -168,14 +168,11 @@ def validated(base_file: str | Path, overrides: list[str]) -> Config:
         raise UserError(f"{base_file} + the form: {e}") from None
 
 
-def safe_name(name: str) -> str:
-    """A file name from what the user typed: letters, digits, '-', '_' and '.', no leading dot, at most 64."""
+def config_name(name: str) -> str:
+    """The file name a saved config gets: what the user typed (a trailing .yaml dropped), checked by the one name
+    rule (lib.names): refused with the rule, never silently changed."""
     text = (name or "").strip()
-    text = text[:-5] if text.lower().endswith(".yaml") else text
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-")[:64].rstrip(".-")
-    if not cleaned:
-        raise UserError(f"config name {name!r}: use letters, digits, '-', '_' or '.' (it becomes a file name)")
-    return cleaned
+    return check_name(text[:-5] if text.lower().endswith(".yaml") else text, "config name")
 
 
 def save_config(project_dir: str | Path, name: str, base_file: str | Path, overrides: list[str]) -> Path:
@@ -183,7 +180,7 @@ def save_config(project_dir: str | Path, name: str, base_file: str | Path, overr
     path relative to the project dir."""
     validated(base_file, overrides)
     data = config_data(base_file, overrides)
-    rel = SAVE_DIR / f"{safe_name(name)}.yaml"
+    rel = SAVE_DIR / f"{config_name(name)}.yaml"
     header = (f"# Saved by the studio from {base_file}" + (f" with {', '.join(overrides)}" if overrides else "")
               + f".\n# Run it: snakemake --cores all --configfile {rel}\n")
     atomic_write_text(Path(project_dir) / rel, header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

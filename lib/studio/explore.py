@@ -5,7 +5,7 @@
     sft_preview(cfg, k=3, seed=0)   # format per source; examples rendered with the chat template, trained tokens marked
 
 Reads only: stats.json and the shards of a 01_data directory, the meta.json of the 02_tokens directories built from
-it, and for SFT the config's data sources through the SFT stage's own loader and encoder (lib.sft_data, lib.sft),
+it, and for SFT the config's data sources through the SFT stage's own loader and encoder (lib.data.sft_data, lib.train.sft),
 so what is highlighted is exactly what the loss mask trains.
 """
 
@@ -18,11 +18,12 @@ from pathlib import Path
 
 from lib.artifacts import MANIFEST, is_complete, read_json
 from lib.chat import prepare_tokenizer
-from lib.config import Config, stage_dir
+from lib.config import Config
+from lib.data.sft_data import load_sft_examples
+from lib.data.tokenizer import load_tokenizer
 from lib.errors import UserError
-from lib.sft_batches import encode_conversations, encode_text, fit_length
-from lib.sft_data import load_sft_examples
-from lib.tokenizer import load_tokenizer
+from lib.stages import stage_dir
+from lib.train.sft_batches import encode_conversations, encode_text, fit_length
 
 
 def corpus_overview(data_dir: Path) -> dict:
@@ -83,7 +84,7 @@ def _tokenizer_for(cfg: Config, project: Path):
 def highlight(tokenizer, ids, mask) -> str:
     """HTML of the tokens, the trained ones (mask) marked: <mark> around each run of trained tokens."""
     pieces, run, trained = [], [], None
-    decode = getattr(tokenizer, "decode")
+    decode = tokenizer.decode
 
     def flush():
         if run:

@@ -10,7 +10,7 @@ One pipeline at a time per artifacts dir: <artifacts>/.studio/launch.json names 
 a second start, from this studio or another one on the same directory, is refused with what is running. Snakemake's
 own lock on the working directory stops a run started from a terminal at the same time.
 The child gets its own session (process group), so Stop reaches Snakemake and the stage it runs at once: the
-trainer turns SIGTERM into a checkpoint (lib.train), Snakemake marks the job incomplete, and the next start
+trainer turns SIGTERM into a checkpoint (lib.train.loop), Snakemake marks the job incomplete, and the next start
 resumes from that checkpoint (`--rerun-incomplete`).
 """
 
@@ -25,12 +25,14 @@ import threading
 import time
 from pathlib import Path
 
-from lib.artifacts import atomic_write_json, read_json
+from lib import ROOT
+from lib.artifacts import read_json
+from lib.atomic import atomic_write_json
 from lib.errors import UserError
 from lib.studio.runs import pid_alive
 
 STATE = "launch.json"
-SNAKEFILE = Path(__file__).resolve().parents[2] / "Snakefile"
+SNAKEFILE = ROOT / "Snakefile"
 TARGETS = ("all", "report", "sft_model", "pretrained", "tokens", "data")
 
 

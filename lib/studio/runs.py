@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.artifacts import MANIFEST, read_json
-from lib.checkpoint import latest_checkpoint
-from lib.tracking import METRICS, RUN_INFO
+from lib.stages import STAGES as PIPELINE
+from lib.stages import stages_of
+from lib.train.checkpoint import latest_checkpoint
+from lib.train.tracking import METRICS, RUN_INFO
 
-STAGES = ("01_data", "02_tokenizer", "02_tokens", "03_pretrain", "04_sft", "04_export", "05_check", "08_report")
-TRAINING_STAGES = ("03_pretrain", "04_sft")
+STAGES = tuple(s.name for s in PIPELINE if s.kind != "install")  # the install lives in the models dir
+TRAINING_STAGES = stages_of("training")
 LOG_TAIL_BYTES = 16_384
 
 

@@ -25,13 +25,23 @@ import yaml
 from lib.check import fmt_bytes
 from lib.config import Config, load_config
 from lib.errors import UserError
-from lib.model import PRESETS
-from lib.studio.configs import (CUSTOM, FIELDS, estimate, form_overrides, form_values, list_configs, preset_dims,
-                                safe_name, save_config, validated)
+from lib.model.homellm import PRESETS
+from lib.studio.configs import (
+    CUSTOM,
+    FIELDS,
+    config_name,
+    estimate,
+    form_overrides,
+    form_values,
+    list_configs,
+    preset_dims,
+    save_config,
+    validated,
+)
 from lib.studio.explore import corpus_overview, random_documents, sft_preview
 from lib.studio.launch import TARGETS, Launcher
 from lib.studio.runs import TRAINING_STAGES, MetricsFile, Run, find_runs, run_info
-from lib.tracking import fmt_duration
+from lib.train.tracking import fmt_duration
 
 LIVE_PERIOD_S = 1.0  # the live view's refresh: one read of the new metrics lines per second, at most
 RUN_COLUMNS = ["run", "status", "val loss", "bits/byte", "tok/s", "steps", "wall", "updated", "note"]
@@ -223,7 +233,7 @@ class Studio:
         save_name = values[len(FIELDS)] if len(values) > len(FIELDS) else ""
         target = values[len(FIELDS) + 1] if len(values) > len(FIELDS) + 1 else "all"
         try:
-            path = f"config/studio/{safe_name(save_name)}.yaml" if overrides else name
+            path = f"config/studio/{config_name(save_name)}.yaml" if overrides else name
         except UserError:
             path = "config/studio/<name>.yaml"
         edits = f"\n\nEdits: `{' '.join('--set ' + o for o in overrides)}`" if overrides else ""

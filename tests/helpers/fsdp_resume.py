@@ -1,22 +1,20 @@
 """Run under torchrun (2 CPU processes, gloo): train a tiny HomeLLM sharded with FSDP2, checkpointing through
-lib.checkpoint — the functions lib.train.fit calls — and optionally resume from a checkpoint. Writes the whole
+lib.train.checkpoint — the functions lib.train.loop.fit calls — and optionally resume from a checkpoint. Writes the whole
 final weights (gathered) to OUT/final.safetensors. Used by tests/test_sharded.py.
 
-    torchrun --nproc_per_node 2 tests/helpers/fsdp_resume.py OUT STEPS [--save-at N] [--resume CKPT] [--dropout P]
-    python tests/helpers/fsdp_resume.py OUT STEPS --single ...     # the same, one process, unsharded
+    torchrun --nproc_per_node 2 -m tests.helpers.fsdp_resume OUT STEPS [--save-at N] [--resume CKPT] [--dropout P]
+    python -m tests.helpers.fsdp_resume OUT STEPS --single ...     # the same, one process, unsharded
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from lib.checkpoint import load_checkpoint, save_checkpoint, save_weights  # noqa: E402
-from lib.config import ModelConfig  # noqa: E402
-from lib.model import HomeLLM, model_args  # noqa: E402
+from lib.config import ModelConfig
+from lib.model.homellm import HomeLLM, model_args
+from lib.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
 
 
 def batch(step: int, rank: int, world: int) -> torch.Tensor:

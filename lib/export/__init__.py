@@ -1,0 +1,1 @@
+"""Stage 04_export: the tuned model as an HF folder, GGUF files and an Ollama Modelfile; GGUF -> HF conversion."""

@@ -1,0 +1,1 @@
+"""Our transformer (homellm), its generation loop and its Hugging Face-format save/load."""

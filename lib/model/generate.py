@@ -1,0 +1,179 @@
+"""The inference engine of HomeLLM: a preallocated KV cache, prefill + one-token decode steps, and sampling.
+
+Used by serving (lib.serving streams tokens from `stream`) and by the training loops (sample printing). It runs
+the model in the dtype its weights have: callers load fp32 on CPUs without bf16 matrix units (bf16 matmuls are
+emulated there and several times slower, see bench/bench_decode.py) and bf16 where it is fast.
+
+    params = SamplingParams(max_new_tokens=64, temperature=0.8, top_p=0.9, seed=1, stop_token_ids=[eos])
+    for token in stream(model, prompt_ids, params):   # tokens as they are produced
+        ...
+    new_ids = generate(model, prompt_ids, params)     # the same tokens as a list
+
+Not here: tokenisation, chat templates, batching several requests (lib.serving interleaves streams).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from lib.errors import UserError
+from lib.model.homellm import HomeLLM, ModelArgs
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    # 0 = greedy (argmax); otherwise logits are divided by it before sampling
+    temperature: float = 1.0
+    # keep only the k most likely tokens (0 or None = off)
+    top_k: Optional[int] = 0
+    # keep the smallest set of most likely tokens whose probability reaches top_p (1.0 = off)
+    top_p: float = 1.0
+    # > 1 discourages tokens already in the prompt or the output (transformers' rule: positive logits are
+    # divided by it, negative ones multiplied)
+    repetition_penalty: float = 1.0
+    # generation ends when one of these is sampled; the stop token itself is not returned
+    stop_token_ids: Sequence[int] = field(default_factory=list)
+    # generation ends when the decoded output contains one of these (needs `decode`); the tokens that complete
+    # the stop string are not returned, and tokens that might be the start of one are held back until decided
+    stop_strings: Sequence[str] = field(default_factory=list)
+    # seed of the sampling generator (None = a fresh random seed)
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            problems.append(f"max_new_tokens: expected an integer >= 0, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            problems.append(f"temperature: expected >= 0, got {self.temperature!r}")
+        if self.top_k is not None and self.top_k < 0:
+            problems.append(f"top_k: expected >= 0 (0 = off), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p: expected a value in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            problems.append(f"repetition_penalty: expected > 0 (1 = off), got {self.repetition_penalty!r}")
+        if problems:
+            raise UserError("sampling parameters: " + "; ".join(problems))
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: `layers[i] = (k, v)`, each (B, n_kv_heads, max_len, head_dim).
+
+    The model writes positions start_pos .. start_pos + T - 1 of each buffer in place (see Attention.forward),
+    so decoding never reallocates or concatenates.
+    """
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.max_len = max_len
+        self.layers = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+                       for _ in range(args.n_layers)]
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+                seen: Optional[torch.Tensor] = None) -> int:
+    """One token id from logits (V,) fp32. seen: (V,) bool, the tokens the repetition penalty applies to."""
+    if params.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # drop a token when the tokens before it already reach top_p (the most likely one is always kept)
+        drop = (sorted_probs.cumsum(0) - sorted_probs) >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is a proper beginning of a stop string (0 = none)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+@torch.inference_mode()
+def stream(model: HomeLLM, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
+           decode: Optional[Callable[[list[int]], str]] = None) -> Iterator[int]:
+    """Yield new token ids one at a time: one prefill pass over the prompt, then one cached step per token.
+
+    Stops at max_new_tokens, a stop token id, a stop string (checked on `decode(new_ids)`), or the model's context
+    (max_seq_len): a prompt longer than the context keeps its last max_seq_len - 1 tokens.
+    """
+    params = params or SamplingParams()
+    if params.stop_strings and decode is None:
+        raise ValueError("stop_strings need a decode callback (token ids -> text)")
+    prompt = list(prompt_ids)
+    if not prompt:
+        raise UserError("generation needs a prompt of at least one token (e.g. the BOS token)")
+    ctx = model.args.max_seq_len
+    prompt = prompt[-(ctx - 1):]
+    max_new = min(params.max_new_tokens, ctx - len(prompt))
+    if max_new <= 0:
+        return
+    weight = model.lm_head.weight
+    device = weight.device
+    generator = torch.Generator(device=device)
+    if params.seed is not None:
+        generator.manual_seed(params.seed)
+    else:
+        generator.seed()
+    stop_ids = set(params.stop_token_ids or ())
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(model.args.vocab_size, dtype=torch.bool, device=device)
+        seen[torch.tensor(prompt, device=device)] = True
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = KVCache(model.args, 1, len(prompt) + max_new, weight.dtype, device)
+        logits, _ = model(torch.tensor([prompt], device=device), kv_cache=cache.layers, start_pos=0, last_only=True)
+        pos = len(prompt)
+        out: list[int] = []
+        emitted = 0  # out[emitted:] is held back: it may be the beginning of a stop string
+        for step in range(max_new):
+            token = sample_next(logits[0, -1].float(), params, generator, seen)
+            if token in stop_ids:
+                return
+            out.append(token)
+            maybe_stop = False
+            if params.stop_strings:
+                text = decode(out)
+                if any(s in text for s in params.stop_strings):
+                    return
+                maybe_stop = _longest_stop_prefix(text, params.stop_strings) > 0
+            if not maybe_stop:
+                yield from out[emitted:]
+                emitted = len(out)
+            if step + 1 == max_new:
+                break
+            if seen is not None:
+                seen[token] = True
+            logits, _ = model(torch.tensor([[token]], device=device), kv_cache=cache.layers, start_pos=pos,
+                              last_only=True)
+            pos += 1
+        yield from out[emitted:]  # the output ended on what looked like the start of a stop string
+    finally:
+        model.train(was_training)
+
+
+def generate(model: HomeLLM, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
+             decode: Optional[Callable[[list[int]], str]] = None) -> list[int]:
+    """The new token ids (the prompt not included) that `stream` yields."""
+    return list(stream(model, prompt_ids, params, decode))

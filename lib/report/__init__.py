@@ -1,0 +1,1 @@
+"""Stage 08: the report card, and the submission bundle with its verify."""

@@ -1,0 +1,292 @@
+"""The run's report card (stage 08): one self-contained HTML page (images embedded), the same as Markdown with PNG
+files, report.json with every figure, and a short summary on the terminal.
+
+It only reads what the stages wrote (manifests, stats, metrics, the Snakemake benchmark files) and runs the final
+models for a few figures of its own: the perplexity of the sentences in `report.sentences` and samples for
+`report.prompts` at temperatures 0.3, 0.8 and 1.5.
+
+Not here: training or evaluating anything else; the submission bundle (lib/report/bundle.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+import platform
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+from lib.artifacts import MANIFEST, git_commit, package_versions, read_json, require_stage, stage_output
+from lib.chat import encode_chat
+from lib.config import Config, dump_yaml
+from lib.data.tokenizer import load_tokenizer
+from lib.hardware import probe_hardware
+from lib.model.generate import SamplingParams, generate
+from lib.model.hf_io import load_hf
+from lib.stages import stage_dir, stage_hash, stages_of
+
+# the stages a run consists of: not the install (`snakemake report` never installs) nor this report itself
+STAGES = stages_of("data", "training", "export", "check")
+TEMPERATURES = (0.3, 0.8, 1.5)
+
+
+def _manifest(cfg: Config, stage: str) -> dict | None:
+    path = stage_dir(cfg, stage) / MANIFEST
+    return read_json(path) if path.is_file() else None
+
+
+def _benchmark(cfg: Config, stage: str) -> dict | None:
+    """Wall time and peak RSS of the stage's whole process, from Snakemake's benchmark file (when run by it)."""
+    f = Path(cfg.artifacts_dir) / "logs" / stage / f"{stage_hash(cfg, stage)}.benchmark.tsv"
+    if not f.is_file():
+        return None
+    rows = list(csv.DictReader(f.read_text().splitlines(), delimiter="\t"))
+    return {"wall_s": float(rows[-1]["s"]), "peak_rss_mb": float(rows[-1]["max_rss"])} if rows else None
+
+
+def _stage_row(cfg: Config, stage: str, manifest: dict | None) -> dict:
+    """Wall time (Snakemake's measure of the whole job when it ran the stage, else the stage's own) and peak RSS
+    (the larger of the two: a short job can end between Snakemake's samples)."""
+    bench = _benchmark(cfg, stage) or {}
+    own = manifest or {}
+    rss = [v for v in (bench.get("peak_rss_mb"), own.get("peak_rss_mb")) if v is not None]
+    return {"stage": stage, "hash": stage_hash(cfg, stage), "done": manifest is not None,
+            "wall_s": bench.get("wall_s", own.get("wall_time_s")), "peak_rss_mb": max(rss) if rss else None}
+
+
+def scripts_seen(data_dir: Path, max_docs: int = 2000) -> dict[str, float]:
+    """Share of letters per Unicode script (LATIN, CYRILLIC, ...) in the first documents of the val split."""
+    counts: Counter = Counter()
+    seen = 0
+    for shard in sorted(data_dir.glob("val-*.jsonl")):
+        for line in shard.read_text(encoding="utf-8").splitlines():
+            for ch in json.loads(line)["text"]:
+                if ch.isalpha():
+                    counts[unicodedata.name(ch, "UNKNOWN").split()[0]] += 1
+            seen += 1
+            if seen >= max_docs:
+                break
+    total = sum(counts.values()) or 1
+    return {k: round(v / total, 4) for k, v in counts.most_common(6)}
+
+
+def _curves(metrics: Path, title: str, out: Path) -> Path | None:
+    """train/val loss, lr and tokens/s of one phase as a PNG."""
+    if not metrics.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+    axes[0].set_title(f"{title}: loss")
+    axes[0].legend()
+    axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
+    axes[1].set_title("learning rate")
+    axes[2].plot([r["step"] for r in train], [r.get("tok_s", 0) for r in train])
+    axes[2].set_title("tokens / s")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def _model_figures(cfg: Config, pretrain_dir: Path, final_dir: Path) -> dict:
+    """Perplexity of report.sentences under both models; samples of the final model at each temperature."""
+    import torch
+
+
+    out: dict = {"perplexity": [], "samples": []}
+    models = {"phase 1": (load_hf(pretrain_dir), load_tokenizer(pretrain_dir)),
+              "final": (load_hf(final_dir), load_tokenizer(final_dir))}
+    with torch.inference_mode():
+        for sentence in cfg.report.sentences:
+            row = {"sentence": sentence}
+            for name, (model, tok) in models.items():
+                ids = [tok.eos_token_id, *tok.encode(sentence, add_special_tokens=False)]
+                _, loss = model(torch.tensor([ids[:-1]]), targets=torch.tensor([ids[1:]]))
+                row[name] = round(math.exp(min(loss.item(), 50)), 2)
+            out["perplexity"].append(row)
+        model, tok = models["final"]
+        stops = [i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")) if isinstance(i, int)]
+        for prompt in cfg.report.prompts:
+            ids = encode_chat(tok, [{"role": "user", "content": prompt}])
+            for t in TEMPERATURES:
+                new = generate(model, ids, SamplingParams(max_new_tokens=cfg.report.sample_tokens, temperature=t,
+                                                          seed=cfg.seed, stop_token_ids=stops))
+                out["samples"].append({"prompt": prompt, "temperature": t,
+                                       "reply": tok.decode(new, skip_special_tokens=True).strip(),
+                                       "ended_turn": len(new) < cfg.report.sample_tokens})
+    return out
+
+
+def collect(cfg: Config, out_dir: Path) -> dict:
+    """Every figure of the report card, as a JSON-ready dict (PNGs written into out_dir)."""
+    check_dir = require_stage(cfg, "05_check", "Run the pipeline first: snakemake --cores all")
+    m = {s: _manifest(cfg, s) for s in STAGES}
+    hw = probe_hardware(cfg.artifacts_dir)
+    pre, sft, export = m["03_pretrain"], m["04_sft"], m["04_export"]
+    data_dir = stage_dir(cfg, "01_data")
+    final_eval = pre.get("final_eval", {})
+    report = {
+        "environment": {
+            "cpu": hw["cpu"]["name"], "threads": hw["cpu"]["threads"], "cpu_bf16": hw["cpu"]["bf16"],
+            "ram_gb": round(hw["ram"]["total_bytes"] / 2**30, 1),
+            "gpus": [f"{g['name']} ({g['vram_total_bytes'] / 2**30:.0f} GB)" for g in hw["gpus"]],
+            "os": hw["os"], "python": platform.python_version(), "git_commit": git_commit(),
+            "packages": package_versions(),
+        },
+        "stages": [_stage_row(cfg, s, m[s]) for s in STAGES],
+        "data": {"documents": m["01_data"].get("documents"), "chars": m["01_data"].get("chars"),
+                 "removed": m["01_data"].get("removed"), "sources": m["01_data"].get("sources"),
+                 "scripts": scripts_seen(data_dir)},
+        "tokenizer": {"vocab_size": m["02_tokenizer"].get("vocab_size"), "source": m["02_tokenizer"].get("source"),
+                      "val_bytes_per_token": m["02_tokens"].get("val_bytes_per_token")},
+        "model": {"parameters": pre.get("parameters"), "shape": pre.get("model")},
+        "pretrain": {k: pre.get(k) for k in ("steps", "tokens", "epochs", "stop_reason", "precision", "train_seconds")},
+        "final": {"val_loss": final_eval.get("val_loss"), "val_ppl": final_eval.get("val_ppl"),
+                  "val_bpb": final_eval.get("val_bpb")},
+        "sft": {k: sft.get(k) for k in ("mode", "steps", "stop_reason", "best_val_loss")}
+        | {"end_of_turn_rate": (sft.get("end_of_turn") or {}).get("share_ended_turn")},
+        "export": {"max_abs_logit_diff": (export.get("hf") or {}).get("max_abs_logit_diff"),
+                   "gguf": [{"file": g["file"], "greedy_match": (g.get("check") or {}).get("greedy_match")}
+                            for g in export.get("gguf") or []]},
+        "check": read_json(check_dir / "report.json").get("verdict"),
+        "coursework": {"phase 1": pre.get("coursework"), "phase 2": sft.get("coursework")},
+        "config": dump_yaml(cfg),
+    }
+    report.update(_model_figures(cfg, stage_dir(cfg, "03_pretrain"), stage_dir(cfg, "04_export") / "hf"))
+    report["plots"] = [p.name for p in (_curves(stage_dir(cfg, "03_pretrain") / "metrics.jsonl", "phase 1 (pretrain)",
+                                               out_dir / "pretrain.png"),
+                                        _curves(stage_dir(cfg, "04_sft") / "metrics.jsonl", "phase 2 (SFT)",
+                                                out_dir / "sft.png")) if p]
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering: one list of sections, written as HTML and as Markdown.
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if v is None:
+        return "–"
+    return json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else str(v)
+
+
+def sections(r: dict) -> list[tuple[str, list[list[str]] | str]]:
+    """(title, rows or preformatted text) in reading order."""
+    e = r["environment"]
+    verdict = r["check"] or {}
+    cw = r["coursework"]
+    cw_text = "not enabled" if not (cw["phase 1"] or {}).get("enabled") else (
+        f"phase 1: {(cw['phase 1'] or {}).get('checked')}, phase 2: {(cw['phase 2'] or {}).get('checked')}")
+    return [
+        ("Summary", [["final val loss", _fmt(r["final"]["val_loss"])], ["perplexity", _fmt(r["final"]["val_ppl"])],
+                     ["bits per byte", _fmt(r["final"]["val_bpb"])], ["parameters", _fmt(r["model"]["parameters"])],
+                     ["SFT end-of-turn rate", _fmt(r["sft"]["end_of_turn_rate"])],
+                     ["05_check", "runnable here" if verdict.get("runnable") else f"not runnable: {verdict.get('problems')}"],
+                     ["coursework rules", cw_text]]),
+        ("Machine and software", [["CPU", f"{e['cpu']} ({e['threads']} threads, bf16 units: {e['cpu_bf16']})"],
+                                  ["RAM", f"{e['ram_gb']} GB"], ["GPUs", ", ".join(e["gpus"]) or "none"],
+                                  ["OS", e["os"]], ["python", e["python"]], ["git commit", _fmt(e["git_commit"])]]
+         + [[k, v] for k, v in e["packages"].items() if k != "python"]),
+        ("Stages", [["stage", "hash", "wall time (s)", "peak RSS (MB)"]]
+         + [[s["stage"], s["hash"], _fmt(s["wall_s"]), _fmt(s["peak_rss_mb"])] for s in r["stages"]]),
+        ("Data", [["documents (train / val)", _fmt(r["data"]["documents"])], ["characters", _fmt(r["data"]["chars"])],
+                  ["removed, by reason", _fmt(r["data"]["removed"])], ["sources", _fmt(r["data"]["sources"])],
+                  ["scripts seen (share of letters)", _fmt(r["data"]["scripts"])]]),
+        ("Tokenizer and model", [["vocabulary", _fmt(r["tokenizer"]["vocab_size"])],
+                                 ["bytes per token (val)", _fmt(r["tokenizer"]["val_bytes_per_token"])],
+                                 ["shape", _fmt(r["model"]["shape"])]]),
+        ("Training", [["phase", "steps", "stop reason", "precision / mode"],
+                      ["1 pretrain", _fmt(r["pretrain"]["steps"]), _fmt(r["pretrain"]["stop_reason"]),
+                       _fmt(r["pretrain"]["precision"])],
+                      ["2 SFT", _fmt(r["sft"]["steps"]), _fmt(r["sft"]["stop_reason"]), _fmt(r["sft"]["mode"])]]),
+        ("Perplexity of your sentences", [["sentence", "phase 1", "final"]]
+         + [[p["sentence"], _fmt(p["phase 1"]), _fmt(p["final"])] for p in r["perplexity"]]),
+        ("Samples", [["prompt", "temperature", "reply"]]
+         + [[s["prompt"], _fmt(s["temperature"]), s["reply"] or "(empty)"] for s in r["samples"]]),
+        ("Export checks", [["HF export max |logit difference|", _fmt(r["export"]["max_abs_logit_diff"])]]
+         + [[f"GGUF {g['file']}: greedy output matches", _fmt(g["greedy_match"])] for g in r["export"]["gguf"]]),
+        ("Resolved config", r["config"]),
+    ]
+
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+       "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.3em .6em;"
+       "text-align:left;vertical-align:top}tr:first-child th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;"
+       "overflow:auto}img{max-width:100%}")
+
+
+def render_html(r: dict, out_dir: Path) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Models at Home — report card</title>"
+             f"<style>{CSS}</style></head><body><h1>Models at Home — report card</h1>"]
+    for title, body in sections(r):
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        if isinstance(body, str):
+            parts.append(f"<pre>{html.escape(body)}</pre>")
+            continue
+        head = title in ("Stages", "Training", "Perplexity of your sentences", "Samples")
+        rows = [("th" if head and i == 0 else "td", row) for i, row in enumerate(body)]
+        parts.append("<table>" + "".join("<tr>" + "".join(f"<{t}>{html.escape(str(c))}</{t}>" for c in row) + "</tr>"
+                                         for t, row in rows) + "</table>")
+        if title == "Training":
+            for name in r["plots"]:
+                data = base64.b64encode((out_dir / name).read_bytes()).decode()
+                parts.append(f"<img alt='{name}' src='data:image/png;base64,{data}'>")
+    return "".join(parts) + "</body></html>\n"
+
+
+def render_markdown(r: dict) -> str:
+    lines = ["# Models at Home — report card", ""]
+    for title, body in sections(r):
+        lines += [f"## {title}", ""]
+        if isinstance(body, str):
+            lines += ["```yaml", body.rstrip(), "```", ""]
+            continue
+        width = max(len(row) for row in body)
+        rows = body if title in ("Stages", "Training", "Perplexity of your sentences", "Samples") else [["", ""][:width], *body]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in rows[0]) + " |")
+        lines.append("|" + "---|" * width)
+        lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in rows[1:]]
+        lines.append("")
+        if title == "Training":
+            lines += [f"![{name}]({name})" for name in r["plots"]] + [""]
+    return "\n".join(lines)
+
+
+def summary(r: dict, out: Path) -> str:
+    f, v = r["final"], r["check"] or {}
+    return (f"report card: {out / 'report.html'}\n"
+            f"  val loss {_fmt(f['val_loss'])}, perplexity {_fmt(f['val_ppl'])}, {_fmt(f['val_bpb'])} bits/byte; "
+            f"{_fmt(r['model']['parameters'])} parameters; SFT end-of-turn rate {_fmt(r['sft']['end_of_turn_rate'])}; "
+            f"05_check: {'runnable here' if v.get('runnable') else 'NOT runnable'}")
+
+
+def run_report(cfg: Config) -> Path:
+    """Stage 08: write artifacts/08_report/<hash>/ (report.html, report.md, report.json, PNGs); print a summary."""
+    final = stage_dir(cfg, "08_report")
+    with stage_output(cfg, "08_report") as (out, extra):
+        r = collect(cfg, out)
+        (out / "report.json").write_text(json.dumps(r, indent=2, ensure_ascii=False, default=str) + "\n")
+        (out / "report.html").write_text(render_html(r, out), encoding="utf-8")
+        (out / "report.md").write_text(render_markdown(r), encoding="utf-8")
+        extra["final"] = r["final"]
+    print(summary(r, final))
+    return final
