@@ -16,7 +16,7 @@ here. An existing install is replaced only after a yes, or with --force.
 """
 
 from lib.cli import stage_main
-from lib.install.installer import run_command
+from lib.install.commands import run_install
 
 COMMANDS = ("install", "list", "info", "remove", "config")
 
@@ -37,7 +37,7 @@ def add_args(parser):
 
 
 def main(argv=None) -> int:
-    return stage_main(__doc__.split("\n\n")[0], run_command, argv, add_args,
+    return stage_main(__doc__.split("\n\n")[0], run_install, argv, add_args,
                       shows_config=lambda args: args.command == "install")
 
 

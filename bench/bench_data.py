@@ -24,9 +24,10 @@ import numpy as np
 
 from lib import ROOT
 from lib.config import load_config
+from lib.data.loaders import pkg_dir
 from lib.data.prepare import MinHasher, U64Set, build_corpus, clean_text, iter_documents, lsh_params
 from lib.data.records import BadRecords
-from lib.data.sources import open_source, pkg_dir
+from lib.data.sources import open_source
 
 
 def timed(fn, repeat: int = 3):

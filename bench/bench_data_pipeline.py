@@ -162,7 +162,7 @@ def run_worker(stage: str, config: Path, overrides: list[str]) -> dict:
 
 def _pool() -> list[str]:
     """Bible verses and fortunes: the lines the generated corpus is built from."""
-    from lib.data.sources import pkg_dir
+    from lib.data.loaders import pkg_dir
 
     lines = []
     with open(pkg_dir("bible") / "data" / "kjv.jsonl", encoding="utf-8") as f:

@@ -8,7 +8,7 @@ matmul GFLOP/s, all in the same run (the two models interleaved, so a busy neigh
     .venv/bin/python -m bench.bench_train_step --precision bf16         # force bf16 autocast
     .venv/bin/python -m bench.bench_train_step --compile                # also ours with torch.compile'd blocks
 
-Precision "auto" is the pipeline's policy (lib.train.loop.choose_precision): bf16 autocast where the CPU has bf16
+Precision "auto" is the pipeline's policy (lib.hardware.training_precision): bf16 autocast where the CPU has bf16
 matrix units (AVX-512 BF16 / AMX), fp32 otherwise, because without them torch emulates bf16 matmuls far slower
 than fp32. The matmul peak is measured in that same dtype, as the best of large GEMMs and of the model's own
 GEMM shapes. --clock cpu measures process CPU time; with --threads 1 that is the work itself, unaffected by other
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     clock = time.perf_counter if a.clock == "wall" else time.process_time
-    from lib.train.loop import cpu_has_fast_bf16
+    from lib.hardware import cpu_has_fast_bf16
 
     bf16 = a.precision == "bf16" or (a.precision == "auto" and cpu_has_fast_bf16())
     dtype = torch.bfloat16 if bf16 else torch.float32

@@ -1,5 +1,6 @@
 """What this machine has: CPU cores, RAM, GPUs with their memory, free disk, and whether the CPU multiplies bf16
-natively. The model check (lib/check.py) judges against it and the trainer (lib/train/loop.py) picks its precision from it.
+natively. The model check (lib/check/) judges against it, and its precision policy (training_precision, below) is the one
+the trainer, 05_check and the studio use.
 Probing only reads system counters; it never allocates memory on a device. torch is imported only if it is already
 installed (it is optional here).
 
@@ -173,3 +174,54 @@ def probe_hardware(disk_path: str | Path = ".") -> dict:
         found = merge(found, overrides)
         found["overridden"] = f"{HARDWARE_ENV}: {json.dumps(overrides, sort_keys=True)}"
     return found
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The precision policy.
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has bf16 matrix units (AVX-512 BF16 or AMX) that torch's oneDNN uses. Without them torch
+    emulates bf16 matmuls, ~50x slower than fp32 (measured on an AVX2-only EPYC: 0.9 vs 52 GFLOP/s).
+    MODELS_AT_HOME_HARDWARE (lib.hardware) overrides the answer, so tests choose the policy they judge."""
+    forced = cpu_bf16_override()
+    if forced is not None:
+        return forced
+    import torch
+
+    return cpu_has_bf16_units() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def training_precision(requested: str, device_type: str, hw: dict | None = None) -> tuple[str, str]:
+    """The precision policy, the one place it is decided: the config's precision ("auto", "fp32", "bf16", "fp16") on
+    this device as accelerate's mixed_precision ("no", "bf16", "fp16") and a reason to log. Training asks with
+    hw=None (the device itself is probed); 05_check's and the studio's estimates pass the hardware they judge."""
+    if requested == "fp32":
+        return "no", "fp32 (requested)"
+    if device_type == "cuda":
+        if hw is not None and hw.get("gpus"):
+            bf16_ok = bool(hw["gpus"][0].get("bf16"))
+        else:
+            import torch
+
+            bf16_ok = torch.cuda.is_bf16_supported()
+        if requested in ("auto", "bf16") and bf16_ok:
+            return "bf16", "bf16 autocast (CUDA supports bf16)"
+        if requested == "bf16":
+            raise UserError("pretrain.precision: bf16 requested but this GPU does not support bf16; use fp16 or auto")
+        return "fp16", "fp16 autocast with loss scaling (CUDA without bf16)"
+    if requested == "fp16":
+        raise UserError("pretrain.precision: fp16 is for GPUs; on CPU use auto, bf16 or fp32")
+    fast = cpu_has_fast_bf16() if hw is None else bool(hw["cpu"]["bf16"])
+    if requested == "bf16":
+        return "bf16", "bf16 autocast (requested)" + ("" if fast else "; warning: this CPU emulates bf16, fp32 is faster")
+    if fast:
+        return "bf16", "bf16 autocast (CPU has AVX-512 BF16/AMX)"
+    return "no", "fp32 (this CPU has no bf16 matrix units; emulated bf16 would be slower)"
+
+
+
+
+def activation_dtype(mixed: str) -> str:
+    """The dtype activations are computed in under accelerate's mixed_precision value."""
+    return {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[mixed]

@@ -126,7 +126,7 @@ STAGES: tuple[Stage, ...] = (
           hashes=_section("check"), reads=lambda cfg: ["04_export"], args=("--quiet-config",)),
     # The install lands in the models dir; its folder here is a receipt (Snakemake deletes a job's outputs before a
     # rerun, and nothing of an installed model may go before its replacement is complete).
-    Stage("06_install", "install", "install", "06_install.py", "lib.install.installer", "run_install", "install",
+    Stage("06_install", "install", "install", "06_install.py", "lib.install.commands", "run_install", "install",
           "installed", hashes=_section("install"), reads=lambda cfg: ["05_check"], args=("install", "--quiet-config")),
     Stage("08_report", "report card", "report", "08_report.py", "lib.report.card", "run_report", "report_card",
           "report", hashes=_section("report"), reads=lambda cfg: ["05_check"], args=("--quiet-config",),

