@@ -173,7 +173,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     from accelerate import Accelerator
 
     from lib.config import TrainConfig
-    from lib.train.loop import fit
+    from lib.train.loop import Run, fit
 
     class Flaky(torch.nn.Module):
         def __init__(self):
@@ -197,8 +197,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
     cfg = TrainConfig(max_steps=10, ckpt_every=2, eval_every=100, log_every=100, warmup_steps=0)
     with pytest.raises(UserError, match=r"loss became nan at step 4.*step-00000004"):
-        fit(Flaky(), Data(), None, cfg, tmp_path / "work", seed=0, accelerator=Accelerator(cpu=True),
-            precision_note="fp32", world_batch_tokens=2, flops_per_token=1.0)
+        fit(Flaky(), Data(), None, Run(cfg, tmp_path / "work", Accelerator(cpu=True), seed=0, world_batch_tokens=2,
+                                       flops_per_token=1.0, precision_note="fp32"))
     assert (tmp_path / "work" / "step-00000004").is_dir()
 
 

@@ -361,7 +361,7 @@ def test_smollm2_template_rendering_and_lora_lowers_val_loss(smollm2_hf, tmp_pat
     from lib.config import TrainConfig
     from lib.data.tokenizer import load_tokenizer
     from lib.train.base_model import apply_lora, load_base
-    from lib.train.loop import evaluate, fit
+    from lib.train.loop import Run, evaluate, fit
 
     tok = prepare_tokenizer(load_tokenizer(smollm2_hf), str(smollm2_hf))
     # its own template (ChatML plus a default system prompt) goes the generic way: ids still equal the template's
@@ -388,9 +388,9 @@ def test_smollm2_template_rendering_and_lora_lowers_val_loss(smollm2_hf, tmp_pat
     before = evaluate(model, val, 1, accelerator)
     cfg = TrainConfig(seq_len=64, batch_size=2, lr=2e-3, min_lr=2e-4, warmup_steps=1, max_steps=4, eval_every=2,
                       eval_batches=1, ckpt_every=100, log_every=1, sample_prompts=[], precision="fp32")
-    res = fit(model, train, val, cfg, tmp_path / "work", seed=0, accelerator=accelerator, precision_note="fp32",
-              world_batch_tokens=2 * train.mean_len, flops_per_token=model.estimate_flops_per_token(64),
-              config_name="sft.train")
+    res = fit(model, train, val, Run(cfg, tmp_path / "work", accelerator, seed=0, precision_note="fp32",
+                                     world_batch_tokens=2 * train.mean_len,
+                                     flops_per_token=model.estimate_flops_per_token(64), config_name="sft.train"))
     losses = [before] + [h["val_loss"] for h in res.history]
     assert losses[-1] < before - 0.3, losses
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]

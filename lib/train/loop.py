@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -194,178 +194,209 @@ def evaluate(model, data: Batches, n_batches: int, accelerator) -> float:
     return total / max(count, 1)
 
 
-def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], cfg: TrainConfig, work_dir: Path, *,
-        seed: int, accelerator, precision_note: str, world_batch_tokens: int, flops_per_token: float,
-        bytes_per_token: Optional[float] = None, sample_fn: Optional[Callable[[torch.nn.Module], list[str]]] = None,
-        on_eval: Optional[Callable[[list[dict]], str]] = None, config_name: str = "pretrain") -> FitResult:
-    """Train `model` until a stop condition; resume from work_dir's latest checkpoint if there is one.
+@dataclass
+class Run:
+    """What fit() trains with besides the model and the data, grouped: the phase's settings, where its state lives,
+    and how it measures and reports."""
 
-    work_dir lives outside the stage's declared outputs, so a failed or killed run keeps it and a rerun resumes.
-    It holds the checkpoints, best.safetensors and the logs (metrics.jsonl, TensorBoard events, samples, loss.png).
-    world_batch_tokens: tokens per optimizer step across all processes (for tok/s, max_tokens and epochs).
-    on_eval(history) -> "continue" | "stop" | any other text to log (e.g. "moderate overfitting").
-    """
-    rank, world = accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  fused=False)
-    ds = getattr(accelerator.state, "deepspeed_plugin", None)
-    if ds is not None:  # DeepSpeed wants the micro-batch size, which it usually reads off a DataLoader we don't use
-        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # checkpoints go through torch's distributed state-dict API, which knows DDP and FSDP wrappers but not
-    # accelerate's optimizer wrapper
-    raw_optimizer = getattr(optimizer, "optimizer", optimizer)
+    cfg: TrainConfig  # the phase's train section (`pretrain` or `sft.train`)
+    work_dir: Path  # checkpoints, best/last weights and logs; outside the stage's outputs, so a rerun resumes
+    accelerator: Any  # from make_accelerator: device, precision, processes
+    seed: int
+    world_batch_tokens: int  # tokens per optimizer step over all processes (tok/s, max_tokens, epochs)
+    flops_per_token: float  # for MFU
+    precision_note: str = ""  # why this precision, logged once
+    bytes_per_token: Optional[float] = None  # for val bits per byte
+    sample_fn: Optional[Callable[[torch.nn.Module], list[str]]] = None  # texts sampled at every eval
+    on_eval: Optional[Callable[[list[dict]], str]] = None  # history -> "continue" | "stop" | a note to log
+    config_name: str = "pretrain"  # the config key that errors name
 
-    total_steps = planned_steps(cfg, world_batch_tokens, train.tokens_per_epoch)
-    state = {"tokens": 0, "elapsed_s": 0.0, "best_val_loss": None, "bad_evals": 0, "history": []}
-    ckpt = latest_checkpoint(work_dir)
-    step = 0
-    if ckpt is not None:
-        loaded = load_checkpoint(ckpt, model, raw_optimizer, accelerator)
-        step = loaded.pop("step")
-        state.update(loaded)
-        accelerator.print(f"resuming from {ckpt} (step {step}, {state['tokens']:,} tokens, "
-                          f"{state['elapsed_s']:.0f}s trained so far)")
 
-    tracker = Tracker(work_dir, enabled=is_main, start_step=step, total_steps=total_steps, time_budget_min=cfg.time_budget_min,
-                      history=state["history"])
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-    peak = measure_peak_flops(accelerator.device, compute_dtype)
-    tracker.info(f"precision: {precision_note}; device {accelerator.device} x{world}; "
-                 f"{world_batch_tokens:,} tokens/step; matmul peak {peak / 1e9:.0f} GFLOP/s"
-                 + (f"; planned steps {total_steps}" if total_steps else "")
-                 + (f"; time budget {cfg.time_budget_min} min" if cfg.time_budget_min else ""))
+def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], run: Run) -> FitResult:
+    """Train `model` until a stop condition; resume from run.work_dir's latest checkpoint if there is one.
+    The shape is nanoGPT's: stop? -> lr -> micro-steps -> clip, step -> log -> eval -> checkpoint."""
+    loop = _Loop(model, train, val, run)
+    cfg, reason = run.cfg, None
+    with _StopSignal() as stop:
+        while (reason := loop.limit_reached()) is None:
+            loop.set_lr()
+            loss = loop.train_step()
+            loop.log(loss)
+            if loop.step % cfg.eval_every == 0:
+                reason = loop.run_eval()
+            if loop.step % cfg.ckpt_every == 0 or reason:
+                loop.save()
+            if stop.received is not None:
+                loop.interrupted(stop.received)
+            if reason:
+                break
+    return loop.finish(reason)
 
-    stop_reason = None
-    last_val: dict = {}
-    t_start = time.perf_counter() - state["elapsed_s"]
-    t_log, tokens_log = time.perf_counter(), state["tokens"]
-    model.train()
-    last_good = ckpt
 
-    def save(current_step: int):  # every process takes part: sharded state is gathered, the main process writes
-        nonlocal last_good
-        accelerator.wait_for_everyone()
-        state["elapsed_s"] = time.perf_counter() - t_start
-        last_good = save_checkpoint(work_dir, current_step, model, raw_optimizer, state, is_main=is_main,
-                                    accelerator=accelerator)
-        accelerator.wait_for_everyone()
+class _Loop:
+    """fit()'s state and its steps. Every process runs the same calls (saves gather, the main process writes)."""
 
-    def run_eval(current_step: int) -> Optional[str]:
-        nonlocal last_val
-        if val is None:
+    def __init__(self, model, train: Batches, val: Optional[Batches], run: Run):
+        acc, cfg = run.accelerator, run.cfg
+        self.train, self.val, self.run, self.cfg, self.acc = train, val, run, cfg, acc
+        self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
+        torch.manual_seed(run.seed)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2), fused=False)
+        ds = getattr(acc.state, "deepspeed_plugin", None)
+        if ds is not None:  # DeepSpeed wants the micro-batch size, which it usually reads off a DataLoader
+            ds.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        # checkpoints go through torch's distributed state-dict API, which knows DDP and FSDP wrappers but not
+        # accelerate's optimizer wrapper
+        self.raw_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+
+        self.total_steps = planned_steps(cfg, run.world_batch_tokens, train.tokens_per_epoch)
+        self.state = {"tokens": 0, "elapsed_s": 0.0, "best_val_loss": None, "bad_evals": 0, "history": []}
+        self.step, self.last_good = 0, latest_checkpoint(run.work_dir)
+        if self.last_good is not None:
+            loaded = load_checkpoint(self.last_good, self.model, self.raw_optimizer, acc)
+            self.step = loaded.pop("step")
+            self.state.update(loaded)
+            acc.print(f"resuming from {self.last_good} (step {self.step}, {self.state['tokens']:,} tokens, "
+                      f"{self.state['elapsed_s']:.0f}s trained so far)")
+        self.tracker = Tracker(run.work_dir, enabled=self.is_main, start_step=self.step, total_steps=self.total_steps,
+                               time_budget_min=cfg.time_budget_min, history=self.state["history"])
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
+        self.peak = measure_peak_flops(acc.device, dtype)
+        self.tracker.info(f"precision: {run.precision_note}; device {acc.device} x{self.world}; "
+                          f"{run.world_batch_tokens:,} tokens/step; matmul peak {self.peak / 1e9:.0f} GFLOP/s"
+                          + (f"; planned steps {self.total_steps}" if self.total_steps else "")
+                          + (f"; time budget {cfg.time_budget_min} min" if cfg.time_budget_min else ""))
+        self.last_val: dict = {}
+        self.t_start = time.perf_counter() - self.state["elapsed_s"]
+        self.t_log, self.tokens_log = time.perf_counter(), self.state["tokens"]
+        self.model.train()
+
+    def limit_reached(self) -> Optional[str]:
+        cfg, step = self.cfg, self.step
+        if self.total_steps is not None and step >= self.total_steps:
+            return f"reached {self.total_steps} steps"
+        if cfg.time_budget_min is not None and time.perf_counter() - self.t_start >= cfg.time_budget_min * 60:
+            return f"time budget of {cfg.time_budget_min} min used"
+        if cfg.stop_at_step is not None and step >= cfg.stop_at_step:
+            return f"stopped at step {step} (stop_at_step; the schedule is the full run's)"
+        return None
+
+    def set_lr(self) -> None:
+        elapsed = time.perf_counter() - self.t_start
+        self.lr = get_lr(self.step, progress_of(self.step, self.total_steps, elapsed, self.cfg), self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the step's mean loss (over all processes)."""
+        cfg, acc, model, name = self.cfg, self.acc, self.model, self.run.config_name
+        loss_sum = 0.0
+        try:
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(acc.device, non_blocking=True)
+                         for k, v in self.train.get(self.step, micro, self.rank, self.world).items()}
+                sync = micro == cfg.grad_accum - 1
+                with (acc.no_sync(model) if not sync and self.world > 1 else contextlib.nullcontext()):
+                    with acc.autocast():
+                        _, loss = model(batch["x"], targets=batch["y"], loss_mask=batch.get("mask"))
+                    acc.backward(loss / cfg.grad_accum)
+                loss_sum += loss.detach().float().item()
+        except torch.OutOfMemoryError:
+            raise UserError(_oom_message(cfg, name)) from None
+        except RuntimeError as e:
+            if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
+                raise UserError(_oom_message(cfg, name)) from None
+            raise
+        train_loss = loss_sum / cfg.grad_accum
+        if self.world > 1:  # log the loss of the global batch, comparable with a single-process run
+            train_loss = acc.reduce(torch.tensor(train_loss, device=acc.device), "mean").item()
+        if not math.isfinite(train_loss):
+            where = (f"the last good checkpoint {self.last_good} is kept" if self.last_good
+                     else "no checkpoint was written yet")
+            raise UserError(
+                f"{name}: the training loss became {train_loss} at step {self.step}; stopped ({where}). "
+                f"Lower {name}.lr (now {cfg.lr}), raise {name}.warmup_steps or set {name}.grad_clip, then rerun: "
+                "it resumes from the last good checkpoint.")
+        if cfg.grad_clip > 0:
+            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.state["tokens"] += self.run.world_batch_tokens
+        return train_loss
+
+    def log(self, train_loss: float) -> None:
+        step, tokens = self.step, self.state["tokens"]
+        if step % self.cfg.log_every == 0 or step == 1:
+            now = time.perf_counter()
+            tok_s = (tokens - self.tokens_log) / max(now - self.t_log, 1e-9)
+            self.t_log, self.tokens_log = now, tokens
+            mfu = tok_s * self.run.flops_per_token / (self.peak * self.world)
+            self.tracker.step(step, train_loss, self.lr, tok_s, mfu, now - self.t_start, tokens)
+        else:
+            self.tracker.observe_loss(train_loss)
+
+    def save(self) -> None:
+        """A checkpoint of this step. Every process takes part: sharded state is gathered, the main process writes."""
+        self.acc.wait_for_everyone()
+        self.state["elapsed_s"] = time.perf_counter() - self.t_start
+        self.last_good = save_checkpoint(self.run.work_dir, self.step, self.model, self.raw_optimizer, self.state,
+                                         is_main=self.is_main, accelerator=self.acc)
+        self.acc.wait_for_everyone()
+
+    def run_eval(self) -> Optional[str]:
+        """Val loss (+ perplexity, bits per byte), best weights kept, samples logged; a reason to stop, or None."""
+        run, state, step = self.run, self.state, self.step
+        if self.val is None:
             return None
-        loss = evaluate(model, val, cfg.eval_batches, accelerator)
-        loss = accelerator.reduce(torch.tensor(loss, device=accelerator.device), reduction="mean").item()
-        record = {"step": current_step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
-                  "train_loss": tracker.recent_train_loss()}
-        if bytes_per_token:
-            record["val_bpb"] = loss / math.log(2) / bytes_per_token
-        improved = state["best_val_loss"] is None or loss < state["best_val_loss"]
-        if improved:
-            state["best_val_loss"] = loss
-            state["bad_evals"] = 0
-            save_weights(model, work_dir / BEST, is_main=is_main, accelerator=accelerator)
+        loss = evaluate(self.model, self.val, self.cfg.eval_batches, self.acc)
+        loss = self.acc.reduce(torch.tensor(loss, device=self.acc.device), reduction="mean").item()
+        record = {"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50)),
+                  "train_loss": self.tracker.recent_train_loss()}
+        if run.bytes_per_token:
+            record["val_bpb"] = loss / math.log(2) / run.bytes_per_token
+        if state["best_val_loss"] is None or loss < state["best_val_loss"]:
+            state["best_val_loss"], state["bad_evals"] = loss, 0
+            save_weights(self.model, run.work_dir / BEST, is_main=self.is_main, accelerator=self.acc)
         else:
             state["bad_evals"] += 1
         state["history"].append(record)
-        decision = on_eval(state["history"]) if on_eval else None
+        decision = run.on_eval(state["history"]) if run.on_eval else None
         if decision:
             record["decision"] = decision
-        samples = sample_fn(accelerator.unwrap_model(model)) if (sample_fn and is_main) else []
-        tracker.eval(record, samples)
-        last_val = record
+        samples = run.sample_fn(self.acc.unwrap_model(self.model)) if (run.sample_fn and self.is_main) else []
+        self.tracker.eval(record, samples)
+        self.last_val = record
         if decision == "stop":
-            return f"stopped by {on_eval.__name__ if hasattr(on_eval, '__name__') else 'eval hook'} at step {current_step}"
-        if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
-            return f"early stopping: val loss did not improve for {cfg.patience} evals"
+            return f"stopped by {getattr(run.on_eval, '__name__', 'eval hook')} at step {step}"
+        if self.cfg.patience is not None and state["bad_evals"] >= self.cfg.patience:
+            return f"early stopping: val loss did not improve for {self.cfg.patience} evals"
         return None
 
-    with _StopSignal() as stop:
-        while True:
-            elapsed = time.perf_counter() - t_start
-            if total_steps is not None and step >= total_steps:
-                stop_reason = f"reached {total_steps} steps"
-            elif cfg.time_budget_min is not None and elapsed >= cfg.time_budget_min * 60:
-                stop_reason = f"time budget of {cfg.time_budget_min} min used"
-            elif cfg.stop_at_step is not None and step >= cfg.stop_at_step:
-                stop_reason = f"stopped at step {step} (stop_at_step; the schedule is the full run's)"
-            if stop_reason:
-                break
+    def interrupted(self, signum: int) -> None:
+        self.save()
+        self.tracker.info(f"received signal {signum}: checkpoint saved at step {self.step}; rerun to resume")
+        self.tracker.close(ended="stopped")
+        raise KeyboardInterrupt
 
-            lr = get_lr(step, progress_of(step, total_steps, elapsed, cfg), cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            loss_sum = 0.0
-            try:
-                for micro in range(cfg.grad_accum):
-                    batch = {k: v.to(accelerator.device, non_blocking=True)
-                             for k, v in train.get(step, micro, rank, world).items()}
-                    sync = micro == cfg.grad_accum - 1
-                    with (accelerator.no_sync(model) if not sync and world > 1 else contextlib.nullcontext()):
-                        with accelerator.autocast():
-                            _, loss = model(batch["x"], targets=batch["y"], loss_mask=batch.get("mask"))
-                        accelerator.backward(loss / cfg.grad_accum)
-                    loss_sum += loss.detach().float().item()
-            except torch.OutOfMemoryError:
-                raise UserError(_oom_message(cfg, config_name)) from None
-            except RuntimeError as e:
-                if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
-                    raise UserError(_oom_message(cfg, config_name)) from None
-                raise
-
-            train_loss = loss_sum / cfg.grad_accum
-            if world > 1:  # log the loss of the global batch, comparable with a single-process run
-                train_loss = accelerator.reduce(torch.tensor(train_loss, device=accelerator.device), "mean").item()
-            if not math.isfinite(train_loss):
-                where = f"the last good checkpoint {last_good} is kept" if last_good else "no checkpoint was written yet"
-                raise UserError(
-                    f"{config_name}: the training loss became {train_loss} at step {step}; stopped ({where}). "
-                    f"Lower {config_name}.lr (now {cfg.lr}), raise {config_name}.warmup_steps or set "
-                    f"{config_name}.grad_clip, then rerun: it resumes from the last good checkpoint.")
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            state["tokens"] += world_batch_tokens
-
-            if step % cfg.log_every == 0 or step == 1:
-                now = time.perf_counter()
-                tok_s = (state["tokens"] - tokens_log) / max(now - t_log, 1e-9)
-                t_log, tokens_log = now, state["tokens"]
-                tracker.step(step, train_loss, lr, tok_s, tok_s * flops_per_token / (peak * world),
-                             now - t_start, state["tokens"])
-            else:
-                tracker.observe_loss(train_loss)
-
-            if step % cfg.eval_every == 0:
-                stop_reason = run_eval(step)
-            if step % cfg.ckpt_every == 0 or stop_reason:
-                save(step)
-            if stop.received is not None:
-                save(step)
-                tracker.info(f"received signal {stop.received}: checkpoint saved at step {step}; rerun to resume")
-                tracker.close(ended="stopped")
-                raise KeyboardInterrupt
-            if stop_reason:
-                break
-
-    if not last_val or last_val.get("step") != step:
-        reason = run_eval(step)
-        stop_reason = stop_reason or reason
-    save(step)
-    save_weights(model, work_dir / LAST, is_main=is_main, accelerator=accelerator)
-    tracker.info(f"done: {stop_reason}; {step} steps, {state['tokens']:,} tokens, "
-                 f"{time.perf_counter() - t_start:.0f}s")
-    tracker.close()
-    return FitResult(steps=step, tokens=state["tokens"], best_val_loss=state["best_val_loss"], last_val=last_val,
-                     stop_reason=stop_reason, elapsed_s=time.perf_counter() - t_start, precision=precision_note,
-                     best_path=work_dir / BEST if state["best_val_loss"] is not None else None,
-                     last_path=work_dir / LAST, history=state["history"])
+    def finish(self, reason: Optional[str]) -> FitResult:
+        """The last eval (unless this step had one), a checkpoint, the last weights whole, the closing log line."""
+        if not self.last_val or self.last_val.get("step") != self.step:
+            eval_reason = self.run_eval()
+            reason = reason or eval_reason
+        self.save()
+        work, state = self.run.work_dir, self.state
+        save_weights(self.model, work / LAST, is_main=self.is_main, accelerator=self.acc)
+        elapsed = time.perf_counter() - self.t_start
+        self.tracker.info(f"done: {reason}; {self.step} steps, {state['tokens']:,} tokens, {elapsed:.0f}s")
+        self.tracker.close()
+        return FitResult(steps=self.step, tokens=state["tokens"], best_val_loss=state["best_val_loss"],
+                         last_val=self.last_val, stop_reason=reason, elapsed_s=elapsed,
+                         precision=self.run.precision_note,
+                         best_path=work / BEST if state["best_val_loss"] is not None else None,
+                         last_path=work / LAST, history=state["history"])
 
 
 def _oom_message(cfg: TrainConfig, name: str) -> str:

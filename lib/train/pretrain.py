@@ -23,7 +23,7 @@ from lib.model.hf_io import save_hf
 from lib.model.homellm import HomeLLM, model_args
 from lib.stages import stage_dir
 from lib.train.base_model import reply_ids
-from lib.train.loop import fit, make_accelerator, work_dir
+from lib.train.loop import Run, fit, make_accelerator, work_dir
 from lib.train.tracking import METRICS, PLOT, SAMPLES, TB_DIR
 
 
@@ -148,12 +148,12 @@ def train_pretrain(cfg: Config) -> Path:
     train = TokenWindows(tokens_dir / "train.bin", what="train", **windows)
     val = TokenWindows(tokens_dir / "val.bin", what="val", **windows)
     work = work_dir(cfg, "03_pretrain")
-    result = fit(model, train, val, t, work, seed=cfg.seed, accelerator=accelerator, precision_note=note,
-                 world_batch_tokens=t.batch_size * t.seq_len * t.grad_accum * world,
-                 flops_per_token=model.estimate_flops_per_token(t.seq_len),
-                 bytes_per_token=meta["val_bytes_per_token"],
-                 sample_fn=sampler(tokenizer, t.sample_prompts, t.sample_tokens, cfg.seed) if t.sample_prompts else None,
-                 config_name="pretrain")
+    result = fit(model, train, val, Run(
+        t, work, accelerator, seed=cfg.seed, precision_note=note,
+        world_batch_tokens=t.batch_size * t.seq_len * t.grad_accum * world,
+        flops_per_token=model.estimate_flops_per_token(t.seq_len), bytes_per_token=meta["val_bytes_per_token"],
+        sample_fn=sampler(tokenizer, t.sample_prompts, t.sample_tokens, cfg.seed) if t.sample_prompts else None,
+        config_name="pretrain"))
     final = stage_dir(cfg, "03_pretrain")
     if not accelerator.is_main_process:
         return final

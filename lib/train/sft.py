@@ -38,7 +38,7 @@ from lib.train.base_model import (
     reply_ids,
     resolve_base_model,
 )
-from lib.train.loop import fit, make_accelerator, work_dir
+from lib.train.loop import Run, fit, make_accelerator, work_dir
 from lib.train.sft_batches import SftBatches, encode_examples, pack, split_examples
 from lib.train.tracking import METRICS, PLOT, SAMPLES, TB_DIR
 
@@ -233,11 +233,12 @@ def train_sft(cfg: Config) -> Path:
                         "or set sft.lora.enabled: false for full fine-tuning")
     work = work_dir(cfg, "04_sft")
     prompts = t.sample_prompts or CHECK_PROMPTS[:1]
-    result = fit(model, train, val, t, work, seed=cfg.seed, accelerator=accelerator, precision_note=note,
-                 world_batch_tokens=t.batch_size * t.grad_accum * world * train.mean_len,
-                 flops_per_token=model.estimate_flops_per_token(t.seq_len),
-                 sample_fn=chat_sampler(tokenizer, prompts, t.sample_tokens, cfg.seed, sft.system_prompt),
-                 on_eval=make_overfit_detector(sft, log) if val is not None else None, config_name="sft.train")
+    result = fit(model, train, val, Run(
+        t, work, accelerator, seed=cfg.seed, precision_note=note,
+        world_batch_tokens=t.batch_size * t.grad_accum * world * train.mean_len,
+        flops_per_token=model.estimate_flops_per_token(t.seq_len),
+        sample_fn=chat_sampler(tokenizer, prompts, t.sample_tokens, cfg.seed, sft.system_prompt),
+        on_eval=make_overfit_detector(sft, log) if val is not None else None, config_name="sft.train"))
     final = stage_dir(cfg, "04_sft")
     if not accelerator.is_main_process:
         return final
