@@ -28,6 +28,7 @@ from lib.check import (
 from lib.config import CheckConfig
 from lib.errors import UserError
 from lib.hardware import probe_hardware
+from lib.model.dims import Dims
 
 SMOLLM2_PARAMS = 134_515_008  # SmolLM2-135M: 30 layers, d 576, 9 heads / 3 kv heads, ffn 1536, vocab 49152, tied
 
@@ -248,8 +249,8 @@ def test_mamba_needs_its_kernels(tmp_path, hardware):
     e = r["estimates"]
     assert abs(e["params"]["total"] - 129_135_360) / 129_135_360 < 0.01  # state-spaces/mamba-130m-hf
     # no KV cache: a fixed-size state per layer, whatever the context
-    state = kv_cache_bytes(e["dims"], 1, 1, "fp32")
-    assert state == 24 * 1536 * (16 + 4) * 4 == kv_cache_bytes(e["dims"], 100_000, 1, "fp32")
+    state = kv_cache_bytes(Dims.from_dict(e["dims"]), 1, 1, "fp32")
+    assert state == 24 * 1536 * (16 + 4) * 4 == kv_cache_bytes(Dims.from_dict(e["dims"]), 100_000, 1, "fp32")
     assert "mamba-ssm" in format_report(r)
 
 

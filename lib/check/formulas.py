@@ -10,6 +10,7 @@ from lib.check.detect import ENCODER_TASKS, ENCODER_TYPES, SSM_TYPES, Detection
 from lib.check.source import PICKLE_SUFFIXES, WEIGHT_SUFFIXES, Source
 from lib.config import CheckConfig
 from lib.hardware import activation_dtype, training_precision
+from lib.model.dims import Dims
 
 MiB, GiB = 2**20, 2**30
 
@@ -68,24 +69,23 @@ GATED_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qw
                "deepseek_v3", "smollm3", "internlm2", "exaone", "glm", "glm4", "helium", "jamba"}
 
 
-def dims_of(det: Detection) -> dict:
-    """hidden, layers, heads, kv_heads, head_dim, ffn, vocab, context, tied, gated MLP, experts, SSM sizes."""
+def dims_of(det: Detection) -> Dims:
+    """The detected model's dimensions (lib.model.dims), from its config in whatever words its family uses."""
     c = det.config or {}
     if det.gguf is not None or det.architecture is None:  # already normalised (GGUF, params.json, litgpt)
         hidden, layers = c.get("hidden"), c.get("layers")
         heads = c.get("heads") or (max(1, (hidden or 64) // 64))
         kv = c.get("kv_heads") or heads
-        d = {"hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv,
-             "head_dim": (hidden // heads) if hidden and heads else None,
-             "ffn": c.get("ffn") or (4 * hidden if hidden else None),
-             "vocab": c.get("vocab"), "context": c.get("context_length"),
-             "tied": det.gguf is not None and not any(t[0] == "output.weight" for t in det.gguf["tensors"]),
-             "gated": det.family not in ("gpt2", "bloom", "falcon", "starcoder", "bert", "phi2"),
-             "experts": c.get("experts") or 1, "experts_used": c.get("experts_used") or 1,
-             "attention": "ssm" if det.family in ("mamba", "mamba2") else "full",
-             "ssm_inner": c.get("ssm_inner"), "ssm_state": c.get("ssm_state"), "ssm_conv": c.get("ssm_conv"),
-             "bias": False, "positions": 0}
-        return d
+        return Dims(hidden=hidden, layers=layers, heads=heads, kv_heads=kv,
+                    head_dim=(hidden // heads) if hidden and heads else None,
+                    ffn=c.get("ffn") or (4 * hidden if hidden else None),
+                    vocab=c.get("vocab"), context=c.get("context_length"),
+                    tied=det.gguf is not None and not any(t[0] == "output.weight" for t in det.gguf["tensors"]),
+                    gated=det.family not in ("gpt2", "bloom", "falcon", "starcoder", "bert", "phi2"),
+                    experts=c.get("experts") or 1, experts_used=c.get("experts_used") or 1,
+                    attention="ssm" if det.family in ("mamba", "mamba2") else "full",
+                    ssm_inner=c.get("ssm_inner"), ssm_state=c.get("ssm_state"), ssm_conv=c.get("ssm_conv"),
+                    bias=False, positions=0)
     mt = c.get("model_type") or det.family
     hidden = _first(c, "hidden_size", "n_embd", "d_model", "dim", "embed_dim")
     layers = _first(c, "num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
@@ -100,35 +100,35 @@ def dims_of(det: Detection) -> dict:
         ffn = 4 * hidden
     act = str(_first(c, "hidden_act", "hidden_activation", "activation_function", default=""))
     ssm = mt in SSM_TYPES
-    d = {
-        "hidden": hidden, "layers": layers, "heads": heads, "kv_heads": kv, "head_dim": head_dim, "ffn": ffn,
-        "vocab": c.get("vocab_size"),
-        "context": _first(c, "max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx",
-                          "max_sequence_length", "max_target_positions"),
-        "tied": bool(c.get("tie_word_embeddings", det.full_config.get("tie_word_embeddings", True))),
-        "gated": mt in GATED_TYPES or act in ("silu", "swish", "swiglu"),
-        "experts": _first(c, "num_local_experts", "num_experts", "n_routed_experts", default=1) or 1,
-        "experts_used": _first(c, "num_experts_per_tok", "num_experts_per_token", default=1) or 1,
-        "attention": "ssm" if ssm else "full",
-        "ssm_inner": _first(c, "intermediate_size", "d_inner") if ssm else None,
-        "ssm_state": _first(c, "state_size", "d_state", "ssm_state_size") if ssm else None,
-        "ssm_conv": _first(c, "conv_kernel", "d_conv") if ssm else None,
+    d = Dims(
+        hidden=hidden, layers=layers, heads=heads, kv_heads=kv, head_dim=head_dim, ffn=ffn,
+        vocab=c.get("vocab_size"),
+        context=_first(c, "max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx",
+                       "max_sequence_length", "max_target_positions"),
+        tied=bool(c.get("tie_word_embeddings", det.full_config.get("tie_word_embeddings", True))),
+        gated=mt in GATED_TYPES or act in ("silu", "swish", "swiglu"),
+        experts=_first(c, "num_local_experts", "num_experts", "n_routed_experts", default=1) or 1,
+        experts_used=_first(c, "num_experts_per_tok", "num_experts_per_token", default=1) or 1,
+        attention="ssm" if ssm else "full",
+        ssm_inner=_first(c, "intermediate_size", "d_inner") if ssm else None,
+        ssm_state=_first(c, "state_size", "d_state", "ssm_state_size") if ssm else None,
+        ssm_conv=_first(c, "conv_kernel", "d_conv") if ssm else None,
         # GPT-2/BERT style: biases everywhere and learned absolute positions
-        "bias": bool(c.get("attention_bias") or c.get("qkv_bias") or mt in ("gpt2", "bert", "roberta", "whisper")
-                     or mt in ENCODER_TYPES),
-        "positions": (_first(c, "n_positions", "max_position_embeddings") or 0)
+        bias=bool(c.get("attention_bias") or c.get("qkv_bias") or mt in ("gpt2", "bert", "roberta", "whisper")
+                  or mt in ENCODER_TYPES),
+        positions=(_first(c, "n_positions", "max_position_embeddings") or 0)
         if (mt in ("gpt2", "gpt_neo", "opt", "whisper") or c.get("position_embedding_type") == "absolute") else 0,
-        "type_vocab": c.get("type_vocab_size") or 0,
-    }
+        type_vocab=c.get("type_vocab_size") or 0,
+    )
     if ssm:
-        if not d["ssm_inner"] and hidden:
-            d["ssm_inner"] = int(c.get("expand", 2) * hidden)
-        d["ssm_state"] = d["ssm_state"] or 16
-        d["ssm_conv"] = d["ssm_conv"] or 4
-        d["heads"] = d["kv_heads"] = d["head_dim"] = None
+        if not d.ssm_inner and hidden:
+            d.ssm_inner = int(c.get("expand", 2) * hidden)
+        d.ssm_state = d.ssm_state or 16
+        d.ssm_conv = d.ssm_conv or 4
+        d.heads = d.kv_heads = d.head_dim = None
     if det.task == "seq2seq" or mt == "whisper":
-        d["encoder_layers"] = _first(c, "encoder_layers", "num_layers", default=layers)
-        d["layers"] = _first(c, "decoder_layers", "num_decoder_layers", default=layers)
+        d.encoder_layers = _first(c, "encoder_layers", "num_layers", default=layers)
+        d.layers = _first(c, "decoder_layers", "num_decoder_layers", default=layers)
     return d
 
 
@@ -144,29 +144,29 @@ def vision_params_from_config(vc: dict, text_hidden: int | None) -> int:
     return int(tower + (dv * text_hidden + text_hidden * text_hidden if text_hidden else 0))
 
 
-def params_from_config(d: dict) -> int | None:
+def params_from_config(d: Dims) -> int | None:
     """Parameter count from hyper-parameters (used when no weight headers are available). Norm weights and
     biases are counted; exotic extras (rotary tables, pooler heads) are not, so expect a few % off."""
-    h, L, V = d.get("hidden"), d.get("layers"), d.get("vocab")
+    h, L, V = d.hidden, d.layers, d.vocab
     if not (h and L and V):
         return None
-    if d["attention"] == "ssm":
-        di, ds, dc = d["ssm_inner"], d["ssm_state"], d["ssm_conv"]
+    if d.attention == "ssm":
+        di, ds, dc = d.ssm_inner, d.ssm_state, d.ssm_conv
         dt_rank = math.ceil(h / 16)
         # in_proj (x and gate), depthwise conv, x_proj (dt, B, C), dt_proj, A_log, D, out_proj, norm
         layer = h * 2 * di + di * dc + di + di * (dt_rank + 2 * ds) + dt_rank * di + di + di * ds + di + di * h + h
-        return V * h + L * layer + h + (0 if d["tied"] else V * h)
-    nh, nkv, hd, f = d["heads"], d["kv_heads"], d["head_dim"], d["ffn"]
-    b = 1 if d.get("bias") else 0
+        return V * h + L * layer + h + (0 if d.tied else V * h)
+    nh, nkv, hd, f = d.heads, d.kv_heads, d.head_dim, d.ffn
+    b = 1 if d.bias else 0
     attn = h * nh * hd + 2 * h * nkv * hd + nh * hd * h + b * (nh * hd + 2 * nkv * hd + h)
-    mlp = (3 if d["gated"] else 2) * h * f + b * (f + h)
-    if d["experts"] > 1:
-        mlp = d["experts"] * mlp + h * d["experts"]  # experts + router
+    mlp = (3 if d.gated else 2) * h * f + b * (f + h)
+    if d.experts > 1:
+        mlp = d.experts * mlp + h * d.experts  # experts + router
     norms = 2 * h * (1 + b)  # two norms per layer (LayerNorm has a bias too)
-    total = V * h + L * (attn + mlp + norms) + h + (0 if d["tied"] else V * h)
-    total += d.get("positions", 0) * h + d.get("type_vocab", 0) * h
-    if d.get("encoder_layers"):  # encoder stack; each decoder layer also has cross-attention
-        total += d["encoder_layers"] * (attn + mlp + norms) + L * (attn + 2 * h)
+    total = V * h + L * (attn + mlp + norms) + h + (0 if d.tied else V * h)
+    total += d.positions * h + d.type_vocab * h
+    if d.encoder_layers:  # encoder stack; each decoder layer also has cross-attention
+        total += d.encoder_layers * (attn + mlp + norms) + L * (attn + 2 * h)
     return int(total)
 
 
@@ -235,21 +235,21 @@ def _act_bytes(dtype: str) -> int:
     return 4 if dtype == "fp32" else 2
 
 
-def kv_cache_bytes(d: dict, seq: int, batch: int, dtype: str) -> int:
-    if d["attention"] == "ssm":
-        if not (d.get("layers") and d.get("ssm_inner")):
+def kv_cache_bytes(d: Dims, seq: int, batch: int, dtype: str) -> int:
+    if d.attention == "ssm":
+        if not (d.layers and d.ssm_inner):
             return 0
-        return int(d["layers"] * batch * d["ssm_inner"] * ((d["ssm_state"] or 16) + (d["ssm_conv"] or 4)) * 4)
-    if not (d.get("layers") and d.get("kv_heads") and d.get("head_dim")):
+        return int(d.layers * batch * d.ssm_inner * ((d.ssm_state or 16) + (d.ssm_conv or 4)) * 4)
+    if not (d.layers and d.kv_heads and d.head_dim):
         return 0
-    return int(2 * d["layers"] * d["kv_heads"] * d["head_dim"] * seq * batch * _act_bytes(dtype))
+    return int(2 * d.layers * d.kv_heads * d.head_dim * seq * batch * _act_bytes(dtype))
 
 
-def inference_activation_bytes(d: dict, seq: int, batch: int, dtype: str) -> int:
-    h, f, V = d.get("hidden") or 0, d.get("ffn") or 0, d.get("vocab") or 0
-    kvd = (d.get("kv_heads") or 0) * (d.get("head_dim") or 0)
-    if d["attention"] == "ssm":
-        f = 2 * (d["ssm_inner"] or 0)
+def inference_activation_bytes(d: Dims, seq: int, batch: int, dtype: str) -> int:
+    h, f, V = d.hidden or 0, d.ffn or 0, d.vocab or 0
+    kvd = (d.kv_heads or 0) * (d.head_dim or 0)
+    if d.attention == "ssm":
+        f = 2 * (d.ssm_inner or 0)
     return int(batch * seq * (4 * h + 2 * kvd + 3 * f) * _act_bytes(dtype) + batch * V * 4)
 
 
@@ -261,24 +261,24 @@ def tokenizer_bytes(json_bytes: int | None, tokenizer_class: str | None) -> int:
     return int(json_bytes * TOKENIZER_BYTES_PER_JSON_BYTE[kind])
 
 
-def mapped_embedding_bytes(d: dict, dtype: str, stored_dtype: str | None, mapped: bool) -> int:
+def mapped_embedding_bytes(d: Dims, dtype: str, stored_dtype: str | None, mapped: bool) -> int:
     """The part of the weights a run never makes resident. A safetensors file loaded without a dtype conversion is
     mapped, not copied, so only the pages a run touches count in RSS: an input embedding that is not also the
     output head (untied, or an encoder) is read only at the rows of the prompt's tokens."""
-    if not (mapped and stored_dtype == dtype and dtype in TORCH_DTYPE and d.get("vocab") and d.get("hidden")):
+    if not (mapped and stored_dtype == dtype and dtype in TORCH_DTYPE and d.vocab and d.hidden):
         return 0
-    if d.get("tied") and d.get("kv_cache", True):  # a tied decoder's head reads the whole matrix at every token
+    if d.tied and d.kv_cache:  # a tied decoder's head reads the whole matrix at every token
         return 0
-    return int(d["vocab"] * d["hidden"] * DTYPE_BYTES[dtype])
+    return int(d.vocab * d.hidden * DTYPE_BYTES[dtype])
 
 
-def estimate_inference(P: int, d: dict, dtype: str, seq: int, batch: int, stored_dtype: str | None,
+def estimate_inference(P: int, d: Dims, dtype: str, seq: int, batch: int, stored_dtype: str | None,
                        tokenizer: int = 0, mapped: bool = False) -> dict:
     """Memory of loading the model in `dtype` and generating up to `seq` tokens (see FORMULAS); `tokenizer`: the
     tokenizer's data (tokenizer_bytes); `mapped`: the weights are safetensors that a same-dtype load maps."""
     weights = int(P * DTYPE_BYTES[dtype])
     never_read = mapped_embedding_bytes(d, dtype, stored_dtype, mapped)
-    kv = kv_cache_bytes(d, seq, batch, dtype) if d.get("kv_cache", True) else 0
+    kv = kv_cache_bytes(d, seq, batch, dtype) if d.kv_cache else 0
     act = inference_activation_bytes(d, seq, batch, dtype)
     transient = 0
     # int8/int4 assume pre-quantized weights (a GGUF file, a bitsandbytes checkpoint): nothing is converted
@@ -290,38 +290,38 @@ def estimate_inference(P: int, d: dict, dtype: str, seq: int, batch: int, stored
             "total": total}
 
 
-def lora_params(d: dict, rank: int) -> int:
-    h, f, L = d.get("hidden") or 0, d.get("ffn") or 0, d.get("layers") or 0
-    if d["attention"] == "ssm":  # in_proj and out_proj
-        return int(L * rank * ((h + 2 * d["ssm_inner"]) + (d["ssm_inner"] + h)))
-    q = (d.get("heads") or 0) * (d.get("head_dim") or 0)
-    kv = (d.get("kv_heads") or 0) * (d.get("head_dim") or 0)
+def lora_params(d: Dims, rank: int) -> int:
+    h, f, L = d.hidden or 0, d.ffn or 0, d.layers or 0
+    if d.attention == "ssm":  # in_proj and out_proj
+        return int(L * rank * ((h + 2 * d.ssm_inner) + (d.ssm_inner + h)))
+    q = (d.heads or 0) * (d.head_dim or 0)
+    kv = (d.kv_heads or 0) * (d.head_dim or 0)
     per_layer = (h + q) + 2 * (h + kv) + (q + h)  # q, k, v, o
-    per_layer += (2 * (h + f) + (f + h)) if d["gated"] else 2 * (h + f)  # gate, up, down / fc1, fc2
+    per_layer += (2 * (h + f) + (f + h)) if d.gated else 2 * (h + f)  # gate, up, down / fc1, fc2
     return int(L * rank * per_layer)
 
 
-def lora_activation_bytes(d: dict, seq: int, batch: int, act_bytes: int) -> int:
+def lora_activation_bytes(d: Dims, seq: int, batch: int, act_bytes: int) -> int:
     """The adapter branches' outputs, B*S*out per adapted projection, alive until they are added to the base output."""
-    h, f, L = d.get("hidden") or 0, d.get("ffn") or 0, d.get("layers") or 0
-    if d["attention"] == "ssm":
-        return int(L * batch * seq * (2 * (d["ssm_inner"] or 0) + h) * act_bytes)
-    q = (d.get("heads") or 0) * (d.get("head_dim") or 0)
-    kv = (d.get("kv_heads") or 0) * (d.get("head_dim") or 0)
-    outs = q + 2 * kv + h + ((2 * f + h) if d["gated"] else (f + h))
+    h, f, L = d.hidden or 0, d.ffn or 0, d.layers or 0
+    if d.attention == "ssm":
+        return int(L * batch * seq * (2 * (d.ssm_inner or 0) + h) * act_bytes)
+    q = (d.heads or 0) * (d.head_dim or 0)
+    kv = (d.kv_heads or 0) * (d.head_dim or 0)
+    outs = q + 2 * kv + h + ((2 * f + h) if d.gated else (f + h))
     return int(L * batch * seq * outs * act_bytes)
 
 
-def train_activation_bytes(d: dict, seq: int, batch: int, act_bytes: int, checkpointing: bool = False) -> int:
-    h, f, L, V = d.get("hidden") or 0, d.get("ffn") or 0, d.get("layers") or 0, d.get("vocab") or 0
-    if d["attention"] == "ssm":
-        f = 2 * (d["ssm_inner"] or 0)
+def train_activation_bytes(d: Dims, seq: int, batch: int, act_bytes: int, checkpointing: bool = False) -> int:
+    h, f, L, V = d.hidden or 0, d.ffn or 0, d.layers or 0, d.vocab or 0
+    if d.attention == "ssm":
+        f = 2 * (d.ssm_inner or 0)
     per_layer = batch * seq * (10 * h + 4 * f) * act_bytes
     layers = (L * batch * seq * h * act_bytes + per_layer) if checkpointing else L * per_layer
     return int(layers + 3 * batch * seq * V * 4)
 
 
-def estimate_training(P: int, d: dict, cfg: CheckConfig, act_dtype: str, base_dtype: str) -> dict:
+def estimate_training(P: int, d: Dims, cfg: CheckConfig, act_dtype: str, base_dtype: str) -> dict:
     B, S = cfg.train_batch_size, cfg.train_seq_len
     ab = _act_bytes(act_dtype)
     act = train_activation_bytes(d, S, B, ab)
@@ -347,15 +347,15 @@ def _dtype_key(name: str | None) -> str | None:
 def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: dict) -> dict:
     d = dims_of(det)
     # encoders run one forward pass over the whole input: there is no KV cache to keep
-    d["kv_cache"] = det.task not in ENCODER_TASKS
+    d.kv_cache = det.task not in ENCODER_TASKS
     formula = params_from_config(d) if det.task != "text-to-image" else None
     if formula and isinstance(det.full_config.get("vision_config"), dict):
-        formula += vision_params_from_config(det.full_config["vision_config"], d.get("hidden"))
+        formula += vision_params_from_config(det.full_config["vision_config"], d.hidden)
     P = stored["params"] or formula
     source = stored["source"] or ("config formula" if formula else None)
     if P is None and stored["bytes"]:  # no headers, no usable config: infer from file size (assume 2 bytes each)
         P, source = int(stored["bytes"] / 2), "file size / 2 (assumes fp16/bf16 weights)"
-    context = d.get("context") or DEFAULT_CONTEXT
+    context = d.context or DEFAULT_CONTEXT
     files_bytes = sum(src.files.values())
     installed = files_bytes if det.gguf is None else files_bytes + int((P or 0) * 4)
     disk = {"model_files": files_bytes, "installed_model": installed, "environment": ENV_DISK_BYTES,
@@ -363,8 +363,8 @@ def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: d
             "free": hw["disk"]["free_bytes"], "path": hw["disk"]["path"]}
     disk["fits"] = disk["total_shared_env"] <= hw["disk"]["free_bytes"]
     if P is None:  # nothing to count: a config-only folder of a type without a formula (e.g. diffusers)
-        return {"params": {"total": None, "source": None, "from_config_formula": None}, "dims": d,
-                "context_length": context, "context_assumed": d.get("context") is None, "inference": None,
+        return {"params": {"total": None, "source": None, "from_config_formula": None}, "dims": d.to_dict(),
+                "context_length": context, "context_assumed": d.context is None, "inference": None,
                 "weights_bytes": None, "disk": disk,
                 "unknown": "no safetensors/GGUF headers, no weight files and no formula for this model type"}
     seq = cfg.seq_len or context
@@ -381,13 +381,13 @@ def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: d
                  for dt in DTYPE_BYTES}
     out = {
         "params": {"total": int(P), "source": source, "from_config_formula": formula},
-        "dims": d,
-        "context_length": context, "context_assumed": d.get("context") is None,
+        "dims": d.to_dict(),
+        "context_length": context, "context_assumed": d.context is None,
         "inference": {"seq_len": seq, "batch_size": cfg.batch_size, "stored_dtype": stored_dtype,
                       "by_dtype": inference},
         "weights_bytes": {dt: e["weights"] for dt, e in inference.items()},
     }
-    if det.task == "text-generation" and d.get("hidden") and d.get("layers"):
+    if det.task == "text-generation" and d.hidden and d.layers:
         cpu_act = activation_dtype(training_precision("auto", "cpu", hw)[0])
         out["training"] = {"cpu": estimate_training(P, d, cfg, cpu_act, "fp32"),
                            "gpu": estimate_training(P, d, cfg, "bf16", "bf16")}

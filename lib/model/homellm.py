@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lib.config import ModelConfig
 from lib.errors import UserError
+from lib.model.dims import Dims
 
 # ---------------------------------------------------------------------------------------------------------
 # Presets and resolved arguments.
@@ -66,6 +67,12 @@ class ModelArgs:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     dropout: float = 0.0
+
+    def dims(self) -> Dims:
+        """These numbers in the vocabulary 05_check's formulas use for any architecture."""
+        return Dims(hidden=self.dim, layers=self.n_layers, heads=self.n_heads, kv_heads=self.n_kv_heads,
+                    head_dim=self.head_dim, ffn=self.ffn_dim, vocab=self.vocab_size, context=self.max_seq_len,
+                    tied=self.tie_embeddings)
 
 
 def default_ffn_dim(dim: int) -> int:

@@ -197,10 +197,7 @@ def estimate(cfg: Config, hardware: dict | None = None) -> dict:
     with torch.device("meta"):
         model = HomeLLM(args)
     P = model.num_params()
-    d = {"hidden": args.dim, "layers": args.n_layers, "heads": args.n_heads, "kv_heads": args.n_kv_heads,
-         "head_dim": args.head_dim, "ffn": args.ffn_dim, "vocab": args.vocab_size, "context": args.max_seq_len,
-         "tied": args.tie_embeddings, "gated": True, "experts": 1, "experts_used": 1, "attention": "full",
-         "bias": False, "positions": 0}
+    d = args.dims()
     hw = hardware or probe_hardware()
     t = cfg.pretrain
     act = activation_dtype(training_precision(t.precision, "cuda" if hw["gpus"] else "cpu", hw)[0])
