@@ -143,6 +143,15 @@ def test_07_serve_takes_a_gguf_file_or_a_folder_holding_one(export_dir, tmp_path
     assert "Traceback" not in res.stderr
 
 
-def test_info_json_is_plain(both):
-    _, lcpp = both
-    json.dumps(lcpp.describe())
+def test_info_json_is_plain_and_says_what_runs(both):
+    """/info's model description survives JSON unchanged and names the engine, the GGUF and the model's sizes on both
+    engines alike."""
+    torch_side, lcpp = both
+    for loaded, engine in ((torch_side, "torch"), (lcpp, "llama.cpp")):
+        d = loaded.describe()
+        assert json.loads(json.dumps(d)) == d
+        assert d["engine"] == engine and d["gguf"].endswith("tiny-f16.gguf")
+    assert {k: lcpp.describe()[k] for k in ("vocab_size", "stop_token_ids")} == \
+           {k: torch_side.describe()[k] for k in ("vocab_size", "stop_token_ids")}
+    # the context each engine runs with: llama.cpp's KV cache was sized at 512 tokens, torch serves the model's own
+    assert lcpp.describe()["context_length"] == 512 < torch_side.describe()["context_length"]
