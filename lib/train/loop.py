@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -29,10 +30,11 @@ from typing import Any, Optional, Protocol
 
 import torch
 
+from lib.artifacts import is_complete
 from lib.config import Config, TrainConfig
 from lib.errors import UserError
 from lib.hardware import training_precision
-from lib.stages import stage_hash
+from lib.stages import stage_dir, stage_hash
 from lib.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from lib.train.tracking import Tracker
 
@@ -106,6 +108,18 @@ def progress_of(step: int, total_steps: Optional[int], elapsed_s: float, cfg: Tr
 def work_dir(cfg: Config, stage: str) -> Path:
     """Checkpoints and logs of a training stage: beside the artifacts, not a declared output (survives failures)."""
     return Path(cfg.artifacts_dir) / "checkpoints" / stage / stage_hash(cfg, stage)
+
+
+def reuse_or_train(cfg: Config, stage: str, train: Callable[[Config], Path], force: bool = False) -> Path:
+    """A training stage's entry: its complete output as it is, or train(cfg), which resumes from the work dir's
+    last checkpoint; with force the work dir is dropped first, so training starts over."""
+    final = stage_dir(cfg, stage)
+    if is_complete(final):
+        if not force:
+            print(f"{stage}: {final} is already complete; reusing it (use --force to train again)")
+            return final
+        shutil.rmtree(work_dir(cfg, stage), ignore_errors=True)
+    return train(cfg)
 
 
 def make_accelerator(precision: str, cpu_only: bool):

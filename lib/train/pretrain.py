@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from lib.artifacts import is_complete, read_json, require_stage, stage_output
+from lib.artifacts import read_json, require_stage, stage_output
 from lib.config import Config
 from lib.data.tokenizer import load_tokenizer
 from lib.errors import UserError
@@ -23,7 +23,7 @@ from lib.model.hf_io import save_hf
 from lib.model.homellm import HomeLLM, model_args
 from lib.stages import stage_dir
 from lib.train.base_model import reply_ids
-from lib.train.loop import Run, fit, make_accelerator, work_dir
+from lib.train.loop import Run, fit, make_accelerator, reuse_or_train, work_dir
 from lib.train.tracking import METRICS, PLOT, SAMPLES, TB_DIR
 
 
@@ -180,10 +180,4 @@ def train_pretrain(cfg: Config) -> Path:
 
 def run_pretrain(cfg: Config, force: bool = False) -> Path:
     """Stage 03_pretrain: reuse a complete output, or train (resuming from a checkpoint; from scratch with force)."""
-    final = stage_dir(cfg, "03_pretrain")
-    if is_complete(final):
-        if not force:
-            print(f"03_pretrain: {final} is already complete; reusing it (use --force to train again)")
-            return final
-        shutil.rmtree(work_dir(cfg, "03_pretrain"), ignore_errors=True)  # start over instead of resuming
-    return train_pretrain(cfg)
+    return reuse_or_train(cfg, "03_pretrain", train_pretrain, force)

@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from lib.artifacts import is_complete, stage_output
+from lib.artifacts import stage_output
 from lib.chat import end_of_turn_ids, prepare_tokenizer, prompt_ids
 from lib.config import Config, SftConfig
 from lib.data.sft_data import load_sft_examples
@@ -38,7 +38,7 @@ from lib.train.base_model import (
     reply_ids,
     resolve_base_model,
 )
-from lib.train.loop import Run, fit, make_accelerator, work_dir
+from lib.train.loop import Run, fit, make_accelerator, reuse_or_train, work_dir
 from lib.train.sft_batches import SftBatches, encode_examples, pack, split_examples
 from lib.train.tracking import METRICS, PLOT, SAMPLES, TB_DIR
 
@@ -299,11 +299,4 @@ def train_sft(cfg: Config) -> Path:
 
 def run_sft(cfg: Config, force: bool = False) -> Path:
     """Stage 04_sft: reuse a complete output, or train (resuming from a checkpoint; from scratch with force)."""
-
-    final = stage_dir(cfg, "04_sft")
-    if is_complete(final):
-        if not force:
-            print(f"04_sft: {final} is already complete; reusing it (use --force to train again)")
-            return final
-        shutil.rmtree(work_dir(cfg, "04_sft"), ignore_errors=True)  # start over instead of resuming
-    return train_sft(cfg)
+    return reuse_or_train(cfg, "04_sft", train_sft, force)
