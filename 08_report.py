@@ -3,7 +3,7 @@
     python 08_report.py --config config/default.yaml      # -> artifacts/08_report/<hash>/report.html
     snakemake --cores all report                          # the same, as part of the pipeline (also in `all`)
     python 08_report.py bundle [--out submission.tar.gz]  # configs, report, model, tokenizer, weights, SHA256SUMS
-    python 08_report.py verify submission.tar.gz [--quick 20] [--workdir DIR]   # re-run and compare, stage by stage
+    python 08_report.py verify submission.tar.gz [--quick [N]] [--workdir DIR]   # re-run and compare, stage by stage
 
 The report card is one self-contained HTML page (plots embedded) plus Markdown, PNGs and report.json: machine and
 software, every stage's hash, wall time and peak RSS, data and tokenizer statistics, the model, both training
@@ -16,27 +16,25 @@ stage re-runs identically.
 import tempfile
 
 from lib.cli import config_files, stage_main
+from lib.errors import UserError
+from lib.report.bundle import QUICK_STEPS, make_bundle, verify_bundle
 
 
 def _args(parser):
     parser.add_argument("command", nargs="?", default="report", choices=["report", "bundle", "verify"])
     parser.add_argument("bundle_file", nargs="?", default=None, help="verify: the submission archive")
     parser.add_argument("--out", default=None, help="bundle: where to write the archive")
-    parser.add_argument("--quick", type=int, default=None, metavar="N",
-                        help="verify: only the data, tokenizer and token stages and the first N training steps")
+    parser.add_argument("--quick", type=int, nargs="?", const=QUICK_STEPS, default=None, metavar="N",
+                        help="verify: only the data, tokenizer and token stages and the first N steps of phase 1 "
+                             f"(N = {QUICK_STEPS} when not given)")
     parser.add_argument("--workdir", default=None, help="verify: a new or empty directory for the re-run")
 
 
 def _run(cfg, args):
     if args.command == "bundle":
-        from lib.report.bundle import make_bundle
-
         print(f"submission bundle: {make_bundle(cfg, config_files(args), args.out)}")
         return 0
     if args.command == "verify":
-        from lib.errors import UserError
-        from lib.report.bundle import verify_bundle
-
         if not args.bundle_file:
             raise UserError("08_report.py verify: expected the submission archive, e.g. verify submission.tar.gz")
         workdir = args.workdir or tempfile.mkdtemp(prefix="verify-", dir=".")

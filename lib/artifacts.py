@@ -82,6 +82,7 @@ def stage_output(cfg: Config, stage: str):
         yield tmp, extra
         manifest = {
             "stage": stage,
+            "config_name": cfg.name,  # what a user calls the run this stage belongs to (not hashed)
             "hash": stage_hash(cfg, stage),
             "upstream": upstream_hashes(cfg, stage),
             "config": stage_config(cfg, stage),

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from lib import ROOT
 from lib.config import Config, dump_yaml, from_dict, load_config, to_dict
@@ -108,3 +109,12 @@ def test_script_reports_bad_config_without_traceback(tmp_path):
     assert res.returncode == 2
     assert "did you mean vocab_size?" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_text_in_any_script_prints_as_itself():
+    """The resolved config (stage logs, the report card, the bundle's resolved.yaml) shows a Ukrainian or Chinese
+    prompt as itself, not as \\u escapes, and reads back to the same text."""
+    cfg = load_config(ROOT / "config/smoke.yaml", ["pretrain.sample_prompts=[Привіт, 你好]"])
+    text = dump_yaml(cfg)
+    assert "Привіт" in text and "你好" in text and "\\u" not in text
+    assert yaml.safe_load(text)["pretrain"]["sample_prompts"] == ["Привіт", "你好"]

@@ -5,6 +5,7 @@ import gzip
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -86,9 +87,13 @@ def test_txt_line_and_paragraph_modes(tmp_path):
     write(tmp_path / "a.txt", "\ufefffirst line here\n\nsecond line here\nthird line here\n")
     texts, stats = build(tmp_path, [{"type": "files", "path": "a.txt", "txt_mode": "line"}])
     assert sorted(texts) == ["first line here", "second line here", "third line here"]
-    texts, _ = build(tmp_path / "p", [{"type": "files", "path": str(tmp_path / "a.txt"), "txt_mode": "paragraph"}])
+    texts, stats2 = build(tmp_path / "p", [{"type": "files", "path": str(tmp_path / "a.txt"), "txt_mode": "paragraph"}])
     assert sorted(texts) == ["first line here", "second line here\nthird line here"]
-    assert stats["sources"][0]["label"] == "files:a.txt" and stats["sources"][0]["kept"] == 3
+    # a local source is named by its file name and contents, not by where it lives or how the config reached it
+    assert stats["sources"][0]["label"] == "files:a.txt" and re.fullmatch(r"[0-9a-f]{16}", stats["sources"][0]["sha256"])
+    assert stats["sources"][0]["kept"] == 3
+    assert {k: stats2["sources"][0][k] for k in ("label", "sha256")} == {k: stats["sources"][0][k]
+                                                                           for k in ("label", "sha256")}
 
 
 def test_jsonl_json_csv_parquet_and_gz(tmp_path):

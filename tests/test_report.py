@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,12 +14,12 @@ import tarfile
 
 import pytest
 import yaml
-from conftest import CHROMIUM_ARGS, ROOT
+from conftest import CHROMIUM_ARGS, ROOT, pkg_dir
 
 from lib.config import load_config
 from lib.errors import UserError
 from lib.hardware import HARDWARE_ENV
-from lib.report.bundle import safe_extract, verify_bundle
+from lib.report.bundle import QUICK_STEPS, safe_extract, verify_bundle
 from lib.stages import stage_dir
 
 pytestmark = pytest.mark.slow
@@ -49,6 +50,41 @@ def pipeline(tmp_path_factory):
     return ws, load_config(ws / "config.yaml"), bundle
 
 
+def test_a_local_corpus_and_tokenizer_run_is_location_free(pipeline, tmp_path):
+    """A coursework-shaped run: the corpus is a local text file and the tokenizer a local pretrained folder, both
+    given relative to the config. Moving the project reruns nothing, and its bundle verifies identical both inside
+    the project and in another directory (the re-run reads the bundle's copies of both, from other paths)."""
+    ws_done, cfg_done, _ = pipeline
+    ws = tmp_path / "project"
+    (ws / "corpus").mkdir(parents=True)
+    with open(pkg_dir("bible") / "data" / "kjv.jsonl", encoding="utf-8") as f:
+        verses = [json.loads(next(f))["text"] for _ in range(2500)]
+    (ws / "corpus" / "a.txt").write_text("\n\n".join(verses) + "\n", encoding="utf-8")
+    shutil.copytree(ws_done / stage_dir(cfg_done, "02_tokenizer"), ws / "tokenizer")  # any HF tokenizer folder
+    text = (ROOT / "config" / "smoke.yaml").read_text()
+    (ws / "config.yaml").write_text(text + "\n".join([
+        "", "data:", "  sources:", "    - type: files", "      path: corpus/a.txt",
+        "tokenizer:", "  pretrained: tokenizer", f"install:\n  models_dir: {tmp_path / 'models'}", ""]))
+    fp32_cpu = {**os.environ, HARDWARE_ENV: "cpu-fp32"}
+
+    def snakemake(project, *args):
+        return run(project, "-m", "snakemake", *args, "-s", ROOT / "Snakefile", "--directory", project, "--cores",
+                   "2", "--configfile", project / "config.yaml", env=fp32_cpu)
+
+    snakemake(ws, "report")
+    moved = tmp_path / "elsewhere" / "moved-project"
+    moved.parent.mkdir()
+    shutil.move(ws, moved)
+    assert "Nothing to be done" in snakemake(moved, "report", "-n").stdout  # moved: nothing is scheduled again
+    res = run(moved, ROOT / "08_report.py", "bundle", "--config", moved / "config.yaml", "--quiet-config", env=fp32_cpu)
+    bundle = moved / res.stdout.split("submission bundle: ")[1].strip()
+    for where in (moved / "verify-here", tmp_path / "verify-elsewhere"):
+        out = run(moved, ROOT / "08_report.py", "verify", bundle, "--quick", "--workdir", where, "--quiet-config").stdout
+        for stage in ("01_data", "02_tokenizer", "02_tokens", "03_pretrain"):
+            assert re.search(rf"^{stage} +identical ", out, re.M), out
+        assert "verify: OK" in out
+
+
 def test_report_card_has_every_figure(pipeline):
     ws, cfg, _ = pipeline
     out = ws / stage_dir(cfg, "08_report")
@@ -67,6 +103,12 @@ def test_report_card_has_every_figure(pipeline):
     assert r["check"]["runnable"] is True and r["coursework"]["phase 1"] == {"enabled": False}
     md = (out / "report.md").read_text()
     assert "## Perplexity of your sentences" in md and "![pretrain.png](pretrain.png)" in md
+    # it reads like a report: tables with headers, ✓/✗ for checks, numbers with units, no JSON blobs
+    assert "| source | read | kept | characters kept |" in md and "| reason | documents |" in md
+    assert re.search(r"\| documents \| [\d,]+ train · [\d,]+ val \|", md), md
+    assert re.search(r"\| bits per byte \| [\d.]+ bits/byte \|", md) and re.search(r"\| [\d.]+ MB \|", md)
+    assert "| runs on this machine (05_check) | ✓ |" in md and "greedy output matches | ✓ |" in md
+    assert '{"' not in md.split("## Resolved config")[0] and r["run"]["name"] == "config"
     # the terminal summary is in the stage's log
     log = next((ws / "artifacts" / "logs" / "08_report").glob("*.log")).read_text()
     assert "report card:" in log and "bits/byte" in log
@@ -121,9 +163,15 @@ def test_verify_reruns_every_stage_identically(pipeline, tmp_path):
     for stage in ("01_data", "02_tokenizer", "02_tokens", "03_pretrain", "04_sft", "04_export"):
         assert any(line.startswith(stage) and " identical " in line for line in lines), res.stdout
     assert "max |Δ weight| 0, max |Δ loss| 0" in res.stdout and "verify: OK" in res.stdout
+    assert "the bytes of train-*.jsonl, val-*.jsonl, stats.json: byte-identical" in res.stdout  # says how
     quick = run(tmp_path, ROOT / "08_report.py", "verify", bundle, "--quick", "10", "--workdir", tmp_path / "quick",
                 "--quiet-config")
-    assert "first 10 steps: max |Δ loss| 0" in quick.stdout and "04_sft" not in quick.stdout
+    assert "the loss curve of the first 10 steps: max |Δ loss| 0" in quick.stdout
+    assert re.search(r"^04_sft +- +not re-run \(--quick 10\)$", quick.stdout, re.M), quick.stdout
+    # a bare --quick takes the documented default
+    default = run(tmp_path, ROOT / "08_report.py", "verify", bundle, "--quick", "--workdir", tmp_path / "quick2",
+                  "--quiet-config")
+    assert f"the loss curve of the first {QUICK_STEPS} steps: max |Δ loss| 0" in default.stdout
 
 
 def _repack(bundle, out, edit=None, extra=None):

@@ -484,7 +484,7 @@ def test_default_base_needs_phase_1_and_qlora_needs_cuda(tmp_path):
 
 
 def test_coursework_rules_checked_before_training(tiny_chat_model, tmp_path):
-    from lib.train.sft import check_coursework_phase2
+    from lib.train.coursework import check_coursework_phase2
 
     cfg = load_config(SMOKE, ["coursework.enabled=true", "sft.train.max_epochs=3"])
     with pytest.raises(UserError, match=r"max_epochs x sft.repeat <= coursework.max_epochs_phase2 \(2.0\); got 3.0"):

@@ -60,6 +60,29 @@ def _fake_stage(artifacts: Path, stage: str, h: str, manifest: dict | None = Non
         (work / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
 
+def test_stage_folders_group_into_runs_named_like_runs(tmp_path):
+    """The Runs tab's rows are pipeline runs: the config's name, when it started, how far it got, its figures; a
+    stage folder belongs to the run whose folders it read (its manifest's upstream), an unfinished one to the newest
+    run of its config."""
+    from lib.studio.runs import pipeline_runs
+
+    a = tmp_path / "artifacts"
+    for name, h, day in (("smoke", "1", "01"), ("default", "2", "02")):
+        up = {}
+        for stage in ("01_data", "02_tokenizer", "02_tokens", "03_pretrain"):
+            _fake_stage(a, stage, h * 12, manifest={"config_name": name, "created": f"2026-12-{day}T14:0{len(up)}:00",
+                                                     "upstream": dict(up), "final_eval": {"val_bpb": 1.44}})
+            up = {stage: h * 12}
+    _fake_stage(a, "04_sft", "3" * 12, run_json={"pid": 999_999_999, "host": socket.gethostname(), "ended": "stopped",
+                                                 "run_name": "default"})
+    runs = pipeline_runs(find_runs(a))
+    assert [(p.name, p.started, len(p.stages), p.status) for p in runs] == [
+        ("default", "2026-12-02 14:00", 5, "interrupted"), ("smoke", "2026-12-01 14:00", 4, "complete")]
+    assert runs[0].label.startswith("default, started 2026-12-02 14:00") and "1.44 bits/byte" in runs[0].label
+    assert [r.stage for r in runs[0].stages] == ["01_data", "02_tokenizer", "02_tokens", "03_pretrain", "04_sft"]
+    assert runs[1].stages[-1].label == "smoke · phase 1 (pretrain) (03_pretrain/111111)"
+
+
 def test_run_status_comes_from_manifests_trainer_and_logs(tmp_path):
     a = tmp_path / "artifacts"
     host = socket.gethostname()
@@ -276,6 +299,11 @@ def test_data_explorer_and_sft_preview_on_a_real_corpus(tmp_path):
         marked = re.findall(r'<mark class="trained">(.*?)</mark>', e["html"], flags=re.S)
         assert marked and all(m.endswith("&lt;|im_end|&gt;") for m in marked)  # each assistant turn and its end
         assert "&lt;|im_start|&gt;user" not in "".join(marked)  # user turns are never trained
+    # what training drops is shown unmarked: the highlight is the loss mask, not the assistant turns
+    short = load_config(ws / "config" / "smoke.yaml", ["sft.train.seq_len=8"])
+    dropped = sft_preview(short, k=3, seed=0, project_dir=ws)["examples"]
+    assert dropped and all(e["trained"] == 0 and e["note"].startswith("dropped") and "<mark" not in e["html"]
+                           for e in dropped)
 
 
 # -- in the browser -------------------------------------------------------------------------------------------
@@ -344,7 +372,12 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                 page.screenshot(path=str(shots / "studio-live.png"), full_page=True)
 
                 page.locator("#stop-run-btn").click()
-                expect(page.locator("#launch-status")).to_contain_text("stopped or failed", timeout=90_000)
+                # a clean stop says where it stopped and where Resume goes on (not "stopped or failed")
+                expect(page.locator("#launch-status")).to_contain_text("Resume continues from checkpoint step",
+                                                                       timeout=90_000)
+                said = re.search(r"stopped at step (\d+) of phase 1 \(pretrain\) — Resume continues from checkpoint "
+                                 r"step (\d+)", page.locator("#launch-status").inner_text())
+                assert said and said.group(1) == said.group(2), page.locator("#launch-status").inner_text()
                 expect(live).to_contain_text("interrupted", timeout=10_000)
                 stopped = _points(page)
 
@@ -354,8 +387,14 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                 published = next((ws / "artifacts" / "03_pretrain").glob("*/metrics.jsonl")).read_text().splitlines()
                 assert len([r for r in published if '"loss"' in r]) > stopped  # the resumed run went on
 
+                # a page opened now shows the finished run without a Refresh: the lists are read at page load
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(url)
                 page.locator("#tab-runs-button, button[role=tab]:has-text('Runs')").first.click()
-                page.locator("#runs-refresh").click()
+                runs = page.locator("#pipeline-runs")  # one row per pipeline run, named by its config
+                expect(runs).to_contain_text("smoke-studio", timeout=30_000)
+                expect(runs).to_contain_text("8/8")  # the "report" target: every stage but the install
+                expect(runs).to_contain_text("complete")
                 table = page.locator("#runs-table")
                 for stage in ("01_data", "03_pretrain", "04_sft", "08_report"):
                     expect(table).to_contain_text(stage, timeout=20_000)
@@ -408,7 +447,8 @@ def test_studio_handlers_overlay_details_and_the_launch_guard(tmp_path):
                     metrics=curve + [{"step": 10, "val_loss": 5.0 + shift, "kind": "eval", "samples": ["x"]}])
     studio = Studio(ws, load_config(ws / "config" / "smoke.yaml"), can_launch=False)
     table = studio.runs_table()
-    assert set(table["run"]) == {"03_pretrain/aaaaaaaaaaaa", "03_pretrain/bbbbbbbbbbbb"}
+    assert set(table["folder"]) == {"03_pretrain/aaaaaaaaaaaa", "03_pretrain/bbbbbbbbbbbb"}
+    assert set(table["stage"]) == {"phase 1 (pretrain)"}
     assert set(table["status"]) == {"complete"}
     both = studio.overlay(["03_pretrain/aaaaaaaaaaaa", "03_pretrain/bbbbbbbbbbbb"])
     assert set(both["series"]) == {f"03_pretrain/{h} {k}" for h in ("aaaaaaaaaaaa", "bbbbbbbbbbbb")

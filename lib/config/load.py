@@ -121,12 +121,14 @@ def load_config(path: str | Path | list | tuple | None = None, overrides: list[s
     base_dir = str(paths[-1].resolve().parent) if paths else "."
     where = " + ".join(map(str, paths)) or "config"
     try:
-        return from_dict(apply_overrides(data, overrides or []), base_dir=base_dir)
+        cfg = from_dict(apply_overrides(data, overrides or []), base_dir=base_dir)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
+    cfg.files = [str(p) for p in paths]
+    return cfg
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=110, allow_unicode=True)
 
 

@@ -6,6 +6,7 @@ lib.config.validate, and which values each stage hashes lib.stages.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 
@@ -144,6 +145,8 @@ class CourseworkConfig:
     enabled: bool = False
     phase1_no_instruction_data: bool = True
     phase1_random_init: bool = True
+    # phase 1 keeps a pretrained tokenizer's vocabulary and merges; phase 2 uses phase 1's tokenizer byte for byte
+    tokenizer_not_retrained: bool = True
     max_epochs_phase1: Optional[float] = field(default=None, metadata=_range(0.0))
     max_epochs_phase2: Optional[float] = field(default=2.0, metadata=_range(0.0))
     cpu_only: bool = False
@@ -289,5 +292,12 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     # directory of the YAML file the config came from; relative data paths resolve against it (not hashed)
     base_dir: str = field(default=".", metadata={"internal": True})
+    # the config files it was loaded from, as given (names the run: "default", "smoke"; not hashed)
+    files: list[str] = field(default_factory=list, metadata={"internal": True})
+
+    @property
+    def name(self) -> str:
+        """What a user calls this run: the last config file's name without .yaml ("default", "smoke")."""
+        return Path(self.files[-1]).stem if self.files else "default"
 
 

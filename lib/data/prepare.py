@@ -44,7 +44,7 @@ from lib.config import Config, DataConfig
 from lib.data.records import OVERSIZED, BadRecords
 from lib.data.sources import open_source, source_label
 from lib.errors import UserError
-from lib.stages import stage_dir
+from lib.stages import stage_config, stage_dir
 
 STAGE = "01_data"
 SPLITS = ("train", "val")
@@ -580,7 +580,9 @@ def build_corpus(cfg: Config, out_dir: Path, workers: int | None = None) -> dict
         "bytes": sum(v["bytes"] for v in splits.values()),
         "splits": splits,
         "removed": removed,
-        "sources": [{"index": i, "label": source_label(src), **counts[i]} for i, src in enumerate(d.sources)],
+        "sources": [{"index": i, "label": source_label(src), **counts[i],
+                     **({"sha256": ident["contents"]} if ident.get("contents") else {})}
+                    for i, (src, ident) in enumerate(zip(d.sources, stage_config(cfg, "01_data")["data"]["sources"]))],
         "length_histogram_chars": _histogram(b.hist),
         "dedup_index": {"lsh_bands": b.bands, "lsh_rows": b.params["rows"],
                         "exact_keys": b.exact.size if b.exact else 0, "near_keys": b.near.size if b.near else 0,

@@ -142,8 +142,11 @@ def read_hf(records, field: str, bad: BadRecords) -> Iterator[str]:
 
 
 def source_label(src: SourceConfig) -> str:
+    """How stats and the studio name a source. Local files by their name (stats.json adds the digest of their
+    contents), never by where they live: the same corpus gives the same stats.json in a moved project and in a
+    bundle's re-run."""
     if src.type == "files":
-        return f"files:{src.path}"
+        return f"files:{Path(src.path).name}"
     if src.type == "hf":
         return f"hf:{src.name}{'/' + src.subset if src.subset else ''}:{src.split}"
     return src.type

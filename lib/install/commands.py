@@ -52,11 +52,22 @@ def _pipeline_ref(cfg: Config) -> tuple[str, Path]:
 def format_list(entries: list[dict], models_dir: Path) -> str:
     if not entries:
         return f"no models installed in {models_dir}"
-    lines = [f"{'name':<32} {'size':>10} {'type':<16} {'installed':<25} source"]
+    lines = [f"{'name':<32} {'size':>10} {'type':<16} {'installed':<17} from"]
     for e in entries:
-        lines.append(f"{e['name']:<32} {fmt_bytes(e['size_bytes']):>10} {str(e['task']):<16} "
-                     f"{str(e['installed_at']):<25} {e['source']}")
+        when = str(e["installed_at"] or "")[:16].replace("T", " ")
+        lines.append(f"{e['name']:<32} {fmt_bytes(e['size_bytes']):>10} {str(e['task']):<16} {when:<17} "
+                     f"{describe_origin(e.get('origin'), e['source'])}")
     return "\n".join(lines)
+
+
+def describe_origin(origin: str | None, source: str | None) -> str:
+    """Where an install came from, as a user says it: this pipeline's run by its config's name (the export folder as
+    a detail), else the path or hub id it was installed from."""
+    if origin and origin.startswith("pipeline config "):
+        names = [Path(f).stem for f in origin[len("pipeline config "):].split(" + ")]
+        folder = "/".join(Path(source).parts[-2:]) if source else ""
+        return f"pipeline run {' + '.join(names)!r}" + (f" ({folder})" if folder else "")
+    return str(source)
 
 
 def format_info(folder: Path) -> str:

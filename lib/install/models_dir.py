@@ -87,7 +87,7 @@ def list_installed(models_dir: str | Path) -> list[dict]:
             info = {}
         out.append({"name": d.name, "path": str(d), "task": info.get("task"), "size_bytes": info.get("size_bytes"),
                     "installed_at": info.get("installed_at"), "source": (info.get("source") or {}).get("ref"),
-                    "params": info.get("params")})
+                    "origin": info.get("origin"), "params": info.get("params")})
     return out
 
 

@@ -77,6 +77,6 @@ def serve_config_yaml(name: str, context: int | None, serve: ServeConfig) -> str
         s["max_new_tokens"] = max(1, min(s["max_new_tokens"], context // 2))
     head = (f"# Serving defaults for {name} (edit freely). start.sh passes this file to 07_serve.py as --config;\n"
             "# it is an ordinary Models at Home config that only sets the serve: section.\n")
-    return head + yaml.safe_dump({"serve": s}, sort_keys=False)
+    return head + yaml.safe_dump({"serve": s}, sort_keys=False, allow_unicode=True)
 
 

@@ -42,6 +42,7 @@ from lib.hardware import probe_hardware
 from lib.stages import STAGE, stage_dir, stage_hash, stages_of
 
 FORMAT = 1
+QUICK_STEPS = 20  # `verify --quick` without a number: the data stages and this many steps of phase 1
 SUMS = "SHA256SUMS"
 # The stages a bundle carries. What identity means for each: the bytes of the files its stage map entry names
 # (Stage.identity); training stages compare weights and loss curves instead (their metrics carry wall-clock fields),
@@ -117,7 +118,7 @@ def make_bundle(cfg: Config, config_files: list[str], out: str | Path | None = N
     export = require_stage(cfg, "04_export", "Run the whole pipeline first: snakemake --cores all")
     inputs: dict[str, Path] = {}
     pinned, budgeted = _pin_config(cfg, inputs)
-    files: dict[str, Path | bytes] = {"config/resolved.yaml": yaml.safe_dump(pinned, sort_keys=False).encode()}
+    files: dict[str, Path | bytes] = {"config/resolved.yaml": yaml.safe_dump(pinned, sort_keys=False, allow_unicode=True).encode()}
     for i, f in enumerate(config_files):
         files[f"config/original-{i}-{Path(f).name}"] = Path(f)
     for key, p in inputs.items():
@@ -279,7 +280,7 @@ def verify_bundle(archive: str | Path, workdir: str | Path, quick_steps: int | N
     cfg = load_config([str(root / "config" / "resolved.yaml"), str(extra)])
     cfg.artifacts_dir = str(run / "artifacts")  # where Snakemake ran it
     all_ok = True
-    echo(f"{'stage':<14} {'result':<11} detail")
+    echo(f"{'stage':<14} {'result':<11} how it was compared")
     # quick: the data stages and the first steps of phase 1
     stages = (*stages_of("data"), stages_of("training")[0]) if quick_steps else tuple(meta["stages"])
     for stage in stages:
@@ -287,21 +288,26 @@ def verify_bundle(archive: str | Path, workdir: str | Path, quick_steps: int | N
         deterministic = want["deterministic"]
         if STAGE[stage].identity:
             same = stage_digest(stage, d) == want["digest"]
-            detail = "output files byte-identical" if same else "output files differ"
+            files = ", ".join(STAGE[stage].identity)
+            detail = f"the bytes of {files}: " + ("byte-identical" if same else "differ")
         else:
             curve = _curve_diff(loss_curve(root / "stages" / stage / "metrics.jsonl"), loss_curve(d / "metrics.jsonl"),
                                 quick_steps)
             if quick_steps:
-                same, detail = curve == 0.0, f"first {quick_steps} steps: max |Δ loss| {curve:.3g}"
+                same = curve == 0.0
+                detail = f"the loss curve of the first {quick_steps} steps: max |Δ loss| {curve:.3g}"
             else:
                 dw = _max_weight_diff(root / "stages" / stage / "model.safetensors", d / "model.safetensors")
-                same, detail = dw == 0.0 and curve == 0.0, f"max |Δ weight| {dw:.3g}, max |Δ loss| {curve:.3g}"
+                same = dw == 0.0 and curve == 0.0
+                detail = f"the weights and the loss curve: max |Δ weight| {dw:.3g}, max |Δ loss| {curve:.3g}"
         result = "identical" if same else "different"
         if not deterministic:
             detail += " (time-budgeted: not required to be identical)"
         elif not same:
             all_ok = False
         echo(f"{stage:<14} {result:<11} {detail}")
+    for stage in (s for s in meta["stages"] if s not in stages):
+        echo(f"{stage:<14} {'-':<11} not re-run (--quick {quick_steps})")
     if not quick_steps:
         mine = read_json(stage_dir(cfg, "03_pretrain") / MANIFEST).get("final_eval", {})
         theirs = meta.get("final") or {}

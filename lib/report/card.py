@@ -28,6 +28,7 @@ from lib.hardware import probe_hardware
 from lib.model.generate import SamplingParams, generate
 from lib.model.hf_io import load_hf
 from lib.stages import stage_dir, stage_hash, stages_of
+from lib.train.tracking import fmt_duration
 
 # the stages a run consists of: not the install (`snakemake report` never installs) nor this report itself
 STAGES = stages_of("data", "training", "export", "check")
@@ -140,7 +141,9 @@ def collect(cfg: Config, out_dir: Path) -> dict:
     pre, sft, export = m["03_pretrain"], m["04_sft"], m["04_export"]
     data_dir = stage_dir(cfg, "01_data")
     final_eval = pre.get("final_eval", {})
+    created = sorted(mf["created"] for mf in m.values() if mf and mf.get("created"))
     report = {
+        "run": {"name": cfg.name, "model": cfg.export.name, "date": created[0][:16].replace("T", " ") if created else None},
         "environment": {
             "cpu": hw["cpu"]["name"], "threads": hw["cpu"]["threads"], "cpu_bf16": hw["cpu"]["bf16"],
             "ram_gb": round(hw["ram"]["total_bytes"] / 2**30, 1),
@@ -179,53 +182,110 @@ def collect(cfg: Config, out_dir: Path) -> dict:
 # Rendering: one list of sections, written as HTML and as Markdown.
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:,.4g}"
-    if isinstance(v, int):
-        return f"{v:,}"
+def _fmt(v, unit: str = "") -> str:
+    """A value as a reader wants it: grouped digits, 4 significant figures, ✓/✗ for yes/no, – for unknown, a unit."""
     if v is None:
         return "–"
-    return json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else str(v)
+    if isinstance(v, bool):
+        return "✓" if v else "✗"
+    if isinstance(v, float):
+        text = f"{v:,.4g}"
+    elif isinstance(v, int):
+        text = f"{v:,}"
+    elif isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items()) or "–"
+    elif isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v) or "–"
+    else:
+        return str(v)
+    return f"{text} {unit}".rstrip()
 
 
-def sections(r: dict) -> list[tuple[str, list[list[str]] | str]]:
-    """(title, rows or preformatted text) in reading order."""
-    e = r["environment"]
+def _share(v) -> str:
+    return "–" if v is None else f"{v:.0%}"
+
+
+def _duration(seconds) -> str:
+    return "–" if seconds is None else fmt_duration(seconds)
+
+
+def _millions(n) -> str:
+    return "–" if n is None else f"{n / 1e6:.2f} M"
+
+
+# A section: (title, header row or None, rows) or (title, None, preformatted text).
+Section = tuple[str, "list[str] | None", "list[list[str]] | str"]
+
+
+def _coursework_rows(cw: dict) -> list[list[str]]:
+    rows = []
+    for phase in ("phase 1", "phase 2"):
+        rules = cw.get(phase) or {}
+        if not rules.get("enabled"):
+            continue
+        rows.append([phase, "rules checked before training", _fmt(rules.get("checked") == "passed")])
+        rows += [[phase, name.replace("_", " "), _fmt(value)] for name, value in rules.items()
+                 if name not in ("enabled", "checked")]
+    return rows
+
+
+def sections(r: dict) -> list[Section]:
+    """The report card in reading order: tables with a header row where they have columns, ✓/✗ for checks,
+    numbers with their units; the resolved config last, as YAML."""
+    e, data = r["environment"], r["data"]
     verdict = r["check"] or {}
-    cw = r["coursework"]
-    cw_text = "not enabled" if not (cw["phase 1"] or {}).get("enabled") else (
-        f"phase 1: {(cw['phase 1'] or {}).get('checked')}, phase 2: {(cw['phase 2'] or {}).get('checked')}")
-    return [
-        ("Summary", [["final val loss", _fmt(r["final"]["val_loss"])], ["perplexity", _fmt(r["final"]["val_ppl"])],
-                     ["bits per byte", _fmt(r["final"]["val_bpb"])], ["parameters", _fmt(r["model"]["parameters"])],
-                     ["SFT end-of-turn rate", _fmt(r["sft"]["end_of_turn_rate"])],
-                     ["05_check", "runnable here" if verdict.get("runnable") else f"not runnable: {verdict.get('problems')}"],
-                     ["coursework rules", cw_text]]),
-        ("Machine and software", [["CPU", f"{e['cpu']} ({e['threads']} threads, bf16 units: {e['cpu_bf16']})"],
-                                  ["RAM", f"{e['ram_gb']} GB"], ["GPUs", ", ".join(e["gpus"]) or "none"],
-                                  ["OS", e["os"]], ["python", e["python"]], ["git commit", _fmt(e["git_commit"])]]
+    docs = data["documents"]
+    documents = (f"{docs.get('train', 0):,} train · {docs.get('val', 0):,} val" if isinstance(docs, dict)
+                 else _fmt(docs))
+    cw_rows = _coursework_rows(r["coursework"])
+    out: list[Section] = [
+        ("Summary", None, [
+            ["run", f"{r['run']['name']} (model {r['run']['model']}), started {r['run']['date'] or '–'}"],
+            ["final val loss", _fmt(r["final"]["val_loss"], "nats/token")],
+            ["perplexity", _fmt(r["final"]["val_ppl"])],
+            ["bits per byte", _fmt(r["final"]["val_bpb"], "bits/byte")],
+            ["parameters", _millions(r["model"]["parameters"])],
+            ["SFT replies that end their turn", _share(r["sft"]["end_of_turn_rate"])],
+            ["runs on this machine (05_check)", "✓" if verdict.get("runnable") else f"✗ {_fmt(verdict.get('problems'))}"],
+            ["coursework rules", "not enabled" if not cw_rows else _fmt(all(row[2] != "✗" for row in cw_rows))]]),
+        ("Machine and software", None,
+         [["CPU", f"{e['cpu']} ({e['threads']} threads)"], ["CPU bf16 matrix units", _fmt(bool(e["cpu_bf16"]))],
+          ["RAM", _fmt(e["ram_gb"], "GB")], ["GPUs", ", ".join(e["gpus"]) or "none"], ["OS", e["os"]],
+          ["python", e["python"]], ["git commit", _fmt(e["git_commit"])]]
          + [[k, v] for k, v in e["packages"].items() if k != "python"]),
-        ("Stages", [["stage", "hash", "wall time (s)", "peak RSS (MB)"]]
-         + [[s["stage"], s["hash"], _fmt(s["wall_s"]), _fmt(s["peak_rss_mb"])] for s in r["stages"]]),
-        ("Data", [["documents (train / val)", _fmt(r["data"]["documents"])], ["characters", _fmt(r["data"]["chars"])],
-                  ["removed, by reason", _fmt(r["data"]["removed"])], ["sources", _fmt(r["data"]["sources"])],
-                  ["scripts seen (share of letters)", _fmt(r["data"]["scripts"])]]),
-        ("Tokenizer and model", [["vocabulary", _fmt(r["tokenizer"]["vocab_size"])],
-                                 ["bytes per token (val)", _fmt(r["tokenizer"]["val_bytes_per_token"])],
-                                 ["shape", _fmt(r["model"]["shape"])]]),
-        ("Training", [["phase", "steps", "stop reason", "precision / mode"],
-                      ["1 pretrain", _fmt(r["pretrain"]["steps"]), _fmt(r["pretrain"]["stop_reason"]),
-                       _fmt(r["pretrain"]["precision"])],
-                      ["2 SFT", _fmt(r["sft"]["steps"]), _fmt(r["sft"]["stop_reason"]), _fmt(r["sft"]["mode"])]]),
-        ("Perplexity of your sentences", [["sentence", "phase 1", "final"]]
-         + [[p["sentence"], _fmt(p["phase 1"]), _fmt(p["final"])] for p in r["perplexity"]]),
-        ("Samples", [["prompt", "temperature", "reply"]]
-         + [[s["prompt"], _fmt(s["temperature"]), s["reply"] or "(empty)"] for s in r["samples"]]),
-        ("Export checks", [["HF export max |logit difference|", _fmt(r["export"]["max_abs_logit_diff"])]]
+        ("Stages", ["stage", "done", "hash", "wall time", "peak RSS"],
+         [[s["stage"], _fmt(s["done"]), s["hash"], _duration(s["wall_s"]), _fmt(s["peak_rss_mb"], "MB")]
+          for s in r["stages"]]),
+        ("Data", None, [["documents", documents], ["characters", _fmt(data["chars"])],
+                        ["scripts seen (share of letters)",
+                         ", ".join(f"{k.title()} {v:.0%}" for k, v in (data["scripts"] or {}).items()) or "–"]]),
+        ("Data sources", ["source", "read", "kept", "characters kept"],
+         [[s.get("label", "?"), _fmt(s.get("read")), _fmt(s.get("kept")), _fmt(s.get("kept_chars"))]
+          for s in data["sources"] or []]),
+        ("Documents removed", ["reason", "documents"],
+         [[k.replace("_", " "), _fmt(v)] for k, v in (data["removed"] or {}).items()]),
+        ("Tokenizer and model", None, [
+            ["vocabulary", _fmt(r["tokenizer"]["vocab_size"], "tokens")],
+            ["tokenizer", _fmt(r["tokenizer"].get("source"))],
+            ["bytes per token (val)", _fmt(r["tokenizer"]["val_bytes_per_token"])]]
+         + [[k.replace("_", " "), _fmt(v)] for k, v in (r["model"]["shape"] or {}).items()]),
+        ("Training", ["phase", "steps", "tokens", "time", "stop reason", "precision / mode"], [
+            ["1 pretrain", _fmt(r["pretrain"]["steps"]), _fmt(r["pretrain"].get("tokens")),
+             _duration(r["pretrain"].get("train_seconds")), _fmt(r["pretrain"]["stop_reason"]),
+             _fmt(r["pretrain"]["precision"])],
+            ["2 SFT", _fmt(r["sft"]["steps"]), "–", "–", _fmt(r["sft"]["stop_reason"]), _fmt(r["sft"]["mode"])]]),
+        ("Perplexity of your sentences", ["sentence", "phase 1", "final"],
+         [[p["sentence"], _fmt(p["phase 1"]), _fmt(p["final"])] for p in r["perplexity"]]),
+        ("Samples", ["prompt", "temperature", "reply"],
+         [[s["prompt"], _fmt(s["temperature"]), s["reply"] or "(empty)"] for s in r["samples"]]),
+        ("Export checks", ["check", "result"],
+         [["HF export: max |logit difference| to the trained model", _fmt(r["export"]["max_abs_logit_diff"])]]
          + [[f"GGUF {g['file']}: greedy output matches", _fmt(g["greedy_match"])] for g in r["export"]["gguf"]]),
-        ("Resolved config", r["config"]),
     ]
+    if cw_rows:
+        out.append(("Coursework rules", ["phase", "rule", "value"], cw_rows))
+    out.append(("Resolved config", None, r["config"]))
+    return out
 
 
 CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
@@ -237,13 +297,12 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;p
 def render_html(r: dict, out_dir: Path) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Models at Home — report card</title>"
              f"<style>{CSS}</style></head><body><h1>Models at Home — report card</h1>"]
-    for title, body in sections(r):
+    for title, header, body in sections(r):
         parts.append(f"<h2>{html.escape(title)}</h2>")
         if isinstance(body, str):
             parts.append(f"<pre>{html.escape(body)}</pre>")
             continue
-        head = title in ("Stages", "Training", "Perplexity of your sentences", "Samples")
-        rows = [("th" if head and i == 0 else "td", row) for i, row in enumerate(body)]
+        rows = ([("th", header)] if header else []) + [("td", row) for row in body]
         parts.append("<table>" + "".join("<tr>" + "".join(f"<{t}>{html.escape(str(c))}</{t}>" for c in row) + "</tr>"
                                          for t, row in rows) + "</table>")
         if title == "Training":
@@ -255,13 +314,13 @@ def render_html(r: dict, out_dir: Path) -> str:
 
 def render_markdown(r: dict) -> str:
     lines = ["# Models at Home — report card", ""]
-    for title, body in sections(r):
+    for title, header, body in sections(r):
         lines += [f"## {title}", ""]
         if isinstance(body, str):
             lines += ["```yaml", body.rstrip(), "```", ""]
             continue
-        width = max(len(row) for row in body)
-        rows = body if title in ("Stages", "Training", "Perplexity of your sentences", "Samples") else [["", ""][:width], *body]
+        width = max(len(row) for row in [header or [], *body]) or 1
+        rows = [header or [""] * width, *body]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in rows[0]) + " |")
         lines.append("|" + "---|" * width)
         lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in row) + " |" for row in rows[1:]]
@@ -275,7 +334,7 @@ def summary(r: dict, out: Path) -> str:
     f, v = r["final"], r["check"] or {}
     return (f"report card: {out / 'report.html'}\n"
             f"  val loss {_fmt(f['val_loss'])}, perplexity {_fmt(f['val_ppl'])}, {_fmt(f['val_bpb'])} bits/byte; "
-            f"{_fmt(r['model']['parameters'])} parameters; SFT end-of-turn rate {_fmt(r['sft']['end_of_turn_rate'])}; "
+            f"{_millions(r['model']['parameters'])} parameters; SFT end-of-turn rate {_share(r['sft']['end_of_turn_rate'])}; "
             f"05_check: {'runnable here' if v.get('runnable') else 'NOT runnable'}")
 
 

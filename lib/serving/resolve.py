@@ -22,7 +22,7 @@ from lib.artifacts import MANIFEST, is_complete, read_json
 from lib.config import Config
 from lib.errors import UserError
 from lib.install.models_dir import INFO, MARKER, list_installed, models_dir_for, resolve_installed, verify_install
-from lib.stages import model_stages, stage_dir
+from lib.stages import STAGE, model_stages, stage_dir, stages_of
 
 # Stages whose output is a servable HF model directory, furthest first.
 MODEL_STAGES = model_stages()
@@ -46,6 +46,14 @@ class ModelRef:
 
     @property
     def label(self) -> str:
+        """What the model picker shows: a pipeline model by its run (config name), what it is and when it was made,
+        the stage folder as a detail; an installed one by its install name."""
+        if self.source == "pipeline" and self.info.get("stage") in STAGE:
+            when = str(self.info.get("created") or "")[:16].replace("T", " ")
+            run = self.info.get("config_name") or "pipeline"
+            return f"{run} · {STAGE[self.info['stage']].title} · {when} ({self.id[:len(self.info['stage']) + 7]})"
+        if self.source == "installed":
+            return f"{self.id} (installed)"
         return f"{self.id} ({self.source})"
 
 
@@ -80,7 +88,8 @@ def _stage_ref(stage_path: Path) -> ModelRef | None:
     if hf is None:
         return None
     manifest = read_json(stage_path / MANIFEST)
-    info = {k: manifest[k] for k in ("stage", "hash", "created", "parameters", "best_val_loss") if k in manifest}
+    info = {k: manifest[k] for k in ("stage", "hash", "created", "parameters", "best_val_loss", "config_name")
+            if k in manifest}
     return ModelRef(id=f"{stage_path.parent.name}/{stage_path.name}", path=hf, source="pipeline", info=info,
                      gguf=find_gguf(stage_path))
 
@@ -104,13 +113,16 @@ def _finished_at(ref: ModelRef) -> float:
 
 
 def latest_pipeline_model(cfg: Config) -> ModelRef | None:
-    """The furthest complete stage of this config; else the newest complete model stage under artifacts/."""
+    """The furthest complete stage of this config; else the newest chat model (SFT or export) under artifacts/,
+    else the newest pretrained one: a pretrain-only model is never picked over a chat model."""
     for stage in MODEL_STAGES:
         ref = _stage_ref(stage_dir(cfg, stage))
         if ref is not None:
             return ref
     newest = pipeline_models(cfg.artifacts_dir)
-    return newest[0] if newest else None
+    pretrain_only = stages_of("training")[0]
+    chat = [r for r in newest if r.info.get("stage") != pretrain_only]
+    return (chat or newest or [None])[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def form_values(cfg: Config) -> dict:
             "pretrain.batch_size": t.batch_size, "pretrain.lr": t.lr, "pretrain.max_steps": t.max_steps or 0,
             "pretrain.time_budget_min": t.time_budget_min or 0,
             "data.sources": yaml.safe_dump(json.loads(json.dumps([_source_dict(s) for s in cfg.data.sources])),
-                                           sort_keys=False)}
+                                           sort_keys=False, allow_unicode=True)}
 
 
 def _source_dict(src) -> dict:

@@ -16,6 +16,8 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
+
 from lib.artifacts import MANIFEST, is_complete, read_json
 from lib.chat import prepare_tokenizer
 from lib.config import Config
@@ -81,6 +83,14 @@ def _tokenizer_for(cfg: Config, project: Path):
     return None
 
 
+def loss_mask(mask) -> np.ndarray:
+    """Which tokens of a row the loss is computed on: the row's mask, except its first token, which is only ever
+    an input (the targets are the row shifted by one, as SftBatches and encode_examples count them)."""
+    out = np.asarray(mask, dtype=bool).copy()
+    out[:1] = False
+    return out
+
+
 def highlight(tokenizer, ids, mask) -> str:
     """HTML of the tokens, the trained ones (mask) marked: <mark> around each run of trained tokens."""
     pieces, run, trained = [], [], None
@@ -117,11 +127,13 @@ def sft_preview(cfg: Config, k: int = 3, seed: int | None = 0, project_dir: str 
         enc = (encode_conversations(tokenizer, [ex.messages], max_len)[0] if ex.messages is not None
                else encode_text(tokenizer, [ex.text], max_len)[0])
         fitted, cut = fit_length(enc, max_len) if ex.messages is not None else (enc, len(enc.ids) >= max_len)
-        if fitted is None:
-            rendered.append({"where": ex.where, "html": highlight(tokenizer, enc.ids, enc.mask), "tokens": len(enc.ids),
-                             "trained": 0, "note": f"dropped: no assistant turn fits in {cfg.sft.train.seq_len} tokens"})
+        if fitted is None:  # training never sees it: nothing of it is marked
+            rendered.append({"where": ex.where, "html": highlight(tokenizer, enc.ids, np.zeros(len(enc.ids), bool)),
+                             "tokens": len(enc.ids), "trained": 0,
+                             "note": f"dropped: no assistant turn fits in {cfg.sft.train.seq_len} tokens"})
             continue
-        rendered.append({"where": ex.where, "html": highlight(tokenizer, fitted.ids, fitted.mask),
-                         "tokens": len(fitted.ids), "trained": int(fitted.mask.sum()),
+        trained = loss_mask(fitted.mask)
+        rendered.append({"where": ex.where, "html": highlight(tokenizer, fitted.ids, trained),
+                         "tokens": len(fitted.ids), "trained": int(trained.sum()),
                          "note": f"cut to {cfg.sft.train.seq_len} tokens" if cut else ""})
     return {"sources": sources, "examples": rendered, "count": len(examples)}

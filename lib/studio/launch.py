@@ -125,6 +125,7 @@ class Launcher:
         if not state:
             return None
         pid = int(state["pid"])
+        atomic_write_json(self.dir / STATE, {**state, "stopped": time.time()})  # asked to stop: not a failure
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:

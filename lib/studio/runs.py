@@ -21,12 +21,13 @@ import json
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.artifacts import MANIFEST, read_json
+from lib.stages import STAGE, stages_of
 from lib.stages import STAGES as PIPELINE
-from lib.stages import stages_of
 from lib.train.checkpoint import latest_checkpoint
 from lib.train.tracking import METRICS, RUN_INFO
 
@@ -46,6 +47,14 @@ class Run:
     config: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)  # val_loss, val_bpb, tok_s, wall_s, steps, parameters
     message: str = ""  # why it failed, where it stopped
+    config_name: str = ""  # the run it belongs to, as the user calls it (the config's name)
+    created: str = ""  # when it finished (its manifest's time)
+    upstream: dict = field(default_factory=dict)  # stage -> hash of the folders it read
+
+    @property
+    def label(self) -> str:
+        """The stage as a user sees it, the folder as a detail: "smoke · phase 1 (pretrain) (03_pretrain/5085…)"."""
+        return f"{self.config_name or '?'} · {STAGE[self.stage].title} ({self.stage}/{self.hash[:6]})"
 
     @property
     def id(self) -> str:
@@ -171,6 +180,81 @@ def find_runs(artifacts_dir: str | Path, launching: bool = False, stages=STAGES)
     return sorted(runs.values(), key=lambda r: r.updated, reverse=True)
 
 
+@dataclass
+class PipelineRun:
+    """One pipeline run as a user thinks of it: a config, when it started, its stages, wall time, final figures."""
+
+    name: str  # the config's name ("default", "smoke", a saved studio config)
+    stages: list[Run]  # its stage folders, in pipeline order
+
+    @property
+    def started(self) -> str:
+        times = sorted(r.created for r in self.stages if r.created)
+        return times[0][:16].replace("T", " ") if times else time.strftime(
+            "%Y-%m-%d %H:%M", time.localtime(min(r.updated for r in self.stages)))
+
+    @property
+    def status(self) -> str:
+        for s in ("running", "failed", "interrupted"):
+            if any(r.status == s for r in self.stages):
+                return s
+        return "complete"
+
+    @property
+    def wall_s(self) -> float:
+        return sum(r.figures.get("wall_s") or 0.0 for r in self.stages)
+
+    @property
+    def figures(self) -> dict:
+        """The run's final figures: phase 1's bits per byte and val loss, phase 2's val loss."""
+        by = {r.stage: r.figures for r in self.stages}
+        pre, sft = by.get(stages_of("training")[0], {}), by.get(stages_of("training")[-1], {})
+        return {"val_bpb": pre.get("val_bpb"), "val_loss": pre.get("val_loss"), "sft_val_loss": sft.get("val_loss")}
+
+    @property
+    def label(self) -> str:
+        bpb = self.figures["val_bpb"]
+        return (f"{self.name}, started {self.started}, {_minutes(self.wall_s)}"
+                + (f", {bpb:.2f} bits/byte" if bpb is not None else "") + f" — {self.status}")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def pipeline_runs(runs: list[Run]) -> list[PipelineRun]:
+    """Stage folders grouped into pipeline runs, newest first. A finished stage belongs with the folders its
+    manifest says it read; an unfinished one with the newest run of the same config name."""
+    by_key = {(r.stage, r.hash): r for r in runs}
+    parent = {k: k for k in by_key}
+
+    def root(k):
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for key, r in by_key.items():
+        for stage, h in r.upstream.items():
+            if (stage, h) in by_key:
+                parent[root(key)] = root((stage, h))
+    groups: dict = {}
+    for key in by_key:
+        groups.setdefault(root(key), []).append(by_key[key])
+    finished = [g for g in groups.values() if any(r.created for r in g)]
+    for g in [g for g in groups.values() if not any(r.created for r in g)]:
+        home = max((f for f in finished if f[0].config_name and f[0].config_name == g[0].config_name),
+                   key=lambda f: max(r.updated for r in f), default=None)
+        (home.extend(g) if home is not None else finished.append(g))
+    order = [s.name for s in PIPELINE]
+    out = []
+    for g in finished:
+        names = [r.config_name for r in g if r.config_name]
+        out.append(PipelineRun(name=max(set(names), key=names.count) if names else "?",
+                               stages=sorted(g, key=lambda r: order.index(r.stage))))
+    return sorted(out, key=lambda p: max(r.updated for r in p.stages), reverse=True)
+
+
 def _run(artifacts: Path, stage: str, h: str, launching: bool) -> Run | None:
     path = artifacts / stage / h
     work = artifacts / "checkpoints" / stage / h
@@ -183,6 +267,8 @@ def _run(artifacts: Path, stage: str, h: str, launching: bool) -> Run | None:
     if (path / MANIFEST).is_file():
         manifest = read_json(path / MANIFEST)
         run.status, run.config = "complete", manifest.get("config", {})
+        run.config_name, run.created = manifest.get("config_name", ""), manifest.get("created", "")
+        run.upstream = manifest.get("upstream") or {}
         run.figures = _figures(stage, manifest, artifacts, h)
         return run
     info = {}
@@ -192,6 +278,7 @@ def _run(artifacts: Path, stage: str, h: str, launching: bool) -> Run | None:
         except (OSError, ValueError):
             info = {}
     run.figures = _live_figures(run.metrics_path)
+    run.config_name = info.get("run_name", "")
     staging = path.parent.is_dir() and any(path.parent.glob(f".{h}.tmp-*"))
     if trainer_alive(info) or (launching and staging and stage not in TRAINING_STAGES):
         run.status = "running"

@@ -26,6 +26,7 @@ from lib.check import fmt_bytes
 from lib.config import Config, load_config
 from lib.errors import UserError
 from lib.model.homellm import PRESETS
+from lib.stages import STAGE
 from lib.studio.configs import (
     CUSTOM,
     FIELDS,
@@ -40,11 +41,20 @@ from lib.studio.configs import (
 )
 from lib.studio.explore import corpus_overview, random_documents, sft_preview
 from lib.studio.launch import TARGETS, Launcher
-from lib.studio.runs import TRAINING_STAGES, MetricsFile, Run, find_runs, run_info
+from lib.studio.runs import (
+    TRAINING_STAGES,
+    MetricsFile,
+    Run,
+    checkpoint_step,
+    find_runs,
+    pipeline_runs,
+    run_info,
+)
 from lib.train.tracking import fmt_duration
 
 LIVE_PERIOD_S = 1.0  # the live view's refresh: one read of the new metrics lines per second, at most
-RUN_COLUMNS = ["run", "status", "val loss", "bits/byte", "tok/s", "steps", "wall", "updated", "note"]
+PIPELINE_COLUMNS = ["run", "started", "stages done", "wall time", "bits/byte", "SFT val loss", "status"]
+RUN_COLUMNS = ["run", "stage", "folder", "status", "val loss", "bits/byte", "tok/s", "steps", "wall", "updated", "note"]
 CSS = "mark.trained { background: #fde68a; } .sft-example { white-space: pre-wrap; font-family: monospace; " \
       "border: 1px solid #ddd; padding: 6px; margin: 6px 0; }"
 
@@ -65,6 +75,10 @@ def _num(v, fmt="{:.4f}"):
 class Studio:
     def __init__(self, project_dir: str | Path, cfg: Config, can_launch: bool = True, hardware: dict | None = None):
         self.project = Path(project_dir).resolve()
+        # the config the server was started with (--config): the Train and Data tabs open on it
+        started = Path(cfg.files[-1]).resolve() if cfg.files else None
+        self.started_config = (str(started.relative_to(self.project))
+                               if started is not None and started.is_relative_to(self.project) else None)
         artifacts = Path(cfg.artifacts_dir)
         self.artifacts = artifacts if artifacts.is_absolute() else self.project / artifacts
         self.launcher = Launcher(self.project, self.artifacts)
@@ -84,17 +98,29 @@ class Studio:
     def runs(self, stages=None) -> list[Run]:
         return find_runs(self.artifacts, launching=self.launcher.active() is not None, stages=stages)
 
+    def pipeline_table(self, runs: list[Run] | None = None) -> pd.DataFrame:
+        """One row per pipeline run: its config's name, when it started, how far it got, its final figures."""
+        rows = []
+        for p in pipeline_runs(self.runs() if runs is None else runs):
+            f = p.figures
+            rows.append([p.name, p.started, f"{sum(r.status == 'complete' for r in p.stages)}/{len(p.stages)}",
+                         _fmt_seconds(p.wall_s), _num(f["val_bpb"]), _num(f["sft_val_loss"]), p.status])
+        return pd.DataFrame(rows, columns=PIPELINE_COLUMNS)
+
     def runs_table(self, runs: list[Run] | None = None) -> pd.DataFrame:
+        """The stage folders, as details of the runs above."""
         rows = []
         for r in self.runs() if runs is None else runs:
             f = r.figures
-            rows.append([r.id, r.status, _num(f.get("val_loss")), _num(f.get("val_bpb")),
+            rows.append([r.config_name or "?", STAGE[r.stage].title, r.id, r.status, _num(f.get("val_loss")),
+                         _num(f.get("val_bpb")),
                          _num(f.get("tok_s"), "{:,.0f}"), f.get("steps", ""), _fmt_seconds(f.get("wall_s")),
                          time.strftime("%Y-%m-%d %H:%M", time.localtime(r.updated)) if r.updated else "", r.message])
         return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
-    def run_choices(self, training_only: bool = False, runs: list[Run] | None = None) -> list[str]:
-        return [r.id for r in (self.runs() if runs is None else runs)
+    def run_choices(self, training_only: bool = False, runs: list[Run] | None = None) -> list[tuple[str, str]]:
+        """(label, id): the picker shows runs by name and stage, and hands the folder id to the handlers."""
+        return [(r.label, r.id) for r in (self.runs() if runs is None else runs)
                 if not training_only or r.stage in TRAINING_STAGES]
 
     def _find(self, run_id: str | None) -> Run | None:
@@ -281,10 +307,28 @@ class Studio:
         if active:
             line = f"**running** (pid {active['pid']}): `{active['command']}`"
         else:
-            code = last.get("returncode")
-            verdict = "finished" if code == 0 else f"stopped or failed (exit code {code})"
-            line = f"**{verdict}**: `{last['command']}`"
+            line = f"**{self._ended(last)}**: `{last['command']}`"
         return line, self.launcher.log_tail()
+
+    def _ended(self, last: dict) -> str:
+        """How the latest launch ended, in the user's words: finished; stopped at step N (and where Resume goes on);
+        or which stage failed and why."""
+        code = last.get("returncode")
+        if code == 0:
+            return "finished"
+        since = last.get("started", 0) - 1
+        touched = [r for r in self.runs() if r.updated >= since]
+        if last.get("stopped"):
+            for r in touched:
+                step = checkpoint_step(r.work) if r.status == "interrupted" and r.work is not None else None
+                if step is not None:
+                    return (f"stopped at step {step} of {STAGE[r.stage].title} — Resume continues from checkpoint "
+                            f"step {step}")
+            return "stopped before a checkpoint was written — Resume starts the unfinished stages again"
+        failed = next((r for r in touched if r.status == "failed"), None)
+        if failed is not None:
+            return f"failed in {STAGE[failed.stage].title} ({failed.id}): {failed.message}"
+        return f"failed (Snakemake exit code {code}); the log below says where"
 
     # -- data ----------------------------------------------------------------------------------------------
 
@@ -337,10 +381,13 @@ class Studio:
     def build(self, demo: gr.Blocks) -> None:
         """The studio's tabs, inside the caller's gr.Blocks / gr.Tabs."""
         configs = self.configs()
-        first = configs[0] if configs else None
+        first = self.started_config if self.started_config in configs else (configs[0] if configs else None)
         with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
             refresh = gr.Button("Refresh", elem_id="runs-refresh", size="sm")
-            table = gr.Dataframe(self.runs_table(), interactive=False, elem_id="runs-table", wrap=True)
+            pipelines = gr.Dataframe(self.pipeline_table(), interactive=False, elem_id="pipeline-runs", wrap=True,
+                                     label="Runs")
+            table = gr.Dataframe(self.runs_table(), interactive=False, elem_id="runs-table", wrap=True,
+                                 label="Their stage folders (artifacts/<stage>/<hash>)")
             with gr.Row():
                 picked = gr.Dropdown(self.run_choices(), label="Run", elem_id="run-picker", scale=2)
             details = gr.Markdown(elem_id="run-details")
@@ -417,12 +464,13 @@ class Studio:
 
         # wiring
         def refresh_runs():
-            runs = self.runs()  # one scan for the table and the three pickers
-            return (self.runs_table(runs), gr.update(choices=self.run_choices(runs=runs)),
+            runs = self.runs()  # one scan for the tables and the three pickers
+            return (self.pipeline_table(runs), self.runs_table(runs), gr.update(choices=self.run_choices(runs=runs)),
                     gr.update(choices=self.run_choices(training_only=True, runs=runs)),
                     gr.update(choices=self.data_choices(runs)))
 
-        refresh.click(refresh_runs, None, [table, picked, compare, corpus], queue=False)
+        run_lists = [pipelines, table, picked, compare, corpus]
+        refresh.click(refresh_runs, None, run_lists, queue=False)
         picked.change(self.run_details, picked, [details, config, report])
         compare.change(self.overlay, compare, overlay)
         form = [base, *inputs, save_name, target]
@@ -431,8 +479,8 @@ class Studio:
         for comp in [*inputs, save_name, target]:
             comp.change(self.describe, form, [estimate_md, command_md], trigger_mode="always_last",
                         show_progress="hidden")
-        start.click(self.start, form, [launch_md, log]).then(refresh_runs, None, [table, picked, compare, corpus])
-        stop.click(self.stop, None, [launch_md, log]).then(refresh_runs, None, [table, picked, compare, corpus])
+        start.click(self.start, form, [launch_md, log]).then(refresh_runs, None, run_lists)
+        stop.click(self.stop, None, [launch_md, log]).then(refresh_runs, None, run_lists)
         resume.click(self.resume, None, [launch_md, log])
 
         last_status = {"line": None}
@@ -440,17 +488,21 @@ class Studio:
         def tick(request: gr.Request):
             live = self.live(getattr(request, "session_hash", "") or "")
             line, tail = self.launch_status()
-            runs_update = [gr.skip()] * 4
+            runs_update = [gr.skip()] * len(run_lists)
             if line != last_status["line"]:  # a launch started or ended: the runs list changed
                 last_status["line"] = line
                 runs_update = list(refresh_runs())
             return (*live, line, tail, *runs_update)
 
-        timer.tick(tick, None, [live_md, loss_plot, lr_plot, tok_plot, samples, launch_md, log,
-                                table, picked, compare, corpus], show_progress="hidden")
+        timer.tick(tick, None, [live_md, loss_plot, lr_plot, tok_plot, samples, launch_md, log, *run_lists],
+                   show_progress="hidden")
         show.click(self.explore, [corpus, seed], [summary, sources, removed, hist, docs])
         sft_btn.click(self.explore_sft, [sft_cfg, seed], [sft_md, sft_html])
         demo.load(self.describe, form, [estimate_md, command_md])
+        # every page load reads the artifacts and config/ afresh: runs finished, and config files added, since the
+        # server started are there without a Refresh or a restart
+        demo.load(refresh_runs, None, run_lists, queue=False)
+        demo.load(lambda: [gr.update(choices=self.configs())] * 2, None, [base, sft_cfg], queue=False)
 
 
 def studio_note(cfg: Config) -> str:

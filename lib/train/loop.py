@@ -224,6 +224,7 @@ class Run:
     sample_fn: Optional[Callable[[torch.nn.Module], list[str]]] = None  # texts sampled at every eval
     on_eval: Optional[Callable[[list[dict]], str]] = None  # history -> "continue" | "stop" | a note to log
     config_name: str = "pretrain"  # the config key that errors name
+    run_name: str = ""  # what the user calls the run (the config's name), shown by the studio while it trains
 
 
 def fit(model: torch.nn.Module, train: Batches, val: Optional[Batches], run: Run) -> FitResult:
@@ -275,7 +276,8 @@ class _Loop:
             acc.print(f"resuming from {self.last_good} (step {self.step}, {self.state['tokens']:,} tokens, "
                       f"{self.state['elapsed_s']:.0f}s trained so far)")
         self.tracker = Tracker(run.work_dir, enabled=self.is_main, start_step=self.step, total_steps=self.total_steps,
-                               time_budget_min=cfg.time_budget_min, history=self.state["history"])
+                               time_budget_min=cfg.time_budget_min, history=self.state["history"],
+                               run_name=run.run_name)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision, torch.float32)
         self.peak = measure_peak_flops(acc.device, dtype)
         self.tracker.info(f"precision: {run.precision_note}; device {acc.device} x{self.world}; "

@@ -23,6 +23,7 @@ from lib.model.hf_io import save_hf
 from lib.model.homellm import HomeLLM, model_args
 from lib.stages import stage_dir
 from lib.train.base_model import reply_ids
+from lib.train.coursework import check_coursework_phase1
 from lib.train.loop import Run, fit, make_accelerator, reuse_or_train, work_dir
 from lib.train.tracking import METRICS, PLOT, SAMPLES, TB_DIR
 
@@ -67,30 +68,6 @@ class TokenWindows:
             yield self._gather(starts[i:i + self.batch_size])
 
 
-def check_coursework_phase1(cfg: Config) -> dict:
-    """Coursework rules for phase 1, checked before training; the result goes into the manifest."""
-    rules = cfg.coursework
-    if not rules.enabled:
-        return {"enabled": False}
-    problems = []
-    if rules.phase1_no_instruction_data:
-        chat = [i for i, s in enumerate(cfg.data.sources) if s.type == "chitchat"]
-        if chat:
-            problems.append(f"data.sources[{chat[0]}] is instruction/dialog data (chitchat), but "
-                            "coursework.phase1_no_instruction_data forbids it in phase 1")
-    if rules.max_epochs_phase1 is not None:
-        t = cfg.pretrain
-        if t.max_epochs is None or t.max_epochs > rules.max_epochs_phase1:
-            problems.append(f"pretrain.max_epochs must be set and <= coursework.max_epochs_phase1 "
-                            f"({rules.max_epochs_phase1}), got {t.max_epochs}")
-    if rules.cpu_only and cfg.pretrain.precision == "fp16":
-        problems.append("pretrain.precision: fp16 is a GPU mode, but coursework.cpu_only is set")
-    if problems:
-        raise UserError("coursework rules violated:\n  " + "\n  ".join(problems))
-    return {"enabled": True, "phase1_random_init": True, "phase1_no_instruction_data": rules.phase1_no_instruction_data,
-            "max_epochs_phase1": rules.max_epochs_phase1, "cpu_only": rules.cpu_only, "checked": "passed"}
-
-
 def sampler(tokenizer, prompts: list[str], max_new_tokens: int, seed: int):
     """A function that samples a continuation of each prompt (logged at every eval), with the same reply helper
     as SFT's samples and the export's reference (lib.train.base_model.reply_ids)."""
@@ -126,7 +103,7 @@ def train_pretrain(cfg: Config) -> Path:
     if meta["vocab_size"] != len(tokenizer):
         raise UserError(f"{tokens_dir}/meta.json: the token files were encoded with a vocabulary of "
                         f"{meta['vocab_size']} but {tok_dir} has {len(tokenizer)} tokens; rerun the encode stage.")
-    rules = check_coursework_phase1(cfg)
+    rules = check_coursework_phase1(cfg, require_stage(cfg, "01_data", "Run: python 01_prepare_data.py."), tok_dir)
     t = cfg.pretrain
     args = model_args(cfg.model, vocab_size=len(tokenizer))
     if t.seq_len > args.max_seq_len:
@@ -153,7 +130,7 @@ def train_pretrain(cfg: Config) -> Path:
         world_batch_tokens=t.batch_size * t.seq_len * t.grad_accum * world,
         flops_per_token=model.estimate_flops_per_token(t.seq_len), bytes_per_token=meta["val_bytes_per_token"],
         sample_fn=sampler(tokenizer, t.sample_prompts, t.sample_tokens, cfg.seed) if t.sample_prompts else None,
-        config_name="pretrain"))
+        config_name="pretrain", run_name=cfg.name))
     final = stage_dir(cfg, "03_pretrain")
     if not accelerator.is_main_process:
         return final

@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
-from lib.artifacts import stage_output
+from lib.artifacts import require_stage, stage_output
 from lib.chat import end_of_turn_ids, prepare_tokenizer, prompt_ids
 from lib.config import Config, SftConfig
 from lib.data.sft_data import load_sft_examples
@@ -38,6 +38,7 @@ from lib.train.base_model import (
     reply_ids,
     resolve_base_model,
 )
+from lib.train.coursework import check_coursework_phase2
 from lib.train.loop import Run, fit, make_accelerator, reuse_or_train, work_dir
 from lib.train.sft_batches import SftBatches, encode_examples, pack, split_examples
 from lib.train.tracking import METRICS, PLOT, SAMPLES, TB_DIR
@@ -137,28 +138,13 @@ def end_of_turn_check(model, tokenizer, prompts: list[str], system_prompt: Optio
 # The stage.
 
 
-def check_coursework_phase2(cfg: Config) -> dict:
-    """Coursework rules for phase 2, checked before training; the result goes into the manifest."""
-    rules = cfg.coursework
-    if not rules.enabled:
-        return {"enabled": False}
-    t, problems = cfg.sft.train, []
-    if rules.max_epochs_phase2 is not None:
-        # sft.repeat lists every example `repeat` times per epoch: those are real passes over the data too
-        passes = None if t.max_epochs is None else t.max_epochs * cfg.sft.repeat
-        if passes is None or passes > rules.max_epochs_phase2:
-            problems.append(f"sft.train.max_epochs must be set and sft.train.max_epochs x sft.repeat <= "
-                            f"coursework.max_epochs_phase2 ({rules.max_epochs_phase2}); got {t.max_epochs} x "
-                            f"{cfg.sft.repeat}")
-    if rules.phase1_random_init and cfg.sft.base_model is not None:
-        problems.append(f"sft.base_model is {cfg.sft.base_model!r}, but a coursework's phase 2 tunes its own phase-1 "
-                        "model (coursework.phase1_random_init); leave sft.base_model unset")
-    if rules.cpu_only and (cfg.sft.lora.qlora or t.precision == "fp16"):
-        problems.append("sft.lora.qlora / sft.train.precision fp16 are GPU modes, but coursework.cpu_only is set")
-    if problems:
-        raise UserError("coursework rules violated:\n  " + "\n  ".join(problems))
-    return {"enabled": True, "max_epochs_phase2": rules.max_epochs_phase2, "max_epochs": t.max_epochs,
-            "repeat": cfg.sft.repeat, "base": "phase-1 model", "cpu_only": rules.cpu_only, "checked": "passed"}
+def _phase1_dirs(cfg: Config) -> tuple[Path | None, Path | None]:
+    """The phase-1 model's folder and the pipeline's tokenizer folder, for the coursework rules of a phase 2 that
+    tunes the pipeline's own model."""
+    if not cfg.coursework.enabled or cfg.sft.base_model is not None:
+        return None, None
+    return (require_stage(cfg, "03_pretrain", "Run: python 03_pretrain.py (or snakemake pretrained)."),
+            require_stage(cfg, "02_tokenizer", "Run: python 02_train_tokenizer.py (or snakemake tokenizer)."))
 
 
 def build_datasets(cfg: Config, tokenizer, log=print) -> tuple[SftBatches, Optional[SftBatches], dict]:
@@ -195,7 +181,7 @@ def build_datasets(cfg: Config, tokenizer, log=print) -> tuple[SftBatches, Optio
 def train_sft(cfg: Config) -> Path:
 
     sft, t = cfg.sft, cfg.sft.train
-    rules = check_coursework_phase2(cfg)
+    rules = check_coursework_phase2(cfg, *_phase1_dirs(cfg))
     if sft.lora.qlora:
         check_qlora()
     base_dir = resolve_base_model(cfg)
@@ -238,7 +224,8 @@ def train_sft(cfg: Config) -> Path:
         world_batch_tokens=t.batch_size * t.grad_accum * world * train.mean_len,
         flops_per_token=model.estimate_flops_per_token(t.seq_len),
         sample_fn=chat_sampler(tokenizer, prompts, t.sample_tokens, cfg.seed, sft.system_prompt),
-        on_eval=make_overfit_detector(sft, log) if val is not None else None, config_name="sft.train"))
+        on_eval=make_overfit_detector(sft, log) if val is not None else None, config_name="sft.train",
+        run_name=cfg.name))
     final = stage_dir(cfg, "04_sft")
     if not accelerator.is_main_process:
         return final

@@ -31,8 +31,9 @@ def fmt_duration(seconds: float) -> str:
 
 class Tracker:
     def __init__(self, work_dir: Path, enabled: bool, start_step: int, total_steps: Optional[int],
-                 time_budget_min: Optional[float], history: list):
+                 time_budget_min: Optional[float], history: list, run_name: str = ""):
         self.dir = Path(work_dir)
+        self.run_name = run_name
         self.enabled = enabled
         self.total_steps = total_steps
         self.time_budget_s = time_budget_min * 60 if time_budget_min else None
@@ -69,10 +70,11 @@ class Tracker:
     def _write_run_info(self, start_step: int, ended: Optional[str] = None) -> None:
         atomic_write_json(self.dir / RUN_INFO, {
             "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "start_step": start_step,
-            "total_steps": self.total_steps, "time_budget_s": self.time_budget_s, "ended": ended})
+            "total_steps": self.total_steps, "time_budget_s": self.time_budget_s, "ended": ended,
+            "run_name": self.run_name})
 
     def _write(self, record: dict) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.metrics.flush()
 
     def info(self, text: str) -> None:
