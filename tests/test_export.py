@@ -41,10 +41,10 @@ def export_cfg(tmp: Path, base: Path, *extra):
 @pytest.fixture(scope="module")
 def exported(tiny_chat_model, tmp_path_factory):
     from lib.export.exporter import run_export
-    from lib.train.sft import train_sft
+    from lib.train.sft import run_sft
 
     cfg = export_cfg(tmp_path_factory.mktemp("export"), tiny_chat_model)
-    train_sft(cfg)
+    run_sft(cfg)
     out = run_export(cfg)
     return cfg, out, json.loads((out / "manifest.json").read_text())
 
@@ -190,15 +190,15 @@ def test_adapter_only_sft_is_merged_at_export(tiny_chat_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from lib.export.exporter import run_export
-    from lib.train.sft import train_sft
+    from lib.train.sft import run_sft
 
     common = ["sft.lora.enabled=true", "sft.train.max_steps=6", "export.gguf=[]"]
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     merged_cfg = export_cfg(tmp_path / "a", tiny_chat_model, *common)
     adapter_cfg = export_cfg(tmp_path / "b", tiny_chat_model, *common, "sft.lora.merge=false")
-    merged_dir = train_sft(merged_cfg)
-    adapter_dir = train_sft(adapter_cfg)
+    merged_dir = run_sft(merged_cfg)
+    adapter_dir = run_sft(adapter_cfg)
     assert not (adapter_dir / "model.safetensors").exists() and (adapter_dir / "adapter").is_dir()
     out = run_export(adapter_cfg)
     assert not (out / "Modelfile").exists() and not list(out.glob("*.gguf"))
@@ -215,7 +215,7 @@ def test_other_architectures_sft_but_gguf_refuses(tiny_chat_model, tmp_path):
 
     from lib.data.tokenizer import load_tokenizer, save_tokenizer
     from lib.export.exporter import run_export
-    from lib.train.sft import train_sft
+    from lib.train.sft import run_sft
 
     base = tmp_path / "gpt2"
     tok = load_tokenizer(tiny_chat_model)
@@ -223,14 +223,14 @@ def test_other_architectures_sft_but_gguf_refuses(tiny_chat_model, tmp_path):
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=1, n_head=2)).save_pretrained(base)
     save_tokenizer(tok, base)
     cfg = export_cfg(tmp_path, base, "sft.train.max_steps=3")
-    out = train_sft(cfg)
+    out = run_sft(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["base_kind"] == "hf" and json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
     with pytest.raises(UserError, match="supports the llama architecture only; set export.gguf: \\[\\]"):
         run_export(cfg)
     lora = export_cfg(tmp_path, base, "sft.lora.enabled=true")
     with pytest.raises(UserError, match="its linear layers are named: .*c_attn"):
-        train_sft(lora)
+        run_sft(lora)
 
 
 def test_bad_export_name(tmp_path):

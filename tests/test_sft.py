@@ -412,10 +412,10 @@ def sft_cfg(tmp_path, base: Path, *extra):
 def test_full_sft_stage_end_to_end(tiny_chat_model, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lib.train.sft import train_sft
+    from lib.train.sft import run_sft
 
     cfg = sft_cfg(tmp_path, tiny_chat_model)
-    out = train_sft(cfg)
+    out = run_sft(cfg)
     assert out == stage_dir(cfg, "04_sft")
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json", "metrics.jsonl", "manifest.json"):
@@ -442,7 +442,7 @@ def test_full_sft_stage_end_to_end(tiny_chat_model, tmp_path, capsys):
     before, after = load_file(str(tiny_chat_model / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
     mtime = (out / "manifest.json").stat().st_mtime
-    train_sft(cfg)
+    run_sft(cfg)
     assert (out / "manifest.json").stat().st_mtime == mtime
 
 
@@ -451,11 +451,11 @@ def test_lora_stage_adapter_and_merge_agree_with_peft_on_transformers(tiny_chat_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lib.train.sft import train_sft
+    from lib.train.sft import run_sft
 
     cfg = sft_cfg(tmp_path, tiny_chat_model, "sft.lora.enabled=true", "sft.lora.rank=4", "sft.train.lr=0.01",
                   "sft.train.max_steps=4")
-    out = train_sft(cfg)
+    out = run_sft(cfg)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["mode"] == "lora" and manifest["lora"]["rank"] == 4 and manifest["lora"]["alpha"] == 8
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "model.safetensors").is_file()

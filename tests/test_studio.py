@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CHROMIUM_ARGS, CPU_PROFILES, hardware_profile
+from conftest import CHROMIUM_ARGS, CPU_PROFILES, hardware_profile, pkg_dir
 
 from lib import ROOT
 from lib.atomic import atomic_write_json
@@ -25,7 +25,16 @@ from lib.errors import UserError
 from lib.hardware import probe_hardware
 from lib.model.homellm import HomeLLM, model_args
 from lib.stages import stage_dir
-from lib.studio.configs import config_name, estimate, form_overrides, form_values, list_configs, save_config, validated
+from lib.studio.configs import (
+    FIELDS,
+    config_name,
+    estimate,
+    form_overrides,
+    form_values,
+    list_configs,
+    save_config,
+    validated,
+)
 from lib.studio.explore import corpus_overview, random_documents, sft_preview
 from lib.studio.launch import Launcher
 from lib.studio.runs import MetricsFile, find_runs, log_error
@@ -166,6 +175,55 @@ def test_form_round_trip_gives_no_overrides_and_edits_become_set_strings(tmp_pat
     custom = form_overrides(base, {**values, "model.preset": "custom", "model.dim": 96, "model.n_heads": 6})
     cfg = validated(ws / "config" / "smoke.yaml", custom)
     assert (cfg.model.preset, cfg.model.dim, cfg.model.n_heads, cfg.model.n_layers) == (None, 96, 6, 2)
+
+
+def test_phase_2_and_data_sources_through_the_form(tmp_path):
+    """The Train tab covers phase 2 (base, epochs, lr, LoRA on/off and rank, SFT data) with its own memory estimate,
+    and data sources come from a form: an upload lands in data/, the preview shows the first records and the format
+    the SFT reader detects, Add appends to the YAML, and a saved config keeps the path relative to itself."""
+    import gradio as gr
+
+    from lib.studio.explore import data_files, source_preview, store_upload
+    from lib.studio.ui import Studio
+
+    ws = workspace(tmp_path)
+    with hardware_profile("cpu-fp32"):
+        hw = probe_hardware()
+    studio = Studio(ws, load_config(ws / "config" / "smoke.yaml"), can_launch=False, hardware=hw)
+    base = load_config(ws / "config" / "smoke.yaml")
+    values = form_values(base)
+    assert values["sft.base_model"] == "phase 1 of this run" and values["sft.lora.enabled"] is False
+    assert form_overrides(base, values) == []
+    edited = {**values, "sft.train.max_epochs": 2, "sft.lora.enabled": True, "sft.lora.rank": 4, "sft.train.lr": 1e-4}
+    assert form_overrides(base, edited) == ["sft.train.lr=0.0001", "sft.train.max_epochs=2.0", "sft.lora.rank=4",
+                                            "sft.lora.enabled=true"]
+    text, _ = studio.describe("config/smoke.yaml", *[edited[k] for k, _ in FIELDS])
+    assert "**Phase 2** (LoRA rank 4 of 0.13M parameters) needs about" in text
+
+    upload = tmp_path / "My Corpus (v2).txt"
+    upload.write_text("\n\n".join(f"Verse {i}: and it was so." for i in range(50)) + "\n")
+    rel = store_upload(ws, upload)
+    assert rel == "data/My-Corpus-v2.txt" and data_files(ws) == [rel]
+    assert store_upload(ws, upload) == rel  # the same file again: no copy
+    alpaca = tmp_path / "tasks.jsonl"
+    alpaca.write_text('{"instruction": "Say hi", "output": "Hi!"}\n')
+    assert source_preview(ws, "files", store_upload(ws, alpaca))["format"] == "alpaca"
+    shown = source_preview(ws, "files", rel)
+    assert shown["format"] == "text" and shown["records"][0]["text"] == "Verse 0: and it was so."
+    with pytest.raises(UserError, match="inside the project"):
+        source_preview(ws, "files", "../../etc")
+    sources = studio.add_source("data.sources", values["data.sources"], "files", rel, "text", 20)
+    assert yaml.safe_load(sources) == [{"type": "bible", "max_docs": 3000}, {"type": "files", "path": rel, "max_docs": 20}]
+    with pytest.raises(gr.Error, match="Pick a file"):
+        studio.add_source("data.sources", sources, "files", None, "text", 0)
+    saved = save_config(ws, "mine", ws / "config" / "smoke.yaml", form_overrides(base, {**values, "data.sources": sources}))
+    written = yaml.safe_load((ws / saved).read_text())
+    assert written["data"]["sources"][1]["path"] == "../../data/My-Corpus-v2.txt"  # relative to the saved file
+    again = load_config(ws / saved)
+    assert (Path(again.base_dir) / again.data.sources[1].path).resolve() == (ws / rel).resolve()
+
+    with gr.Blocks() as demo:  # the tabs build with every field wired
+        studio.build(demo)
 
 
 def test_form_errors_name_the_key(tmp_path):
@@ -355,6 +413,20 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                 page.locator("#target-picker input").click()
                 page.get_by_role("option", name="report", exact=True).click()
                 expect(page.locator("#command")).to_contain_text(" report --configfile")
+                # a files source through the form: upload, preview, add to phase 1
+                corpus = tmp_path / "verses.txt"
+                with open(pkg_dir("bible") / "data" / "kjv.jsonl", encoding="utf-8") as f:
+                    corpus.write_text("\n\n".join(json.loads(next(f))["text"] for _ in range(400)) + "\n")
+                with page.expect_file_chooser() as chooser:
+                    page.locator("#src-upload").click()
+                chooser.value.set_files(str(corpus))
+                expect(page.locator("#src-path input")).to_have_value("data/verses.txt", timeout=30_000)
+                page.locator("#src-preview-btn").click()
+                expect(page.locator("#src-preview")).to_contain_text("plain text", timeout=20_000)
+                expect(page.locator("#src-preview")).to_contain_text("In the beginning God created")
+                page.locator("#src-add-pretrain").click()
+                expect(page.locator("#field-data-sources")).to_contain_text("data/verses.txt", timeout=20_000)
+                expect(page.locator("#command")).to_contain_text("data.sources=", timeout=20_000)
                 page.screenshot(path=str(shots / "studio-train-form.png"), full_page=True)
 
                 page.locator("#start-btn").click()

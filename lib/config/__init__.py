@@ -7,9 +7,11 @@ hashes is the stage map's business (lib.stages).
 """
 
 from lib.config.load import (
+    absolute_paths,
     apply_overrides,
     dump_yaml,
     load_config,
+    map_paths,
     merge,
     overrides_from_mapping,
     parse_override,
@@ -39,6 +41,6 @@ from lib.config.validate import from_dict, to_dict
 __all__ = [
     "CheckConfig", "Config", "CourseworkConfig", "DataConfig", "ExportConfig", "InstallConfig", "LoraConfig",
     "ModelConfig", "NearDedupConfig", "ReportConfig", "ServeConfig", "SftConfig", "SftDataConfig", "SourceConfig",
-    "TokenizerConfig", "TrainConfig", "apply_overrides", "dump_yaml", "from_dict", "load_config", "merge",
+    "TokenizerConfig", "TrainConfig", "absolute_paths", "apply_overrides", "map_paths", "dump_yaml", "from_dict", "load_config", "merge",
     "overrides_from_mapping", "parse_override", "read_config_data", "read_yaml", "to_dict",
 ]

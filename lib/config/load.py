@@ -76,22 +76,12 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _absolute_paths(data: dict, base: Path) -> dict:
-    """The local paths of one config file made absolute against its own directory, before it is merged with
-    others (each file's relative paths mean what they meant on their own)."""
-    def fix(p):
-        if not isinstance(p, str) or not p or Path(p).expanduser().is_absolute():
-            return p
-        if (base / p).exists() or any(c in p for c in "*?["):  # a local file, folder or glob
-            return str(base / p)
-        return p  # a hub id or a name, not a local path
-
+def map_paths(data: dict, fix) -> dict:
+    """A copy of raw config data with fix(value) applied to every value that may be a local path: data sources'
+    and SFT data's `path`, `sft.base_model`, `tokenizer.pretrained`."""
     data = json.loads(json.dumps(data))
-    for src in (data.get("data") or {}).get("sources") or []:
-        if isinstance(src, dict) and "path" in src:
-            src["path"] = fix(src["path"])
     sft = data.get("sft") or {}
-    for src in sft.get("data") or []:
+    for src in [*((data.get("data") or {}).get("sources") or []), *(sft.get("data") or [])]:
         if isinstance(src, dict) and "path" in src:
             src["path"] = fix(src["path"])
     if isinstance(sft, dict) and "base_model" in sft:
@@ -102,10 +92,23 @@ def _absolute_paths(data: dict, base: Path) -> dict:
     return data
 
 
+def absolute_paths(data: dict, base: Path) -> dict:
+    """The local paths of raw config data made absolute against `base` (a config file's own directory, before it is
+    merged with others: each file's relative paths mean what they meant on their own)."""
+    def fix(p):
+        if not isinstance(p, str) or not p or Path(p).expanduser().is_absolute():
+            return p
+        if (base / p).exists() or any(c in p for c in "*?["):  # a local file, folder or glob
+            return str(base / p)
+        return p  # a hub id or a name, not a local path
+
+    return map_paths(data, fix)
+
+
 def read_config_data(path: str | Path) -> dict:
     """One config file's raw data with its local paths made absolute (to merge with others or save elsewhere)."""
     path = Path(path)
-    return _absolute_paths(read_yaml(path), path.resolve().parent)
+    return absolute_paths(read_yaml(path), path.resolve().parent)
 
 
 def load_config(path: str | Path | list | tuple | None = None, overrides: list[str] | None = None) -> Config:

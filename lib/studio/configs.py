@@ -15,17 +15,32 @@ command line accepts; a bad value is the same one-paragraph error.
 from __future__ import annotations
 
 import json
+import os
+import typing
 from pathlib import Path
 
 import yaml
 
 from lib.atomic import atomic_write_text
-from lib.check import estimate_inference, estimate_training
-from lib.config import CheckConfig, Config, SourceConfig, apply_overrides, from_dict, read_config_data, to_dict
+from lib.check import check_model, estimate_inference, estimate_training
+from lib.config import (
+    CheckConfig,
+    Config,
+    SftDataConfig,
+    SourceConfig,
+    absolute_paths,
+    apply_overrides,
+    from_dict,
+    map_paths,
+    read_config_data,
+    to_dict,
+)
 from lib.errors import UserError
 from lib.hardware import activation_dtype, probe_hardware, training_precision
+from lib.model.dims import Dims
 from lib.model.homellm import PRESETS, HomeLLM, model_args
 from lib.names import check_name
+from lib.train.base_model import lora_defaults
 
 SAVE_DIR = Path("config") / "studio"
 CUSTOM = "custom"
@@ -42,7 +57,17 @@ FIELDS = [
     ("pretrain.max_steps", "Max steps (0 = no step limit)"),
     ("pretrain.time_budget_min", "Time budget, minutes (0 = none)"),
     ("data.sources", "Data sources (YAML list)"),
+    # phase 2
+    ("sft.base_model", "Phase 2 tunes"),
+    ("sft.train.max_epochs", "SFT epochs (0 = by steps)"),
+    ("sft.train.lr", "SFT learning rate"),
+    ("sft.lora.enabled", "LoRA (train small adapters instead of every weight)"),
+    ("sft.lora.rank", "LoRA rank (0 = by model size)"),
+    ("sft.data", "SFT data (YAML list)"),
 ]
+# the source types the data-source form offers: the schema's own list
+SOURCE_TYPES = typing.get_args(typing.get_type_hints(SourceConfig)["type"])
+FROM_PHASE1 = "phase 1 of this run"  # the form's word for sft.base_model: null
 DIMS = ("dim", "n_layers", "n_heads")
 
 
@@ -71,13 +96,20 @@ def form_values(cfg: Config) -> dict:
             "tokenizer.vocab_size": cfg.tokenizer.vocab_size, "pretrain.seq_len": t.seq_len,
             "pretrain.batch_size": t.batch_size, "pretrain.lr": t.lr, "pretrain.max_steps": t.max_steps or 0,
             "pretrain.time_budget_min": t.time_budget_min or 0,
-            "data.sources": yaml.safe_dump(json.loads(json.dumps([_source_dict(s) for s in cfg.data.sources])),
-                                           sort_keys=False, allow_unicode=True)}
+            "data.sources": _yaml_list([_source_dict(s, SourceConfig) for s in cfg.data.sources]),
+            "sft.base_model": cfg.sft.base_model or FROM_PHASE1,
+            "sft.train.max_epochs": cfg.sft.train.max_epochs or 0, "sft.train.lr": cfg.sft.train.lr,
+            "sft.lora.enabled": cfg.sft.lora.enabled, "sft.lora.rank": cfg.sft.lora.rank or 0,
+            "sft.data": _yaml_list([_source_dict(s, SftDataConfig) for s in cfg.sft.data])}
 
 
-def _source_dict(src) -> dict:
+def _yaml_list(items: list[dict]) -> str:
+    return yaml.safe_dump(json.loads(json.dumps(items)), sort_keys=False, allow_unicode=True)
+
+
+def _source_dict(src, kind) -> dict:
     """A data source as the user would write it: only the fields that differ from the defaults."""
-    default = to_dict(SourceConfig(type=src.type))
+    default = to_dict(kind(type=src.type))
     return {k: v for k, v in to_dict(src).items() if k == "type" or v != default.get(k)}
 
 
@@ -120,16 +152,35 @@ def form_overrides(base: Config, values: dict) -> list[str]:
         v = None if not v else (int(v) if key.endswith("max_steps") else v)
         if v != (old[key] or None):
             put(key, v)
-    text = values.get("data.sources")
-    if text is not None and text.strip() != old["data.sources"].strip():
-        try:
-            sources = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise UserError(f"data.sources: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(sources, list) or not sources:
-            raise UserError("data.sources: expected a YAML list of sources, e.g. '- type: bible'")
-        put("data.sources", sources)
+    for key in ("data.sources", "sft.data"):
+        text = values.get(key)
+        if text is not None and text.strip() != old[key].strip():
+            put(key, _yaml_sources(text, key))
+    # phase 2
+    base = values.get("sft.base_model")
+    if base is not None and base != old["sft.base_model"]:
+        put("sft.base_model", None if base in ("", FROM_PHASE1) else base)
+    lr = _float(values.get("sft.train.lr"), "sft.train.lr")
+    if lr is not None and lr != old["sft.train.lr"]:
+        put("sft.train.lr", lr)
+    for key, cast in (("sft.train.max_epochs", _float), ("sft.lora.rank", _int)):  # 0: none / by model size
+        v = cast(values.get(key), key) or None
+        if key in values and v != (old[key] or None):
+            put(key, v)
+    lora = values.get("sft.lora.enabled")
+    if lora is not None and bool(lora) != old["sft.lora.enabled"]:
+        put("sft.lora.enabled", bool(lora))
     return out
+
+
+def _yaml_sources(text: str, key: str) -> list:
+    try:
+        sources = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{key}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(sources, list) or not sources:
+        raise UserError(f"{key}: expected a YAML list of sources, e.g. '- type: bible'")
+    return sources
 
 
 def _int(v, key):
@@ -153,15 +204,18 @@ def _float(v, key):
         raise UserError(f"{key}: expected a number, got {v!r}") from None
 
 
-def config_data(base_file: str | Path, overrides: list[str]) -> dict:
-    return apply_overrides(read_config_data(base_file), overrides)
+def config_data(base_file: str | Path, overrides: list[str], project_dir: str | Path | None = None) -> dict:
+    """The base file's data (its local paths absolute) with the form's overrides on top; paths the form gives are
+    relative to the project (where the file browser and uploads put them)."""
+    root = Path(project_dir) if project_dir is not None else Path(base_file).resolve().parent
+    return absolute_paths(apply_overrides(read_config_data(base_file), overrides), root)
 
 
-def validated(base_file: str | Path, overrides: list[str]) -> Config:
+def validated(base_file: str | Path, overrides: list[str], project_dir: str | Path | None = None) -> Config:
     """The config the form describes, validated as `--config base_file --set ...` would be, and the model it
     describes checked as 03_pretrain will check it."""
     try:
-        cfg = from_dict(config_data(base_file, overrides), base_dir=str(Path(base_file).resolve().parent))
+        cfg = from_dict(config_data(base_file, overrides, project_dir), base_dir=str(Path(base_file).resolve().parent))
         model_args(cfg.model, cfg.tokenizer.vocab_size)  # the model's own rules (heads divide dim, ...), before a launch
         return cfg
     except UserError as e:
@@ -178,9 +232,17 @@ def config_name(name: str) -> str:
 def save_config(project_dir: str | Path, name: str, base_file: str | Path, overrides: list[str]) -> Path:
     """Write config/studio/<name>.yaml: the base file with the overrides applied, after validating it. Returns the
     path relative to the project dir."""
-    validated(base_file, overrides)
-    data = config_data(base_file, overrides)
+    validated(base_file, overrides, project_dir)
     rel = SAVE_DIR / f"{config_name(name)}.yaml"
+    here = (Path(project_dir) / rel).resolve().parent
+
+    def relative(p):  # local paths inside the project are written relative to the saved file: it moves with it
+        q = Path(p) if isinstance(p, str) and p else None
+        if q is None or not q.is_absolute() or not q.resolve().is_relative_to(Path(project_dir).resolve()):
+            return p
+        return os.path.relpath(q.resolve(), here)
+
+    data = map_paths(config_data(base_file, overrides, project_dir), relative)
     header = (f"# Saved by the studio from {base_file}" + (f" with {', '.join(overrides)}" if overrides else "")
               + f".\n# Run it: snakemake --cores all --configfile {rel}\n")
     atomic_write_text(Path(project_dir) / rel, header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
@@ -208,4 +270,22 @@ def estimate(cfg: Config, hardware: dict | None = None) -> dict:
     ram = hw["ram"]["total_bytes"]
     return {"parameters": P, "body_parameters": model.num_params(body_only=True), "train_bytes": need,
             "infer_bytes": infer["total"], "activation_dtype": act, "ram_bytes": ram, "fits": need <= ram,
-            "flops_per_token": model.estimate_flops_per_token(t.seq_len)}
+            "flops_per_token": model.estimate_flops_per_token(t.seq_len), **sft_estimate(cfg, P, d, hw)}
+
+
+def sft_estimate(cfg: Config, P: int, d, hw: dict) -> dict:
+    """Memory to instruction-tune (full or LoRA) at sft.train's batch and sequence length: of the phase-1 model
+    (P parameters, dims d) or of the model sft.base_model names (05_check reads its config, no weights)."""
+    s, lora = cfg.sft.train, cfg.sft.lora
+    mode = "lora" if lora.enabled or lora.qlora else "full"
+    act = activation_dtype(training_precision(s.precision, "cuda" if hw["gpus"] else "cpu", hw)[0])
+    if cfg.sft.base_model is not None:
+        report = check_model(cfg.sft.base_model, CheckConfig(train_batch_size=s.batch_size, train_seq_len=s.seq_len),
+                             hardware=hw)
+        P = report["estimates"]["params"]["total"] or 0
+        d = Dims.from_dict(report["estimates"]["dims"])
+    rank = lora.rank or lora_defaults(P)[0]
+    need = estimate_training(P, d, CheckConfig(train_batch_size=s.batch_size, train_seq_len=s.seq_len,
+                                               lora_rank=rank), act, "fp32")[mode]
+    return {"sft_bytes": need["total_with_grad_checkpointing" if s.grad_checkpointing else "total"],
+            "sft_mode": f"LoRA rank {rank}" if mode == "lora" else "full fine-tuning", "sft_params": P}

@@ -12,18 +12,25 @@ so what is highlighted is exactly what the loss mask trains.
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from lib.artifacts import MANIFEST, is_complete, read_json
+from lib.atomic import atomic_file
 from lib.chat import prepare_tokenizer
 from lib.config import Config
-from lib.data.sft_data import load_sft_examples
+from lib.data.loaders import packaged_file
+from lib.data.records import FILE_FORMATS, file_format, resolve_files
+from lib.data.sft_data import detect_format, load_sft_examples, read_file_records
 from lib.data.tokenizer import load_tokenizer
 from lib.errors import UserError
+from lib.fingerprint import sha256_file
+from lib.names import name_from
 from lib.stages import stage_dir
 from lib.train.sft_batches import encode_conversations, encode_text, fit_length
 
@@ -137,3 +144,67 @@ def sft_preview(cfg: Config, k: int = 3, seed: int | None = 0, project_dir: str 
                          "tokens": len(fitted.ids), "trained": int(trained.sum()),
                          "note": f"cut to {cfg.sft.train.seq_len} tokens" if cut else ""})
     return {"sources": sources, "examples": rendered, "count": len(examples)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Train tab's data-source form: files in the project, uploads, a preview of a source's first records.
+
+DATA_DIR = "data"  # uploads land in <project>/data/; the file picker lists what is there
+
+
+def project_path(project: Path, path: str, what: str) -> Path:
+    """A path the form names, inside the project (relative to it); anything outside is refused."""
+    p = (project / path).resolve()
+    if not p.is_relative_to(project.resolve()):
+        raise UserError(f"{what} {path!r}: pick a file or folder inside the project ({project})")
+    return p
+
+
+def data_files(project: Path) -> list[str]:
+    """Files and folders under <project>/data that a source can read, as project-relative paths."""
+    root = project / DATA_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in sorted(root.rglob("*")) if not any(s.startswith(".") for s in p.relative_to(root).parts)]
+    return [str(p.relative_to(project)) for p in found if p.is_dir() or file_format(p) is not None]
+
+
+def store_upload(project: Path, uploaded: str | Path) -> str:
+    """Copy an uploaded file into <project>/data/ under a safe name (the one name rule, extension kept); returns its
+    project-relative path. An existing different file of that name is never replaced: a number is added."""
+    src = Path(uploaded)
+    if file_format(src) is None:
+        raise UserError(f"{src.name}: not a data file this project reads; expected one of {', '.join(FILE_FORMATS)} "
+                        "(optionally .gz)")
+    suffix = "".join(src.suffixes[-2:]) if src.name.endswith(".gz") else src.suffix
+    stem = name_from(src.name[:-len(suffix)] if suffix else src.name, fallback="upload")
+    dest = project / DATA_DIR / f"{stem}{suffix}"
+    n = 1
+    while dest.exists() and sha256_file(dest) != sha256_file(src):
+        n += 1
+        dest = project / DATA_DIR / f"{stem}-{n}{suffix}"
+    if not dest.exists():
+        with atomic_file(dest) as tmp:
+            shutil.copyfile(src, tmp)
+    return str(dest.relative_to(project))
+
+
+def source_preview(project: Path, kind: str, path: str | None, text_field: str = "text", k: int = 3) -> dict:
+    """The first records of a source as its readers see them, and the SFT format they look like (lib.data.sft_data's
+    detector, the one the SFT stage uses): {"format", "records": [text...], "files"}."""
+    if kind in ("bible", "chitchat"):
+        files = [packaged_file(kind, "source")]
+    elif kind == "files":
+        if not path:
+            raise UserError("source path: pick a file or folder (or upload one into data/)")
+        files = resolve_files(str(project_path(project, path, "source path")), str(project), "source path")
+    else:
+        raise UserError(f"source type {kind!r}: the preview reads local files and the bible/chitchat packages "
+                        "(a hub dataset is read when the pipeline runs)")
+    records, fmt = [], None
+    for where, rec in itertools.islice((r for f in files for r in read_file_records(f)), k):
+        fmt = fmt or detect_format(rec)
+        text = rec.get(text_field) if isinstance(rec, dict) and text_field in rec else json.dumps(rec, ensure_ascii=False)
+        records.append({"where": Path(where.split(":")[0]).name + where[len(where.split(":")[0]):],
+                        "text": str(text)[:300]})
+    return {"format": fmt, "records": records, "files": len(files)}

@@ -25,11 +25,14 @@ import yaml
 from lib.check import fmt_bytes
 from lib.config import Config, load_config
 from lib.errors import UserError
+from lib.install.models_dir import list_installed, models_dir_for
 from lib.model.homellm import PRESETS
 from lib.stages import STAGE
 from lib.studio.configs import (
     CUSTOM,
     FIELDS,
+    FROM_PHASE1,
+    SOURCE_TYPES,
     config_name,
     estimate,
     form_overrides,
@@ -39,7 +42,15 @@ from lib.studio.configs import (
     save_config,
     validated,
 )
-from lib.studio.explore import corpus_overview, random_documents, sft_preview
+from lib.studio.explore import (
+    corpus_overview,
+    data_files,
+    project_path,
+    random_documents,
+    sft_preview,
+    source_preview,
+    store_upload,
+)
 from lib.studio.launch import TARGETS, Launcher
 from lib.studio.runs import (
     TRAINING_STAGES,
@@ -75,6 +86,7 @@ def _num(v, fmt="{:.4f}"):
 class Studio:
     def __init__(self, project_dir: str | Path, cfg: Config, can_launch: bool = True, hardware: dict | None = None):
         self.project = Path(project_dir).resolve()
+        self.cfg = cfg
         # the config the server was started with (--config): the Train and Data tabs open on it
         started = Path(cfg.files[-1]).resolve() if cfg.files else None
         self.started_config = (str(started.relative_to(self.project))
@@ -233,6 +245,63 @@ class Studio:
         values = form_values(self._base(name))
         return [values[k] for k, _ in FIELDS] + [f"{Path(name).stem}-studio"]
 
+    def base_choices(self) -> list[str]:
+        """What phase 2 can tune: this run's phase-1 model, or an installed model (its folder)."""
+        try:
+            installed = [e["path"] + "/model" for e in list_installed(models_dir_for(self.cfg.install))
+                         if (Path(e["path"]) / "model" / "config.json").is_file()]
+        except (OSError, UserError):
+            installed = []
+        return [FROM_PHASE1, *installed]
+
+    def upload(self, file) -> dict:
+        """An uploaded file, copied into the project's data/ folder; the file picker then shows and selects it."""
+        if file is None:
+            return gr.skip()
+        try:
+            rel = store_upload(self.project, getattr(file, "name", file))
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        gr.Info(f"saved as {rel}")
+        return gr.update(choices=data_files(self.project), value=rel)
+
+    def preview_source(self, kind: str, path: str | None, field: str) -> str:
+        try:
+            p = source_preview(self.project, kind, path, field or "text")
+        except UserError as e:
+            return f"**Cannot preview:** {e}"
+        fmt = p["format"] or "unknown"
+        head = (f"**{kind}{': ' + path if path else ''}** — {p['files']} file(s); the records look like **{fmt}** "
+                "data" + (" (instruction/dialog: fit for SFT, not for a coursework's phase 1)"
+                          if fmt not in ("text", "unknown") else " (plain text)"))
+        rows = "\n".join(f"| {r['where']} | {r['text'].replace('|', '¦').replace(chr(10), ' ⏎ ')} |"
+                         for r in p["records"])
+        return f"{head}\n\n| where | first records |\n|---|---|\n{rows}"
+
+    def add_source(self, key: str, text: str, kind: str, path: str | None, field: str, max_docs) -> str:
+        """The YAML list of `key` with one more source, as the form describes it (checked like the config is)."""
+        src: dict = {"type": kind}
+        if kind == "files":
+            if not path:
+                raise gr.Error("Pick a file or folder first (or upload one).")
+            project_path(self.project, path, "source path")
+            src["path"] = path
+        elif kind == "hf":
+            if not path:
+                raise gr.Error("Type the hub dataset's name in the path field.")
+            src["name"] = path
+        if field and field != "text" and kind in ("files", "hf"):
+            src["text_field" if key == "data.sources" else "format"] = field if key == "data.sources" else "auto"
+        if max_docs and key == "data.sources":
+            src["max_docs"] = int(max_docs)
+        try:
+            current = yaml.safe_load(text or "") or []
+        except yaml.YAMLError as e:
+            raise gr.Error(f"{key}: the YAML above is not valid ({getattr(e, 'problem', e)}); fix it first") from None
+        if not isinstance(current, list):
+            raise gr.Error(f"{key}: the YAML above is not a list of sources")
+        return yaml.safe_dump([*current, src], sort_keys=False, allow_unicode=True)
+
     def preset_changed(self, preset: str):
         dims = preset_dims(preset)
         if not dims:
@@ -246,7 +315,7 @@ class Studio:
         """(estimate markdown, command preview) for the form as it stands."""
         try:
             overrides = self._overrides(name, list(values[:len(FIELDS)]))
-            cfg = validated(self.project / name, overrides)
+            cfg = validated(self.project / name, overrides, self.project)
             e = estimate(cfg, self.hardware)
         except (UserError, gr.Error) as err:
             return f"**Not valid yet:** {err}", ""
@@ -255,7 +324,11 @@ class Studio:
                 f"embedding) · pretraining needs about **{fmt_bytes(e['train_bytes'])}** at batch "
                 f"{cfg.pretrain.batch_size} × {cfg.pretrain.seq_len} tokens ({e['activation_dtype']} activations; "
                 f"05_check's estimate), which {fits} in this machine's {fmt_bytes(e['ram_bytes'])} of RAM · "
-                f"serving about {fmt_bytes(e['infer_bytes'])}")
+                f"serving about {fmt_bytes(e['infer_bytes'])}\n\n"
+                f"**Phase 2** ({e['sft_mode']} of {e['sft_params'] / 1e6:.2f}M parameters"
+                f"{'' if cfg.sft.base_model is None else ' of ' + cfg.sft.base_model}) needs about "
+                f"**{fmt_bytes(e['sft_bytes'])}** at batch {cfg.sft.train.batch_size} × {cfg.sft.train.seq_len} tokens, "
+                f"which {'fits' if e['sft_bytes'] <= e['ram_bytes'] else '**does not fit**'}")
         save_name = values[len(FIELDS)] if len(values) > len(FIELDS) else ""
         target = values[len(FIELDS) + 1] if len(values) > len(FIELDS) + 1 else "all"
         try:
@@ -418,8 +491,39 @@ class Studio:
                 for key, label in FIELDS[4:10]:
                     inputs.append(gr.Number(values.get(key), label=label, elem_id="field-" + key.replace(".", "-"),
                                             precision=None if key in ("pretrain.lr", "pretrain.time_budget_min") else 0))
-            inputs.append(gr.Code(values.get("data.sources", ""), language="yaml", label=FIELDS[10][1],
-                                  elem_id="field-data-sources", lines=4))
+            with gr.Accordion("Phase 1 data sources (YAML: the advanced view; the form below adds to it)", open=True):
+                inputs.append(gr.Code(values.get("data.sources", ""), language="yaml", label=FIELDS[10][1],
+                                      elem_id="field-data-sources", lines=4))
+            gr.Markdown("### Phase 2: instruction tuning (SFT)")
+            with gr.Row():
+                inputs.append(gr.Dropdown(self.base_choices(), value=values.get("sft.base_model"),
+                                          allow_custom_value=True, label=dict(FIELDS)["sft.base_model"],
+                                          elem_id="field-sft-base_model", scale=2))
+                inputs.append(gr.Number(values.get("sft.train.max_epochs"), label=dict(FIELDS)["sft.train.max_epochs"],
+                                        elem_id="field-sft-train-max_epochs"))
+                inputs.append(gr.Number(values.get("sft.train.lr"), label=dict(FIELDS)["sft.train.lr"],
+                                        elem_id="field-sft-train-lr"))
+                inputs.append(gr.Checkbox(bool(values.get("sft.lora.enabled")), label=dict(FIELDS)["sft.lora.enabled"],
+                                          elem_id="field-sft-lora-enabled"))
+                inputs.append(gr.Number(values.get("sft.lora.rank"), label=dict(FIELDS)["sft.lora.rank"], precision=0,
+                                        minimum=0, elem_id="field-sft-lora-rank"))
+            with gr.Accordion("SFT data (YAML: the advanced view; the form below adds to it)", open=False):
+                inputs.append(gr.Code(values.get("sft.data", ""), language="yaml", label=dict(FIELDS)["sft.data"],
+                                      elem_id="field-sft-data", lines=3))
+            gr.Markdown("### Add a data source")
+            with gr.Row():
+                src_type = gr.Dropdown(list(SOURCE_TYPES), value="files", label="Source type", elem_id="src-type")
+                src_path = gr.Dropdown(data_files(self.project), value=None, allow_custom_value=True, scale=2,
+                                       label="File or folder in the project (or a hub dataset name, for hf)",
+                                       elem_id="src-path")
+                upload = gr.UploadButton("Upload into data/", file_count="single", elem_id="src-upload")
+            with gr.Row():
+                src_field = gr.Textbox("text", label="Text field (JSON, CSV, Parquet, hub)", elem_id="src-field")
+                src_max = gr.Number(0, label="Max documents (0 = all)", precision=0, minimum=0, elem_id="src-max")
+                src_show = gr.Button("Preview", elem_id="src-preview-btn")
+                add_pre = gr.Button("Add to phase 1", elem_id="src-add-pretrain")
+                add_sft = gr.Button("Add to SFT data", elem_id="src-add-sft")
+            src_preview = gr.Markdown(elem_id="src-preview")
             estimate_md = gr.Markdown(elem_id="estimate")
             command_md = gr.Markdown(elem_id="command")
             with gr.Row():
@@ -479,6 +583,12 @@ class Studio:
         for comp in [*inputs, save_name, target]:
             comp.change(self.describe, form, [estimate_md, command_md], trigger_mode="always_last",
                         show_progress="hidden")
+        upload.upload(self.upload, upload, src_path)
+        src_show.click(self.preview_source, [src_type, src_path, src_field], src_preview)
+        add_pre.click(lambda *a: self.add_source("data.sources", *a), [inputs[10], src_type, src_path, src_field,
+                                                                       src_max], inputs[10])
+        add_sft.click(lambda *a: self.add_source("sft.data", *a), [inputs[-1], src_type, src_path, src_field, src_max],
+                      inputs[-1])
         start.click(self.start, form, [launch_md, log]).then(refresh_runs, None, run_lists)
         stop.click(self.stop, None, [launch_md, log]).then(refresh_runs, None, run_lists)
         resume.click(self.resume, None, [launch_md, log])
