@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from lib import ROOT
+from lib.stages import STAGES, stages_of
 
 
 def main(argv=None) -> int:
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
         hashes[stage] = h
         todo += json.loads((art / stage / h / "manifest.json").read_text())["upstream"].items()
     walls = {}
-    for stage in ("01_data", "02_tokenizer", "02_tokens", "03_pretrain", "04_sft", "04_export", "05_check", "08_report"):
+    for stage in (s.name for s in STAGES if s.kind != "install"):
         f = art / "logs" / stage / f"{hashes.get(stage)}.benchmark.tsv"
         if f.is_file():
             walls[stage] = float(list(csv.DictReader(f.read_text().splitlines(), delimiter="\t"))[-1]["s"])
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         t_verify = time.perf_counter() - t0
         print("\n".join("  " + line for line in res.stdout.strip().splitlines()))
         steps = json.loads((art / "03_pretrain" / hashes["03_pretrain"] / "manifest.json").read_text())["steps"]
-        original = sum(walls.get(s, 0) for s in ("01_data", "02_tokenizer", "02_tokens")) + \
+        original = sum(walls.get(s, 0) for s in stages_of("data")) + \
             walls.get("03_pretrain", 0) * min(1.0, a.quick / steps)
         print(f"verify --quick {a.quick}: {t_verify:.1f} s (exit {res.returncode}); the same work took ~{original:.1f} s "
               f"in the original run (data + tokenizer + tokens + {a.quick}/{steps} of pretraining)")

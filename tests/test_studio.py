@@ -371,11 +371,13 @@ def _serve(ws: Path, port_file: Path):
     """07_serve.py in the workspace, as a fresh user starts it: no model anywhere."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out = open(port_file, "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "07_serve.py"), "--config", "config/smoke.yaml", "--port", "0",
-                             "--quiet-config"], cwd=ws, stdout=out, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "07_serve.py"), "--config", "config/smoke.yaml", "--port", "0"],
+                            cwd=ws, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = _wait(lambda: (re.search(r"Running on (http://\S+/)", port_file.read_text()) or [None, None])[1], 120,
                 "07_serve.py to print its URL")
+    # its banner names the port it serves on (port 0 asked for any free one), not the config's default
+    banner = re.search(r"# serve config: .*\bport=(\d+)", port_file.read_text())
+    assert banner and url.endswith(f":{banner.group(1)}/"), port_file.read_text()
     return proc, url
 
 
@@ -451,6 +453,10 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                                  r"step (\d+)", page.locator("#launch-status").inner_text())
                 assert said and said.group(1) == said.group(2), page.locator("#launch-status").inner_text()
                 expect(live).to_contain_text("interrupted", timeout=10_000)
+                # this page was opened before any run existed: its loss chart still draws the val curve next to
+                # the train curve (two lines, both in the legend)
+                expect(page.locator("#live-loss svg g.mark-line path")).to_have_count(2, timeout=30_000)
+                expect(page.locator("#live-loss svg")).to_contain_text("val")
                 stopped = _points(page)
 
                 page.locator("#resume-btn").click()
@@ -472,6 +478,11 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                     expect(table).to_contain_text(stage, timeout=20_000)
                 expect(table).not_to_contain_text("interrupted")
                 expect(table).not_to_contain_text("running")
+                # the overlay of two training runs (phase 1 and phase 2) draws all four curves
+                for stage in ("03_pretrain", "04_sft"):
+                    page.locator("#run-compare input").click()
+                    page.get_by_role("option").filter(has_text=stage).first.click()
+                expect(page.locator("#overlay-plot svg g.mark-line path")).to_have_count(4, timeout=30_000)
                 page.screenshot(path=str(shots / "studio-runs.png"), full_page=True)
 
                 page.locator("button[role=tab]:has-text('Data')").first.click()
@@ -529,9 +540,11 @@ def test_studio_handlers_overlay_details_and_the_launch_guard(tmp_path):
     summary, config, _ = studio.run_details("03_pretrain/bbbbbbbbbbbb")
     assert "complete" in summary and "lr: 0.501" in config
     status, loss, *_ = studio.live("tab-1")
-    assert "10 points" not in status and "3 points" in status and len(loss) == 4
+    assert "10 points" not in status and "3 points" in status and len(loss["value"]) == 4
+    # every series the plot gets comes with its color: the chart redraws its legend when a val curve appears
+    assert loss["color_map"].keys() == {"train", "val"}
     assert studio.live("tab-1")[1] is not loss  # unchanged: skipped for this tab ...
-    assert len(studio.live("tab-2")[1]) == 4  # ... while another tab gets the curves
+    assert len(studio.live("tab-2")[1]["value"]) == 4  # ... while another tab gets the curves
     # a server exposed without an API key never launches anything
     with pytest.raises(gr.Error, match="Launching is off"):
         studio.start("config/smoke.yaml", *studio.load_form("config/smoke.yaml"), "all")

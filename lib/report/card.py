@@ -153,7 +153,9 @@ def collect(cfg: Config, out_dir: Path) -> dict:
         },
         "stages": [_stage_row(cfg, s, m[s]) for s in STAGES],
         "data": {"documents": m["01_data"].get("documents"), "chars": m["01_data"].get("chars"),
-                 "removed": m["01_data"].get("removed"), "sources": m["01_data"].get("sources"),
+                 "removed": m["01_data"].get("removed"),
+                 "sources": read_json(data_dir / "stats.json").get("sources") if (data_dir / "stats.json").is_file()
+                 else [],
                  "scripts": scripts_seen(data_dir)},
         "tokenizer": {"vocab_size": m["02_tokenizer"].get("vocab_size"), "source": m["02_tokenizer"].get("source"),
                       "val_bytes_per_token": m["02_tokens"].get("val_bytes_per_token")},
@@ -234,9 +236,8 @@ def sections(r: dict) -> list[Section]:
     numbers with their units; the resolved config last, as YAML."""
     e, data = r["environment"], r["data"]
     verdict = r["check"] or {}
-    docs = data["documents"]
-    documents = (f"{docs.get('train', 0):,} train · {docs.get('val', 0):,} val" if isinstance(docs, dict)
-                 else _fmt(docs))
+    def per_split(v) -> str:
+        return f"{v.get('train', 0):,} train · {v.get('val', 0):,} val" if isinstance(v, dict) else _fmt(v)
     cw_rows = _coursework_rows(r["coursework"])
     out: list[Section] = [
         ("Summary", None, [
@@ -256,7 +257,7 @@ def sections(r: dict) -> list[Section]:
         ("Stages", ["stage", "done", "hash", "wall time", "peak RSS"],
          [[s["stage"], _fmt(s["done"]), s["hash"], _duration(s["wall_s"]), _fmt(s["peak_rss_mb"], "MB")]
           for s in r["stages"]]),
-        ("Data", None, [["documents", documents], ["characters", _fmt(data["chars"])],
+        ("Data", None, [["documents", per_split(data["documents"])], ["characters", per_split(data["chars"])],
                         ["scripts seen (share of letters)",
                          ", ".join(f"{k.title()} {v:.0%}" for k, v in (data["scripts"] or {}).items()) or "–"]]),
         ("Data sources", ["source", "read", "kept", "characters kept"],

@@ -151,7 +151,7 @@ def build_app(engine: Engine | None, serve: ServeConfig, api_key: str | None = N
         app = gr.mount_gradio_app(app, blocks, path="/", auth=auth,
                                   auth_message="Log in with any user name and the server's API key as password.",
                                   ssr_mode=False, mcp_server=False, footer_links=["settings"], css=CSS,
-                                  max_file_size="2mb")  # uploads are conversation imports only
+                                  max_file_size="1gb")  # conversation imports and the studio's corpus uploads
     if loopback:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
     # Outermost, so that it also counts the 500s that Starlette's error middleware answers.
@@ -248,11 +248,12 @@ def _serve_page(args, cfg: Config, engine: Engine | None, host: str, port: int, 
     from lib.studio.ui import Studio, studio_note
 
     log = sys.stderr
-    if not args.quiet_config:
-        print("# serve config: " + ", ".join(f"{k}={v}" for k, v in to_dict(cfg.serve).items()), file=log, flush=True)
+    sock = bind_socket(host, port)
+    if not args.quiet_config:  # what it serves with: the host and port it is bound to, not the config's defaults
+        bound = {**to_dict(cfg.serve), "host": host, "port": sock.getsockname()[1]}
+        print("# serve config: " + ", ".join(f"{k}={v}" for k, v in bound.items()), file=log, flush=True)
     if warning:
         print(warning, file=log, flush=True)
-    sock = bind_socket(host, port)
     loopback = is_loopback(host)
     # starting processes from a web page: only where nobody else can reach the page, or behind the API key
     studio = None if args.no_ui else Studio(Path.cwd(), cfg, can_launch=loopback or bool(api_key))

@@ -29,11 +29,14 @@ from lib import ROOT
 from lib.artifacts import read_json
 from lib.atomic import atomic_write_json
 from lib.errors import UserError
+from lib.stages import STAGES
 from lib.studio.runs import pid_alive
 
 STATE = "launch.json"
 SNAKEFILE = ROOT / "Snakefile"
-TARGETS = ("all", "report", "sft_model", "pretrained", "tokens", "data")
+# what the studio can run up to: everything, or any stage's target (the stage map's), furthest first; the install
+# is the command line's business (it writes outside the project)
+TARGETS = ("all", *(s.target for s in reversed(STAGES) if s.kind != "install"))
 
 
 class Launcher:

@@ -117,7 +117,7 @@ def _figures(stage: str, manifest: dict, artifacts: Path, h: str) -> dict:
     for key in ("val_loss", "val_bpb"):
         if key in final:
             out[key] = final[key]
-    for key in ("steps", "parameters", "train_seconds"):
+    for key in ("steps", "parameters", "train_seconds", "tokens"):
         if key in manifest:
             out[key] = manifest[key]
     if manifest.get("train_seconds") and manifest.get("tokens"):
@@ -209,7 +209,8 @@ class PipelineRun:
         """The run's final figures: phase 1's bits per byte and val loss, phase 2's val loss."""
         by = {r.stage: r.figures for r in self.stages}
         pre, sft = by.get(stages_of("training")[0], {}), by.get(stages_of("training")[-1], {})
-        return {"val_bpb": pre.get("val_bpb"), "val_loss": pre.get("val_loss"), "sft_val_loss": sft.get("val_loss")}
+        return {"val_bpb": pre.get("val_bpb"), "val_loss": pre.get("val_loss"), "sft_val_loss": sft.get("val_loss"),
+                "parameters": pre.get("parameters"), "tokens": pre.get("tokens")}
 
     @property
     def label(self) -> str:

@@ -64,7 +64,8 @@ from lib.studio.runs import (
 from lib.train.tracking import fmt_duration
 
 LIVE_PERIOD_S = 1.0  # the live view's refresh: one read of the new metrics lines per second, at most
-PIPELINE_COLUMNS = ["run", "started", "stages done", "wall time", "bits/byte", "SFT val loss", "status"]
+PIPELINE_COLUMNS = ["run", "started", "stages done", "parameters", "phase-1 tokens", "wall time", "bits/byte",
+                    "SFT val loss", "status"]
 RUN_COLUMNS = ["run", "stage", "folder", "status", "val loss", "bits/byte", "tok/s", "steps", "wall", "updated", "note"]
 CSS = "mark.trained { background: #fde68a; } .sft-example { white-space: pre-wrap; font-family: monospace; " \
       "border: 1px solid #ddd; padding: 6px; margin: 6px 0; }"
@@ -77,6 +78,19 @@ def _fmt_seconds(s) -> str:
 def _curve(points: list[tuple]) -> pd.DataFrame:
     """(step, value, series) points as a frame with numeric columns, so the plot's axes are numbers."""
     return pd.DataFrame(points, columns=["step", "value", "series"]).astype({"step": "int64", "value": "float64"})
+
+
+PALETTE = ("#2563eb", "#f97316", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04", "#db2777")
+
+
+def _plot(frame):
+    """A plot update carrying a color for each series it shows. Gradio's chart fixes its color domain when it is
+    drawn and redraws only when a property changes, not when new series arrive in the data: without this a val curve
+    that starts after the train curve, or a second run in an overlay, is never drawn."""
+    if not isinstance(frame, pd.DataFrame):
+        return frame  # gr.skip()
+    series = list(dict.fromkeys(frame["series"]))
+    return gr.update(value=frame, color_map={s: PALETTE[i % len(PALETTE)] for i, s in enumerate(series)})
 
 
 def _num(v, fmt="{:.4f}"):
@@ -116,6 +130,7 @@ class Studio:
         for p in pipeline_runs(self.runs() if runs is None else runs):
             f = p.figures
             rows.append([p.name, p.started, f"{sum(r.status == 'complete' for r in p.stages)}/{len(p.stages)}",
+                         _num(f["parameters"] and f["parameters"] / 1e6, "{:.2f}M"), _num(f["tokens"], "{:,}"),
                          _fmt_seconds(p.wall_s), _num(f["val_bpb"]), _num(f["sft_val_loss"]), p.status])
         return pd.DataFrame(rows, columns=PIPELINE_COLUMNS)
 
@@ -225,7 +240,7 @@ class Studio:
         lr = _curve([(r["step"], r["lr"], "lr") for r in train])
         tok = _curve([(r["step"], r.get("tok_s") or 0.0, "tokens/s") for r in train])
         samples = "\n".join(f"- step {e['step']}: `{s}`" for e in evals[-3:] for s in e.get("samples", []))
-        return status, loss, lr, tok, samples or "_samples appear at each eval_"
+        return status, _plot(loss), _plot(lr), _plot(tok), samples or "_samples appear at each eval_"
 
     # -- launch --------------------------------------------------------------------------------------------
 
@@ -458,7 +473,7 @@ class Studio:
         with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
             refresh = gr.Button("Refresh", elem_id="runs-refresh", size="sm")
             pipelines = gr.Dataframe(self.pipeline_table(), interactive=False, elem_id="pipeline-runs", wrap=True,
-                                     label="Runs")
+                                     label="Runs, side by side")
             table = gr.Dataframe(self.runs_table(), interactive=False, elem_id="runs-table", wrap=True,
                                  label="Their stage folders (artifacts/<stage>/<hash>)")
             with gr.Row():
@@ -576,7 +591,7 @@ class Studio:
         run_lists = [pipelines, table, picked, compare, corpus]
         refresh.click(refresh_runs, None, run_lists, queue=False)
         picked.change(self.run_details, picked, [details, config, report])
-        compare.change(self.overlay, compare, overlay)
+        compare.change(lambda ids: _plot(self.overlay(ids)), compare, overlay)
         form = [base, *inputs, save_name, target]
         base.change(self.load_form, base, [*inputs, save_name]).then(self.describe, form, [estimate_md, command_md])
         inputs[0].change(self.preset_changed, inputs[0], inputs[1:4])
