@@ -12,17 +12,18 @@ import torch
 from conftest import ROOT
 from safetensors.torch import load_file
 
-HELPER = "tests.helpers.fsdp_resume"  # run as a module from the checkout
+HELPER = ROOT / "tests" / "helpers" / "fsdp_resume.py"
 pytestmark = pytest.mark.slow
 
 
 def run(out: Path, steps: int, *args, single: bool = False) -> dict:
     if single:
-        cmd = [sys.executable, "-m", HELPER, str(out), str(steps), "--single", *map(str, args)]
+        cmd = [sys.executable, str(HELPER), str(out), str(steps), "--single", *map(str, args)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", HELPER, str(out), str(steps), *map(str, args)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={"OMP_NUM_THREADS": "1",
+               str(HELPER), str(out), str(steps), *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={"PYTHONPATH": str(ROOT),  # the helper imports lib
+                                                                                 "OMP_NUM_THREADS": "1",
                                                                                  "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return load_file(str(out / "final.safetensors"))

@@ -540,11 +540,12 @@ def test_studio_handlers_overlay_details_and_the_launch_guard(tmp_path):
     summary, config, _ = studio.run_details("03_pretrain/bbbbbbbbbbbb")
     assert "complete" in summary and "lr: 0.501" in config
     status, loss, *_ = studio.live("tab-1")
-    assert "10 points" not in status and "3 points" in status and len(loss["value"]) == 4
-    # every series the plot gets comes with its color: the chart redraws its legend when a val curve appears
-    assert loss["color_map"].keys() == {"train", "val"}
+    assert "10 points" not in status and "3 points" in status and len(loss) == 4
+    # after the data, the legend: colors for every series, once per change of the series (the chart redraws then)
+    assert studio.live_legend("tab-1")["colors_in_legend"] == ["train", "val"]
+    assert "colors_in_legend" not in studio.live_legend("tab-1")  # unchanged: nothing to redraw
     assert studio.live("tab-1")[1] is not loss  # unchanged: skipped for this tab ...
-    assert len(studio.live("tab-2")[1]["value"]) == 4  # ... while another tab gets the curves
+    assert len(studio.live("tab-2")[1]) == 4  # ... while another tab gets the curves
     # a server exposed without an API key never launches anything
     with pytest.raises(gr.Error, match="Launching is off"):
         studio.start("config/smoke.yaml", *studio.load_form("config/smoke.yaml"), "all")

@@ -83,14 +83,16 @@ def _curve(points: list[tuple]) -> pd.DataFrame:
 PALETTE = ("#2563eb", "#f97316", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04", "#db2777")
 
 
-def _plot(frame):
-    """A plot update carrying a color for each series it shows. Gradio's chart fixes its color domain when it is
-    drawn and redraws only when a property changes, not when new series arrive in the data: without this a val curve
-    that starts after the train curve, or a second run in an overlay, is never drawn."""
+def _legend(frame):
+    """The properties that make Gradio's chart redraw with every series of `frame`: a color and a legend entry each.
+    The chart fixes its color domain when it is drawn and redraws only when a property changes, not when new series
+    arrive in the data; and a redraw started by properties that come with new data draws the data it had before.
+    So the data goes first, then this: without it a val curve that starts after the train curve, or a second run in
+    the overlay, is never drawn."""
     if not isinstance(frame, pd.DataFrame):
         return frame  # gr.skip()
     series = list(dict.fromkeys(frame["series"]))
-    return gr.update(value=frame, color_map={s: PALETTE[i % len(PALETTE)] for i, s in enumerate(series)})
+    return gr.update(color_map={s: PALETTE[i % len(PALETTE)] for i, s in enumerate(series)}, colors_in_legend=series)
 
 
 def _num(v, fmt="{:.4f}"):
@@ -118,6 +120,7 @@ class Studio:
         self.hardware = hardware
         self._metrics: dict[Path, MetricsFile] = {}
         self._live_keys: dict[str, tuple] = {}  # per browser session: what its plots show now
+        self._live_series: dict[str, tuple] = {}  # per browser session: the series its loss chart has colors for
 
     # -- runs ----------------------------------------------------------------------------------------------
 
@@ -240,7 +243,18 @@ class Studio:
         lr = _curve([(r["step"], r["lr"], "lr") for r in train])
         tok = _curve([(r["step"], r.get("tok_s") or 0.0, "tokens/s") for r in train])
         samples = "\n".join(f"- step {e['step']}: `{s}`" for e in evals[-3:] for s in e.get("samples", []))
-        return status, _plot(loss), _plot(lr), _plot(tok), samples or "_samples appear at each eval_"
+        return status, loss, lr, tok, samples or "_samples appear at each eval_"
+
+    def live_legend(self, session: str = ""):
+        """The loss chart's legend update when its series changed for this session (a val curve appeared, another
+        run is shown), after the data went out; else nothing."""
+        run = self.live_run()
+        rows = self._rows(run) if run is not None else {"train": [], "eval": []}
+        series = ("train",) * bool(rows["train"]) + ("val",) * bool(rows["eval"])
+        if not series or self._live_series.get(session) == (run.id, series):
+            return gr.skip()
+        self._live_series[session] = (run.id, series)
+        return _legend(pd.DataFrame({"series": list(series)}))
 
     # -- launch --------------------------------------------------------------------------------------------
 
@@ -591,7 +605,7 @@ class Studio:
         run_lists = [pipelines, table, picked, compare, corpus]
         refresh.click(refresh_runs, None, run_lists, queue=False)
         picked.change(self.run_details, picked, [details, config, report])
-        compare.change(lambda ids: _plot(self.overlay(ids)), compare, overlay)
+        compare.change(self.overlay, compare, overlay).then(lambda ids: _legend(self.overlay(ids)), compare, overlay)
         form = [base, *inputs, save_name, target]
         base.change(self.load_form, base, [*inputs, save_name]).then(self.describe, form, [estimate_md, command_md])
         inputs[0].change(self.preset_changed, inputs[0], inputs[1:4])
@@ -619,8 +633,11 @@ class Studio:
                 runs_update = list(refresh_runs())
             return (*live, line, tail, *runs_update)
 
+        def legend(request: gr.Request):
+            return self.live_legend(getattr(request, "session_hash", "") or "")
+
         timer.tick(tick, None, [live_md, loss_plot, lr_plot, tok_plot, samples, launch_md, log, *run_lists],
-                   show_progress="hidden")
+                   show_progress="hidden").then(legend, None, loss_plot, show_progress="hidden")
         show.click(self.explore, [corpus, seed], [summary, sources, removed, hist, docs])
         sft_btn.click(self.explore_sft, [sft_cfg, seed], [sft_md, sft_html])
         demo.load(self.describe, form, [estimate_md, command_md])

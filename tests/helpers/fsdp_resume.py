@@ -2,8 +2,8 @@
 lib.train.checkpoint — the functions lib.train.loop.fit calls — and optionally resume from a checkpoint. Writes the whole
 final weights (gathered) to OUT/final.safetensors. Used by tests/test_sharded.py.
 
-    torchrun --nproc_per_node 2 -m tests.helpers.fsdp_resume OUT STEPS [--save-at N] [--resume CKPT] [--dropout P]
-    python -m tests.helpers.fsdp_resume OUT STEPS --single ...     # the same, one process, unsharded
+    PYTHONPATH=. torchrun --nproc_per_node 2 tests/helpers/fsdp_resume.py OUT STEPS [--save-at N] [--resume CKPT] [--dropout P]
+    PYTHONPATH=. python tests/helpers/fsdp_resume.py OUT STEPS --single ...     # the same, one process, unsharded
 """
 
 import argparse
