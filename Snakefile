@@ -4,9 +4,10 @@
 #   snakemake --cores all --configfile config/smoke.yaml   # any other config file
 #   snakemake --cores all tokens                           # stop after a stage (targets: data, tokenizer, tokens, ...)
 #
-# Every stage writes artifacts/<NN_stage>/<hash>/ where <hash> covers that stage's own config section, the contents
-# of the local files it reads, the code it runs (its script and the lib modules behind it), the hashes of the stages
-# it reads and a format version (lib/stages.py, lib/fingerprint.py). Editing one of those reruns that stage and what
+# The stages and their rules come from the stage map (lib/stages.py). Every stage writes artifacts/<NN_stage>/<hash>/
+# where <hash> covers the config slice the stage declares, the contents of the local files it reads (not where they
+# live), the code it runs (its script and the lib modules behind it, comments aside), the hashes of the stages it
+# reads and a format version (lib/stages.py, lib/fingerprint.py). Editing one of those reruns that stage and what
 # depends on it; reverting the edit finds the old directories again, so nothing runs. A directory is complete iff
 # its manifest.json exists, and that file is each rule's declared output.
 #
