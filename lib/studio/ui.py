@@ -121,6 +121,7 @@ class Studio:
         self._metrics: dict[Path, MetricsFile] = {}
         self._live_keys: dict[str, tuple] = {}  # per browser session: what its plots show now
         self._live_series: dict[str, tuple] = {}  # per browser session: the series its loss chart has colors for
+        self._live_shown: dict[str, tuple] = {}  # per browser session: (run, series) of the loss data last sent
 
     # -- runs ----------------------------------------------------------------------------------------------
 
@@ -240,6 +241,7 @@ class Studio:
             return status, gr.skip(), gr.skip(), gr.skip(), gr.skip()
         loss = _curve([(r["step"], r["loss"], "train") for r in train] + [(r["step"], r["val_loss"], "val")
                                                                           for r in evals])
+        self._live_shown[session] = (run.id, ("train", "val") if evals else ("train",))
         lr = _curve([(r["step"], r["lr"], "lr") for r in train])
         tok = _curve([(r["step"], r.get("tok_s") or 0.0, "tokens/s") for r in train])
         samples = "\n".join(f"- step {e['step']}: `{s}`" for e in evals[-3:] for s in e.get("samples", []))
@@ -248,13 +250,11 @@ class Studio:
     def live_legend(self, session: str = ""):
         """The loss chart's legend update when its series changed for this session (a val curve appeared, another
         run is shown), after the data went out; else nothing."""
-        run = self.live_run()
-        rows = self._rows(run) if run is not None else {"train": [], "eval": []}
-        series = ("train",) * bool(rows["train"]) + ("val",) * bool(rows["eval"])
-        if not series or self._live_series.get(session) == (run.id, series):
+        shown = self._live_shown.get(session)  # what live() last sent this session
+        if shown is None or self._live_series.get(session) == shown:
             return gr.skip()
-        self._live_series[session] = (run.id, series)
-        return _legend(pd.DataFrame({"series": list(series)}))
+        self._live_series[session] = shown
+        return _legend(pd.DataFrame({"series": list(shown[1])}))
 
     # -- launch --------------------------------------------------------------------------------------------
 
