@@ -98,11 +98,11 @@ def content_fingerprint(patterns: list[str], artifacts_dir: str | Path) -> str |
 # Code.
 
 
-def _lib_imports(source: str) -> set[str]:
+def _lib_imports(tree: ast.Module) -> set[str]:
     """The lib modules a source file imports anywhere in it: lib.x for `import lib.x`, `from lib.x import y`,
     `from lib import x` (and lib.x.y for `from lib.x import y` when y is a module)."""
     found = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name == "lib" or a.name.startswith("lib."))
         elif isinstance(node, ast.ImportFrom) and node.module and (node.module == "lib"
@@ -128,7 +128,7 @@ def _closure(module: str) -> list[Path]:
         if f in files:
             continue
         files.add(f)
-        for name in _lib_imports(f.read_text(encoding="utf-8")):
+        for name in _source_facts(f)[0]:
             if name.startswith(NOT_CODE):
                 continue
             parts = name.split(".")  # a package's __init__ runs too
@@ -140,9 +140,17 @@ def _closure(module: str) -> list[Path]:
 NOT_CODE = ("lib.config", "lib.stages")
 
 
-def code_text(source: str) -> str:
-    """What of a source file counts as code: its syntax tree without docstrings (comments and layout never reach it)."""
-    tree = ast.parse(source)
+@functools.cache
+def _source_facts(path: Path) -> tuple[frozenset[str], str]:
+    """(the lib modules a file imports, the digest of its code), each file parsed once per process."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    imports = frozenset(_lib_imports(tree))
+    return imports, hashlib.sha256(code_text(tree).encode()).hexdigest()
+
+
+def code_text(tree: ast.Module) -> str:
+    """What of a source file counts as code: its syntax tree without docstrings (comments and layout never reach
+    it). Strips the docstrings of `tree` in place."""
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
@@ -158,8 +166,7 @@ def code_fingerprint(script: str, module: str) -> str:
     may serve two stages) and the lib `module` that does the work with every lib module it imports."""
     h = hashlib.sha256()
     for f in code_files(script, module):
-        code = code_text((ROOT / f).read_text(encoding="utf-8"))
-        h.update(f"{f}\0{hashlib.sha256(code.encode()).hexdigest()}\n".encode())
+        h.update(f"{f}\0{_source_facts(ROOT / f)[1]}\n".encode())
     return h.hexdigest()[:16]
 
 
