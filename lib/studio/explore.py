@@ -205,6 +205,6 @@ def source_preview(project: Path, kind: str, path: str | None, text_field: str =
     for where, rec in itertools.islice((r for f in files for r in read_file_records(f)), k):
         fmt = fmt or detect_format(rec)
         text = rec.get(text_field) if isinstance(rec, dict) and text_field in rec else json.dumps(rec, ensure_ascii=False)
-        records.append({"where": Path(where.split(":")[0]).name + where[len(where.split(":")[0]):],
-                        "text": str(text)[:300]})
+        path, sep, rest = where.partition(":")  # "<file>:<line> ...": the file by its name, not where it lives
+        records.append({"where": Path(path).name + sep + rest, "text": str(text)[:300]})
     return {"format": fmt, "records": records, "files": len(files)}

@@ -319,10 +319,11 @@ class Studio:
             if not path:
                 raise gr.Error("Type the hub dataset's name in the path field.")
             src["name"] = path
-        if field and field != "text" and kind in ("files", "hf"):
-            src["text_field" if key == "data.sources" else "format"] = field if key == "data.sources" else "auto"
-        if max_docs and key == "data.sources":
-            src["max_docs"] = int(max_docs)
+        if key == "data.sources":  # SFT data has no text field or document limit: its format is detected
+            if field and field != "text" and kind in ("files", "hf"):
+                src["text_field"] = field
+            if max_docs:
+                src["max_docs"] = int(max_docs)
         try:
             current = yaml.safe_load(text or "") or []
         except yaml.YAMLError as e:
