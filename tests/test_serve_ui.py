@@ -148,3 +148,46 @@ def test_browser_chat_streams_a_reply(engine, refs, tmp_path, chromium):
             expect(page.locator("#chatbot .bot.message")).to_have_count(0, timeout=10_000)
         finally:
             browser.close()
+
+
+def test_a_server_started_without_a_model_serves_the_first_one_that_appears(refs):
+    """A fresh user's server: no model, so the API answers 503 and the chat tab waits; once a model appears (a run
+    finished in the studio) the tab's watch loads it once for the whole server, and the API serves it."""
+    import httpx
+
+    appeared: list = []
+    loads: list = []
+
+    def load_engine(ref, metrics):
+        loads.append(ref.id)
+        return Engine(load_model(ref, "cpu"), metrics=metrics)
+
+    app = build_app(None, ServeConfig(max_new_tokens=4), list_models=lambda: refs, ui=False,
+                    no_model_note="train one", load_engine=load_engine,
+                    default_model=lambda: appeared[0] if appeared else None)
+    chat = ChatUI(None, ServeConfig(max_new_tokens=4), lambda: refs, start=None, no_model_note="train one")
+    assert chat.counter([], "") == "" and chat.model_status() == "No model loaded"
+    with BackgroundServer(app) as url:
+        body = {"model": refs[0].id, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+        r = httpx.post(url + "v1/chat/completions", json=body)
+        assert r.status_code == 503 and "train one" in r.json()["error"]["message"]
+        assert httpx.get(url + "v1/models").json()["data"] == []
+        assert httpx.get(url + "health").json() == {"status": "no model", "model": None}
+
+        # the chat tab of that page: the server's own start function behind it
+        chat = ChatUI(None, ServeConfig(max_new_tokens=4), lambda: refs, start=app.start,
+                      default_model=lambda: appeared[0] if appeared else None)
+        waiting = chat.watch()
+        assert all(u == gr.update() for u in waiting[:6]) and waiting[6].active  # nothing yet: keep watching
+        appeared.append(refs[1])
+        note, view, picker, status, *_, timer = chat.watch()
+        assert note["visible"] is False and view["visible"] is True and timer.active is False
+        assert picker["value"] == refs[1].id and refs[1].id in status
+        chat.watch()  # a second page: the same engine, not a second load
+        assert loads == [refs[1].id]
+        r = httpx.post(url + "v1/chat/completions", json={**body, "model": refs[1].id})
+        assert r.status_code == 200 and r.json()["model"] == refs[1].id
+        assert httpx.get(url + "health").json()["status"] == "ok"
+        assert httpx.get(url + "metrics").json()["counters"]["http_5xx"] == 1  # the counts go on across the swap
+    app.api.engine.close()
+

@@ -402,6 +402,11 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                 # no model: the page opens on the studio's Train tab; the estimate follows the form
                 expect(page.locator("#estimate")).to_contain_text("parameters", timeout=60_000)
                 expect(page.locator("#command")).to_contain_text("--configfile config/smoke.yaml")
+                page.locator("button[role=tab]:has-text('Chat')").first.click()
+                expect(page.locator("#no-model")).to_contain_text("No model yet")
+                expect(page.locator("#chatbot")).to_be_hidden()
+                page.screenshot(path=str(shots / "studio-chat-no-model.png"), full_page=True)
+                page.locator("button[role=tab]:has-text('Train')").first.click()
                 steps = page.locator("#field-pretrain-max_steps input")
                 steps.fill("1500")
                 steps.press("Enter")
@@ -465,6 +470,22 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                 published = next((ws / "artifacts" / "03_pretrain").glob("*/metrics.jsonl")).read_text().splitlines()
                 assert len([r for r in published if '"loss"' in r]) > stopped  # the resumed run went on
 
+                # the page opened before the run chats with the run's chat model (SFT or later, not phase 1)
+                # without a restart, and the API serves it
+                first = page
+                first.locator("button[role=tab]:has-text('Chat')").first.click()
+                expect(first.locator("#no-model")).to_be_hidden(timeout=30_000)
+                expect(first.locator("#model-status")).to_contain_text("04_", timeout=10_000)
+                box = first.locator("#chat-input textarea")
+                expect(box).to_be_editable()
+                box.fill("Hello")
+                box.press("Enter")
+                expect(first.locator("#chatbot .bot.message").last).to_contain_text(re.compile(r"\S"),
+                                                                                    timeout=60_000)
+                health = httpx.get(url + "health").json()
+                assert health["status"] == "ok" and health["model"].startswith("04_"), health
+                first.screenshot(path=str(shots / "studio-chat-after-run.png"), full_page=True)
+
                 # a page opened now shows the finished run without a Refresh: the lists are read at page load
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(url)
@@ -501,8 +522,7 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                 page.screenshot(path=str(shots / "studio-data.png"), full_page=True)
 
                 page.locator("button[role=tab]:has-text('Chat')").first.click()
-                expect(page.locator("#no-model")).to_contain_text("No model yet")
-                page.screenshot(path=str(shots / "studio-chat-no-model.png"), full_page=True)
+                expect(page.locator("#chatbot")).to_be_visible()
             finally:
                 browser.close()
     finally:

@@ -347,12 +347,25 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class OpenAIServer:
-    """Routes over one Engine. `app` is the FastAPI application (the UI is mounted on it by lib.serving.server)."""
+    """Routes over one Engine. `app` is the FastAPI application (the UI is mounted on it by lib.serving.server).
 
-    def __init__(self, engine: Engine, serve: ServeConfig, api_key: str | None = None):
-        self.engine, self.serve, self.api_key = engine, serve, api_key
+    engine=None: a server started without a model (a fresh user opening the studio). Until `attach` gives it an
+    engine, it answers in OpenAI's shape that there is nothing to serve yet, and `no_model` says how to get one.
+    """
+
+    def __init__(self, engine: Engine | None, serve: ServeConfig, api_key: str | None = None, no_model: str = ""):
+        self.engine, self.serve, self.api_key, self.no_model = engine, serve, api_key, no_model
+        self.metrics = engine.metrics if engine is not None else Metrics()
         self.max_body = int(serve.max_body_mb * 2**20)
         self.app = self._build()
+
+    def attach(self, engine: Engine) -> None:
+        """Start serving `engine` (built with this server's `metrics`, so the counts go on)."""
+        self.engine = engine
+
+    def _ready(self) -> None:
+        if self.engine is None:
+            raise APIError(503, f"no model is loaded: {self.no_model}", type="server_error", code="model_not_loaded")
 
     # -- auth ----------------------------------------------------------------------------------------------
 
@@ -549,35 +562,38 @@ class OpenAIServer:
         # No /docs: its page loads scripts from a CDN, and the UI owns every path the API does not use.
         app = FastAPI(title="Models at Home", docs_url=None, redoc_url=None, openapi_url=None)
         auth = [Depends(self._auth)]
-        metrics = self.engine.metrics
+        ready = [*auth, Depends(self._ready)]
+        metrics = self.metrics
 
         install_error_handlers(app)
 
         @app.get("/health")
         async def health():
+            if self.engine is None:
+                return {"status": "no model", "model": None}
             alive = self.engine._thread.is_alive()
             body = {"status": "ok" if alive else "engine stopped", "model": self.engine.loaded.id}
             return JSONResponse(body, status_code=200 if alive else 503)
 
-        @app.get("/info", dependencies=auth)
+        @app.get("/info", dependencies=ready)
         async def info():
             return self.info()
 
-        @app.get("/metrics", dependencies=auth)
+        @app.get("/metrics", dependencies=ready)
         async def get_metrics():
             return {**metrics.snapshot(), "engine": self.engine.pending(), "model": self.engine.loaded.id}
 
         @app.get("/v1/models", dependencies=auth)
         async def list_models():
-            return {"object": "list", "data": [self._model_card()]}
+            return {"object": "list", "data": [self._model_card()] if self.engine is not None else []}
 
-        @app.get("/v1/models/{model_id:path}", dependencies=auth)
+        @app.get("/v1/models/{model_id:path}", dependencies=ready)
         async def get_model(model_id: str):
             self._check_model(model_id)
             return self._model_card()
 
-        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], dependencies=auth)
-        app.add_api_route("/v1/completions", self.completions, methods=["POST"], dependencies=auth)
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], dependencies=ready)
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"], dependencies=ready)
 
         # The other methods on the service paths: a 405 naming the right one (else the UI mounted at / answers 404).
         async def wrong_method(request: Request):
@@ -596,36 +612,6 @@ class OpenAIServer:
                                code="method_not_allowed", headers={"Allow": API_ROUTES[path]})
             raise APIError(404, f"no API endpoint {request.method} {path} (this server has "
                                 f"{', '.join(f'{m} {p}' for p, m in API_ROUTES.items())})", code="not_found")
-
-        return app
-
-
-class NoModelServer(OpenAIServer):
-    """The API of a server started without a model (a fresh user opening the studio): it answers, in OpenAI's shape,
-    that there is nothing to serve yet, and how to get a model."""
-
-    def __init__(self, serve: ServeConfig, api_key: str | None, hint: str):
-        self.hint = hint
-        self.engine, self.serve, self.api_key = None, serve, api_key
-        self.metrics = Metrics()
-        self.app = self._build()
-
-    def _build(self) -> FastAPI:
-        app = FastAPI(title="Models at Home", docs_url=None, redoc_url=None, openapi_url=None)
-        install_error_handlers(app)
-        auth = [Depends(self._auth)]
-
-        @app.get("/health")
-        async def health():
-            return {"status": "no model", "model": None}
-
-        @app.get("/v1/models", dependencies=auth)
-        async def list_models():
-            return {"object": "list", "data": []}
-
-        @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], dependencies=auth)
-        async def no_model(request: Request, rest: str):
-            raise APIError(503, f"no model is loaded: {self.hint}", type="server_error", code="model_not_loaded")
 
         return app
 

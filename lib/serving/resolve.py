@@ -120,9 +120,13 @@ def latest_pipeline_model(cfg: Config) -> ModelRef | None:
         if ref is not None:
             return ref
     newest = pipeline_models(cfg.artifacts_dir)
-    pretrain_only = stages_of("training")[0]
-    chat = [r for r in newest if r.info.get("stage") != pretrain_only]
+    chat = [r for r in newest if is_chat_model(r)]
     return (chat or newest or [None])[0]
+
+
+def is_chat_model(ref: ModelRef) -> bool:
+    """False for a pipeline's phase-1 (pretrain-only) model; every later stage's model was tuned to chat."""
+    return ref.info.get("stage") != stages_of("training")[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

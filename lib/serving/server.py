@@ -24,9 +24,9 @@ from pathlib import Path
 
 from lib.config import Config, ServeConfig, to_dict
 from lib.errors import UserError
-from lib.serving.engine import Engine
+from lib.serving.engine import Engine, Metrics
 from lib.serving.loading import load_model
-from lib.serving.resolve import ModelRef, available_models, latest_pipeline_model, resolve_model
+from lib.serving.resolve import ModelRef, available_models, is_chat_model, latest_pipeline_model, resolve_model
 
 API_KEY_ENV = "HOMELLM_API_KEY"
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
@@ -123,18 +123,31 @@ def url_of(sock: socket.socket) -> str:
 
 def build_app(engine: Engine | None, serve: ServeConfig, api_key: str | None = None,
               list_models: Callable[[], list[ModelRef]] | None = None, ui: bool = True, loopback: bool = True,
-              studio=None, open_tab: str = "chat", no_model_note: str = ""):
+              studio=None, open_tab: str = "chat", no_model_note: str = "",
+              load_engine: Callable[[ModelRef, Metrics], Engine] | None = None,
+              default_model: Callable[[], ModelRef | None] | None = None):
     """The ASGI app: the OpenAI API, and (unless ui=False) the Gradio UI mounted at /: the chat tab and, given a
     lib.studio.ui.Studio, the studio's tabs. engine=None: no model yet (the API says so, the chat tab says how to
-    get one)."""
+    get one); given `load_engine` and `default_model`, the chat tab watches for a model (a run finished in the
+    studio), loads it and from then on the page and the API serve it. The app's `api` is the OpenAIServer,
+    its `start(ref)` what loads that model."""
     # The web stack (FastAPI, and gradio below: seconds to import) loads only when serving; --cli and --prompt
     # never import it.
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    from lib.serving.api import NoModelServer, OpenAIServer, StatusCounter
+    from lib.serving.api import OpenAIServer, StatusCounter
 
-    server = OpenAIServer(engine, serve, api_key) if engine is not None else NoModelServer(serve, api_key,
-                                                                                          no_model_note)
+    server = OpenAIServer(engine, serve, api_key, no_model=no_model_note)
+    start = None
+    if engine is None and load_engine is not None:
+        lock = threading.Lock()
+
+        def start(ref: ModelRef) -> Engine:  # one engine for every page and the API, however many ask at once
+            with lock:
+                if server.engine is None:
+                    server.attach(load_engine(ref, server.metrics))
+                return server.engine
+
     app = server.app
     if ui:  # gradio only with the UI (--no-ui serves the API without it)
         import gradio as gr
@@ -143,7 +156,7 @@ def build_app(engine: Engine | None, serve: ServeConfig, api_key: str | None = N
         from lib.studio.ui import CSS
 
         blocks = build_ui(engine, serve, list_models or (lambda: []), studio=studio, open_tab=open_tab,
-                          no_model_note=no_model_note)
+                          no_model_note=no_model_note, start=start, default_model=default_model)
         auth = None
         if api_key:
             # Any user name; the API key is the password.
@@ -155,7 +168,9 @@ def build_app(engine: Engine | None, serve: ServeConfig, api_key: str | None = N
     if loopback:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
     # Outermost, so that it also counts the 500s that Starlette's error middleware answers.
-    return StatusCounter(app, engine.metrics if engine is not None else server.metrics)
+    outer = StatusCounter(app, server.metrics)
+    outer.api, outer.start = server, start
+    return outer
 
 
 def run_server(app, sock: socket.socket, log_level: str = "warning") -> None:
@@ -216,16 +231,12 @@ def serve_command(cfg: Config, args: argparse.Namespace) -> int:
     if args.model is None and latest_pipeline_model(cfg) is None and args.prompt is None and not args.cli:
         if args.no_ui:
             resolve_model(None, cfg, args.models_dir)  # raises: what to serve, and how to get it
-        print("no model yet: opening the training studio (train one there, then restart to chat with it)",
+        print("no model yet: opening the training studio (train one there: the Chat tab loads it when the run is done)",
               file=log, flush=True)
         return _serve_page(args, cfg, None, host, port, api_key, warning, open_tab="train")
     ref = resolve_model(args.model, cfg, args.models_dir)
     print(f"loading {ref.id} from {ref.path or ref.gguf} …", file=log, flush=True)
-    choice = args.engine or serve.engine
-    loaded = load_model(ref, args.device, choice, serve.max_active, serve.max_context)
-    print(loaded.engine_note, file=log, flush=True)
-    engine = Engine(loaded, max_active=serve.max_active, max_queue=serve.max_queue, engine=choice,
-                    max_context=serve.max_context)
+    engine = _engine(ref, args, serve)
     try:
         if args.prompt is not None:
             from lib.serving.chat_cli import one_shot
@@ -240,6 +251,14 @@ def serve_command(cfg: Config, args: argparse.Namespace) -> int:
                            open_tab="train" if args.studio else "chat")
     finally:
         engine.close()
+
+
+def _engine(ref: ModelRef, args, serve: ServeConfig, metrics: Metrics | None = None) -> Engine:
+    choice = args.engine or serve.engine
+    loaded = load_model(ref, args.device, choice, serve.max_active, serve.max_context)
+    print(loaded.engine_note, file=sys.stderr, flush=True)
+    return Engine(loaded, max_active=serve.max_active, max_queue=serve.max_queue, engine=choice,
+                  max_context=serve.max_context, metrics=metrics)
 
 
 def _serve_page(args, cfg: Config, engine: Engine | None, host: str, port: int, api_key: str | None,
@@ -257,8 +276,22 @@ def _serve_page(args, cfg: Config, engine: Engine | None, host: str, port: int, 
     loopback = is_loopback(host)
     # starting processes from a web page: only where nobody else can reach the page, or behind the API key
     studio = None if args.no_ui else Studio(Path.cwd(), cfg, can_launch=loopback or bool(api_key))
+
+    def default_model() -> ModelRef | None:
+        """What the chat tab loads when a model appears: while the studio's run goes on, its chat model, not the
+        phase-1 model it has on the way."""
+        ref = latest_pipeline_model(cfg)
+        if ref is not None and not is_chat_model(ref) and studio is not None and studio.launcher.active():
+            return None
+        return ref
+
+    def load_engine(ref: ModelRef, metrics: Metrics) -> Engine:  # a model that appears while serving (the studio)
+        print(f"loading {ref.id} from {ref.path or ref.gguf} …", file=log, flush=True)
+        return _engine(ref, args, cfg.serve, metrics)
+
     app = build_app(engine, cfg.serve, api_key, lambda: available_models(cfg, args.models_dir), ui=not args.no_ui,
-                    loopback=loopback, studio=studio, open_tab=open_tab, no_model_note=studio_note(cfg))
+                    loopback=loopback, studio=studio, open_tab=open_tab, no_model_note=studio_note(cfg),
+                    load_engine=load_engine, default_model=default_model)
     url = url_of(sock)
     if engine is not None:
         loaded = engine.loaded
@@ -274,5 +307,8 @@ def _serve_page(args, cfg: Config, engine: Engine | None, host: str, port: int, 
         run_server(app, sock)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful shutdown: the normal way to stop
         pass
+    finally:
+        if engine is None and app.api.engine is not None:  # the one the page loaded
+            app.api.engine.close()
     print("server stopped", file=log, flush=True)
     return 0

@@ -73,8 +73,17 @@ def parse_conversation(data) -> tuple[str, list[dict]]:
 
 
 class ChatUI:
-    def __init__(self, engine: Engine, serve: ServeConfig, list_models: Callable[[], list[ModelRef]]):
+    """The chat tab. engine=None (a server started without a model): the tab shows `no_model_note` and watches
+    `default_model()`; when a model appears there (a run finished in the studio) `start(ref)` loads it for the
+    whole server and the conversation view opens."""
+
+    WATCH_SECONDS = 5.0
+
+    def __init__(self, engine: Engine | None, serve: ServeConfig, list_models: Callable[[], list[ModelRef]],
+                 start: Callable[[ModelRef], Engine] | None = None,
+                 default_model: Callable[[], ModelRef | None] | None = None, no_model_note: str = ""):
         self.engine, self.serve, self.list_models = engine, serve, list_models
+        self.start, self.default_model, self.no_model_note = start, default_model, no_model_note
         self._running: dict[str, object] = {}  # session -> the Handle of its reply in progress (for Stop)
         self._lock = threading.Lock()
         self._export_dir = Path(tempfile.mkdtemp(prefix="chat-export-"))  # Gradio serves files from temp dirs
@@ -86,6 +95,8 @@ class ChatUI:
 
     def counter(self, history, system: str = "", draft: str = "", max_tokens: int | float | None = None) -> str:
         """'123 / 2048 tokens' of the conversation (+ the message being typed), and what is left for the reply."""
+        if self.engine is None:
+            return ""
         loaded = self.engine.loaded
         msgs = self._messages(system, normalize(history))
         if draft and draft.strip():
@@ -190,14 +201,35 @@ class ChatUI:
     # -- models --------------------------------------------------------------------------------------------
 
     def model_choices(self) -> list[tuple[str, str]]:
-        current = self.engine.loaded.ref
         refs = self.list_models()
+        if self.engine is None:
+            return [(r.label, r.id) for r in refs]
+        current = self.engine.loaded.ref
         if all(r.id != current.id for r in refs):
             refs = [current] + refs
         return [(r.label, r.id) for r in refs]
 
+    def watch(self):
+        """With no model yet: load the default model once there is one (the timer and each page load ask).
+        Returns the updates of (note, chat view, picker, status, max tokens, counter, timer)."""
+        if self.engine is None:
+            ref = self.default_model() if self.default_model is not None and self.start is not None else None
+            if ref is None:
+                return (gr.update(),) * 6 + (gr.Timer(active=self.start is not None),)
+            try:
+                self.engine = self.start(ref)
+            except UserError as e:
+                raise gr.Error(f"{ref.label}: cannot be loaded ({e})") from None
+        ctx = self.engine.loaded.context_length
+        return (gr.update(visible=False), gr.update(visible=True),
+                gr.update(choices=self.model_choices(), value=self.engine.loaded.id), self.model_status(),
+                gr.update(maximum=ctx, value=min(self.serve.max_new_tokens, ctx)), self.counter([], ""),
+                gr.Timer(active=False))
+
     def switch_model(self, model_id: str):
         """Load the picked model (only ids from the picker's list: the UI never opens arbitrary paths)."""
+        if self.engine is None:
+            return self.model_status(), gr.update()
         if model_id == self.engine.loaded.id:
             return self.model_status(), gr.update()
         ref = next((r for r in self.list_models() if r.id == model_id), None)
@@ -211,6 +243,8 @@ class ChatUI:
         return self.model_status(), gr.update(maximum=ctx, value=min(self.serve.max_new_tokens, ctx))
 
     def model_status(self) -> str:
+        if self.engine is None:
+            return "No model loaded"
         d = self.engine.loaded.describe()
         return (f"**{d['id']}** ({d['source']}) — {d['parameters'] / 1e6:.1f}M parameters, "
                 f"context {d['context_length']:,} tokens, {d['device']}/{d['dtype']}")
@@ -219,8 +253,10 @@ class ChatUI:
 
     def build(self, demo: gr.Blocks) -> None:
         """The chat tab's components, inside the caller's gr.Blocks."""
-        ctx = self.engine.loaded.context_length
-        with gr.Row():
+        waiting = self.engine is None
+        ctx = self.serve.max_context if waiting else self.engine.loaded.context_length
+        note = gr.Markdown(self.no_model_note, elem_id="no-model", visible=waiting)
+        with gr.Row(visible=not waiting) as view:
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chatbot", buttons=["copy"],
                                      feedback_options=None)
@@ -233,7 +269,8 @@ class ChatUI:
                     clear = gr.Button("Clear", elem_id="clear-btn")
                 counter = gr.Markdown(self.counter([], ""), elem_id="token-counter")
             with gr.Column(scale=1):
-                model = gr.Dropdown(self.model_choices(), value=self.engine.loaded.id, label="Model",
+                model = gr.Dropdown(self.model_choices(), value=None if waiting else self.engine.loaded.id,
+                                    label="Model",
                                     elem_id="model-picker")
                 status = gr.Markdown(self.model_status(), elem_id="model-status")
                 system = gr.Textbox(label="System prompt", lines=3, placeholder="e.g. You are a helpful assistant.",
@@ -268,20 +305,26 @@ class ChatUI:
             self.counter, [chatbot, system], counter)
         model.change(self.switch_model, model, [status, max_tokens]).then(
             self.counter, [chatbot, system], counter)
-        demo.load(lambda: gr.update(choices=self.model_choices(), value=self.engine.loaded.id), None, model)
+        if waiting:
+            timer = gr.Timer(self.WATCH_SECONDS, active=self.start is not None)
+            outputs = [note, view, model, status, max_tokens, counter, timer]
+            timer.tick(self.watch, None, outputs, show_progress="hidden")
+            demo.load(self.watch, None, outputs, show_progress="hidden")
+        else:
+            demo.load(lambda: gr.update(choices=self.model_choices(), value=self.engine.loaded.id), None, model)
 
 
 def build_ui(engine: Engine | None, serve: ServeConfig, list_models: Callable[[], list[ModelRef]],
-             studio=None, open_tab: str = "chat", no_model_note: str = "") -> gr.Blocks:
-    """The app's page: the Chat tab (or, with no model, a note saying how to get one) and the studio's tabs."""
+             studio=None, open_tab: str = "chat", no_model_note: str = "",
+             start: Callable[[ModelRef], Engine] | None = None,
+             default_model: Callable[[], ModelRef | None] | None = None) -> gr.Blocks:
+    """The app's page: the Chat tab (with no model, a note saying how to get one, until one is loaded) and the
+    studio's tabs."""
     with gr.Blocks(title="Models at Home", analytics_enabled=False) as demo:
         gr.Markdown("## Models at Home")
         with gr.Tabs(selected=open_tab if studio is not None else "chat"):
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                if engine is not None:
-                    ChatUI(engine, serve, list_models).build(demo)
-                else:
-                    gr.Markdown(no_model_note, elem_id="no-model")
+                ChatUI(engine, serve, list_models, start, default_model, no_model_note).build(demo)
             if studio is not None:
                 studio.build(demo)
     # Several browser tabs may chat at once; the engine interleaves their replies.

@@ -653,5 +653,5 @@ def studio_note(cfg: Config) -> str:
     return ("### No model yet\nThere is no trained model in "
             f"`{Path(cfg.artifacts_dir).resolve()}` and none was named with `--model`. Train one in the **Train** tab "
             "(start `config/smoke.yaml` for a first look in under a minute, or `config/default.yaml` for the demo "
-            "model), then restart `python 07_serve.py`, which serves the newest model. Or install one: "
+            "model): this tab loads the model as soon as the run has one. Or install one: "
             "`python 06_install.py install PATH` / `python 07_serve.py --model PATH`.")
