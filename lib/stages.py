@@ -76,6 +76,21 @@ def _sft_config(cfg: Config) -> dict:
     return {"sft": sft, "seed": cfg.seed, "coursework": to_dict(cfg.coursework)}
 
 
+def _prefs_config(cfg: Config) -> dict:
+    prefs = to_dict(cfg.prefs)
+    for d, s in zip(prefs["data"], cfg.prefs.data):
+        d.update(_identity(cfg, s.path))
+    if not any(s.type == "self_play" for s in cfg.prefs.data):
+        prefs.pop("self_play")  # its knobs only count when it samples pairs
+    # the SFT data and system prompt make the self-play prompts and the held-out replies
+    return {"prefs": prefs, "sft_system_prompt": cfg.sft.system_prompt, "seed": cfg.seed}
+
+
+def tuned_stage(cfg: Config) -> str:
+    """The last tuning phase this config runs: what the export (and so check, install and serve) takes."""
+    return "04_prefs" if cfg.prefs.enabled else "04_sft"
+
+
 def _section(name: str) -> Callable[[Config], dict]:
     return lambda cfg: {name: to_dict(getattr(cfg, name))}
 
@@ -101,6 +116,7 @@ class Stage:
     threads_env: tuple[str, ...] = ()  # environment variables set to the job's thread count (a job with none uses 1 core)
     identity: tuple[str, ...] = ()  # the files whose bytes are its result (a bundle's verify compares them)
     model: bool = False  # its folder holds a model that 07_serve can load
+    runs: Callable[[Config], bool] = lambda cfg: True  # whether this config runs it (a switched-off phase: no)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -119,8 +135,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("04_sft", "phase 2 (SFT)", "training", "04_sft.py", "lib.train.sft", "run_sft", "sft", "sft_model",
           hashes=_sft_config, reads=lambda cfg: [] if cfg.sft.base_model else ["03_pretrain"],
           threads_env=("OMP_NUM_THREADS",), model=True),
+    Stage("04_prefs", "phase 3 (preferences)", "training", "04_prefs.py", "lib.train.prefs", "run_prefs", "prefs",
+          "prefs_model", hashes=_prefs_config, reads=lambda cfg: ["04_sft"], threads_env=("OMP_NUM_THREADS",),
+          model=True, runs=lambda cfg: cfg.prefs.enabled),
     Stage("04_export", "export", "export", "04_sft.py", "lib.export.exporter", "run_export", "export", "exported",
-          hashes=_section("export"), reads=lambda cfg: ["04_sft"], args=("--export",),
+          hashes=_section("export"), reads=lambda cfg: [tuned_stage(cfg)], args=("--export",),
           threads_env=("OMP_NUM_THREADS",), identity=("hf/model.safetensors", "*.gguf"), model=True),
     Stage("05_check", "compatibility check", "check", "05_check.py", "lib.check", "run_check", "check", "checked",
           hashes=_section("check"), reads=lambda cfg: ["04_export"], args=("--quiet-config",)),
@@ -135,9 +154,9 @@ STAGES: tuple[Stage, ...] = (
 STAGE: dict[str, Stage] = {s.name: s for s in STAGES}
 
 
-def stages_of(*kinds: str) -> tuple[str, ...]:
-    """The names of the stages of these kinds, in pipeline order."""
-    return tuple(s.name for s in STAGES if s.kind in kinds)
+def stages_of(*kinds: str, cfg: Config | None = None) -> tuple[str, ...]:
+    """The names of the stages of these kinds, in pipeline order; given a config, only those it runs."""
+    return tuple(s.name for s in STAGES if s.kind in kinds and (cfg is None or s.runs(cfg)))
 
 
 def model_stages() -> tuple[str, ...]:

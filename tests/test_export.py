@@ -35,7 +35,7 @@ def export_cfg(tmp: Path, base: Path, *extra):
         f"sft.data=[{{type: files, path: {write_qa(tmp / 'qa.csv')}}}]", "sft.val_fraction=0", "sft.repeat=8",
         "sft.train.seq_len=64", "sft.train.batch_size=4", "sft.train.lr=0.01", "sft.train.min_lr=0.001",
         "sft.train.max_steps=60", "sft.train.eval_every=1000", "sft.train.ckpt_every=1000", "sft.train.log_every=20",
-        "sft.train.precision=fp32", "sft.train.sample_prompts=[]", *extra])
+        "sft.train.precision=fp32", "sft.train.sample_prompts=[]", "prefs.enabled=false", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from lib import ROOT
 from lib.config import load_config
 from lib.stages import STAGE, STAGES, model_stages, stage_hash, stages_of, upstream_stages
 
-ALTERNATIVES = ([], ["tokenizer.pretrained=gpt2"], ["sft.base_model=some/hub-model"])
+ALTERNATIVES = ([], ["tokenizer.pretrained=gpt2"], ["sft.base_model=some/hub-model"], ["prefs.enabled=false"])
 
 
 def test_every_stage_is_declared_once_and_runnable_as_declared():
@@ -28,8 +28,13 @@ def test_every_stage_is_declared_once_and_runnable_as_declared():
         cfg = load_config(ROOT / "config/smoke.yaml", overrides)
         for s in STAGES:
             assert all(order.index(u) < order.index(s.name) for u in upstream_stages(cfg, s.name)), s.name
-    assert model_stages() == ("04_export", "04_sft", "03_pretrain")
-    assert stages_of("training") == ("03_pretrain", "04_sft")
+    assert model_stages() == ("04_export", "04_prefs", "04_sft", "03_pretrain")
+    assert stages_of("training") == ("03_pretrain", "04_sft", "04_prefs")
+    # phase 3 switched off: the config does not run it, and the export takes phase 2
+    off = load_config(ROOT / "config/smoke.yaml", ["prefs.enabled=false"])
+    assert stages_of("training", cfg=off) == ("03_pretrain", "04_sft")
+    assert upstream_stages(off, "04_export") == ["04_sft"]
+    assert upstream_stages(load_config(ROOT / "config/smoke.yaml"), "04_export") == ["04_prefs"]
 
 
 def test_the_snakefile_has_exactly_the_stage_maps_rules(tmp_path):
@@ -61,7 +66,7 @@ def test_hashes_follow_contents_not_locations(tmp_path):
     assert {s.name: stage_hash(a, s.name) for s in STAGES} == {s.name: stage_hash(b, s.name) for s in STAGES}
     (tmp_path / "elsewhere" / "moved" / "chat.jsonl").write_text('{"prompt": "Hi", "completion": "Hey."}\n')
     changed = {s.name for s in STAGES if stage_hash(a, s.name) != stage_hash(b, s.name)}
-    assert changed == {"04_sft", "04_export", "05_check", "06_install", "08_report"}
+    assert changed == {"04_sft", "04_prefs", "04_export", "05_check", "06_install", "08_report"}
     (tmp_path / "elsewhere" / "moved" / "corpus" / "a.txt").write_text("Another story.\n", encoding="utf-8")
     assert stage_hash(a, "01_data") != stage_hash(b, "01_data")
     assert STAGE["01_data"].hashes(b)["data"]["sources"][0]["path"] == "<local>"  # no absolute path in the hash

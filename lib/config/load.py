@@ -78,10 +78,12 @@ def merge(base: dict, over: dict) -> dict:
 
 def map_paths(data: dict, fix) -> dict:
     """A copy of raw config data with fix(value) applied to every value that may be a local path: data sources'
-    and SFT data's `path`, `sft.base_model`, `tokenizer.pretrained`."""
+    SFT and preference data's `path`, `sft.base_model`, `tokenizer.pretrained`."""
     data = json.loads(json.dumps(data))
     sft = data.get("sft") or {}
-    for src in [*((data.get("data") or {}).get("sources") or []), *(sft.get("data") or [])]:
+    prefs = data.get("prefs") or {}
+    for src in [*((data.get("data") or {}).get("sources") or []), *(sft.get("data") or []),
+                *((prefs.get("data") or []) if isinstance(prefs, dict) else [])]:
         if isinstance(src, dict) and "path" in src:
             src["path"] = fix(src["path"])
     if isinstance(sft, dict) and "base_model" in sft:

@@ -195,6 +195,47 @@ class SftConfig:
 
 
 @dataclass
+class PrefsDataConfig:
+    # "self_play" (pairs built from sft.data: the dataset's reply chosen, the SFT model's own sampled reply
+    # rejected, as in SPIN; no download), "files" (path/glob) or "hf" (hub dataset)
+    type: Literal["self_play", "files", "hf"] = "self_play"
+    path: Optional[str] = None
+    name: Optional[str] = None
+    subset: Optional[str] = None
+    split: str = "train"
+    # auto-detected from the records when "auto"
+    format: Literal["auto", "pairs", "hh_rlhf", "ultrafeedback"] = "auto"
+    max_pairs: Optional[int] = field(default=None, metadata=_range(1))
+
+
+@dataclass
+class SelfPlayConfig:
+    """How the offline default pairs are made: prompts from sft.data, the SFT model samples the rejected reply."""
+
+    max_pairs: int = field(default=400, metadata=_range(2))
+    max_new_tokens: int = field(default=48, metadata=_range(1))
+    temperature: float = field(default=1.0, metadata=_range(0.0, 5.0))
+
+
+@dataclass
+class PrefsConfig:
+    """Phase 3: preference tuning of the phase-2 model (DPO or ORPO) on {prompt, chosen, rejected} pairs."""
+
+    enabled: bool = True  # false: the export takes the phase-2 model (coursework recipes switch phase 3 off)
+    method: Literal["dpo", "orpo"] = "dpo"
+    beta: float = field(default=0.1, metadata=_range(0.0))  # DPO: strength of the KL pull to the reference
+    label_smoothing: float = field(default=0.0, metadata=_range(0.0, 0.5))  # DPO: conservative DPO's label noise
+    orpo_lambda: float = field(default=0.1, metadata=_range(0.0))  # ORPO: weight of the odds-ratio term
+    data: list[PrefsDataConfig] = field(default_factory=lambda: [PrefsDataConfig()])
+    self_play: SelfPlayConfig = field(default_factory=SelfPlayConfig)
+    val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.5))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=5e-6, min_lr=5e-7, warmup_steps=10, weight_decay=0.0, max_steps=200, eval_every=50, ckpt_every=50,
+        log_every=10, sample_prompts=["Hi! How are you?"]))
+
+
+@dataclass
 class ExportConfig:
     gguf: list[Literal["f16", "q8_0"]] = field(default_factory=lambda: ["f16", "q8_0"])
     modelfile: bool = True
@@ -284,6 +325,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     sft: SftConfig = field(default_factory=SftConfig)
+    prefs: PrefsConfig = field(default_factory=PrefsConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
     install: InstallConfig = field(default_factory=InstallConfig)

@@ -125,8 +125,7 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append("data.sources: expected at least one source")
     if cfg.data.min_chars > cfg.data.max_chars:
         problems.append(f"data.min_chars: expected <= data.max_chars ({cfg.data.max_chars}), got {cfg.data.min_chars}")
-    for name in ("pretrain", "sft.train"):
-        t = cfg.pretrain if name == "pretrain" else cfg.sft.train
+    for name, t in (("pretrain", cfg.pretrain), ("sft.train", cfg.sft.train), ("prefs.train", cfg.prefs.train)):
         if t.max_steps is None and t.max_tokens is None and t.max_epochs is None and t.time_budget_min is None:
             problems.append(f"{name}: set at least one stop condition (max_steps, max_tokens, max_epochs, time_budget_min)")
         if t.min_lr > t.lr:
@@ -136,6 +135,13 @@ def _cross_checks(cfg: Config) -> list[str]:
             problems.append(f"sft.data[{i}].path: required for type 'files'")
         if d.type == "hf" and not d.name:
             problems.append(f"sft.data[{i}].name: required for type 'hf'")
+    for i, d in enumerate(cfg.prefs.data):
+        if d.type == "files" and not d.path:
+            problems.append(f"prefs.data[{i}].path: required for type 'files'")
+        if d.type == "hf" and not d.name:
+            problems.append(f"prefs.data[{i}].name: required for type 'hf'")
+    if cfg.prefs.enabled and not cfg.prefs.data:
+        problems.append("prefs.data: expected at least one source (or prefs.enabled: false)")
     return problems
 
 

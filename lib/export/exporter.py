@@ -31,7 +31,7 @@ from lib.errors import UserError
 from lib.export.gguf import write_gguf
 from lib.model.hf_io import load_hf, save_model_dir
 from lib.names import check_name
-from lib.stages import stage_dir
+from lib.stages import stage, stage_dir, tuned_stage
 from lib.train.base_model import merge_adapter, reply_ids
 
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -160,7 +160,8 @@ def run_export(cfg: Config, force: bool = False) -> Path:
         print(f"04_export: {final} is already complete; reusing it")
         return final
     name = check_name(cfg.export.name, "export.name")  # it becomes the GGUF file names and the Ollama name
-    sft_dir = require_stage(cfg, "04_sft", "Run: python 04_sft.py (or snakemake sft_model).")
+    tuned = tuned_stage(cfg)  # phase 3's model, or phase 2's where phase 3 is off
+    sft_dir = require_stage(cfg, tuned, f"Run: python {stage(tuned).script} (or snakemake {stage(tuned).target}).")
     system_prompt = cfg.sft.system_prompt
     with stage_output(cfg, "04_export") as (out, extra):
         hf = out / "hf"

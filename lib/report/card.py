@@ -31,7 +31,7 @@ from lib.stages import stage_dir, stage_hash, stages_of
 from lib.train.tracking import fmt_duration
 
 # the stages a run consists of: not the install (`snakemake report` never installs) nor this report itself
-STAGES = stages_of("data", "training", "export", "check")
+KINDS = ("data", "training", "export", "check")  # the stages a report card covers (those its config runs)
 TEMPERATURES = (0.3, 0.8, 1.5)
 
 
@@ -136,7 +136,7 @@ def _model_figures(cfg: Config, pretrain_dir: Path, final_dir: Path) -> dict:
 def collect(cfg: Config, out_dir: Path) -> dict:
     """Every figure of the report card, as a JSON-ready dict (PNGs written into out_dir)."""
     check_dir = require_stage(cfg, "05_check", "Run the pipeline first: snakemake --cores all")
-    m = {s: _manifest(cfg, s) for s in STAGES}
+    m = {s: _manifest(cfg, s) for s in stages_of(*KINDS)}
     hw = probe_hardware(cfg.artifacts_dir)
     pre, sft, export = m["03_pretrain"], m["04_sft"], m["04_export"]
     data_dir = stage_dir(cfg, "01_data")
@@ -151,7 +151,7 @@ def collect(cfg: Config, out_dir: Path) -> dict:
             "os": hw["os"], "python": platform.python_version(), "git_commit": git_commit(),
             "packages": package_versions(),
         },
-        "stages": [_stage_row(cfg, s, m[s]) for s in STAGES],
+        "stages": [_stage_row(cfg, s, m[s]) for s in stages_of(*KINDS, cfg=cfg)],
         "data": {"documents": m["01_data"].get("documents"), "chars": m["01_data"].get("chars"),
                  "removed": m["01_data"].get("removed"),
                  "sources": read_json(data_dir / "stats.json").get("sources") if (data_dir / "stats.json").is_file()
@@ -165,6 +165,7 @@ def collect(cfg: Config, out_dir: Path) -> dict:
                   "val_bpb": final_eval.get("val_bpb")},
         "sft": {k: sft.get(k) for k in ("mode", "steps", "stop_reason", "best_val_loss")}
         | {"end_of_turn_rate": (sft.get("end_of_turn") or {}).get("share_ended_turn")},
+        "prefs": _prefs_figures(cfg, m["04_prefs"]),
         "export": {"max_abs_logit_diff": (export.get("hf") or {}).get("max_abs_logit_diff"),
                    "gguf": [{"file": g["file"], "greedy_match": (g.get("check") or {}).get("greedy_match")}
                             for g in export.get("gguf") or []]},
@@ -176,8 +177,37 @@ def collect(cfg: Config, out_dir: Path) -> dict:
     report["plots"] = [p.name for p in (_curves(stage_dir(cfg, "03_pretrain") / "metrics.jsonl", "phase 1 (pretrain)",
                                                out_dir / "pretrain.png"),
                                         _curves(stage_dir(cfg, "04_sft") / "metrics.jsonl", "phase 2 (SFT)",
-                                                out_dir / "sft.png")) if p]
+                                                out_dir / "sft.png"),
+                                        cfg.prefs.enabled and _curves(stage_dir(cfg, "04_prefs") / "metrics.jsonl",
+                                                                      "phase 3 (preferences)", out_dir / "prefs.png"))
+                          if p]
     return report
+
+
+PAIR_FIGURES = {"reward_accuracy": ("held-out reward accuracy", ""), "reward_margin": ("reward margin", "nats × β"),
+                "chosen_logps": ("log-prob of chosen replies", "nats"),
+                "rejected_logps": ("log-prob of rejected replies", "nats"),
+                "kl_to_reference": ("KL to the phase-2 model", "nats/token")}
+
+
+def _prefs_figures(cfg: Config, m: dict | None) -> dict | None:
+    """Phase 3 before and after: the held-out pair figures, end of turn and reply length, the same prompts' replies."""
+    if not cfg.prefs.enabled or not m:
+        return None
+    before, after = m.get("before") or {}, m.get("after") or {}
+    rows = [[label, unit, (before.get("pairs") or {}).get(k), (after.get("pairs") or {}).get(k)]
+            for k, (label, unit) in PAIR_FIGURES.items()]
+    for k, label, unit in (("end_of_turn_rate", "held-out replies that end their turn", ""),
+                           ("mean_reply_tokens", "mean reply length", "tokens")):
+        rows.append([label, unit, (before.get("held_out") or {}).get(k), (after.get("held_out") or {}).get(k)])
+    replies = [{"prompt": b["prompt"], "before": b["reply"], "after": a["reply"]}
+               for b, a in zip((before.get("replies") or {}).get("answers", []),
+                               (after.get("replies") or {}).get("answers", []))]
+    sources = (m.get("data") or {}).get("sources") or []
+    return {"method": m.get("method"), "beta": m.get("beta"), "mode": m.get("mode"), "steps": m.get("steps"),
+            "tokens": m.get("tokens"), "train_seconds": m.get("train_seconds"), "stop_reason": m.get("stop_reason"),
+            "pairs": ", ".join(f"{s['type']} {s['pairs']:,}" for s in sources), "figures": rows, "replies": replies,
+            "held_out_prompts": (after.get("held_out") or {}).get("prompts")}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,6 +269,7 @@ def sections(r: dict) -> list[Section]:
     def per_split(v) -> str:
         return f"{v.get('train', 0):,} train · {v.get('val', 0):,} val" if isinstance(v, dict) else _fmt(v)
     cw_rows = _coursework_rows(r["coursework"])
+    p = r.get("prefs")
     out: list[Section] = [
         ("Summary", None, [
             ["run", f"{r['run']['name']} (model {r['run']['model']}), started {r['run']['date'] or '–'}"],
@@ -247,6 +278,7 @@ def sections(r: dict) -> list[Section]:
             ["bits per byte", _fmt(r["final"]["val_bpb"], "bits/byte")],
             ["parameters", _millions(r["model"]["parameters"])],
             ["SFT replies that end their turn", _share(r["sft"]["end_of_turn_rate"])],
+            *([["phase 3 held-out reward accuracy", _fmt(r["prefs"]["figures"][0][3])]] if r.get("prefs") else []),
             ["runs on this machine (05_check)", "✓" if verdict.get("runnable") else f"✗ {_fmt(verdict.get('problems'))}"],
             ["coursework rules", "not enabled" if not cw_rows else _fmt(all(row[2] != "✗" for row in cw_rows))]]),
         ("Machine and software", None,
@@ -274,7 +306,14 @@ def sections(r: dict) -> list[Section]:
             ["1 pretrain", _fmt(r["pretrain"]["steps"]), _fmt(r["pretrain"].get("tokens")),
              _duration(r["pretrain"].get("train_seconds")), _fmt(r["pretrain"]["stop_reason"]),
              _fmt(r["pretrain"]["precision"])],
-            ["2 SFT", _fmt(r["sft"]["steps"]), "–", "–", _fmt(r["sft"]["stop_reason"]), _fmt(r["sft"]["mode"])]]),
+            ["2 SFT", _fmt(r["sft"]["steps"]), "–", "–", _fmt(r["sft"]["stop_reason"]), _fmt(r["sft"]["mode"])]]
+         + ([["3 preferences", _fmt(p["steps"]), _fmt(p["tokens"]), _duration(p["train_seconds"]),
+              _fmt(p["stop_reason"]), f"{(p['method'] or '').upper()} β {_fmt(p['beta'])}, {_fmt(p['mode'])}"]]
+            if p else [])),
+        *([(f"Phase 3: preference tuning ({p['pairs']} pairs)", ["figure", "before", "after"],
+             [[label, _fmt(b, unit), _fmt(a, unit)] for label, unit, b, a in p["figures"]]),
+            ("Replies before and after phase 3 (greedy)", ["prompt", "before", "after"],
+             [[x["prompt"], x["before"] or "(empty)", x["after"] or "(empty)"] for x in p["replies"]])] if p else []),
         ("Perplexity of your sentences", ["sentence", "phase 1", "final"],
          [[p["sentence"], _fmt(p["phase 1"]), _fmt(p["final"])] for p in r["perplexity"]]),
         ("Samples", ["prompt", "temperature", "reply"],

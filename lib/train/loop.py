@@ -223,6 +223,7 @@ class Run:
     bytes_per_token: Optional[float] = None  # for val bits per byte
     sample_fn: Optional[Callable[[torch.nn.Module], list[str]]] = None  # texts sampled at every eval
     on_eval: Optional[Callable[[list[dict]], str]] = None  # history -> "continue" | "stop" | a note to log
+    eval_metrics: Optional[Callable[[torch.nn.Module], dict]] = None  # more figures for each eval's record
     config_name: str = "pretrain"  # the config key that errors name
     run_name: str = ""  # what the user calls the run (the config's name), shown by the studio while it trains
 
@@ -373,6 +374,8 @@ class _Loop:
                   "train_loss": self.tracker.recent_train_loss()}
         if run.bytes_per_token:
             record["val_bpb"] = loss / math.log(2) / run.bytes_per_token
+        if run.eval_metrics is not None and self.is_main:
+            record.update(run.eval_metrics(self.acc.unwrap_model(self.model)))
         if state["best_val_loss"] is None or loss < state["best_val_loss"]:
             state["best_val_loss"], state["bad_evals"] = loss, 0
             save_weights(self.model, run.work_dir / BEST, is_main=self.is_main, accelerator=self.acc)

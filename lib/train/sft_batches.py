@@ -205,9 +205,13 @@ class SftBatches:
         self.n = len(rows) * repeat
         # "tokens" are counted in example slots of the mean length, so that steps x tokens/step = epochs x
         # tokens/epoch exactly (the loop derives max_epochs from these two numbers)
-        self.mean_len = max(1, round(sum(len(r.ids) for r in rows) / len(rows)))
+        self.mean_len = max(1, round(sum(self.row_len(r) for r in rows) / len(rows)))
         self.tokens_per_epoch = self.n * self.mean_len
         self._perm: dict[int, np.ndarray] = {}
+
+    @staticmethod
+    def row_len(row: Encoded) -> int:
+        return len(row.ids)
 
     def _index(self, i: int) -> int:
         epoch = i // self.n

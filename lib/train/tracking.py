@@ -29,6 +29,8 @@ def fmt_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+EVAL_KEYS = ("step", "val_loss", "val_ppl", "val_bpb", "train_loss", "decision")
+
 class Tracker:
     def __init__(self, work_dir: Path, enabled: bool, start_step: int, total_steps: Optional[int],
                  time_budget_min: Optional[float], history: list, run_name: str = ""):
@@ -119,11 +121,14 @@ class Tracker:
             self.tb.add_scalar("train/tok_s", tok_s, step)
 
     def eval(self, record: dict, samples: list[str]) -> None:
+        """One eval's line, metrics.jsonl record, samples and TensorBoard scalars."""
         if not self.enabled:
             return
         parts = [f"eval step {record['step']}", f"val loss {record['val_loss']:.4f}", f"ppl {record['val_ppl']:.2f}"]
         if "val_bpb" in record:
             parts.append(f"bpb {record['val_bpb']:.4f}")
+        extra = {k: v for k, v in record.items() if k not in EVAL_KEYS and isinstance(v, float)}
+        parts += [f"{k.replace('_', ' ')} {v:.4g}" for k, v in extra.items()]  # a phase's own figures
         if record.get("decision"):
             parts.append(f"decision: {record['decision']}")
         self._print(" | ".join(parts))
@@ -137,6 +142,8 @@ class Tracker:
             for key in ("val_loss", "val_ppl", "val_bpb"):
                 if key in record:
                     self.tb.add_scalar(f"val/{key[4:]}", record[key], record["step"])
+            for key, value in extra.items():
+                self.tb.add_scalar(f"val/{key}", value, record["step"])
 
     def close(self, ended: str = "finished") -> None:
         """ended: "finished" or "stopped" (a signal: the run can resume), recorded in run.json."""
