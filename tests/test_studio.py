@@ -492,7 +492,7 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                 page.locator("#tab-runs-button, button[role=tab]:has-text('Runs')").first.click()
                 runs = page.locator("#pipeline-runs")  # one row per pipeline run, named by its config
                 expect(runs).to_contain_text("smoke-studio", timeout=30_000)
-                expect(runs).to_contain_text("8/8")  # the "report" target: every stage but the install
+                expect(runs).to_contain_text("9/9")  # the "report" target: every stage but the install
                 expect(runs).to_contain_text("complete")
                 table = page.locator("#runs-table")
                 for stage in ("01_data", "03_pretrain", "04_sft", "08_report"):

@@ -47,7 +47,7 @@ SUMS = "SHA256SUMS"
 # The stages a bundle carries. What identity means for each: the bytes of the files its stage map entry names
 # (Stage.identity); training stages compare weights and loss curves instead (their metrics carry wall-clock fields),
 # and manifests carry timestamps.
-BUNDLED = stages_of("data", "training", "export")
+BUNDLED = ("data", "training", "export")  # kinds; a config's own list is stages_of(*BUNDLED, cfg=cfg)
 
 
 def stage_digest(stage: str, folder: Path) -> str:
@@ -91,10 +91,15 @@ def _pin_config(cfg: Config, inputs: dict[str, Path]) -> tuple[dict, list[str]]:
     for i, src in enumerate(c["sft"]["data"]):
         if src["type"] == "files":
             src["path"] = bundle_input(src["path"], f"sft{i}")
+    for i, src in enumerate(c["prefs"]["data"]):
+        if src["type"] == "files":
+            src["path"] = bundle_input(src["path"], f"prefs{i}")
     c["sft"]["base_model"] = bundle_input(c["sft"]["base_model"], "base_model")
     c["tokenizer"]["pretrained"] = bundle_input(c["tokenizer"]["pretrained"], "tokenizer")
     budgeted = []
-    for stage, section in (("03_pretrain", c["pretrain"]), ("04_sft", c["sft"]["train"])):
+    sections = {"03_pretrain": c["pretrain"], "04_sft": c["sft"]["train"], "04_prefs": c["prefs"]["train"]}
+    for stage in stages_of("training", cfg=cfg):
+        section = sections[stage]
         m = read_json(stage_dir(cfg, stage) / MANIFEST)
         # the precision note starts with what ran ("fp32 (this CPU has no bf16 ...)", "bf16 autocast (...)")
         section["precision"] = str(m.get("precision") or "fp32").split()[0]
@@ -134,7 +139,7 @@ def make_bundle(cfg: Config, config_files: list[str], out: str | Path | None = N
     for f in sorted(tok.iterdir()):
         files[f"tokenizer/{f.name}"] = f
     stages = {}
-    for stage in BUNDLED:
+    for stage in stages_of(*BUNDLED, cfg=cfg):
         d = stage_dir(cfg, stage)
         files[f"stages/{stage}/manifest.json"] = d / MANIFEST
         entry = {"hash": stage_hash(cfg, stage), "deterministic": stage not in budgeted}

@@ -64,6 +64,11 @@ FIELDS = [
     ("sft.lora.enabled", "LoRA (train small adapters instead of every weight)"),
     ("sft.lora.rank", "LoRA rank (0 = by model size)"),
     ("sft.data", "SFT data (YAML list)"),
+    # phase 3
+    ("prefs.enabled", "Phase 3: preference tuning"),
+    ("prefs.method", "Method"),
+    ("prefs.beta", "β (pull towards the phase-2 model)"),
+    ("prefs.train.max_steps", "Phase 3 max steps"),
 ]
 # the source types the data-source form offers: the schema's own list
 SOURCE_TYPES = typing.get_args(typing.get_type_hints(SourceConfig)["type"])
@@ -100,7 +105,9 @@ def form_values(cfg: Config) -> dict:
             "sft.base_model": cfg.sft.base_model or FROM_PHASE1,
             "sft.train.max_epochs": cfg.sft.train.max_epochs or 0, "sft.train.lr": cfg.sft.train.lr,
             "sft.lora.enabled": cfg.sft.lora.enabled, "sft.lora.rank": cfg.sft.lora.rank or 0,
-            "sft.data": _yaml_list([_source_dict(s, SftDataConfig) for s in cfg.sft.data])}
+            "sft.data": _yaml_list([_source_dict(s, SftDataConfig) for s in cfg.sft.data]),
+            "prefs.enabled": cfg.prefs.enabled, "prefs.method": cfg.prefs.method, "prefs.beta": cfg.prefs.beta,
+            "prefs.train.max_steps": cfg.prefs.train.max_steps or 0}
 
 
 def _yaml_list(items: list[dict]) -> str:
@@ -170,6 +177,19 @@ def form_overrides(base: Config, values: dict) -> list[str]:
     lora = values.get("sft.lora.enabled")
     if lora is not None and bool(lora) != old["sft.lora.enabled"]:
         put("sft.lora.enabled", bool(lora))
+    # phase 3
+    on = values.get("prefs.enabled")
+    if on is not None and bool(on) != old["prefs.enabled"]:
+        put("prefs.enabled", bool(on))
+    method = values.get("prefs.method")
+    if method and method != old["prefs.method"]:
+        put("prefs.method", method)
+    beta = _float(values.get("prefs.beta"), "prefs.beta")
+    if beta is not None and beta != old["prefs.beta"]:
+        put("prefs.beta", beta)
+    steps = _int(values.get("prefs.train.max_steps"), "prefs.train.max_steps")
+    if "prefs.train.max_steps" in values and (steps or None) != (old["prefs.train.max_steps"] or None):
+        put("prefs.train.max_steps", steps or None)
     return out
 
 
@@ -287,5 +307,13 @@ def sft_estimate(cfg: Config, P: int, d, hw: dict) -> dict:
     rank = lora.rank or lora_defaults(P)[0]
     need = estimate_training(P, d, CheckConfig(train_batch_size=s.batch_size, train_seq_len=s.seq_len,
                                                lora_rank=rank), act, "fp32")[mode]
+    # phase 3 trains on pairs (2 rows each) and holds the frozen phase-2 model beside the policy (not under LoRA:
+    # there the adapters switched off are the reference)
+    p, plora = cfg.prefs.train, cfg.prefs.lora
+    pmode = "lora" if plora.enabled else "full"
+    pneed = estimate_training(P, d, CheckConfig(train_batch_size=2 * p.batch_size, train_seq_len=p.seq_len,
+                                                lora_rank=plora.rank or lora_defaults(P)[0]), act, "fp32")[pmode]
     return {"sft_bytes": need["total_with_grad_checkpointing" if s.grad_checkpointing else "total"],
-            "sft_mode": f"LoRA rank {rank}" if mode == "lora" else "full fine-tuning", "sft_params": P}
+            "sft_mode": f"LoRA rank {rank}" if mode == "lora" else "full fine-tuning", "sft_params": P,
+            "prefs_bytes": pneed["total_with_grad_checkpointing" if p.grad_checkpointing else "total"]
+                           + (0 if plora.enabled else 4 * P)}

@@ -206,9 +206,10 @@ class PipelineRun:
 
     @property
     def figures(self) -> dict:
-        """The run's final figures: phase 1's bits per byte and val loss, phase 2's val loss."""
+        """The run's final figures: phase 1's bits per byte and val loss, phase 2's val loss (phase 3's is a
+        preference loss, not comparable with it)."""
         by = {r.stage: r.figures for r in self.stages}
-        pre, sft = by.get(stages_of("training")[0], {}), by.get(stages_of("training")[-1], {})
+        pre, sft = by.get(stages_of("training")[0], {}), by.get(stages_of("training")[1], {})
         return {"val_bpb": pre.get("val_bpb"), "val_loss": pre.get("val_loss"), "sft_val_loss": sft.get("val_loss"),
                 "parameters": pre.get("parameters"), "tokens": pre.get("tokens")}
 

@@ -358,7 +358,10 @@ class Studio:
                 f"**Phase 2** ({e['sft_mode']} of {e['sft_params'] / 1e6:.2f}M parameters"
                 f"{'' if cfg.sft.base_model is None else ' of ' + cfg.sft.base_model}) needs about "
                 f"**{fmt_bytes(e['sft_bytes'])}** at batch {cfg.sft.train.batch_size} × {cfg.sft.train.seq_len} tokens, "
-                f"which {'fits' if e['sft_bytes'] <= e['ram_bytes'] else '**does not fit**'}")
+                f"which {'fits' if e['sft_bytes'] <= e['ram_bytes'] else '**does not fit**'}"
+                + (f"\n\n**Phase 3** ({cfg.prefs.method.upper()}, {cfg.prefs.train.batch_size} pairs × "
+                   f"{cfg.prefs.train.seq_len} tokens, with the frozen phase-2 model beside it) needs about "
+                   f"**{fmt_bytes(e['prefs_bytes'])}**" if cfg.prefs.enabled else "\n\n**Phase 3** is off"))
         save_name = values[len(FIELDS)] if len(values) > len(FIELDS) else ""
         target = values[len(FIELDS) + 1] if len(values) > len(FIELDS) + 1 else "all"
         try:
@@ -540,6 +543,18 @@ class Studio:
             with gr.Accordion("SFT data (YAML: the advanced view; the form below adds to it)", open=False):
                 inputs.append(gr.Code(values.get("sft.data", ""), language="yaml", label=dict(FIELDS)["sft.data"],
                                       elem_id="field-sft-data", lines=3))
+            gr.Markdown("### Phase 3: preference tuning (DPO / ORPO; offline self-play pairs unless prefs.data says "
+                        "otherwise)")
+            with gr.Row():
+                inputs.append(gr.Checkbox(bool(values.get("prefs.enabled", True)),
+                                          label=dict(FIELDS)["prefs.enabled"], elem_id="field-prefs-enabled"))
+                inputs.append(gr.Dropdown(["dpo", "orpo"], value=values.get("prefs.method", "dpo"),
+                                          label=dict(FIELDS)["prefs.method"], elem_id="field-prefs-method"))
+                inputs.append(gr.Number(values.get("prefs.beta"), label=dict(FIELDS)["prefs.beta"],
+                                        elem_id="field-prefs-beta"))
+                inputs.append(gr.Number(values.get("prefs.train.max_steps"), precision=0, minimum=0,
+                                        label=dict(FIELDS)["prefs.train.max_steps"],
+                                        elem_id="field-prefs-train-max_steps"))
             gr.Markdown("### Add a data source")
             with gr.Row():
                 src_type = gr.Dropdown(list(SOURCE_TYPES), value="files", label="Source type", elem_id="src-type")
