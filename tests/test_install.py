@@ -431,7 +431,7 @@ def test_pipeline_mode_export_then_check_then_install(tiny_chat_model, tmp_path)
     from lib.export.exporter import run_export
     from lib.stages import stage_dir
 
-    sets = [f"artifacts_dir={tmp_path / 'artifacts'}", "export.gguf=[f16]"]
+    sets = [f"artifacts_dir={tmp_path / 'artifacts'}", "export.gguf=[f16]", "prefs.enabled=false"]
     cfg = load_config(ROOT / "config/smoke.yaml", sets)
     with stage_output(cfg, "04_sft") as (out, _extra):
         for f in tiny_chat_model.iterdir():

@@ -46,7 +46,9 @@ def own_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_dpo_loss_rewards_and_gradients_equal_trl(tiny_chat_model, tmp_path, own_accelerate_state):
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+def test_dpo_loss_rewards_and_gradients_equal_trl(tiny_chat_model, tmp_path, own_accelerate_state, sft_weight):
+    """Plain sigmoid DPO, and DPO + the chosen replies' NLL (our sft_weight; TRL's loss_type=["sigmoid", "sft"])."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -56,8 +58,9 @@ def test_dpo_loss_rewards_and_gradients_equal_trl(tiny_chat_model, tmp_path, own
     rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
              "rejected": [{"role": "assistant", "content": r}]} for p, c, r in PAIRS]
     beta = 0.3
+    losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight else {}
     args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, report_to=[], use_cpu=True, max_length=None,
-                     per_device_train_batch_size=len(rows), save_strategy="no", bf16=False)
+                     per_device_train_batch_size=len(rows), save_strategy="no", bf16=False, **losses)
     theirs = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
     trainer = DPOTrainer(model=theirs, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          ref_model=AutoModelForCausalLM.from_pretrained(str(tiny_chat_model), dtype=torch.float32))
@@ -69,7 +72,8 @@ def test_dpo_loss_rewards_and_gradients_equal_trl(tiny_chat_model, tmp_path, own
 
     # ours: HomeLLM loaded from the same files, on the same token rows (B chosen, then B rejected)
     ids, mask = batch["input_ids"], batch["completion_mask"]
-    pm = PreferenceModel(load_hf(policy_dir), PrefsConfig(beta=beta), reference=load_hf(tiny_chat_model).eval())
+    pm = PreferenceModel(load_hf(policy_dir), PrefsConfig(beta=beta, sft_weight=sft_weight),
+                         reference=load_hf(tiny_chat_model).eval())
     pm.train()
     _, loss = pm(ids[:, :-1], ids[:, 1:], mask[:, 1:].bool())
     loss.backward()
@@ -188,6 +192,11 @@ def test_pairs_become_rows_that_train_only_the_reply(tiny_chat_model):
     # the earlier assistant turn is context, not trained; the cut-off sample has no end token
     assert "Hello there" not in tok.decode(chosen.ids[chosen.mask])
     assert tok.decode(rejected.ids[rejected.mask]).strip() == "bad bad" and end not in rejected.ids[rejected.mask]
+    # prefs.rejected_end_token=False: an ended rejected reply is judged by its content, without its end token
+    (row,), _ = encode_pairs(tok, [PrefPair(history, "Fine.", "go away")], max_len=64, rejected_end_token=False)
+    assert end in row.chosen.ids[row.chosen.mask] and end not in row.rejected.ids[row.rejected.mask]
+    (row,), _ = encode_pairs(tok, [PrefPair(history, "Fine.", "go away")], max_len=64)
+    assert end in row.rejected.ids[row.rejected.mask]
     assert np.array_equal(chosen.ids[:int(np.argmax(chosen.mask))], rejected.ids[:int(np.argmax(rejected.mask))])
 
 
@@ -199,7 +208,7 @@ def _stage_config(tmp_path, model_dir, **prefs) -> Config:
     return from_dict({
         "artifacts_dir": str(tmp_path / "artifacts"), "seed": 5,
         "sft": {"base_model": str(model_dir), "data": [{"type": "chitchat", "max_examples": 60}]},
-        "prefs": {"self_play": {"max_pairs": 40, "max_new_tokens": 12},
+        "prefs": {"enabled": True, "self_play": {"max_pairs": 40, "max_new_tokens": 12},
                   "train": {"seq_len": 64, "batch_size": 4, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2,
                             "max_steps": 6, "eval_every": 3, "eval_batches": 2, "ckpt_every": 3, "log_every": 1,
                             "sample_tokens": 8}, **prefs}})

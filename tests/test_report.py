@@ -88,8 +88,8 @@ def test_a_local_corpus_and_tokenizer_run_is_location_free(pipeline, tmp_path):
 def test_report_card_has_every_figure(pipeline):
     ws, cfg, _ = pipeline
     out = ws / stage_dir(cfg, "08_report")
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "pretrain.png", "report.html", "report.json",
-                                                     "report.md", "sft.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "prefs.png", "pretrain.png", "report.html",
+                                                     "report.json", "report.md", "sft.png"]
     r = json.loads((out / "report.json").read_text())
     assert [s["stage"] for s in r["stages"]][:4] == ["01_data", "02_tokenizer", "02_tokens", "03_pretrain"]
     assert all(s["done"] and s["wall_s"] is not None for s in r["stages"])
@@ -101,6 +101,15 @@ def test_report_card_has_every_figure(pipeline):
         ("Hi! How are you?", 0.3), ("Hi! How are you?", 0.8), ("Hi! How are you?", 1.5)]
     assert r["export"]["max_abs_logit_diff"] == 0.0 and all(g["greedy_match"] for g in r["export"]["gguf"])
     assert r["check"]["runnable"] is True and r["coursework"]["phase 1"] == {"enabled": False}
+    # phase 3 before and after, and the benchmarks of both models with standard errors and chance
+    assert "04_prefs" in [s["stage"] for s in r["stages"]]
+    figures = {row[0]: row[2:] for row in r["prefs"]["figures"]}
+    assert figures["KL to the phase-2 model"][0] == 0.0 and figures["KL to the phase-2 model"][1] > 0
+    assert len(r["prefs"]["replies"]) == 8 and all({"before", "after"} <= set(x) for x in r["prefs"]["replies"])
+    assert r["eval"]["models"] == ["phase 1", "final"]
+    for task in ("home_kjv_cloze", "home_chitchat_reply"):
+        for row in r["eval"]["tasks"][task].values():
+            assert row["n"] == 20 and row["chance"] == 0.25 and 0 <= row["acc"] <= 1 and row["acc_stderr"] > 0
     md = (out / "report.md").read_text()
     assert "## Perplexity of your sentences" in md and "![pretrain.png](pretrain.png)" in md
     # it reads like a report: tables with headers, ✓/✗ for checks, numbers with units, no JSON blobs
@@ -108,6 +117,9 @@ def test_report_card_has_every_figure(pipeline):
     assert re.search(r"\| documents \| [\d,]+ train · [\d,]+ val \|", md), md
     assert re.search(r"\| bits per byte \| [\d.]+ bits/byte \|", md) and re.search(r"\| [\d.]+ MB \|", md)
     assert "| runs on this machine (05_check) | ✓ |" in md and "greedy output matches | ✓ |" in md
+    assert "| task | items | chance | phase 1 | final |" in md and re.search(r"\| home_kjv_cloze \| 20 \| 0.25 \| "
+                                                                         r"[\d.]+ ± [\d.]+ \|", md), md
+    assert "## Phase 3: preference tuning (self_play" in md and "| prompt | before | after |" in md
     assert '{"' not in md.split("## Resolved config")[0] and r["run"]["name"] == "config"
     # the terminal summary is in the stage's log
     log = next((ws / "artifacts" / "logs" / "08_report").glob("*.log")).read_text()
@@ -126,11 +138,12 @@ def test_report_reads_well_in_a_browser(pipeline, chromium, tmp_path):
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.goto(page_file.as_uri())
             expect(page.locator("h1")).to_have_text("Models at Home — report card")
-            for title in ("Summary", "Stages", "Training", "Perplexity of your sentences", "Samples", "Resolved config"):
+            for title in ("Summary", "Stages", "Training", "Phase 3", "Benchmarks", "Perplexity of your sentences",
+                          "Samples", "Resolved config"):
                 expect(page.locator("h2", has_text=title)).to_be_visible()
             images = page.locator("img")
-            expect(images).to_have_count(2)
-            for i in range(2):  # decoded and laid out, not broken
+            expect(images).to_have_count(3)
+            for i in range(3):  # decoded and laid out, not broken
                 assert images.nth(i).evaluate("img => img.complete && img.naturalWidth > 500")
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         finally:
@@ -150,6 +163,7 @@ def test_bundle_is_complete_checksummed_and_deterministic(pipeline, tmp_path):
     assert "08_report.py verify" in (root / "README.md").read_text()
     resolved = yaml.safe_load((root / "config" / "resolved.yaml").read_text())
     assert resolved["pretrain"]["precision"] == resolved["sft"]["train"]["precision"] == "fp32"  # what ran
+    assert resolved["prefs"]["train"]["precision"] == "fp32"
     again = run(ws, ROOT / "08_report.py", "bundle", "--config", ws / "config.yaml", "--quiet-config",
                 "--out", tmp_path / "again.tar.gz", env={**os.environ, HARDWARE_ENV: "cpu-fp32"})
     assert "again.tar.gz" in again.stdout
@@ -160,7 +174,7 @@ def test_verify_reruns_every_stage_identically(pipeline, tmp_path):
     ws, _, bundle = pipeline
     res = run(tmp_path, ROOT / "08_report.py", "verify", bundle, "--workdir", tmp_path / "full", "--quiet-config")
     lines = res.stdout.splitlines()
-    for stage in ("01_data", "02_tokenizer", "02_tokens", "03_pretrain", "04_sft", "04_export"):
+    for stage in ("01_data", "02_tokenizer", "02_tokens", "03_pretrain", "04_sft", "04_prefs", "04_export"):
         assert any(line.startswith(stage) and " identical " in line for line in lines), res.stdout
     assert "max |Δ weight| 0, max |Δ loss| 0" in res.stdout and "verify: OK" in res.stdout
     assert "the bytes of train-*.jsonl, val-*.jsonl, stats.json: byte-identical" in res.stdout  # says how

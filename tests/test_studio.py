@@ -494,6 +494,7 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                 expect(runs).to_contain_text("smoke-studio", timeout=30_000)
                 expect(runs).to_contain_text("9/9")  # the "report" target: every stage but the install
                 expect(runs).to_contain_text("complete")
+                expect(runs).to_contain_text("home_kjv_cloze")  # the report card's benchmark scores, compared
                 table = page.locator("#runs-table")
                 for stage in ("01_data", "03_pretrain", "04_sft", "08_report"):
                     expect(table).to_contain_text(stage, timeout=20_000)

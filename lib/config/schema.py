@@ -213,21 +213,27 @@ class SelfPlayConfig:
     """How the offline default pairs are made: prompts from sft.data, the SFT model samples the rejected reply."""
 
     max_pairs: int = field(default=400, metadata=_range(2))
-    max_new_tokens: int = field(default=48, metadata=_range(1))
-    temperature: float = field(default=1.0, metadata=_range(0.0, 5.0))
+    max_new_tokens: int = field(default=64, metadata=_range(1))
+    # 0 = the model's greedy reply (what a user of the served model sees, loops and all); > 0 samples
+    temperature: float = field(default=0.0, metadata=_range(0.0, 5.0))
 
 
 @dataclass
 class PrefsConfig:
     """Phase 3: preference tuning of the phase-2 model (DPO or ORPO) on {prompt, chosen, rejected} pairs."""
 
-    # off: the export takes the phase-2 model. Off by default until it measurably improves the demo model (see
-    # config/default.yaml); config/smoke.yaml switches it on, so the pipeline tests run it.
-    enabled: bool = False
+    enabled: bool = True  # false: the export takes the phase-2 model (the two-phase coursework recipe)
     method: Literal["dpo", "orpo"] = "dpo"
     beta: float = field(default=0.1, metadata=_range(0.0))  # DPO: strength of the KL pull to the reference
     label_smoothing: float = field(default=0.0, metadata=_range(0.0, 0.5))  # DPO: conservative DPO's label noise
     orpo_lambda: float = field(default=0.1, metadata=_range(0.0))  # ORPO: weight of the odds-ratio term
+    # DPO: weight of an SFT term (NLL of the chosen replies, per token) added to the loss, as TRL's
+    # loss_type=["sigmoid", "sft"] (RPO): keeps the replies close to the data, not merely away from the rejected
+    sft_weight: float = field(default=1.0, metadata=_range(0.0))
+    # count the rejected reply's end-of-turn token in its log-prob. Off: a rejected reply is judged by its content,
+    # so pushing it down never teaches the model to stop ending its turns (measured on the demo: with the token
+    # counted, DPO on self-play pairs cut the end-of-turn rate from 98% to 33%)
+    rejected_end_token: bool = False
     data: list[PrefsDataConfig] = field(default_factory=lambda: [PrefsDataConfig()])
     self_play: SelfPlayConfig = field(default_factory=SelfPlayConfig)
     val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.5))
@@ -315,6 +321,10 @@ class ReportConfig:
     # prompts the final model answers in the report, each at temperatures 0.3, 0.8 and 1.5
     prompts: list[str] = field(default_factory=lambda: ["Hi! How are you?", "What do you like to do?"])
     sample_tokens: int = field(default=48, metadata=_range(1, 1024))
+    # lm-evaluation-harness tasks scored on the phase-1 and the final model: the project's offline tasks (evals/),
+    # or standard ones (hellaswag, arc_easy, piqa, lambada_openai …) when the hub is reachable; [] = none
+    eval_tasks: list[str] = field(default_factory=lambda: ["home_kjv_cloze", "home_chitchat_reply"])
+    eval_limit: Optional[int] = field(default=None, metadata=_range(1))  # items per task (None = all)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from lib.data.tokenizer import load_tokenizer
 from lib.hardware import probe_hardware
 from lib.model.generate import SamplingParams, generate
 from lib.model.hf_io import load_hf
+from lib.report.evaluate import compare
 from lib.stages import stage_dir, stage_hash, stages_of
 from lib.train.tracking import fmt_duration
 
@@ -174,6 +175,7 @@ def collect(cfg: Config, out_dir: Path) -> dict:
         "config": dump_yaml(cfg),
     }
     report.update(_model_figures(cfg, stage_dir(cfg, "03_pretrain"), stage_dir(cfg, "04_export") / "hf"))
+    report["eval"] = _benchmarks(cfg, stage_dir(cfg, "03_pretrain"), stage_dir(cfg, "04_export") / "hf")
     report["plots"] = [p.name for p in (_curves(stage_dir(cfg, "03_pretrain") / "metrics.jsonl", "phase 1 (pretrain)",
                                                out_dir / "pretrain.png"),
                                         _curves(stage_dir(cfg, "04_sft") / "metrics.jsonl", "phase 2 (SFT)",
@@ -182,6 +184,14 @@ def collect(cfg: Config, out_dir: Path) -> dict:
                                                                       "phase 3 (preferences)", out_dir / "prefs.png"))
                           if p]
     return report
+
+
+def _benchmarks(cfg: Config, pretrain_dir: Path, final_dir: Path) -> dict | None:
+    """report.eval_tasks through lm-evaluation-harness, on the phase-1 and the final model (zero-shot)."""
+    if not cfg.report.eval_tasks:
+        return None
+    return compare([("phase 1", pretrain_dir, None), ("final", final_dir, None)], cfg.report.eval_tasks,
+                   cfg.report.eval_limit, seed=cfg.seed)
 
 
 PAIR_FIGURES = {"reward_accuracy": ("held-out reward accuracy", ""), "reward_margin": ("reward margin", "nats × β"),
@@ -231,6 +241,10 @@ def _fmt(v, unit: str = "") -> str:
     else:
         return str(v)
     return f"{text} {unit}".rstrip()
+
+
+def _score(row: dict) -> str:
+    return "–" if row.get("acc") is None else f"{row['acc']:.3f} ± {row.get('acc_stderr') or 0:.3f}"
 
 
 def _share(v) -> str:
@@ -314,6 +328,11 @@ def sections(r: dict) -> list[Section]:
              [[label, _fmt(b, unit), _fmt(a, unit)] for label, unit, b, a in p["figures"]]),
             ("Replies before and after phase 3 (greedy)", ["prompt", "before", "after"],
              [[x["prompt"], x["before"] or "(empty)", x["after"] or "(empty)"] for x in p["replies"]])] if p else []),
+        *([("Benchmarks (lm-evaluation-harness, zero-shot; accuracy ± standard error)",
+             ["task", "items", "chance", *r["eval"]["models"]],
+             [[task, _fmt(next(iter(rows.values())).get("n")), _fmt(next(iter(rows.values())).get("chance")),
+               *[_score(rows[m]) for m in r["eval"]["models"]]] for task, rows in r["eval"]["tasks"].items()])]
+           if r.get("eval") else []),
         ("Perplexity of your sentences", ["sentence", "phase 1", "final"],
          [[p["sentence"], _fmt(p["phase 1"]), _fmt(p["final"])] for p in r["perplexity"]]),
         ("Samples", ["prompt", "temperature", "reply"],
@@ -387,5 +406,6 @@ def run_report(cfg: Config) -> Path:
         (out / "report.html").write_text(render_html(r, out), encoding="utf-8")
         (out / "report.md").write_text(render_markdown(r), encoding="utf-8")
         extra["final"] = r["final"]
+        extra["eval"] = r.get("eval")
     print(summary(r, final))
     return final

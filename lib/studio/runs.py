@@ -126,6 +126,11 @@ def _figures(stage: str, manifest: dict, artifacts: Path, h: str) -> dict:
     out["wall_s"] = wall if wall is not None else manifest.get("wall_time_s")
     if stage == "01_data" and "documents" in manifest:
         out["documents"] = manifest["documents"]
+    if manifest.get("eval"):  # the report card's benchmark scores of the final model
+        out["eval"] = {task: rows.get("final", {}).get("acc") for task, rows in manifest["eval"]["tasks"].items()}
+    pairs = (manifest.get("after") or {}).get("pairs") or {}
+    if "reward_accuracy" in pairs:  # phase 3
+        out["reward_accuracy"] = pairs["reward_accuracy"]
     return out
 
 
@@ -210,7 +215,10 @@ class PipelineRun:
         preference loss, not comparable with it)."""
         by = {r.stage: r.figures for r in self.stages}
         pre, sft = by.get(stages_of("training")[0], {}), by.get(stages_of("training")[1], {})
+        report = next((r.figures for r in self.stages if "eval" in r.figures), {})
+        prefs = next((r.figures for r in self.stages if "reward_accuracy" in r.figures), {})
         return {"val_bpb": pre.get("val_bpb"), "val_loss": pre.get("val_loss"), "sft_val_loss": sft.get("val_loss"),
+                "eval": report.get("eval") or {}, "reward_accuracy": prefs.get("reward_accuracy"),
                 "parameters": pre.get("parameters"), "tokens": pre.get("tokens")}
 
     @property

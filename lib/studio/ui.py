@@ -65,7 +65,7 @@ from lib.train.tracking import fmt_duration
 
 LIVE_PERIOD_S = 1.0  # the live view's refresh: one read of the new metrics lines per second, at most
 PIPELINE_COLUMNS = ["run", "started", "stages done", "parameters", "phase-1 tokens", "wall time", "bits/byte",
-                    "SFT val loss", "status"]
+                    "SFT val loss", "phase-3 reward acc.", "benchmarks (final model, acc.)", "status"]
 RUN_COLUMNS = ["run", "stage", "folder", "status", "val loss", "bits/byte", "tok/s", "steps", "wall", "updated", "note"]
 CSS = "mark.trained { background: #fde68a; } .sft-example { white-space: pre-wrap; font-family: monospace; " \
       "border: 1px solid #ddd; padding: 6px; margin: 6px 0; }"
@@ -135,7 +135,9 @@ class Studio:
             f = p.figures
             rows.append([p.name, p.started, f"{sum(r.status == 'complete' for r in p.stages)}/{len(p.stages)}",
                          _num(f["parameters"] and f["parameters"] / 1e6, "{:.2f}M"), _num(f["tokens"], "{:,}"),
-                         _fmt_seconds(p.wall_s), _num(f["val_bpb"]), _num(f["sft_val_loss"]), p.status])
+                         _fmt_seconds(p.wall_s), _num(f["val_bpb"]), _num(f["sft_val_loss"]),
+                         _num(f["reward_accuracy"]),
+                         " · ".join(f"{t} {a:.3f}" for t, a in f["eval"].items() if a is not None) or "–", p.status])
         return pd.DataFrame(rows, columns=PIPELINE_COLUMNS)
 
     def runs_table(self, runs: list[Run] | None = None) -> pd.DataFrame:

@@ -9,7 +9,8 @@ early stopping, checkpoints and resume. Only the reply's tokens count (the conve
 DPO (Rafailov et al. 2023), sigmoid form with conservative label smoothing ε, on summed reply log-probs:
     h = β [(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))]
     loss = −(1 − ε) log σ(h) − ε log σ(−h)
-with π_ref the frozen phase-2 model (under LoRA: the same model with its adapters switched off).
+with π_ref the frozen phase-2 model (under LoRA: the same model with its adapters switched off), plus
+`sft_weight` × the chosen replies' NLL per token where set (RPO; TRL's loss_type=["sigmoid", "sft"]).
 ORPO (Hong et al. 2024), no reference in the loss, on mean reply log-probs ℓ:
     loss = NLL(c) − λ log σ(log odds(c) − log odds(r)),  log odds(y) = ℓ(y) − log(1 − exp ℓ(y))
 The reference model still measures both (rewards β(log π − log π_ref), KL), so runs of either method compare.
@@ -110,13 +111,16 @@ class PreferenceModel(torch.nn.Module):
         chosen_r, rejected_r = (p.beta * (pc - rc)).detach(), (p.beta * (pr - rr)).detach()
         if p.method == "dpo":
             losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, p.beta, p.label_smoothing)
+            loss = losses.mean()
+            if p.sft_weight:  # RPO: + the chosen replies' NLL per token
+                loss = loss - p.sft_weight * pc.sum() / counts[:B].sum().clamp(min=1)
         else:
             n = counts.clamp(min=1)
             mean = logps / n
-            losses, _ = orpo_loss(mean[:B], mean[B:], -mean[:B], p.orpo_lambda)
+            loss = orpo_loss(mean[:B], mean[B:], -mean[:B], p.orpo_lambda)[0].mean()
         self.last = {"chosen_rewards": chosen_r, "rejected_rewards": rejected_r, "chosen_logps": pc.detach(),
                      "rejected_logps": pr.detach()}
-        return None, losses.mean()
+        return None, loss
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -143,13 +147,16 @@ def _reply_only(enc: Encoded, ended: bool, max_len: int) -> Encoded | None:
     return Encoded(ids[:max_len], mask[:max_len])
 
 
-def encode_pairs(tokenizer, pairs: list[PrefPair], max_len: int) -> tuple[list[EncodedPair], dict]:
+def encode_pairs(tokenizer, pairs: list[PrefPair], max_len: int, rejected_end_token: bool = True
+                 ) -> tuple[list[EncodedPair], dict]:
+    """Pairs as rows; rejected_end_token=False leaves the rejected reply's end-of-turn token out (prefs.
+    rejected_end_token)."""
     chosen = encode_conversations(tokenizer, [p.prompt + [{"role": "assistant", "content": p.chosen}] for p in pairs])
     rejected = encode_conversations(tokenizer, [p.prompt + [{"role": "assistant", "content": p.rejected}]
                                                 for p in pairs])
     out, dropped, cut = [], 0, 0
     for p, c, r in zip(pairs, chosen, rejected):
-        ec, er = _reply_only(c, True, max_len), _reply_only(r, p.rejected_ended, max_len)
+        ec, er = _reply_only(c, True, max_len), _reply_only(r, p.rejected_ended and rejected_end_token, max_len)
         if ec is None or er is None:
             dropped += 1
             continue
@@ -301,8 +308,8 @@ def train_prefs(cfg: Config) -> Path:
     pairs, sources = _pairs_for(cfg, model, tokenizer, work, log)
     train_pairs, val_pairs = split_examples(pairs, prefs.val_fraction, cfg.seed)
     max_len = t.seq_len + 1
-    train_enc, train_stats = encode_pairs(tokenizer, train_pairs, max_len)
-    val_enc, val_stats = encode_pairs(tokenizer, val_pairs, max_len)
+    train_enc, train_stats = encode_pairs(tokenizer, train_pairs, max_len, prefs.rejected_end_token)
+    val_enc, val_stats = encode_pairs(tokenizer, val_pairs, max_len, prefs.rejected_end_token)
     per_source = ", ".join(f"{s['type']}: {s['pairs']:,}" for s in sources)
     log(f"prefs: {len(pairs):,} pairs ({per_source}); "
         f"train {train_stats['pairs']:,}, held out {val_stats['pairs']:,}; "
