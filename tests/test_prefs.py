@@ -256,3 +256,33 @@ def test_the_stage_tunes_the_sft_model_on_self_play_pairs_and_resumes(tiny_chat_
 
 def _not_again(*a, **k):
     raise AssertionError("the pairs were sampled a second time")
+
+
+@pytest.mark.slow
+def test_orpo_with_lora_tunes_adapters_and_publishes_the_merged_model(tiny_chat_model, tmp_path):
+    """ORPO under LoRA on pairs from a file: only the adapters train (the reference is the model with them switched
+    off, so the KL starts at 0), and the published model has them merged in (no adapter files, transformers loads it)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from lib.artifacts import stage_output
+    from lib.train.prefs import run_prefs
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in PAIRS * 8))
+    cfg = _stage_config(tmp_path, tiny_chat_model, method="orpo", data=[{"type": "files", "path": str(pairs)}],
+                        lora={"enabled": True, "rank": 4}, val_fraction=0.3)
+    with stage_output(cfg, "04_sft") as (out, extra):
+        for f in tiny_chat_model.iterdir():
+            shutil.copy2(f, out / f.name)
+    final = run_prefs(cfg)
+    m = json.loads((final / "manifest.json").read_text())
+    assert m["method"] == "orpo" and m["mode"] == "lora" and m["lora"]["rank"] == 4
+    assert m["trainable_parameters"] < m["parameters"] / 5
+    assert m["data"]["sources"] == [{"index": 0, "type": "files", "format": "pairs", "records": 24, "ties": 0,
+                                     "pairs": 24}]
+    assert m["before"]["pairs"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
+    assert m["after"]["pairs"]["kl_to_reference"] > 0
+    assert not (final / "adapter").exists() and (final / "model.safetensors").is_file()
+    AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from lib.train.base_model import HFCausalLM, apply_lora, load_base, reply_ids
 from lib.train.loop import Run, fit, make_accelerator, reuse_or_train, work_dir
 from lib.train.sft import CHECK_PROMPTS, chat_sampler, end_of_turn_check
 from lib.train.sft_batches import Encoded, SftBatches, encode_conversations, split_examples
-from lib.train.tracking import METRICS, PLOT, SAMPLES, TB_DIR
+from lib.train.tracking import copy_run_logs
 
 PAIRS = "pairs.jsonl"  # the work dir's record of the pairs (self-play samples are not drawn twice)
 HELD_OUT_PROMPTS = 50  # end-of-turn rate before/after on this many held-out prompts
@@ -359,11 +358,7 @@ def train_prefs(cfg: Config) -> Path:
     after["held_out"] = reply_metrics(policy, tokenizer, held_out)
     with stage_output(cfg, "04_prefs") as (out, extra):
         save_model_dir(policy, out, tokenizer)
-        for name in (METRICS, SAMPLES, PLOT):
-            if (work / name).exists():
-                shutil.copy2(work / name, out / name)
-        if (work / TB_DIR).exists():
-            shutil.copytree(work / TB_DIR, out / TB_DIR)
+        copy_run_logs(work, out)
         extra.update({
             "base_model": str(sft_dir.resolve()), "base_kind": kind, "method": prefs.method, "beta": prefs.beta,
             "label_smoothing": prefs.label_smoothing, "orpo_lambda": prefs.orpo_lambda,

@@ -25,7 +25,7 @@ from lib.stages import stage_dir
 from lib.train.base_model import reply_ids
 from lib.train.coursework import check_coursework_phase1
 from lib.train.loop import Run, fit, make_accelerator, reuse_or_train, work_dir
-from lib.train.tracking import METRICS, PLOT, SAMPLES, TB_DIR
+from lib.train.tracking import copy_run_logs
 
 
 class TokenWindows:
@@ -138,11 +138,7 @@ def train_pretrain(cfg: Config) -> Path:
     model = HomeLLM(args).float()
     with stage_output(cfg, "03_pretrain") as (out, extra):
         publish_model(model, tok_dir, out, result.weights_path, tokenizer)
-        for name in (METRICS, SAMPLES, PLOT):
-            if (work / name).exists():
-                shutil.copy2(work / name, out / name)
-        if (work / TB_DIR).exists():
-            shutil.copytree(work / TB_DIR, out / TB_DIR)
+        copy_run_logs(work, out)
         extra.update({
             "model": {k: v for k, v in vars(args).items()}, "parameters": model.num_params(),
             "steps": result.steps, "tokens": result.tokens, "epochs": result.tokens / train.tokens_per_epoch,

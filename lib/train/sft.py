@@ -12,7 +12,6 @@ to GGUF/Ollama lib/export/exporter.py.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -41,7 +40,7 @@ from lib.train.base_model import (
 from lib.train.coursework import check_coursework_phase2
 from lib.train.loop import Run, fit, make_accelerator, reuse_or_train, work_dir
 from lib.train.sft_batches import SftBatches, encode_examples, pack, split_examples
-from lib.train.tracking import METRICS, PLOT, SAMPLES, TB_DIR
+from lib.train.tracking import copy_run_logs
 
 # Fixed prompts of the end-of-turn check after training (and the default samples of the stage log).
 CHECK_PROMPTS = ["Hi! How are you?", "What is your name?", "What did you do today?", "Do you like music?",
@@ -257,11 +256,7 @@ def train_sft(cfg: Config) -> Path:
                 write_generation_config(out, tokenizer)
         else:
             save_model_dir(model, out, tokenizer)
-        for name in (METRICS, SAMPLES, PLOT):
-            if (work / name).exists():
-                shutil.copy2(work / name, out / name)
-        if (work / TB_DIR).exists():
-            shutil.copytree(work / TB_DIR, out / TB_DIR)
+        copy_run_logs(work, out)
 
         check = end_of_turn_check(model, tokenizer, CHECK_PROMPTS, sft.system_prompt)
         for a in check["answers"]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -184,3 +185,12 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     with atomic_file(png_path) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
+
+
+def copy_run_logs(work: Path, out: Path) -> None:
+    """What a training stage publishes of its run besides the weights: metrics, samples, the loss plot, TensorBoard."""
+    for name in (METRICS, SAMPLES, PLOT):
+        if (work / name).exists():
+            shutil.copy2(work / name, out / name)
+    if (work / TB_DIR).exists():
+        shutil.copytree(work / TB_DIR, out / TB_DIR)
