@@ -74,6 +74,20 @@ def cpu_has_bf16_units() -> bool:
     return forced if forced is not None else bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
+def cpu_has_amx() -> bool:
+    """AMX tiles in the CPU flags, unless MODELS_AT_HOME_HARDWARE says otherwise ({"cpu": {"amx": false}})."""
+    forced = hardware_overrides().get("cpu", {}).get("amx")
+    return bool(forced) if forced is not None else "amx_tile" in _cpu_flags()
+
+
+def llama_cpp_repack() -> bool:
+    """Whether llama.cpp may repack quantized weights for the CPU ("extra buffer types": AVX-512/AMX layouts of
+    Q4/Q8 tensors, faster matmuls). On a 2-core Xeon with AMX here, every llama_decode of more than one token on
+    repacked Q8_0 or Q4_1 weights crashed the process (SIGSEGV; our exports' q8_0 and SmolLM2's Q4_1, llama-cpp-
+    python built from source), and worked with repacking off; f16 weights were not affected. Off on AMX CPUs."""
+    return not cpu_has_amx()
+
+
 def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -161,6 +175,7 @@ def probe_hardware(disk_path: str | Path = ".") -> dict:
             "bf16": cpu_has_bf16_units(),
             "avx2": "avx2" in flags,
             "avx512": "avx512f" in flags,
+            "amx": "amx_tile" in flags,
         },
         "ram": {"total_bytes": int(vm.total), "available_bytes": int(vm.available)},
         "gpus": gpus,

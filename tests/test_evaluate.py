@@ -57,6 +57,27 @@ def test_a_gguf_scores_like_its_hf_source(tiny_chat_model, tiny_gguf):
     assert scores["n"] == 12 and 0 <= scores["acc"] <= 1 and scores["acc_stderr"] is not None
 
 
+def test_a_quantized_gguf_is_scored_on_any_cpu(tiny_chat_model, tmp_path, monkeypatch):
+    """A Q8_0 GGUF through llama.cpp on prompts of many tokens: on a CPU with AMX, llama.cpp's repacked Q8_0 weights
+    crashed the process (SIGSEGV) here, so repacking is off there (lib.hardware.llama_cpp_repack). Run in a child
+    process, so a crash fails this test instead of the suite."""
+    from lib.export.gguf import write_gguf
+    from lib.hardware import HARDWARE_ENV, cpu_has_amx, llama_cpp_repack
+
+    q8 = tmp_path / "tiny-q8_0.gguf"
+    write_gguf(tiny_chat_model, q8, "q8_0", name="tiny")
+    code = ("import sys; from pathlib import Path; from lib.report.evaluate import evaluate_model; "
+            "print(evaluate_model(Path(sys.argv[1]), ['home_kjv_cloze'], limit=6)['home_kjv_cloze']['n'])")
+    res = subprocess.run([sys.executable, "-c", code, str(q8)], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert res.returncode == 0 and res.stdout.strip().endswith("6"), res.stderr[-2000:]
+    assert llama_cpp_repack() == (not cpu_has_amx())
+    monkeypatch.setenv(HARDWARE_ENV, '{"cpu": {"amx": true}}')  # the policy judged on injected hardware
+    assert cpu_has_amx() and not llama_cpp_repack()
+    monkeypatch.setenv(HARDWARE_ENV, '{"cpu": {"amx": false}}')
+    assert llama_cpp_repack()
+
+
 @pytest.mark.slow
 def test_eval_command_compares_models_side_by_side(tiny_chat_model, tiny_gguf, tmp_path):
     out = tmp_path / "scores.json"
@@ -65,7 +86,7 @@ def test_eval_command_compares_models_side_by_side(tiny_chat_model, tiny_gguf, t
                           "--json", str(out), "--quiet-config"],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "task | chance |" in res.stdout and "home_chitchat_reply | 0.25 |" in res.stdout
+    assert "task | metric | chance |" in res.stdout and "home_chitchat_reply | acc_norm | 0.25 |" in res.stdout
     table = json.loads(out.read_text())
     assert table["models"] == [str(tiny_chat_model), str(tiny_gguf)]
     for task, rows in table["tasks"].items():

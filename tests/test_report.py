@@ -117,8 +117,9 @@ def test_report_card_has_every_figure(pipeline):
     assert re.search(r"\| documents \| [\d,]+ train · [\d,]+ val \|", md), md
     assert re.search(r"\| bits per byte \| [\d.]+ bits/byte \|", md) and re.search(r"\| [\d.]+ MB \|", md)
     assert "| runs on this machine (05_check) | ✓ |" in md and "greedy output matches | ✓ |" in md
-    assert "| task | items | chance | phase 1 | final |" in md and re.search(r"\| home_kjv_cloze \| 20 \| 0.25 \| "
-                                                                         r"[\d.]+ ± [\d.]+ \|", md), md
+    assert "| task | metric | items | chance | phase 1 | final |" in md, md
+    assert re.search(r"\| home_kjv_cloze \| acc \| 20 \| 0.25 \| [\d.]+ ± [\d.]+ \|", md), md
+    assert re.search(r"\| home_chitchat_reply \| acc_norm \| 20 \| 0.25 \| [\d.]+ ± [\d.]+ \|", md), md
     assert "## Phase 3: preference tuning (self_play" in md and "| prompt | before | after |" in md
     assert '{"' not in md.split("## Resolved config")[0] and r["run"]["name"] == "config"
     # the terminal summary is in the stage's log

@@ -27,7 +27,7 @@ from lib.data.tokenizer import load_tokenizer
 from lib.hardware import probe_hardware
 from lib.model.generate import SamplingParams, generate
 from lib.model.hf_io import load_hf
-from lib.report.evaluate import compare
+from lib.report.evaluate import compare, score_text
 from lib.stages import stage_dir, stage_hash, stages_of
 from lib.train.tracking import fmt_duration
 
@@ -243,10 +243,6 @@ def _fmt(v, unit: str = "") -> str:
     return f"{text} {unit}".rstrip()
 
 
-def _score(row: dict) -> str:
-    return "–" if row.get("acc") is None else f"{row['acc']:.3f} ± {row.get('acc_stderr') or 0:.3f}"
-
-
 def _share(v) -> str:
     return "–" if v is None else f"{v:.0%}"
 
@@ -328,10 +324,11 @@ def sections(r: dict) -> list[Section]:
              [[label, _fmt(b, unit), _fmt(a, unit)] for label, unit, b, a in p["figures"]]),
             ("Replies before and after phase 3 (greedy)", ["prompt", "before", "after"],
              [[x["prompt"], x["before"] or "(empty)", x["after"] or "(empty)"] for x in p["replies"]])] if p else []),
-        *([("Benchmarks (lm-evaluation-harness, zero-shot; accuracy ± standard error)",
-             ["task", "items", "chance", *r["eval"]["models"]],
-             [[task, _fmt(next(iter(rows.values())).get("n")), _fmt(next(iter(rows.values())).get("chance")),
-               *[_score(rows[m]) for m in r["eval"]["models"]]] for task, rows in r["eval"]["tasks"].items()])]
+        *([("Benchmarks (lm-evaluation-harness, zero-shot; score ± standard error)",
+             ["task", "metric", "items", "chance", *r["eval"]["models"]],
+             [[task, next(iter(rows.values())).get("metric", "acc"), _fmt(next(iter(rows.values())).get("n")),
+               _fmt(next(iter(rows.values())).get("chance")), *[score_text(rows[m]) for m in r["eval"]["models"]]]
+              for task, rows in r["eval"]["tasks"].items()])]
            if r.get("eval") else []),
         ("Perplexity of your sentences", ["sentence", "phase 1", "final"],
          [[p["sentence"], _fmt(p["phase 1"]), _fmt(p["final"])] for p in r["perplexity"]]),

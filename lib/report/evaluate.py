@@ -2,7 +2,8 @@
 harness's standard tasks (hellaswag, arc_easy, piqa, lambada_openai …, downloaded from the hub when it is reachable).
 
     scores = evaluate_model(Path("artifacts/04_export/<h>/hf"), ["home_kjv_cloze"])
-    scores["home_kjv_cloze"]    # {"acc": 0.41, "acc_stderr": 0.028, "acc_norm": …, "chance": 0.25, "n": 300}
+    scores["home_kjv_cloze"]    # {"acc": 0.41, "acc_stderr": 0.028, "acc_norm": …, "metric": "acc", "chance": 0.25,
+                                #  "n": 300}
     table = compare([("fp32", hf_dir), ("q8_0", gguf_file)], tasks)   # before/after, one row per task
 
 A model is an HF directory (lm-eval's own `HFLM`, optionally with a LoRA adapter applied through peft) or a GGUF file
@@ -21,6 +22,7 @@ import yaml
 from lib import ROOT
 from lib.errors import UserError
 from lib.hub import offline_reason, require_reachable
+from lib.serving.llamacpp import LlamaCppModel
 
 TASKS_DIR = ROOT / "evals"
 SCORES = ("acc", "acc_norm")
@@ -53,8 +55,8 @@ def task_configs(names: list[str]) -> list[dict | str]:
     return [_local_config(local[n]) if n in local else n for n in names]
 
 
-def _chance(name: str, conf) -> float | None:
-    return (conf.get("metadata") or {}).get("chance") if isinstance(conf, dict) else None
+def _meta(conf, key: str, default=None):
+    return (conf.get("metadata") or {}).get(key, default) if isinstance(conf, dict) else default
 
 
 def _lm(model: Path, adapter: Path | None, batch_size: int, device: str):
@@ -73,11 +75,12 @@ def _lm(model: Path, adapter: Path | None, batch_size: int, device: str):
 
 def evaluate_model(model: Path, tasks: list[str], limit: int | None = None, adapter: Path | None = None,
                    batch_size: int = 8, device: str = "cpu", seed: int = 1234) -> dict[str, dict]:
-    """{task: {acc, acc_stderr, acc_norm, acc_norm_stderr, chance, n}} for one model (zero-shot)."""
+    """{task: {acc, acc_stderr, acc_norm, acc_norm_stderr, metric, chance, n}} for one model (zero-shot); `metric`
+    names the score the task is read by."""
     from lm_eval import simple_evaluate
 
     configs = task_configs(tasks)
-    chance = {n: _chance(n, c) for n, c in zip(tasks, configs)}
+    meta = {n: c for n, c in zip(tasks, configs)}
     with _hub_offline_for(model):
         out = simple_evaluate(model=_lm(model, adapter, batch_size, device), tasks=configs, limit=limit,
                               num_fewshot=0, bootstrap_iters=1000, log_samples=False, random_seed=seed,
@@ -85,7 +88,9 @@ def evaluate_model(model: Path, tasks: list[str], limit: int | None = None, adap
     scores = {}
     for name in tasks:
         r = out["results"].get(name, {})
-        row = {"chance": chance[name], "n": (out.get("n-samples", {}).get(name) or {}).get("effective")}
+        # the score a task is read by: acc, or acc_norm where the choices differ in length (a task's metadata says)
+        row = {"chance": _meta(meta[name], "chance"), "metric": _meta(meta[name], "primary", "acc"),
+               "n": (out.get("n-samples", {}).get(name) or {}).get("effective")}
         for key in SCORES:
             if f"{key},none" in r:
                 row[key] = float(r[f"{key},none"])
@@ -121,17 +126,20 @@ def compare(models: list[tuple[str, Path, Path | None]], tasks: list[str], limit
             "tasks": {t: {label: results[label][t] for label in results} for t in tasks}}
 
 
+def score_text(row: dict) -> str:
+    """A task's score as read: "0.412 ± 0.028" (its metric, ± standard error)."""
+    m = row.get("metric", "acc")
+    return "–" if row.get(m) is None else f"{row[m]:.3f} ± {row.get(m + '_stderr') or 0:.3f}"
+
+
 def format_table(table: dict) -> str:
-    """The comparison as text: one row per task, acc ± stderr per model, chance level."""
+    """The comparison as text: one row per task (its metric, chance level), the score ± stderr of each model."""
     labels = table["models"]
-    lines = [" | ".join(["task", "chance", *labels]), " | ".join(["---"] * (2 + len(labels)))]
+    lines = [" | ".join(["task", "metric", "chance", *labels]), " | ".join(["---"] * (3 + len(labels)))]
     for task, rows in table["tasks"].items():
         first = next(iter(rows.values()))
-        cells = [task, "–" if first.get("chance") is None else f"{first['chance']:.2f}"]
-        for label in labels:
-            r = rows[label]
-            cells.append("–" if "acc" not in r else f"{r['acc']:.3f} ± {r.get('acc_stderr') or 0:.3f}")
-        lines.append(" | ".join(cells))
+        cells = [task, first.get("metric", "acc"), "–" if first.get("chance") is None else f"{first['chance']:.2f}"]
+        lines.append(" | ".join(cells + [score_text(rows[label]) for label in labels]))
     return "\n".join(lines)
 
 
@@ -140,39 +148,26 @@ def format_table(table: dict) -> str:
 
 
 def gguf_model(path: Path):
-    """An lm-eval model over llama-cpp-python: log p(continuation | context) summed over its tokens, and whether each
-    of its tokens was the most likely one. Multiple-choice tasks need nothing else. (Built here: lm-eval's base
-    class takes seconds to import, and only an evaluation needs it.)"""
+    """An lm-eval model over llama.cpp (lib.serving.llamacpp, the engine 07_serve uses): log p(continuation |
+    context) summed over its tokens, and whether each of its tokens was the most likely one. Multiple-choice tasks
+    need nothing else. (Built here: lm-eval's base class takes seconds to import, and only an evaluation needs it.)"""
     from lm_eval.api.model import LM
 
     class _GGUF(LM):
         def __init__(self, gguf: Path):
             super().__init__()
-            from llama_cpp import Llama
-
-            self.llm = Llama(model_path=str(gguf), n_ctx=2048, logits_all=True, verbose=False,
-                             n_threads=os.cpu_count() or 1, seed=0)
-
-        def _tokens(self, text: str, bos: bool) -> list[int]:
-            return self.llm.tokenize(text.encode("utf-8"), add_bos=bos, special=False) if text else []
+            self.llm = LlamaCppModel(gguf, n_seq=1)
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
-            import numpy as np
-
             out = []
             for req in requests:
                 context, continuation = req.args
-                ctx = self._tokens(context, bos=True)
-                whole = self._tokens(context + continuation, bos=True)
+                ctx = self.llm.tokenize(context, bos=True)
+                whole = self.llm.tokenize(context + continuation, bos=True)
                 k = len(ctx) if whole[:len(ctx)] == ctx else len(ctx) - 1  # a merge across the boundary
-                cont = whole[k:]
-                self.llm.reset()
-                self.llm.eval(whole)
-                logits = np.asarray(self.llm.scores[k - 1:len(whole) - 1], dtype=np.float64)
-                logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-                lp = float(sum(logits[i, t] - logz[i] for i, t in enumerate(cont)))
-                greedy = all(int(logits[i].argmax()) == t for i, t in enumerate(cont))
-                out.append((lp if math.isfinite(lp) else -1e30, greedy))
+                logps, greedy = self.llm.token_logprobs(whole, k)
+                lp = sum(logps)
+                out.append((lp if math.isfinite(lp) else -1e30, all(greedy)))
             return out
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lib.errors import UserError
+from lib.hardware import llama_cpp_repack
 
 
 def available() -> tuple[bool, str]:
@@ -58,6 +59,7 @@ class LlamaCppModel:
         L.llama_backend_init()
         _quiet_logs(L)
         mparams = L.llama_model_default_params()
+        mparams.use_extra_bufts = llama_cpp_repack()  # off where repacked quantized weights crash (AMX CPUs)
         self.model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
             raise UserError(f"{self.path}: llama.cpp could not load this GGUF file (damaged, or an architecture this "
@@ -210,6 +212,50 @@ class LlamaCppModel:
             return list(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float * self.n_vocab)).contents)
         finally:
             self._release(seq)
+
+
+    def token_logprobs(self, ids: list[int], start: int) -> tuple[list[float], list[bool]]:
+        """For each token from ids[start] on: log p(ids[i] | ids[:i]) and whether it was the most likely token — what
+        a multiple-choice benchmark scores (lib.report.evaluate). One sequence, in batch-sized chunks, with logits
+        asked for only where they score a token."""
+        import numpy as np
+
+        L, b = self.L, self.batch
+        ids = list(ids)[:self.n_ctx_seq]
+        start = max(1, start)
+        slot = self._free.pop()
+        logps, greedy = [], []
+        try:
+            for pos in range(0, len(ids) - 1, self.batch_size):
+                chunk = ids[pos:pos + self.batch_size]
+                rows = []
+                for i, t in enumerate(chunk):
+                    b.token[i], b.pos[i], b.n_seq_id[i] = t, pos + i, 1
+                    b.seq_id[i][0] = slot
+                    b.logits[i] = int(start <= pos + i + 1 < len(ids))
+                    if b.logits[i]:
+                        rows.append(i)
+                b.n_tokens = len(chunk)
+                if L.llama_decode(self.ctx, b) != 0:
+                    raise RuntimeError("llama_decode failed (KV cache full or bad batch)")
+                for i in rows:
+                    row = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+                    row = row.astype(np.float64)
+                    top, target = row.max(), ids[pos + i + 1]
+                    logps.append(float(row[target] - top - np.log(np.exp(row - top).sum())))
+                    greedy.append(int(row.argmax()) == target)
+        finally:
+            L.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            self._free.append(slot)
+        return logps, greedy
+
+    def tokenize(self, text: str, bos: bool) -> list[int]:
+        """llama.cpp's tokenization of `text` (special tokens as plain text)."""
+        L = self.L
+        raw = text.encode("utf-8")
+        buf = (L.llama_token * (len(raw) + 8))()
+        n = L.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), bos, False)
+        return list(buf[:n])
 
 
 _LOG_CALLBACK = None

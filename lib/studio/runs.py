@@ -127,7 +127,8 @@ def _figures(stage: str, manifest: dict, artifacts: Path, h: str) -> dict:
     if stage == "01_data" and "documents" in manifest:
         out["documents"] = manifest["documents"]
     if manifest.get("eval"):  # the report card's benchmark scores of the final model
-        out["eval"] = {task: rows.get("final", {}).get("acc") for task, rows in manifest["eval"]["tasks"].items()}
+        out["eval"] = {task: rows.get("final", {}).get(rows.get("final", {}).get("metric", "acc"))
+                       for task, rows in manifest["eval"]["tasks"].items()}
     pairs = (manifest.get("after") or {}).get("pairs") or {}
     if "reward_accuracy" in pairs:  # phase 3
         out["reward_accuracy"] = pairs["reward_accuracy"]
