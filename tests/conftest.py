@@ -72,6 +72,16 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def own_accelerate_state():
+    """For tests whose libraries set accelerate's process-wide state themselves (TRL's trainer, lm-eval's HF model):
+    reset afterwards, so training stages later in the same process can set their own precision."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory) -> Path:
     """An HF model directory: a random-weight HomeLLM (preset tiny, context 256) and a 512-token byte-level BPE trained

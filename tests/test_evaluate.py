@@ -12,7 +12,7 @@ from lib import ROOT
 from lib.errors import UserError
 from lib.report.evaluate import evaluate_model, gguf_model, local_tasks, task_configs
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "own_accelerate_state")
 
 
 def test_local_tasks_are_shipped_and_handed_over_with_absolute_data_paths():
@@ -76,6 +76,19 @@ def test_a_quantized_gguf_is_scored_on_any_cpu(tiny_chat_model, tmp_path, monkey
     assert cpu_has_amx() and not llama_cpp_repack()
     monkeypatch.setenv(HARDWARE_ENV, '{"cpu": {"amx": false}}')
     assert llama_cpp_repack()
+
+
+def test_a_task_that_does_not_fit_the_context_says_so_and_the_others_are_scored(tiny_chat_model, tmp_path):
+    import shutil
+
+    small = tmp_path / "ctx16"
+    shutil.copytree(tiny_chat_model, small)
+    conf = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**conf, "max_position_embeddings": 16}))
+    scores = evaluate_model(small, ["home_chitchat_reply", "home_kjv_cloze"], limit=4)
+    assert scores["home_chitchat_reply"]["error"] == "its items do not fit the model's context (16 tokens)"
+    assert "acc" not in scores["home_chitchat_reply"]
+    assert list(scores) == ["home_chitchat_reply", "home_kjv_cloze"]  # one row per task, whatever happened to it
 
 
 @pytest.mark.slow

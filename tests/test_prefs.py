@@ -37,15 +37,6 @@ def _perturbed_copy(src, dst):
     return dst
 
 
-@pytest.fixture
-def own_accelerate_state():
-    """TRL's trainer sets accelerate's process-wide state (fp32); training stages later in this process set their own."""
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize("sft_weight", [0.0, 0.5])
 def test_dpo_loss_rewards_and_gradients_equal_trl(tiny_chat_model, tmp_path, own_accelerate_state, sft_weight):
     """Plain sigmoid DPO, and DPO + the chosen replies' NLL (our sft_weight; TRL's loss_type=["sigmoid", "sft"])."""

@@ -41,7 +41,7 @@ def pipeline(tmp_path_factory):
     ws = tmp_path_factory.mktemp("run")
     text = (ROOT / "config" / "smoke.yaml").read_text()
     (ws / "config.yaml").write_text(text + f"\ninstall:\n  models_dir: {ws / 'models'}\n"
-                                    "report:\n  sentences: ['And God said, Let there be light.', 'Hello there.']\n")
+                                    "report:\n  sentences: ['And God said, Let there be light.', 'Hello there.']\n  eval_limit: 20\n")
     fp32_cpu = {**os.environ, HARDWARE_ENV: "cpu-fp32"}
     run(ws, "-m", "snakemake", "all", "-s", ROOT / "Snakefile", "--directory", ws, "--cores", "2",
         "--configfile", ws / "config.yaml", env=fp32_cpu)
@@ -139,7 +139,8 @@ def test_report_reads_well_in_a_browser(pipeline, chromium, tmp_path):
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.goto(page_file.as_uri())
             expect(page.locator("h1")).to_have_text("Models at Home — report card")
-            for title in ("Summary", "Stages", "Training", "Phase 3", "Benchmarks", "Perplexity of your sentences",
+            for title in ("Summary", "Stages", "Training", "Phase 3: preference tuning", "Benchmarks",
+                          "Perplexity of your sentences",
                           "Samples", "Resolved config"):
                 expect(page.locator("h2", has_text=title)).to_be_visible()
             images = page.locator("img")

@@ -76,27 +76,32 @@ def _lm(model: Path, adapter: Path | None, batch_size: int, device: str):
 def evaluate_model(model: Path, tasks: list[str], limit: int | None = None, adapter: Path | None = None,
                    batch_size: int = 8, device: str = "cpu", seed: int = 1234) -> dict[str, dict]:
     """{task: {acc, acc_stderr, acc_norm, acc_norm_stderr, metric, chance, n}} for one model (zero-shot); `metric`
-    names the score the task is read by."""
+    names the score the task is read by. A task whose items do not fit the model's context gets {"error": why}
+    instead of scores (a tiny coursework model with a 64-token context), the others are still scored."""
     from lm_eval import simple_evaluate
 
     configs = task_configs(tasks)
-    meta = {n: c for n, c in zip(tasks, configs)}
-    with _hub_offline_for(model):
-        out = simple_evaluate(model=_lm(model, adapter, batch_size, device), tasks=configs, limit=limit,
-                              num_fewshot=0, bootstrap_iters=1000, log_samples=False, random_seed=seed,
-                              numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     scores = {}
-    for name in tasks:
-        r = out["results"].get(name, {})
-        # the score a task is read by: acc, or acc_norm where the choices differ in length (a task's metadata says)
-        row = {"chance": _meta(meta[name], "chance"), "metric": _meta(meta[name], "primary", "acc"),
-               "n": (out.get("n-samples", {}).get(name) or {}).get("effective")}
-        for key in SCORES:
-            if f"{key},none" in r:
-                row[key] = float(r[f"{key},none"])
-                err = r.get(f"{key}_stderr,none")
-                row[f"{key}_stderr"] = float(err) if isinstance(err, (int, float)) else None
-        scores[name] = row
+    with _hub_offline_for(model):
+        lm = _lm(model, adapter, batch_size, device)
+        for name, conf in zip(tasks, configs):
+            # the score a task is read by: acc, or acc_norm where the choices differ in length (its metadata says)
+            row = {"chance": _meta(conf, "chance"), "metric": _meta(conf, "primary", "acc")}
+            scores[name] = row
+            try:
+                out = simple_evaluate(model=lm, tasks=[conf], limit=limit, num_fewshot=0, bootstrap_iters=1000,
+                                      log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                      torch_random_seed=seed, fewshot_random_seed=seed)
+            except AssertionError:  # lm-eval's check that a continuation fits the model's context
+                row["error"] = f"its items do not fit the model's context ({getattr(lm, 'max_length', '?')} tokens)"
+                continue
+            r = out["results"].get(name, {})
+            row["n"] = (out.get("n-samples", {}).get(name) or {}).get("effective")
+            for key in SCORES:
+                if f"{key},none" in r:
+                    row[key] = float(r[f"{key},none"])
+                    err = r.get(f"{key}_stderr,none")
+                    row[f"{key}_stderr"] = float(err) if isinstance(err, (int, float)) else None
     return scores
 
 
@@ -129,6 +134,8 @@ def compare(models: list[tuple[str, Path, Path | None]], tasks: list[str], limit
 def score_text(row: dict) -> str:
     """A task's score as read: "0.412 ± 0.028" (its metric, ± standard error)."""
     m = row.get("metric", "acc")
+    if row.get("error"):
+        return f"not scored: {row['error']}"
     return "–" if row.get(m) is None else f"{row[m]:.3f} ± {row.get(m + '_stderr') or 0:.3f}"
 
 
