@@ -202,11 +202,12 @@ def _stage_config(tmp_path, model_dir, **prefs) -> Config:
         "prefs": {"enabled": True, "self_play": {"max_pairs": 40, "max_new_tokens": 12},
                   "train": {"seq_len": 64, "batch_size": 4, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2,
                             "max_steps": 6, "eval_every": 3, "eval_batches": 2, "ckpt_every": 3, "log_every": 1,
-                            "sample_tokens": 8}, **prefs}})
+                            "sample_tokens": 8, "precision": "fp32"}, **prefs}})
 
 
 @pytest.mark.slow
-def test_the_stage_tunes_the_sft_model_on_self_play_pairs_and_resumes(tiny_chat_model, tmp_path, monkeypatch):
+def test_the_stage_tunes_the_sft_model_on_self_play_pairs_and_resumes(tiny_chat_model, tmp_path, monkeypatch,
+                                                                     own_accelerate_state):
     """A tiny SFT output (the tiny model published as 04_sft) tuned with DPO: held-out metrics at every eval,
     before/after in the manifest, a model transformers loads; run again after its output is lost, it resumes from
     its checkpoint with the pairs it sampled (no second sampling) and publishes the same weights."""
@@ -250,7 +251,8 @@ def _not_again(*a, **k):
 
 
 @pytest.mark.slow
-def test_orpo_with_lora_tunes_adapters_and_publishes_the_merged_model(tiny_chat_model, tmp_path):
+def test_orpo_with_lora_tunes_adapters_and_publishes_the_merged_model(tiny_chat_model, tmp_path,
+                                                                     own_accelerate_state):
     """ORPO under LoRA on pairs from a file: only the adapters train (the reference is the model with them switched
     off, so the KL starts at 0), and the published model has them merged in (no adapter files, transformers loads it)."""
     import shutil
