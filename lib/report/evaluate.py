@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -105,22 +106,19 @@ def evaluate_model(model: Path, tasks: list[str], limit: int | None = None, adap
     return scores
 
 
-class _hub_offline_for:
+@contextmanager
+def _hub_offline_for(model: Path):
     """A local model needs no hub: HF_HUB_OFFLINE while lm-eval loads it (it would look up model info otherwise)."""
-
-    def __init__(self, model: Path):
-        self.local = Path(model).exists()
-
-    def __enter__(self):
-        self.old = os.environ.get("HF_HUB_OFFLINE")
-        if self.local:
-            os.environ["HF_HUB_OFFLINE"] = "1"
-
-    def __exit__(self, *exc):
-        if self.old is None:
+    old = os.environ.get("HF_HUB_OFFLINE")
+    if Path(model).exists():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
-            os.environ["HF_HUB_OFFLINE"] = self.old
+            os.environ["HF_HUB_OFFLINE"] = old
 
 
 def compare(models: list[tuple[str, Path, Path | None]], tasks: list[str], limit: int | None = None,

@@ -94,12 +94,15 @@ class PreferenceModel(torch.nn.Module):
         return model(x)[0]
 
     @torch.no_grad()
+    def reference_logits(self, x):
+        """The frozen reference's logits: its copy, or under LoRA the policy with its adapters switched off."""
+        if self._ref[0] is not None:
+            return self._logits(self._ref[0], x)
+        with self._peft[0].disable_adapter():
+            return self._logits(self.policy, x)
+
     def reference_logps(self, x, targets, mask):
-        ref, peft = self._ref[0], self._peft[0]
-        if ref is not None:
-            return sequence_logps(self._logits(ref, x), targets, mask)[0]
-        with peft.disable_adapter():  # LoRA: the base without its adapters is the phase-2 model
-            return sequence_logps(self._logits(self.policy, x), targets, mask)[0]
+        return sequence_logps(self.reference_logits(x), targets, mask)[0]
 
     def forward(self, x, targets=None, loss_mask=None):
         B, p = x.shape[0] // 2, self.prefs
@@ -235,11 +238,7 @@ def pair_metrics(pm: PreferenceModel, batches: PairBatches, n_batches: int, devi
             lr_ += s["rejected_logps"].tolist()
             B = x.shape[0] // 2
             logp = torch.log_softmax(pm._logits(pm.policy, x[:B]).float(), -1)
-            if pm._ref[0] is not None:
-                ref = torch.log_softmax(pm._logits(pm._ref[0], x[:B]).float(), -1)
-            else:
-                with pm._peft[0].disable_adapter():
-                    ref = torch.log_softmax(pm._logits(pm.policy, x[:B]).float(), -1)
+            ref = torch.log_softmax(pm.reference_logits(x[:B]).float(), -1)
             per_pos = (logp.exp() * (logp - ref)).sum(-1)
             kl += float((per_pos * m[:B]).sum())
             tokens += float(m[:B].sum())
