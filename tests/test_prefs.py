@@ -191,6 +191,60 @@ def test_pairs_become_rows_that_train_only_the_reply(tiny_chat_model):
     assert np.array_equal(chosen.ids[:int(np.argmax(chosen.mask))], rejected.ids[:int(np.argmax(rejected.mask))])
 
 
+def test_self_play_keeps_failures_and_teaches_a_loop_to_stop_at_a_sentence_end(tiny_chat_model):
+    """A reply that ended without repeating itself gives no pair (it is not worse for differing from the data's); one
+    that never ended gives the data's reply over it; one that loops also gives its own whole sentences before the
+    loop (ended) over the same text running into the repeat, which is where the two differ."""
+    from lib.chat import prepare_tokenizer
+    from lib.config import SelfPlayConfig
+    from lib.data.tokenizer import load_tokenizer
+    from lib.train.prefs import loop_start, pairs_from_reply
+
+    assert loop_start([1, 2, 3, 4, 5, 1, 2, 3, 4], 4) == 5
+    assert loop_start([1, 2, 3, 1, 2, 4], 3) is None
+    tok = prepare_tokenizer(load_tokenizer(tiny_chat_model), str(tiny_chat_model))
+    prompt = [{"role": "user", "content": "Who made the light?"}]
+    sp = SelfPlayConfig()
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    assert pairs_from_reply(tok, sp, prompt, "God did.", ids("And there was light."), True, "x") == []
+    unended = pairs_from_reply(tok, sp, prompt, "God did.", ids("And there was light and"), False, "x")
+    assert [(p.chosen, p.rejected_ended) for p in unended] == [("God did.", False)]
+    loop = ids("And God saw the light. And God said unto") + ids(" the light, the light, the light, the light")
+    pairs = pairs_from_reply(tok, sp, prompt, "God did.", loop, False, "x")
+    assert [p.where.split(" of ")[0] for p in pairs] == ["self-play", "self-play loop"]
+    stop = pairs[1]
+    assert stop.chosen == "And God saw the light." and not stop.rejected_ended
+    assert stop.rejected.startswith(stop.chosen) and len(stop.rejected) > len(stop.chosen)
+    assert stop.rejected != tok.decode(loop)  # cut just after the repeat begins: not the whole loop
+    # a loop with no sentence end before it gives only the data pair; the pure SPIN recipe keeps every reply
+    assert len(pairs_from_reply(tok, sp, prompt, "God did.", ids("light light light light light light"), False,
+                                "x")) == 1
+    spin = SelfPlayConfig(only_failures=False, loop_pairs=False)
+    assert len(pairs_from_reply(tok, spin, prompt, "God did.", ids("And there was light."), True, "x")) == 1
+
+
+def test_held_out_prompts_are_never_trained_on_and_do_not_depend_on_the_replies():
+    """The end-of-turn rate is measured on sft.data prompts on the held-out side of the split by prompt: no training
+    pair has one of them (every pair of a prompt lands on one side), and the same config gives the same 50."""
+    from lib.train.prefs import HELD_OUT_PROMPTS, held_out_prompts, sft_prompts
+    from lib.train.sft_batches import split_examples
+
+    cfg = from_dict({"sft": {"data": [{"type": "chitchat", "max_examples": 3000}]},
+                     "prefs": {"enabled": True, "data": [{"type": "self_play"}]}})
+    prompts = sft_prompts(cfg)
+    pairs = [PrefPair(p, reply, "no", where) for p, reply, where in prompts]
+    pairs += [PrefPair(p, reply, "again", where) for p, reply, where in prompts[::3]]
+    train, _ = split_examples(pairs, cfg.prefs.val_fraction, cfg.seed)
+    held = held_out_prompts(cfg, [])
+    assert len(held) == HELD_OUT_PROMPTS and held == held_out_prompts(cfg, [])
+    keys = {json.dumps(p, sort_keys=True) for p in held}
+    assert len(keys) == HELD_OUT_PROMPTS
+    assert not keys & {json.dumps(p.prompt, sort_keys=True) for p in train}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The stage.
 

@@ -31,6 +31,7 @@ from lib.config.schema import (
     PrefsConfig,
     PrefsDataConfig,
     ReportConfig,
+    SelfPlayConfig,
     ServeConfig,
     SftConfig,
     SftDataConfig,
@@ -42,7 +43,7 @@ from lib.config.validate import from_dict, to_dict
 
 __all__ = [
     "CheckConfig", "Config", "CourseworkConfig", "DataConfig", "ExportConfig", "InstallConfig", "LoraConfig",
-    "ModelConfig", "NearDedupConfig", "PrefsConfig", "PrefsDataConfig", "ReportConfig", "ServeConfig", "SftConfig", "SftDataConfig", "SourceConfig",
+    "ModelConfig", "NearDedupConfig", "PrefsConfig", "PrefsDataConfig", "ReportConfig", "SelfPlayConfig", "ServeConfig", "SftConfig", "SftDataConfig", "SourceConfig",
     "TokenizerConfig", "TrainConfig", "absolute_paths", "apply_overrides", "map_paths", "dump_yaml", "from_dict", "load_config", "merge",
     "overrides_from_mapping", "parse_override", "read_config_data", "read_yaml", "to_dict",
 ]

@@ -213,17 +213,25 @@ class SelfPlayConfig:
     """How the offline default pairs are made: prompts from sft.data, the SFT model samples the rejected reply."""
 
     max_pairs: int = field(default=400, metadata=_range(2))
+    max_prompts: int = field(default=2000, metadata=_range(1))  # replies sampled at most, to find max_pairs pairs
+    # True: pairs only where the model's reply failed (never ended, or repeated itself); an ended reply that does not
+    # repeat is not worse for differing from the data's (rejecting "Hi!" for the data's "hey" taught "heyyyy...")
+    only_failures: bool = True
     max_new_tokens: int = field(default=64, metadata=_range(1))
     # 0 = the model's greedy reply (what a user of the served model sees, loops and all); > 0 samples
     temperature: float = field(default=0.0, metadata=_range(0.0, 5.0))
+    # a sampled reply that never ends because it repeats itself also gives the pair (its own text up to where the
+    # repetition starts, ended) over (the whole loop): the lesson "stop here" in the model's own words
+    loop_pairs: bool = True
+    loop_ngram: int = field(default=4, metadata=_range(2))  # tokens that must recur for a reply to count as a loop
 
 
 @dataclass
 class PrefsConfig:
     """Phase 3: preference tuning of the phase-2 model (DPO or ORPO) on {prompt, chosen, rejected} pairs."""
 
-    # off: the export takes the phase-2 model. Opt-in until it reliably improves the demo model (config/default.yaml
-    # says what was measured); config/smoke.yaml switches it on, so the pipeline tests run it
+    # off: the export takes the phase-2 model. A config switches it on: config/default.yaml (the demo; it says what
+    # was measured) and config/smoke.yaml (the pipeline tests) do; self-play needs conversations in sft.data
     enabled: bool = False
     method: Literal["dpo", "orpo"] = "dpo"
     beta: float = field(default=0.1, metadata=_range(0.0))  # DPO: strength of the KL pull to the reference

@@ -56,8 +56,9 @@ class PrefPair:
     rejected_ended: bool = True  # False: a sampled reply cut at its token limit (it never ended its turn)
 
     def key(self) -> str:
-        """Canonical content (for the train/val split): independent of where it came from."""
-        return json.dumps([self.prompt, self.chosen, self.rejected], sort_keys=True, ensure_ascii=False)
+        """The prompt's canonical content (for the train/val split): every pair of one prompt lands on the same
+        side, so a held-out prompt is one the model was not tuned on."""
+        return json.dumps(self.prompt, sort_keys=True, ensure_ascii=False)
 
 
 class _Bad(Exception):

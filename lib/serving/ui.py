@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -87,6 +89,7 @@ class ChatUI:
         self._running: dict[str, object] = {}  # session -> the Handle of its reply in progress (for Stop)
         self._lock = threading.Lock()
         self._export_dir = Path(tempfile.mkdtemp(prefix="chat-export-"))  # Gradio serves files from temp dirs
+        weakref.finalize(self, shutil.rmtree, self._export_dir, True)  # gone with the tab (or at exit)
 
     # -- helpers -------------------------------------------------------------------------------------------
 

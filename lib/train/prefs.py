@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from lib.artifacts import require_stage, stage_output
 from lib.atomic import atomic_file
 from lib.chat import encode_chat, end_of_turn_ids, prepare_tokenizer
-from lib.config import Config, PrefsConfig
+from lib.config import Config, PrefsConfig, SelfPlayConfig
 from lib.data.pref_data import PrefPair, load_pref_pairs
 from lib.data.sft_data import load_sft_examples
 from lib.data.tokenizer import load_tokenizer
@@ -183,10 +183,20 @@ class PairBatches(SftBatches):
 # Self-play pairs and the measurements.
 
 
-def self_play_pairs(model, tokenizer, cfg: Config, log=print) -> list[PrefPair]:
-    """Prompts of sft.data (the conversation up to its first reply), the data's reply chosen over the model's own
-    sampled reply (rejected). Seeded: the same model and config give the same pairs."""
-    sp = cfg.prefs.self_play
+def loop_start(ids: list[int], n: int) -> int | None:
+    """Where a reply starts repeating itself: the first position at which an n-token run recurs; None when none
+    does."""
+    seen = set()
+    for j in range(len(ids) - n + 1):
+        gram = tuple(ids[j:j + n])
+        if gram in seen:
+            return j
+        seen.add(gram)
+    return None
+
+
+def sft_prompts(cfg: Config) -> list[tuple[list[dict], str, str]]:
+    """(conversation up to its first reply, that reply, where) for each conversation of sft.data."""
     examples, _ = load_sft_examples(cfg.sft, cfg.base_dir)
     prompts = []
     for ex in examples:
@@ -197,17 +207,65 @@ def self_play_pairs(model, tokenizer, cfg: Config, log=print) -> list[PrefPair]:
     if not prompts:
         raise UserError("prefs.data: self_play needs sft.data with conversations (a user turn, then a reply); "
                         "the SFT data has none. Give prefs.data a file of preference pairs instead.")
-    order = np.random.default_rng([cfg.seed, 7]).permutation(len(prompts))[:sp.max_pairs]
+    return prompts
+
+
+def held_out_prompts(cfg: Config, val_pairs: list[PrefPair]) -> list[list[dict]]:
+    """The prompts the end-of-turn rate is measured on, none of them trained on: with self-play, distinct sft.data
+    prompts on the held-out side of the split (drawn whatever the model's reply to them, since self-play keeps
+    only failures); otherwise the held-out pairs' prompts."""
+    if not any(src.type == "self_play" for src in cfg.prefs.data):
+        return [p.prompt for p in val_pairs][:HELD_OUT_PROMPTS]
+    distinct = {}
+    for prompt, _, _ in sft_prompts(cfg):
+        pair = PrefPair(prompt, "", "")
+        distinct.setdefault(pair.key(), pair)
+    _, val = split_examples(list(distinct.values()), cfg.prefs.val_fraction, cfg.seed)
+    order = np.random.default_rng([cfg.seed, 11]).permutation(len(val))
+    return [val[i].prompt for i in order[:HELD_OUT_PROMPTS]]
+
+
+def _whole_sentences(text: str) -> str:
+    """text up to its last sentence or line end ("" when it has none): a reply cut there is not cut mid-sentence."""
+    end = max(text.rfind(c) for c in ".!?\n")
+    return text[:end + 1].strip()
+
+
+def pairs_from_reply(tokenizer, sp: SelfPlayConfig, prompt: list[dict], data_reply: str, new: list[int],
+                     ended: bool, where: str) -> list[PrefPair]:
+    """The pairs one sampled reply (token ids `new`, `ended` its turn or not) gives: the data's reply over it (with
+    sp.only_failures only when it never ended or repeats itself), and with sp.loop_pairs, for a reply that repeats
+    itself, its own whole sentences before the repetition (ended) over the same text running on into the repeat."""
+    reply = tokenizer.decode(new, skip_special_tokens=True)
+    cut = loop_start(new, sp.loop_ngram)
+    out = []
+    if reply.strip() != data_reply.strip() and not (sp.only_failures and ended and cut is None):
+        out.append(PrefPair(prompt, data_reply, reply, f"self-play of {where}", rejected_ended=ended))
+    stopped = _whole_sentences(tokenizer.decode(new[:cut], skip_special_tokens=True)) if cut and sp.loop_pairs else ""
+    if stopped:
+        looped = tokenizer.decode(new[:cut + sp.loop_ngram], skip_special_tokens=True)
+        out.append(PrefPair(prompt, stopped, looped, f"self-play loop of {where}", rejected_ended=False))
+    return out
+
+
+def self_play_pairs(model, tokenizer, cfg: Config, log=print) -> list[PrefPair]:
+    """Prompts of sft.data (the conversation up to its first reply) in a seeded order, each answered by the model
+    (self_play.temperature; greedy by default) and turned into pairs by pairs_from_reply, until max_pairs pairs or
+    max_prompts replies. Seeded: the same model and config give the same pairs."""
+    sp = cfg.prefs.self_play
+    prompts = sft_prompts(cfg)
+    order = np.random.default_rng([cfg.seed, 7]).permutation(len(prompts))[:sp.max_prompts]
     stops = end_of_turn_ids(tokenizer)
     pairs = []
     for n, i in enumerate(order):
+        if len(pairs) >= sp.max_pairs:
+            break
         prompt, chosen, where = prompts[i]
-        new, ended = reply_ids(model, encode_chat(tokenizer, prompt), sp.max_new_tokens, stops, sp.temperature, seed=cfg.seed + int(i))
-        rejected = tokenizer.decode(new, skip_special_tokens=True)
-        if rejected.strip() != chosen.strip():
-            pairs.append(PrefPair(prompt, chosen, rejected, f"self-play of {where}", rejected_ended=ended))
-        if (n + 1) % 100 == 0:
-            log(f"self-play: {n + 1}/{len(order)} replies sampled")
+        new, ended = reply_ids(model, encode_chat(tokenizer, prompt), sp.max_new_tokens, stops, sp.temperature,
+                               seed=cfg.seed + int(i))
+        pairs += pairs_from_reply(tokenizer, sp, prompt, chosen, new, ended, where)
+        if (n + 1) % 250 == 0:
+            log(f"self-play: {n + 1} replies sampled, {len(pairs)} pairs")
     return pairs
 
 
@@ -280,7 +338,8 @@ def _pairs_for(cfg: Config, model, tokenizer, work: Path, log) -> tuple[list[Pre
             pairs += played
             sources.append({"index": i, "type": "self_play", "format": "self_play", "pairs": len(played),
                             "temperature": cfg.prefs.self_play.temperature,
-                            "rejected_unended": sum(not p.rejected_ended for p in played)})
+                            "rejected_unended": sum(not p.rejected_ended for p in played),
+                            "loop_pairs": sum(p.where.startswith("self-play loop") for p in played)})
     work.mkdir(parents=True, exist_ok=True)
     _save_pairs(work / PAIRS, pairs)
     with atomic_file(work / (PAIRS + ".info.json")) as tmp:
@@ -319,7 +378,7 @@ def train_prefs(cfg: Config) -> Path:
     train = PairBatches(train_enc, t.batch_size, t.grad_accum, cfg.seed, pad)
     val = PairBatches(val_enc, t.batch_size, 1, cfg.seed, pad) if val_enc else None
 
-    held_out = [p.prompt for p in val_pairs][:HELD_OUT_PROMPTS]
+    held_out = held_out_prompts(cfg, val_pairs)
     before = {"replies": end_of_turn_check(model, tokenizer, CHECK_PROMPTS, cfg.sft.system_prompt),
               "held_out": reply_metrics(model, tokenizer, held_out)}
     n_params = model.num_params()
