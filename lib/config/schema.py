@@ -296,6 +296,8 @@ class InstallConfig:
     # load the installed model on CPU and generate a few tokens before declaring the install complete
     post_test: bool = True
     post_test_tokens: int = field(default=8, metadata=_range(1, 256))
+    # a GGUF is installed as it came (llama.cpp serves it); true also stores a dequantised fp32 HF copy in model/
+    gguf_hf_copy: bool = False
     # allow models whose config asks for custom Python code (auto_map); off: such models are refused
     trust_remote_code: bool = False
 

@@ -86,6 +86,7 @@ def format_info(folder: Path) -> str:
              f"context       {caps.get('context_length')}; chat template: {caps.get('chat_template')}",
              f"recommended   {info.get('recommended')}",
              f"environment   {'venv ' + info['python'] if info.get('venv') else info.get('python')}",
+             f"engine        {(info.get('check') or {}).get('verdict', {}).get('engine') or 'unknown'}",
              f"post-test     {('ok: ' + repr(pt.get('text'))) if pt.get('ok') else pt or 'skipped'}",
              f"gguf          {', '.join(info.get('gguf_files') or []) or 'none'}",
              f"verify        {verified}",

@@ -44,7 +44,6 @@ from lib.artifacts import git_commit, read_json
 from lib.atomic import atomic_dir, atomic_write_json, atomic_write_text, current_umask
 from lib.check import (
     REPORT_VERSION,
-    SERVABLE_TASKS,
     check_model,
     fmt_bytes,
     format_report,
@@ -56,7 +55,7 @@ from lib.export.convert import gguf_to_hf
 from lib.hub import endpoint, hub_call, hub_token
 from lib.install.models_dir import INFO, MARKER, SUMS, clean_stale, write_sums
 from lib.install.runtime_env import copy_code, own_environment, shared_environment
-from lib.install.scripts import START_SH, post_install_test, serve_config_yaml
+from lib.install.scripts import POST_TEST_PROMPT, START_SH, post_install_test, serve_config_yaml
 from lib.names import check_name, name_from
 
 INSTALLER_VERSION = "1.1"
@@ -123,7 +122,7 @@ def refusal(report: dict, trust_remote_code: bool) -> list[str]:
     """Why this model cannot be installed here (empty = installable)."""
     problems = []
     m, v = report["model"], report["verdict"]
-    if m["task"] not in SERVABLE_TASKS:
+    if not v["servable"]:
         problems.append(f"its type is {m['task']} ({m['family']}); installs are for text-generation models "
                         "that 07_serve can chat with")
     for p in v["problems"]:
@@ -294,9 +293,10 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         model_dir = tmp / "model"
         src = report["source"]
         t0 = time.time()
-        if src["kind"] == "gguf":
-            log(f"model: converting GGUF {src['path']} to a plain HF folder (safetensors, fp32)")
-            gguf_to_hf(src["path"], model_dir)
+        if src["kind"] == "gguf":  # served as it came by llama.cpp: no HF copy (cfg.gguf_hf_copy asks for one)
+            if cfg.gguf_hf_copy:
+                log(f"model: converting GGUF {src['path']} to a plain HF folder (safetensors, fp32)")
+                gguf_to_hf(src["path"], model_dir)
         elif src["kind"] == "hub":
             model_dir.mkdir()
             _download_hub(report, model_dir, check_cfg, cfg.trust_remote_code, log)
@@ -304,10 +304,10 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
             model_dir.mkdir()
             n = _copy_model_files(Path(src["path"]), model_dir, cfg.trust_remote_code, log)
             log(f"model: copied {n} files from {src['path']}")
-        if not any(model_dir.rglob("*.safetensors")):
+        if src["kind"] != "gguf" and not any(model_dir.rglob("*.safetensors")):
             raise UserError(f"{ref}: no safetensors weights ended up in the install; refusing (pickle weights are "
                             "never installed)")
-        # a GGUF source is kept as it came beside its HF conversion: 07_serve serves it with llama.cpp
+        # a GGUF (the source itself, or one beside an export) goes to gguf/: 07_serve serves it with llama.cpp
         extras = _copy_extras([src["path"]] if src["kind"] == "gguf" else src.get("extras") or [], tmp / "gguf", log)
         (tmp / "logs").mkdir()
         n_files = write_sums(tmp)
@@ -316,21 +316,31 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         log(f"runtime: {n_code} files of serving code copied to runtime/")
         py = _environment(tmp, models_dir, report, venv, log)
         python = str(py)
+        context = report["model"]["context_length"]
+        atomic_write_text(tmp / "config.yaml", serve_config_yaml(name, context, serve_cfg))
+
+        def write_start_sh(home: Path) -> None:  # start.sh finds the shared python relative to its folder
+            shared = os.path.relpath(python, home) if not venv else "venv/bin/python"
+            atomic_write_text(tmp / "start.sh", START_SH.format(name=name, date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                                shared_python=shared))
+            os.chmod(tmp / "start.sh", 0o755)
+
+        write_start_sh(tmp)  # the post-test runs it from here
 
         result = None
-        cpu_dtype = report["verdict"].get("cpu_torch_dtype")
-        if cfg.post_test and cpu_dtype is None:
+        if cfg.post_test and report["verdict"].get("cpu_torch_dtype") is None:
             log("post-install test: skipped: the model does not fit this machine's RAM (it needs the GPU)")
         elif cfg.post_test:
-            log(f"post-install test: loading on CPU ({cpu_dtype}) and generating {cfg.post_test_tokens} tokens")
-            result = post_install_test(model_dir, python, cfg.post_test_tokens, cfg.trust_remote_code, cpu_dtype)
+            log(f"post-install test: ./start.sh --prompt {POST_TEST_PROMPT!r} on the CPU, {cfg.post_test_tokens} "
+                "tokens at most")
+            result = post_install_test(tmp, cfg.post_test_tokens)
             if not result.get("ok"):
-                raise UserError(f"{ref}: the post-install test failed: the installed model does not load or generate "
-                                f"({result.get('error')}). Nothing was installed.")
-            log(f"post-install test: ok in {result['seconds']} s, {result['new_tokens']} tokens: {result['text']!r}")
+                raise UserError(f"{ref}: the post-install test failed: start.sh does not load or answer with the "
+                                f"installed model ({result.get('error')}). Nothing was installed.")
+            log(f"post-install test: ok in {result['seconds']} s ({result['engine']}; peak RSS "
+                f"{fmt_bytes(result['peak_rss_bytes'])}): {result['text']!r}")
 
         date = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        context = report["model"]["context_length"]
         info = {
             "name": name, "installed_at": date, "installer_version": INSTALLER_VERSION, "git_commit": git_commit(),
             "source": {**src, "ref": str(ref)}, "task": report["model"]["task"], "family": report["model"]["family"],
@@ -343,10 +353,7 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
             "gguf_files": [e for e in extras if e.endswith(".gguf")], "modelfile": "Modelfile" in extras,
             "post_test": result, "check": report,
         }
-        atomic_write_text(tmp / "config.yaml", serve_config_yaml(name, context, serve_cfg))
-        shared = os.path.relpath(python, final) if not venv else "venv/bin/python"
-        atomic_write_text(tmp / "start.sh", START_SH.format(name=name, date=date, shared_python=shared))
-        os.chmod(tmp / "start.sh", 0o755)
+        write_start_sh(final)
         info["size_bytes"] = _dir_size(tmp)
         atomic_write_json(tmp / INFO, info)
         log(f"install: complete, {fmt_bytes(info['size_bytes'])}")

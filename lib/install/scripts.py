@@ -5,52 +5,49 @@ installed model in the install's own environment and generates a few tokens.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import yaml
 
 from lib.config import ServeConfig, to_dict
 
-POST_TEST = r"""
-import json, sys, time
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model_dir, n, remote, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
-t0 = time.time()
-torch.manual_seed(0)
-tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), use_safetensors=True,
-                                             trust_remote_code=remote)
-model.eval()
-msgs = [{"role": "user", "content": "Hello! What is the capital of France?"}]
-if tok.chat_template:
-    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-else:
-    enc = tok(msgs[0]["content"], return_tensors="pt")
-with torch.no_grad():
-    out = model.generate(**enc, max_new_tokens=n, do_sample=False)
-new = out[0, enc["input_ids"].shape[1]:]
-print(json.dumps({"ok": len(new) > 0, "text": tok.decode(new, skip_special_tokens=True), "new_tokens": len(new),
-                  "seconds": round(time.time() - t0, 2), "dtype": dtype, "torch": torch.__version__}))
-"""
+POST_TEST_PROMPT = "Hello! What is the capital of France?"
 
 
-def post_install_test(model_dir: Path, python: str, tokens: int, trust_remote_code: bool,
-                      dtype: str = "float32") -> dict:
-    """Load the installed model on CPU in `dtype` with the install's own Python and generate a few tokens."""
+def post_install_test(folder: Path, tokens: int, timeout: float = 900) -> dict:
+    """Answer one prompt the way the user's first `./start.sh --prompt ...` will: the install's own start.sh, its
+    runtime copy of 07_serve, its environment, engine choice and chat template; on the CPU, greedy. Returns
+    {ok, text, engine, seconds, peak_rss_bytes} (ok False with the error's last lines)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    try:
-        res = subprocess.run([python, "-c", POST_TEST, str(model_dir), str(tokens), "1" if trust_remote_code else "0",
-                              dtype], capture_output=True, text=True, env=env, timeout=900)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": "timed out after 900 s"}
-    if res.returncode != 0:
-        tail = [line for line in res.stderr.strip().splitlines() if line.strip()][-3:]
-        return {"ok": False, "error": " | ".join(tail) or f"exit code {res.returncode}"}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    cmd = ["sh", str(folder / "start.sh"), "--prompt", POST_TEST_PROMPT, "--seed", "0", "--device", "cpu",
+           "--set", f"serve.max_new_tokens={tokens}", "--set", "serve.temperature=0.0"]
+    t0 = time.time()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=folder)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak RSS (start.sh execs python)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        text, log = out.read(), err.read()
+    seconds = round(time.time() - t0, 2)
+    engine = next((line for line in log.splitlines() if line.startswith("engine ")), "")
+    if proc.returncode != 0:
+        if seconds >= timeout:
+            return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+        tail = [line for line in log.strip().splitlines() if line.strip()][-3:]
+        return {"ok": False, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
+    return {"ok": True, "prompt": POST_TEST_PROMPT, "text": text.strip(), "engine": engine, "seconds": seconds,
+            "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
 START_SH = """#!/bin/sh

@@ -9,6 +9,8 @@ emulated there and several times slower, see bench/bench_decode.py) and bf16 whe
         ...
     new_ids = generate(model, prompt_ids, params)     # the same tokens as a list
 
+The same loop decodes any transformers causal LM wrapped as lib.serving.hf_engine.TransformersLM (see decoder_of).
+
 Not here: tokenisation, chat templates, batching several requests (lib.serving interleaves streams).
 """
 
@@ -107,13 +109,36 @@ def _longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+def _homellm_steps(model: HomeLLM, max_len: int) -> Callable[[list[int], int], torch.Tensor]:
+    """step(ids, start_pos) -> the next-token logits (V,) after `ids`, which sit at start_pos onwards: one forward
+    pass over them with HomeLLM's preallocated cache."""
+    weight = model.lm_head.weight
+    cache = KVCache(model.args, 1, max_len, weight.dtype, weight.device)
+
+    def step(ids: list[int], start_pos: int) -> torch.Tensor:
+        logits, _ = model(torch.tensor([ids], device=weight.device), kv_cache=cache.layers, start_pos=start_pos,
+                          last_only=True)
+        return logits[0, -1]
+
+    return step
+
+
+def decoder_of(model) -> tuple[int, int, torch.device, Callable[[int], Callable]]:
+    """(context, vocab size, device, steps(max_len)) for HomeLLM, or for any model object that has
+    `context_length`, `vocab_size`, `device` and `steps(max_len)` (lib.serving.hf_engine.TransformersLM)."""
+    if isinstance(model, HomeLLM):
+        return (model.args.max_seq_len, model.args.vocab_size, model.lm_head.weight.device,
+                lambda max_len: _homellm_steps(model, max_len))
+    return model.context_length, model.vocab_size, model.device, model.steps
+
+
 @torch.inference_mode()
-def stream(model: HomeLLM, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
+def stream(model, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
            decode: Optional[Callable[[list[int]], str]] = None) -> Iterator[int]:
     """Yield new token ids one at a time: one prefill pass over the prompt, then one cached step per token.
 
-    Stops at max_new_tokens, a stop token id, a stop string (checked on `decode(new_ids)`), or the model's context
-    (max_seq_len): a prompt longer than the context keeps its last max_seq_len - 1 tokens.
+    Stops at max_new_tokens, a stop token id, a stop string (checked on `decode(new_ids)`), or the model's context:
+    a prompt longer than the context keeps its last context - 1 tokens. `model`: see decoder_of.
     """
     params = params or SamplingParams()
     if params.stop_strings and decode is None:
@@ -121,13 +146,11 @@ def stream(model: HomeLLM, prompt_ids: Sequence[int], params: Optional[SamplingP
     prompt = list(prompt_ids)
     if not prompt:
         raise UserError("generation needs a prompt of at least one token (e.g. the BOS token)")
-    ctx = model.args.max_seq_len
+    ctx, vocab, device, steps = decoder_of(model)
     prompt = prompt[-(ctx - 1):]
     max_new = min(params.max_new_tokens, ctx - len(prompt))
     if max_new <= 0:
         return
-    weight = model.lm_head.weight
-    device = weight.device
     generator = torch.Generator(device=device)
     if params.seed is not None:
         generator.manual_seed(params.seed)
@@ -136,19 +159,19 @@ def stream(model: HomeLLM, prompt_ids: Sequence[int], params: Optional[SamplingP
     stop_ids = set(params.stop_token_ids or ())
     seen = None
     if params.repetition_penalty != 1.0:
-        seen = torch.zeros(model.args.vocab_size, dtype=torch.bool, device=device)
+        seen = torch.zeros(vocab, dtype=torch.bool, device=device)
         seen[torch.tensor(prompt, device=device)] = True
 
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(model.args, 1, len(prompt) + max_new, weight.dtype, device)
-        logits, _ = model(torch.tensor([prompt], device=device), kv_cache=cache.layers, start_pos=0, last_only=True)
+        step_fn = steps(len(prompt) + max_new)
+        logits = step_fn(prompt, 0)
         pos = len(prompt)
         out: list[int] = []
         emitted = 0  # out[emitted:] is held back: it may be the beginning of a stop string
         for step in range(max_new):
-            token = sample_next(logits[0, -1].float(), params, generator, seen)
+            token = sample_next(logits.float(), params, generator, seen)
             if token in stop_ids:
                 return
             out.append(token)
@@ -165,15 +188,14 @@ def stream(model: HomeLLM, prompt_ids: Sequence[int], params: Optional[SamplingP
                 break
             if seen is not None:
                 seen[token] = True
-            logits, _ = model(torch.tensor([[token]], device=device), kv_cache=cache.layers, start_pos=pos,
-                              last_only=True)
+            logits = step_fn([token], pos)
             pos += 1
         yield from out[emitted:]  # the output ended on what looked like the start of a stop string
     finally:
         model.train(was_training)
 
 
-def generate(model: HomeLLM, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
+def generate(model, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
              decode: Optional[Callable[[list[int]], str]] = None) -> list[int]:
     """The new token ids (the prompt not included) that `stream` yields."""
     return list(stream(model, prompt_ids, params, decode))

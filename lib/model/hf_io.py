@@ -21,6 +21,7 @@ from lib.chat import end_of_turn_ids
 from lib.data.tokenizer import save_tokenizer
 from lib.errors import UserError
 from lib.model.homellm import HomeLLM, ModelArgs, rope_tables
+from lib.model.llama_config import homellm_problems
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,22 +88,10 @@ def _atomic_save_safetensors(tensors: dict, path: Path) -> None:
 
 def args_from_hf_config(cfg: dict, where: str = "config.json") -> ModelArgs:
     """ModelArgs from a Llama config.json; UserError for anything we do not implement."""
-    model_type = cfg.get("model_type")
-    if model_type != "llama":
-        raise UserError(f"{where}: model_type is {model_type!r}; HomeLLM loads Llama-architecture models only "
-                        "(model_type 'llama', e.g. our exports or SmolLM2). Use transformers directly for other types.")
-    problems = []
-    for key in ("rope_parameters", "rope_scaling"):  # transformers >= 5 / older configs
-        rope = cfg.get(key)
-        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
-            problems.append(f"{key} {json.dumps(rope)} (only plain RoPE, rope_type 'default', is implemented)")
-    if cfg.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act {cfg.get('hidden_act')!r} (only 'silu' is implemented)")
-    for key in ("attention_bias", "mlp_bias"):
-        if cfg.get(key):
-            problems.append(f"{key}: true (biases are not implemented)")
-    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    problems += [f"{k}: missing" for k in required if not isinstance(cfg.get(k), int)]
+    problems = homellm_problems(cfg)
+    if cfg.get("model_type") != "llama":
+        raise UserError(f"{where}: {problems[0]}; HomeLLM loads Llama-architecture models only (model_type 'llama', "
+                        "e.g. our exports or SmolLM2): the serving engine 'transformers' serves other types.")
     if problems:
         raise UserError(f"{where}: this Llama variant is not supported: " + "; ".join(problems))
     n_heads = cfg["num_attention_heads"]

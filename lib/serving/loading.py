@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lib.chat import end_of_turn_ids
+from lib.chat import end_of_turn_ids, serving_template
 from lib.data.tokenizer import load_tokenizer
 from lib.errors import UserError
 from lib.export.convert import gguf_to_hf
@@ -23,6 +23,8 @@ from lib.install.models_dir import verify_install
 from lib.model.generate import stream
 from lib.model.hf_io import load_hf
 from lib.serving import llamacpp
+from lib.serving.engines import torch_engine
+from lib.serving.hf_engine import TransformersLM
 from lib.serving.llamacpp import LlamaCppModel
 from lib.serving.resolve import ModelRef
 
@@ -30,7 +32,9 @@ from lib.serving.resolve import ModelRef
 @dataclass
 class LoadedModel:
     ref: ModelRef
-    model: Any  # lib.model.homellm.HomeLLM in eval mode (engine "torch"), or lib.serving.llamacpp.LlamaCppModel
+    # lib.model.homellm.HomeLLM in eval mode (engine "torch"), lib.serving.hf_engine.TransformersLM ("transformers")
+    # or lib.serving.llamacpp.LlamaCppModel ("llama.cpp")
+    model: Any
     tokenizer: Any  # transformers PreTrainedTokenizerFast
     context_length: int
     stop_token_ids: list[int]
@@ -40,14 +44,14 @@ class LoadedModel:
     config: dict = field(default_factory=dict)  # the model's config.json
     # the longest token's text: a text longer than context_length * this cannot fit, whatever it says
     max_token_chars: int = 64
-    engine: str = "torch"  # "torch" or "llama.cpp"
+    engine: str = "torch"  # "torch", "transformers" or "llama.cpp"
     engine_note: str = ""  # why this engine (shown at start and in /info)
 
     def stream(self, prompt_ids: list[int], params) -> Iterator[int]:
         """New token ids for a prompt (lib.model.generate.stream's contract), from whichever decoder serves this model."""
         if self.engine == "llama.cpp":
             return self.model.stream(prompt_ids, params)
-        return stream(self.model, prompt_ids, params)
+        return stream(self.model, prompt_ids, params)  # HomeLLM (engine "torch") or TransformersLM
 
     @property
     def id(self) -> str:
@@ -117,9 +121,9 @@ def load_model(ref: ModelRef, device: str = "auto", engine: str = "auto", max_ac
 
 
 def _load_torch(ref: ModelRef, device: str, note: str) -> LoadedModel:
-    """Our HomeLLM on the HF weights (safetensors through lib.model.hf_io.load_hf)."""
+    """A model from its HF folder (safetensors only): our HomeLLM for the Llama architecture (model_type "llama"),
+    transformers' own class for every other causal LM (engine "transformers")."""
     import torch
-
 
     hf_dir = ref.path
     if hf_dir is None:  # a GGUF alone: dequantised into an HF folder first (once per process)
@@ -132,19 +136,33 @@ def _load_torch(ref: ModelRef, device: str, note: str) -> LoadedModel:
     tokenizer = load_tokenizer(hf_dir)
     # bf16 halves memory and is fast on GPUs; CPUs serve in fp32 (bf16 matmuls are slow on most of them).
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = load_hf(hf_dir, device=device, dtype=dtype)
-    model.eval()
+    engine = torch_engine(config)
+    if engine == "torch":
+        model = load_hf(hf_dir, device=device, dtype=dtype)
+        model.eval()
+        context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", None) or 2048
+    else:
+        model = TransformersLM.load(hf_dir, device, dtype)
+        context = model.context_length
+        note = note.replace("engine torch", f"engine transformers ({config.get('model_type')})", 1)
     n_vocab = config.get("vocab_size")
     largest_id = max(tokenizer.get_vocab().values())
     if isinstance(n_vocab, int) and largest_id >= n_vocab:
         raise UserError(f"{hf_dir}: the tokenizer has token id {largest_id} but the model's vocab_size is {n_vocab} "
                         f"(config.json); the tokenizer files do not belong to this model")
-    context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", None) or 2048
+    note = _with_template(tokenizer, note)
     return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=int(context),
                        stop_token_ids=sorted(end_of_turn_ids(tokenizer, hf_dir)), device=device, dtype=str(dtype).split(".")[-1],
                        parameters=model.num_params(), config=config,
                        # a byte-level token's string has one character per byte, so it bounds the decoded length
-                       max_token_chars=max(len(t) for t in tokenizer.get_vocab()), engine="torch", engine_note=note)
+                       max_token_chars=max(len(t) for t in tokenizer.get_vocab()), engine=engine, engine_note=note)
+
+
+def _with_template(tokenizer, note: str) -> str:
+    """Give the tokenizer the template it is served with (lib.chat.serving_template); the note says which."""
+    template, why = serving_template(tokenizer)
+    tokenizer.chat_template = template
+    return f"{note}; {why}" if why else note
 
 
 def _gguf_as_hf(gguf: Path) -> Path:
@@ -178,6 +196,7 @@ def _load_llamacpp(ref: ModelRef, note: str, max_active: int, max_context: int) 
     config = json.loads((ref.path / "config.json").read_text(encoding="utf-8")) if ref.path is not None else {}
     config.setdefault("vocab_size", model.n_vocab)
     stop_ids = sorted(end_of_turn_ids(tokenizer, ref.path if ref.path is not None else ref.gguf.parent))
+    note = _with_template(tokenizer, note)
     quant = re.search(r"(?i)(q\d+_[a-z0-9_]+|i?q\d_\w+|bf16|f16|f32)$", ref.gguf.stem)
     quant = quant.group(1) if quant else "model"
     return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=model.n_ctx_seq,

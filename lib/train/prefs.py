@@ -48,6 +48,7 @@ from lib.train.sft_batches import Encoded, SftBatches, encode_conversations, spl
 from lib.train.tracking import copy_run_logs
 
 PAIRS = "pairs.jsonl"  # the work dir's record of the pairs (self-play samples are not drawn twice)
+MIN_STOP_WORDS = 3  # a loop's own text kept as the chosen reply has this many words at least ("Hi!" taught "Hi!")
 HELD_OUT_PROMPTS = 50  # end-of-turn rate before/after on this many held-out prompts
 EVAL_PROMPTS = 16  # ... and at every eval on this many (greedy replies cost more than the loss)
 
@@ -228,7 +229,8 @@ def held_out_prompts(cfg: Config, val_pairs: list[PrefPair]) -> list[list[dict]]
 def _whole_sentences(text: str) -> str:
     """text up to its last sentence or line end ("" when it has none): a reply cut there is not cut mid-sentence."""
     end = max(text.rfind(c) for c in ".!?\n")
-    return text[:end + 1].strip()
+    kept = text[:end + 1].strip()
+    return kept if len(kept.split()) >= MIN_STOP_WORDS else ""
 
 
 def pairs_from_reply(tokenizer, sp: SelfPlayConfig, prompt: list[dict], data_reply: str, new: list[int],

@@ -1,0 +1,85 @@
+"""Every architecture 05_check calls installable goes check -> install -> start.sh -> an answer, through the engine
+the check named: tiny random models of the common causal-LM families (built here with transformers), and the real
+SmolLM2 GGUF. Not one verdict may promise what start.sh then refuses."""
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from lib.check import check_model
+from lib.install.installer import install_model
+
+SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _configs():
+    import transformers as t
+
+    return {
+        "llama": (t.LlamaConfig(**SMALL), t.LlamaForCausalLM),
+        "qwen2": (t.Qwen2Config(**SMALL), t.Qwen2ForCausalLM),
+        "qwen3": (t.Qwen3Config(**SMALL, head_dim=16), t.Qwen3ForCausalLM),
+        "mistral": (t.MistralConfig(**SMALL), t.MistralForCausalLM),
+        "phi3": (t.Phi3Config(**SMALL, pad_token_id=0), t.Phi3ForCausalLM),
+        "gemma2": (t.Gemma2Config(**SMALL, head_dim=16), t.Gemma2ForCausalLM),
+        "gemma3_text": (t.Gemma3TextConfig(**SMALL, head_dim=16), t.Gemma3ForCausalLM),
+        "olmo2": (t.Olmo2Config(**SMALL), t.Olmo2ForCausalLM),
+        "gpt2": (t.GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256), t.GPT2LMHeadModel),
+    }
+
+
+ARCHS = list(_configs())
+
+
+def tiny_model(arch: str, tokenizer_dir, out):
+    """A seeded random `arch` model with the tiny tokenizer (ChatML template, 512 tokens), saved as safetensors."""
+    from transformers import AutoTokenizer
+
+    config, cls = _configs()[arch]
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config.bos_token_id, config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = cls(config)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_installable_architecture_answers_through_start_sh(arch, tiny_chat_model, tmp_path):
+    model_dir = tiny_model(arch, tiny_chat_model, tmp_path / arch)
+    report = check_model(str(model_dir), disk_path=tmp_path)
+    v = report["verdict"]
+    assert v["servable"] and v["runnable"], v["problems"]
+    assert v["engine"] == ("torch" if arch == "llama" else "transformers")
+    assert "/v1/chat/completions" in v["endpoints"]
+
+    folder = install_model(str(model_dir), tmp_path / "models", name=arch.replace("_", "-"), echo=None)
+    post = json.loads((folder / "model_info.json").read_text())["post_test"]
+    assert post["ok"] and post["engine"].startswith(f"engine {v['engine']}"), post
+    assert post["peak_rss_bytes"] > 0
+
+    # the installed folder itself, as the user runs it
+    res = subprocess.run(["sh", str(folder / "start.sh"), "--prompt", "Hello", "--seed", "1", "--device", "cpu",
+                          "--set", "serve.max_new_tokens=4"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"engine {v['engine']}" in res.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_is_installed_as_it_came_and_answers_through_llama_cpp(smollm2_gguf, tmp_path):
+    """A GGUF is served by llama.cpp: the install keeps the file (no fp32 HF copy) and its post-test answers
+    through llama.cpp with the GGUF's own chat template."""
+    report = check_model(str(smollm2_gguf), disk_path=tmp_path)
+    assert report["verdict"]["engine"] == "llama.cpp" and report["verdict"]["runnable"]
+    folder = install_model(str(smollm2_gguf), tmp_path / "models", name="smol", echo=None)
+    assert not (folder / "model").exists() and (folder / "gguf" / smollm2_gguf.name).is_file()
+    post = json.loads((folder / "model_info.json").read_text())["post_test"]
+    assert post["engine"].startswith("engine llama.cpp") and "Paris" in post["text"], post
