@@ -24,13 +24,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+from torch.profiler import record_function
 
 from lib.config import ModelConfig
 from lib.model.hf_io import hf_config
 from lib.model.homellm import HomeLLM, model_args
+from lib.train.pretrain import TokenWindows
 
 
 def parse_args(argv=None):
@@ -47,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     p.add_argument("--no-hf", action="store_true", help="time ours only (e.g. to size a preset)")
     p.add_argument("--compile", action="store_true", help="also time ours with each block torch.compile'd")
+    p.add_argument("--profile-steps", type=int, default=3,
+                   help="steps of ours profiled (torch.profiler) after the timed rounds for the breakdown (0 = none)")
     return p.parse_args(argv)
 
 
@@ -62,6 +69,54 @@ def matmul_peak(dtype: torch.dtype, shapes: list[tuple[int, int, int]], clock, s
             iters += 1
         best = max(best, 2 * m * k * n * iters / (clock() - t0) / 1e9)
     return best
+
+
+# What the profile's breakdown reports, in order. Each op's self time goes to one row: by the step's phase (the
+# record_function ranges of step()), by whether the loss over the vocabulary called it, and by the kind of op.
+ROWS = ("data (a batch of windows from the token file)", "matmuls, forward", "attention, forward",
+        "norms, activations, RoPE, casts, forward", "loss over the vocabulary (LM head + CE, fwd + bwd)",
+        "matmuls, backward", "attention, backward", "elementwise, backward", "optimizer (clip + AdamW)",
+        "Python and framework overhead")
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul",
+              "aten::linear", "aten::mkldnn_linear", "aten::_mkldnn_linear"}
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def _row(event) -> str:
+    """The breakdown row of one profiler event (its self time is what it adds)."""
+    chain, parent = [event.name], event.cpu_parent
+    while parent is not None:
+        chain.append(parent.name)
+        parent = parent.cpu_parent
+    phase = next((c for c in reversed(chain) if c in PHASES), None)
+    if event.name in PHASES or event.name.startswith("autograd::engine::evaluate_function") or phase is None:
+        return ROWS[-1]
+    if any("LinearCrossEntropy" in c for c in chain):
+        return ROWS[4]
+    if phase in ("data", "optimizer"):
+        return ROWS[0] if phase == "data" else ROWS[8]
+    attention = any("scaled_dot_product" in c.lower() or "attention" in c.lower() for c in chain)
+    if phase == "forward":
+        return ROWS[2] if attention else ROWS[1] if event.name in MATMUL_OPS else ROWS[3]
+    return ROWS[6] if attention else ROWS[5] if event.name in MATMUL_OPS else ROWS[7]
+
+
+def profile_breakdown(step, n: int) -> tuple[dict[str, float], float]:
+    """({row: seconds per step}, wall seconds per step) over n profiled steps; whatever the ops' self times do
+    not cover of the wall time (Python between ops) goes to the overhead row."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # a warm step outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        wall = (time.perf_counter() - t0) / n
+    rows = dict.fromkeys(ROWS, 0.0)
+    for e in prof.events():
+        rows[_row(e)] += e.self_cpu_time_total / 1e6 / n
+    rows[ROWS[-1]] += max(0.0, wall - sum(rows.values()))
+    return rows, wall
 
 
 def main(argv=None) -> int:
@@ -95,23 +150,32 @@ def main(argv=None) -> int:
             block.compile(dynamic=False)
         models["ours, torch.compile'd blocks"] = compiled
 
-    window = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=torch.Generator().manual_seed(1))
-    # (B, T) inputs and next-token targets, as the pretraining loader gives them
-    x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+    # batches as the pretraining loader gives them: random windows of a token file (2M random tokens here)
+    tmp = tempfile.TemporaryDirectory(prefix="bench-train-step-")
+    tokens = np.random.default_rng(1).integers(0, a.vocab, 2_000_000).astype(np.uint16 if a.vocab <= 65536 else np.uint32)
+    tokens.tofile(Path(tmp.name) / "train.bin")
+    windows = TokenWindows(Path(tmp.name) / "train.bin", tokens.dtype.name, a.seq, a.batch, 1, "random", 1, "train")
     optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
               for name, m in models.items()}
+    count = {name: 0 for name in models}
 
     def step(name) -> float:
         m, opt = models[name], optims[name]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with record_function("data"):
+            batch = windows.get(count[name], 0, 0, 1)  # the same windows for every model, step by step
+            x, y = batch["x"], batch["y"]
+            count[name] += 1
+        with record_function("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if isinstance(m, HomeLLM):
                 _, loss = m(x, y)
             else:  # y is already shifted: shift_labels stops transformers from shifting it again
                 loss = m(input_ids=x, labels=y, shift_labels=y).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimizer"):
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss.item()
 
     first, t_compile = {}, None
@@ -169,6 +233,12 @@ def main(argv=None) -> int:
         if not a.no_hf:
             ratio = tps[name] / tps["transformers LlamaForCausalLM"]
             print(f"target: >= 1.3x transformers: {name}: {ratio:.2f}x -> {'MET' if ratio >= 1.3 else 'NOT MET'}")
+    for name in (n for n in models if n.startswith("ours")) if a.profile_steps else ():
+        rows, wall = profile_breakdown(lambda name=name: step(name), a.profile_steps)
+        print(f"profile of {name} (torch.profiler, {a.profile_steps} steps, {wall:.3f} s per profiled step; the "
+              "profiler itself adds a little to each op):")
+        for row, sec in rows.items():
+            print(f"  {row:<52} {sec * 1e3:>8.1f} ms  {sec / wall:>4.0%}")
     if a.no_hf or a.preset == "demo":
         print(f"projected time for 2000 steps of this shape: {2000 * tokens / tps['ours (HomeLLM)'] / 60:.1f} min")
     return 0

@@ -15,6 +15,7 @@ No bos and no default system prompt, so the rendered string is exactly the messa
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -166,20 +167,36 @@ def prepare_tokenizer(tokenizer, where: str):
     return tokenizer
 
 
-def serving_template(tokenizer) -> tuple[str, str]:
-    """(template, note) a served model's conversations are rendered with: the tokenizer's own; else the format of
-    its family when the vocabulary has that family's turn tokens; else plain text to continue, with a warning.
-    Never markup the model was not trained on."""
+_INSTRUCTION_TUNED = re.compile(r"(?i)(instruct|chat|assistant|sft|dpo|rlhf|(^|[-_. ])it($|[-_. ]))")
+
+
+def looks_instruction_tuned(*names: str | None) -> bool:
+    """Whether a model's names (file or folder name, GGUF general.name / general.finetune, config _name_or_path)
+    say it was tuned to chat: "...-Instruct", "...-it", "chat", "sft" ..."""
+    return any(n and _INSTRUCTION_TUNED.search(str(n)) for n in names)
+
+
+def serving_template(tokenizer, instruction_tuned: bool = False) -> tuple[str, str]:
+    """(template, note) a served model's conversations are rendered with: the tokenizer's own; else, for a model
+    whose names say it is instruction-tuned, its family's format when the vocabulary has that family's turn tokens;
+    else plain text to continue, with a warning. A base model's vocabulary often has the turn tokens too (Gemma 3
+    270M's does) without having been trained on them. Never markup the model was not trained on."""
     own = getattr(tokenizer, "chat_template", None)
     if own:
         return own, ""
     vocab = tokenizer.get_vocab()
-    for family, tokens, template in FAMILY_TEMPLATES:
-        if all(t in vocab for t in tokens):
-            return template, f"no chat template in the tokenizer: using the {family} format (its turn tokens are in " \
-                             "the vocabulary)"
-    return PLAIN_TEMPLATE, ("warning: no chat template and no known chat format in the vocabulary: plain completion "
-                            "(the model continues the text of the messages)")
+    family = next(((name, template) for name, tokens, template in FAMILY_TEMPLATES
+                   if all(t in vocab for t in tokens)), None)
+    if family and instruction_tuned:
+        return family[1], (f"no chat template in the tokenizer: using the {family[0]} format (an instruction-tuned "
+                           "model whose vocabulary has its turn tokens)")
+    why = (f"its vocabulary has {family[0]}'s turn tokens but its name does not say it was tuned to chat"
+           if family else "no known chat format in its vocabulary")
+    bos = tokenizer.bos_token_id
+    # the document-start token, where the tokenizer itself puts one before a text (Gemma, Llama), as in training
+    starts_with_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    return "{{ bos_token }}" * starts_with_bos + PLAIN_TEMPLATE, (f"warning: no chat template ({why}): plain completion, the model continues the text of "
+                            "the messages; give the tokenizer a chat_template to chat")
 
 
 # ---------------------------------------------------------------------------------------------------------

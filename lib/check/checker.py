@@ -16,7 +16,7 @@ from lib.check.detect import detect
 from lib.check.formulas import FORMULAS, estimates, fmt_bytes, fmt_params, stored_weights
 from lib.check.source import open_source
 from lib.check.verdict import compatibility, recommend, requirements
-from lib.config import CheckConfig, Config
+from lib.config import CheckConfig, Config, ServeConfig
 from lib.hardware import probe_hardware
 from lib.serving.engines import planned_engine
 from lib.stages import stage_dir
@@ -28,11 +28,13 @@ REPORT_VERSION = 1
 # The report.
 
 def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None = None,
-                disk_path: str | Path = "~") -> dict:
+                disk_path: str | Path = "~", serve_context: int | None = None) -> dict:
     """Analyse a model reference (see module docstring) and return the report as a dict (JSON-ready).
 
     hardware: a probe_hardware() result to judge against (default: probe this machine); disk_path: where
-    the model would be installed (free disk is measured there). Raises UserError for a model that cannot be
+    the model would be installed (free disk is measured there); serve_context: the longest context the server
+    runs a model with (serve.max_context; default ServeConfig's), which sizes the KV cache. Raises UserError for a
+    model that cannot be
     found, read or recognised.
     """
     cfg = cfg or CheckConfig()
@@ -42,7 +44,7 @@ def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None 
     headers = src.safetensors_headers() if det.gguf is None else {}
     stored = stored_weights(src, det, headers)
     hw = hardware or probe_hardware(disk_path)
-    est = estimates(src, det, cfg, stored, hw)
+    est = estimates(src, det, cfg, stored, hw, serve_context or ServeConfig().max_context)
     reqs = requirements(src, det)
     compat = compatibility(det, est, hw)
     rec = recommend(compat["inference"], det, hw)
@@ -216,13 +218,13 @@ def run_check(cfg: Config, ref: str | None = None, out: str | Path | None = None
     if ref is None:
         export = require_stage(cfg, "04_export", "Run the export stage first (snakemake export), or name a model: "
                                                  "05_check.py PATH|FILE.gguf|owner/name")
-        report = check_model(str(export), cfg.check, disk_path=_install_disk(cfg))
+        report = check_model(str(export), cfg.check, disk_path=_install_disk(cfg), serve_context=cfg.serve.max_context)
         with stage_output(cfg, "05_check") as (tmp, extra):
             write_report(report, tmp)
             extra.update({"model": str(export), "verdict": report["verdict"]})
         out_dir = stage_dir(cfg, "05_check")
     else:
-        report = check_model(ref, cfg.check, disk_path=_install_disk(cfg))
+        report = check_model(ref, cfg.check, disk_path=_install_disk(cfg), serve_context=cfg.serve.max_context)
         out_dir = write_report(report, out or default_report_dir(cfg.artifacts_dir, ref))
     if echo:
         echo(format_report(report))

@@ -342,7 +342,10 @@ def _dtype_key(name: str | None) -> str | None:
             "BF16": "bf16"}.get(name or "")
 
 
-def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: dict) -> dict:
+def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: dict,
+              serve_context: int | None = None) -> dict:
+    """Parameters, disk and memory. Inference is sized at check.seq_len, else at the context a server runs the
+    model with: its own context, capped at serve_context (serve.max_context) for a decoder."""
     d = dims_of(det)
     # encoders run one forward pass over the whole input: there is no KV cache to keep
     d.kv_cache = det.task not in ENCODER_TASKS
@@ -355,7 +358,7 @@ def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: d
         P, source = int(stored["bytes"] / 2), "file size / 2 (assumes fp16/bf16 weights)"
     context = d.context or DEFAULT_CONTEXT
     files_bytes = sum(src.files.values())
-    installed = files_bytes if det.gguf is None else files_bytes + int((P or 0) * 4)
+    installed = files_bytes  # a GGUF is installed as it came (install.gguf_hf_copy adds an fp32 copy)
     disk = {"model_files": files_bytes, "installed_model": installed, "environment": ENV_DISK_BYTES,
             "total_shared_env": installed + ENV_DISK_BYTES["shared (--system-site-packages)"],
             "free": hw["disk"]["free_bytes"], "path": hw["disk"]["path"]}
@@ -365,7 +368,7 @@ def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: d
                 "context_length": context, "context_assumed": d.context is None, "inference": None,
                 "weights_bytes": None, "disk": disk,
                 "unknown": "no safetensors/GGUF headers, no weight files and no formula for this model type"}
-    seq = cfg.seq_len or context
+    seq = cfg.seq_len or (min(context, serve_context) if serve_context and d.kv_cache else context)
     if stored.get("main_dtype"):
         stored_dtype = _dtype_key(stored["main_dtype"])
     elif det.gguf is not None:

@@ -102,7 +102,7 @@ class InstallLog:
 
 
 def load_or_run_check(ref: str, check_cfg: CheckConfig, report_path: str | Path | None, disk_path: Path,
-                      log: Callable[[str], None]) -> dict:
+                      log: Callable[[str], None], serve_context: int | None = None) -> dict:
     """The saved check report if it is for this very model (same fingerprint, same report version), else a new check."""
     if report_path and Path(report_path).is_file():
         try:
@@ -115,7 +115,7 @@ def load_or_run_check(ref: str, check_cfg: CheckConfig, report_path: str | Path 
                 return saved
             log(f"check: {report_path} is stale (the model changed since); checking again")
     log(f"check: analysing {ref}")
-    return check_model(ref, check_cfg, disk_path=disk_path)
+    return check_model(ref, check_cfg, disk_path=disk_path, serve_context=serve_context)
 
 
 def refusal(report: dict, trust_remote_code: bool) -> list[str]:
@@ -271,7 +271,7 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         messages.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {msg}")
         echo(msg)
 
-    report = load_or_run_check(ref, check_cfg, report_path, models_dir, early)
+    report = load_or_run_check(ref, check_cfg, report_path, models_dir, early, serve_cfg.max_context)
     problems = refusal(report, cfg.trust_remote_code)
     if problems:
         echo(format_report(report))

@@ -93,6 +93,12 @@ class LlamaCppModel:
         self.rounds = 0  # llama_decode calls, and how many sequences they advanced: the batching at work
         self.round_sequences = 0
 
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text (e.g. "general.name"), None when the file does not have it."""
+        buf = ctypes.create_string_buffer(512)
+        n = self.L.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
     def close(self) -> None:
         if getattr(self, "ctx", None):
             self.L.llama_batch_free(self.batch)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lib.chat import end_of_turn_ids, serving_template
+from lib.chat import end_of_turn_ids, looks_instruction_tuned, serving_template
 from lib.data.tokenizer import load_tokenizer
 from lib.errors import UserError
 from lib.export.convert import gguf_to_hf
@@ -117,12 +117,13 @@ def load_model(ref: ModelRef, device: str = "auto", engine: str = "auto", max_ac
     engine, note = choose_engine(ref, device, engine)
     if engine == "llama.cpp":
         return _load_llamacpp(ref, note, max_active, max_context)
-    return _load_torch(ref, device, note)
+    return _load_torch(ref, device, note, max_context)
 
 
-def _load_torch(ref: ModelRef, device: str, note: str) -> LoadedModel:
+def _load_torch(ref: ModelRef, device: str, note: str, max_context: int = 4096) -> LoadedModel:
     """A model from its HF folder (safetensors only): our HomeLLM for the Llama architecture (model_type "llama"),
-    transformers' own class for every other causal LM (engine "transformers")."""
+    transformers' own class for every other causal LM (engine "transformers"). Replies use at most max_context
+    tokens of the model's context (serve.max_context, as llama.cpp's cache; 05_check sizes memory at it)."""
     import torch
 
     hf_dir = ref.path
@@ -150,17 +151,18 @@ def _load_torch(ref: ModelRef, device: str, note: str) -> LoadedModel:
     if isinstance(n_vocab, int) and largest_id >= n_vocab:
         raise UserError(f"{hf_dir}: the tokenizer has token id {largest_id} but the model's vocab_size is {n_vocab} "
                         f"(config.json); the tokenizer files do not belong to this model")
-    note = _with_template(tokenizer, note)
-    return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=int(context),
+    note = _with_template(tokenizer, note, hf_dir.name, hf_dir.parent.name, config.get("_name_or_path"))
+    return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=min(int(context), max_context),
                        stop_token_ids=sorted(end_of_turn_ids(tokenizer, hf_dir)), device=device, dtype=str(dtype).split(".")[-1],
                        parameters=model.num_params(), config=config,
                        # a byte-level token's string has one character per byte, so it bounds the decoded length
                        max_token_chars=max(len(t) for t in tokenizer.get_vocab()), engine=engine, engine_note=note)
 
 
-def _with_template(tokenizer, note: str) -> str:
-    """Give the tokenizer the template it is served with (lib.chat.serving_template); the note says which."""
-    template, why = serving_template(tokenizer)
+def _with_template(tokenizer, note: str, *names) -> str:
+    """Give the tokenizer the template it is served with (lib.chat.serving_template, told whether the model's
+    `names` say it is instruction-tuned); the note says which."""
+    template, why = serving_template(tokenizer, looks_instruction_tuned(*names))
     tokenizer.chat_template = template
     return f"{note}; {why}" if why else note
 
@@ -196,7 +198,8 @@ def _load_llamacpp(ref: ModelRef, note: str, max_active: int, max_context: int) 
     config = json.loads((ref.path / "config.json").read_text(encoding="utf-8")) if ref.path is not None else {}
     config.setdefault("vocab_size", model.n_vocab)
     stop_ids = sorted(end_of_turn_ids(tokenizer, ref.path if ref.path is not None else ref.gguf.parent))
-    note = _with_template(tokenizer, note)
+    note = _with_template(tokenizer, note, ref.gguf.stem, model.meta("general.name"), model.meta("general.finetune"),
+                          ref.path.name if ref.path is not None else None)
     quant = re.search(r"(?i)(q\d+_[a-z0-9_]+|i?q\d_\w+|bf16|f16|f32)$", ref.gguf.stem)
     quant = quant.group(1) if quant else "model"
     return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=model.n_ctx_seq,

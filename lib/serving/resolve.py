@@ -141,13 +141,12 @@ def models_dir_of(cfg: Config, override: str | Path | None = None) -> Path:
 def installed_ref(folder: Path, quick: bool = False) -> ModelRef:
     """A verified install as a ModelRef. quick: only check the file list (listings); loading hashes every file."""
     verify_install(folder, quick=quick)  # UserError naming missing or changed files
-    hf = find_hf_dir(folder)
-    if hf is None:
-        raise UserError(f"{folder}: an installed model folder should hold model/config.json; it does not. "
-                        f"Reinstall it with `python 06_install.py`.")
+    hf, gguf = find_hf_dir(folder), find_gguf(folder)
+    if hf is None and gguf is None:
+        raise UserError(f"{folder}: an installed model folder should hold model/config.json or a GGUF file in gguf/; "
+                        f"it has neither. Reinstall it with `python 06_install.py`.")
     info = read_json(folder / INFO) if (folder / INFO).is_file() else {}
-    return ModelRef(id=folder.name, path=hf, source="installed", info=info, install_dir=folder,
-                    gguf=find_gguf(folder))
+    return ModelRef(id=folder.name, path=hf, source="installed", info=info, install_dir=folder, gguf=gguf)
 
 
 def installed_models(models_dir: str | Path) -> list[ModelRef]:
