@@ -158,8 +158,8 @@ def main(argv=None) -> int:
     tokens = np.random.default_rng(1).integers(0, a.vocab, 2_000_000).astype(np.uint16 if a.vocab <= 65536 else np.uint32)
     tokens.tofile(Path(tmp.name) / "train.bin")
     windows = TokenWindows(Path(tmp.name) / "train.bin", tokens.dtype.name, a.seq, a.batch, 1, "random", 1, "train")
-    # the optimizer the training loop builds (lib.train.loop: decay on matrices only, torch's default foreach)
-    optims = {name: torch.optim.AdamW(param_groups(m, 0.1), lr=1e-4, fused=False) for name, m in models.items()}
+    # the optimizer the training loop builds on one process (lib.train.loop: decay on matrices only, fused)
+    optims = {name: torch.optim.AdamW(param_groups(m, 0.1), lr=1e-4, fused=True) for name, m in models.items()}
     count = {name: 0 for name in models}
 
     def step(name) -> float:
@@ -242,6 +242,21 @@ def main(argv=None) -> int:
               "profiler itself adds a little to each op):")
         for row, sec in rows.items():
             print(f"  {row:<52} {sec * 1e3:>8.1f} ms  {sec / wall:>4.0%}")
+    if a.profile_steps:  # the training loop's choice of AdamW, measured here against the multi-tensor one
+        m = models["ours (HomeLLM)"]
+        for p_ in m.parameters():
+            p_.grad = torch.randn_like(p_) * 1e-3
+        opts = {"foreach": torch.optim.AdamW(param_groups(m, 0.1), lr=1e-9, fused=False),
+                "fused": torch.optim.AdamW(param_groups(m, 0.1), lr=1e-9, fused=True)}
+        best = {k: float("inf") for k in opts}
+        for _ in range(5):
+            for k, opt in opts.items():
+                t0 = clock()
+                opt.step()
+                best[k] = min(best[k], clock() - t0)
+        print(f"AdamW step alone ({n_params / 1e6:.1f}M parameters, best of 5, interleaved): multi-tensor "
+              f"{best['foreach'] * 1e3:.1f} ms, fused {best['fused'] * 1e3:.1f} ms (the loop uses fused on one "
+              "process or DDP)")
     if a.no_hf or a.preset == "demo":
         print(f"projected time for 2000 steps of this shape: {2000 * tokens / tps['ours (HomeLLM)'] / 60:.1f} min")
     return 0
