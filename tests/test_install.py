@@ -262,7 +262,8 @@ def test_list_info_remove_and_config_cli(tiny_chat_model, tmp_path):
     assert res.returncode == 0, res.stderr
     assert f"installed: {models / 't1'}" in res.stdout
     res = run_install_cli("list", "--models-dir", models, env=env)
-    assert res.returncode == 0 and re.search(r"^t1\s+\d+ [KM]B\s+text-generation\s+\d{4}-", res.stdout, flags=re.M)
+    assert res.returncode == 0 and re.search(r"^t1\s+\d+ [KM]B\s+text-generation\s+torch\s+float32\s+\d{4}-",
+                                             res.stdout, flags=re.M), res.stdout
     res = run_install_cli("info", "t1", "--models-dir", models, env=env)
     assert res.returncode == 0 and "verify        ok" in res.stdout and "context       256" in res.stdout
     res = run_install_cli("remove", "t1", "--models-dir", models, env=env)  # no terminal to ask on, no --yes

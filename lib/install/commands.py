@@ -52,10 +52,11 @@ def _pipeline_ref(cfg: Config) -> tuple[str, Path]:
 def format_list(entries: list[dict], models_dir: Path) -> str:
     if not entries:
         return f"no models installed in {models_dir}"
-    lines = [f"{'name':<32} {'size':>10} {'type':<16} {'installed':<17} from"]
+    lines = [f"{'name':<32} {'size':>10} {'type':<16} {'engine':<12} {'weights':<14} {'installed':<17} from"]
     for e in entries:
         when = str(e["installed_at"] or "")[:16].replace("T", " ")
-        lines.append(f"{e['name']:<32} {fmt_bytes(e['size_bytes']):>10} {str(e['task']):<16} {when:<17} "
+        lines.append(f"{e['name']:<32} {fmt_bytes(e['size_bytes']):>10} {str(e['task']):<16} "
+                     f"{str(e.get('engine') or '-'):<12} {str(e.get('weights') or '-'):<14} {when:<17} "
                      f"{describe_origin(e.get('origin'), e['source'])}")
     return "\n".join(lines)
 

@@ -87,8 +87,20 @@ def list_installed(models_dir: str | Path) -> list[dict]:
             info = {}
         out.append({"name": d.name, "path": str(d), "task": info.get("task"), "size_bytes": info.get("size_bytes"),
                     "installed_at": info.get("installed_at"), "source": (info.get("source") or {}).get("ref"),
-                    "origin": info.get("origin"), "params": info.get("params")})
+                    "origin": info.get("origin"), "params": info.get("params"),
+                    "engine": ((info.get("check") or {}).get("verdict") or {}).get("engine"),
+                    "weights": _weights_label(info)})
     return out
+
+
+def _weights_label(info: dict) -> str | None:
+    """What the install serves, as a user says it: a GGUF's quantization (Q4_K_M ...), else the stored dtype."""
+    model = (info.get("check") or {}).get("model") or {}
+    if (model.get("gguf") or {}).get("file_type"):
+        return f"gguf {model['gguf']['file_type']}"
+    if info.get("gguf_files"):
+        return "gguf " + ", ".join(Path(f).stem.rsplit("-", 1)[-1] for f in info["gguf_files"])
+    return model.get("config_dtype")
 
 
 def resolve_installed(name_or_path: str | Path, models_dir: str | Path) -> Path:
