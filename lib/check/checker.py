@@ -21,7 +21,7 @@ from lib.hardware import probe_hardware
 from lib.serving.engines import planned_engine
 from lib.stages import stage_dir
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: the verdict names the engine and endpoints; inference is sized at the served context
 
 
 # ---------------------------------------------------------------------------------------------------------
