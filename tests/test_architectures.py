@@ -71,6 +71,9 @@ def test_every_installable_architecture_answers_through_start_sh(arch, tiny_chat
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"engine {v['engine']}" in res.stderr
+    # start.sh keeps what the server printed: the post-test's run, then this one
+    log = (folder / "logs" / "server.log").read_text()
+    assert log.count("--- ") == 2 and log.count(f"engine {v['engine']}") == 2
 
 
 @pytest.mark.slow

@@ -108,6 +108,7 @@ def test_start_sh_runs_07_serve_with_this_folder(installed_tiny, tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[:-1] == [str(installed_tiny / "runtime" / "07_serve.py"), "--model",
                                             str(installed_tiny), "--config", str(installed_tiny / "config.yaml"),
+                                            "--log-file", str(installed_tiny / "logs" / "server.log"),
                                             "--port", "8123"]
 
 

@@ -54,7 +54,7 @@ START_SH = """#!/bin/sh
 # Start the chat server for the installed model "{name}" (written by 06_install.py on {date}).
 # Everything is found relative to this folder, so it keeps working when the Models at Home checkout is moved or
 # deleted, or this models dir is moved. PYTHON=... overrides the interpreter; extra arguments go to 07_serve.py
-# (e.g. ./start.sh --port 8000).
+# (e.g. ./start.sh --port 8000). What the server prints on stderr is also appended to logs/server.log.
 set -e
 HERE="$(cd "$(dirname "$0")" && pwd)"
 if [ -z "$PYTHON" ]; then
@@ -64,7 +64,8 @@ if [ ! -x "$PYTHON" ]; then
   echo "start.sh: no Python environment at $PYTHON; reinstall the model with 06_install.py, or set PYTHON" >&2
   exit 1
 fi
-exec "$PYTHON" "$HERE/runtime/07_serve.py" --model "$HERE" --config "$HERE/config.yaml" "$@"
+exec "$PYTHON" "$HERE/runtime/07_serve.py" --model "$HERE" --config "$HERE/config.yaml" \\
+  --log-file "$HERE/logs/server.log" "$@"
 """
 
 

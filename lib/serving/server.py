@@ -50,6 +50,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help="answer this one prompt on stdout and exit ('-' reads it from stdin)")
     p.add_argument("--system", help="system prompt for --cli / --prompt")
     p.add_argument("--seed", type=int, help="sampling seed for --cli / --prompt (default: random)")
+    p.add_argument("--log-file", help="also append what the server prints on stderr (loading, engine, requests, "
+                                      "errors) to this file; an install's start.sh passes logs/server.log")
     p.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1 …")
     p.add_argument("--engine", choices=["auto", "torch", "llama.cpp"],
                    help="what decodes (default: serve.engine = auto: llama.cpp for a model with a GGUF file on a CPU, "
@@ -216,8 +218,31 @@ class BackgroundServer:
 # The command.
 
 
+class _TeeStderr:
+    """sys.stderr that also appends everything written to it to a log file (line-buffered)."""
+
+    def __init__(self, stream, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.stream, self.file = stream, open(path, "a", encoding="utf-8", buffering=1)
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def serve_command(cfg: Config, args: argparse.Namespace) -> int:
     """What `python 07_serve.py` does with its config and parsed arguments."""
+    if args.log_file:
+        sys.stderr = _TeeStderr(sys.stderr, Path(args.log_file))
+        print(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} 07_serve {' '.join(sys.argv[1:])}", file=sys.stderr,
+              flush=True)
     serve = cfg.serve
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     host = args.host or serve.host
