@@ -195,8 +195,9 @@ def serving_template(tokenizer, instruction_tuned: bool = False) -> tuple[str, s
     bos = tokenizer.bos_token_id
     # the document-start token, where the tokenizer itself puts one before a text (Gemma, Llama), as in training
     starts_with_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-    return "{{ bos_token }}" * starts_with_bos + PLAIN_TEMPLATE, (f"warning: no chat template ({why}): plain completion, the model continues the text of "
-                            "the messages; give the tokenizer a chat_template to chat")
+    template = "{{ bos_token }}" * starts_with_bos + PLAIN_TEMPLATE
+    return template, (f"warning: no chat template ({why}): plain completion, the model continues the text of the "
+                      "messages; give the tokenizer a chat_template to chat")
 
 
 # ---------------------------------------------------------------------------------------------------------

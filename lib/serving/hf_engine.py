@@ -30,13 +30,13 @@ class TransformersLM:
         self._keep_one = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
 
     @classmethod
-    def load(cls, hf_dir: Path, device: str, dtype: torch.dtype, trust_remote_code: bool = False) -> TransformersLM:
+    def load(cls, hf_dir: Path, device: str, dtype: torch.dtype) -> TransformersLM:
+        """Safetensors weights only, and never the model's own Python code (no trust_remote_code)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         try:
-            config = AutoConfig.from_pretrained(str(hf_dir), trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, use_safetensors=True,
-                                                         trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(str(hf_dir))
+            model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, use_safetensors=True)
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"{hf_dir}: transformers cannot load this model as a causal LM ({type(e).__name__}: "
                             f"{e})") from None
