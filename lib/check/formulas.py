@@ -223,6 +223,9 @@ def stored_weights(src: Source, det: Detection, headers: dict) -> dict:
         return {"params": params, "bytes": int(nbytes), "source": "safetensors headers",
                 "dtypes": sorted(dtypes, key=dtypes.get, reverse=True), "main_dtype": main, "format": "safetensors"}
     weights = {f: s for f, s in src.files.items() if f.endswith(WEIGHT_SUFFIXES)}
+    if det.loader == "faster-whisper":  # CTranslate2's own model.bin: a flat binary, not a pickle
+        return {"params": None, "bytes": weights.get("model.bin"), "source": None, "dtypes": [],
+                "format": "ctranslate2"}
     fmt = None
     if any(f.endswith(PICKLE_SUFFIXES) for f in weights):
         fmt = "pytorch-pickle"

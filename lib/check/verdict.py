@@ -58,7 +58,10 @@ def requirements(src: Source, det: Detection) -> dict:
                                          ("librosa", "audio resampling")],
         "image-text-embedding": [("transformers", "CLIP-style model"), ("pillow", "image input")],
     }
-    libs += task_libs.get(det.task, [("transformers", det.task)] if det.loader == "transformers" else [])
+    if det.loader == "faster-whisper":
+        libs.append(("faster-whisper", "runs the CTranslate2 Whisper model (ctranslate2, av)"))
+    else:
+        libs += task_libs.get(det.task, [("transformers", det.task)] if det.loader == "transformers" else [])
     if det.loader == "sentence-transformers":
         libs.append(("sentence-transformers", "pooling/normalisation modules (modules.json)"))
     files = src.files

@@ -52,11 +52,11 @@ def _pipeline_ref(cfg: Config) -> tuple[str, Path]:
 def format_list(entries: list[dict], models_dir: Path) -> str:
     if not entries:
         return f"no models installed in {models_dir}"
-    lines = [f"{'name':<32} {'size':>10} {'type':<16} {'engine':<12} {'weights':<14} {'installed':<17} from"]
+    lines = [f"{'name':<32} {'size':>10} {'type':<11} {'engine':<22} {'weights':<14} {'installed':<17} from"]
     for e in entries:
         when = str(e["installed_at"] or "")[:16].replace("T", " ")
-        lines.append(f"{e['name']:<32} {fmt_bytes(e['size_bytes']):>10} {str(e['task']):<16} "
-                     f"{str(e.get('engine') or '-'):<12} {str(e.get('weights') or '-'):<14} {when:<17} "
+        lines.append(f"{e['name']:<32} {fmt_bytes(e['size_bytes']):>10} {str(e.get('kind') or e['task']):<11} "
+                     f"{str(e.get('engine') or '-'):<22} {str(e.get('weights') or '-'):<14} {when:<17} "
                      f"{describe_origin(e.get('origin'), e['source'])}")
     return "\n".join(lines)
 
@@ -81,7 +81,9 @@ def format_info(folder: Path) -> str:
     pt = info.get("post_test") or {}
     lines = [f"name          {info['name']}", f"path          {folder}",
              f"source        {info['source'].get('ref')} ({info['source'].get('kind')})",
-             f"type          {info['task']} ({info['family']}, {info['architecture']})",
+             f"type          {info.get('kind') or info['task']}: {info['task']} ({info['family']}, "
+             f"{info['architecture']})",
+             f"endpoints     {', '.join(info.get('endpoints') or []) or '-'}",
              f"parameters    {info['params']:,}", f"size          {fmt_bytes(info['size_bytes'])}",
              f"installed     {info['installed_at']} (installer {info['installer_version']})",
              f"context       {caps.get('context_length')}; chat template: {caps.get('chat_template')}",

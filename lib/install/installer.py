@@ -33,6 +33,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -52,16 +53,19 @@ from lib.check import (
 from lib.config import CheckConfig, InstallConfig, ServeConfig
 from lib.errors import UserError
 from lib.export.convert import gguf_to_hf
+from lib.handlers import HANDLERS
 from lib.hub import endpoint, hub_call, hub_token
 from lib.install.models_dir import INFO, MARKER, SUMS, clean_stale, write_sums
 from lib.install.runtime_env import copy_code, own_environment, shared_environment
-from lib.install.scripts import POST_TEST_PROMPT, START_SH, post_install_test, serve_config_yaml
+from lib.install.scripts import START_SH, post_install_test, serve_config_yaml
 from lib.names import check_name, name_from
 
 INSTALLER_VERSION = "1.1"
 # What may be copied from a model folder: configs, safetensors, tokenizer files, chat templates, docs.
 ALLOWED_SUFFIXES = {".json", ".safetensors", ".txt", ".model", ".jinja", ".tiktoken", ".md", ".py"}
 ALLOWED_NAMES = {"LICENSE", "LICENSE.txt", "NOTICE", "USE_POLICY.md", "README.md"}
+# Weights an install takes: never pickle. CTranslate2's model.bin is its own flat format (faster-whisper's).
+WEIGHT_FORMATS = {"safetensors": "*.safetensors", "gguf": "*.gguf", "ctranslate2": "model.bin"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,25 +127,28 @@ def refusal(report: dict, trust_remote_code: bool) -> list[str]:
     problems = []
     m, v = report["model"], report["verdict"]
     if not v["servable"]:
-        problems.append(f"its type is {m['task']} ({m['family']}); installs are for text-generation models "
-                        "that 07_serve can chat with")
+        problems.append(f"its type is {m['task']} ({m['family']}) and no handler serves that: installs are for "
+                        f"{', '.join(HANDLERS)} models (lib/handlers.py)")
     for p in v["problems"]:
         if "auto_map" in p and trust_remote_code:
             continue
         problems.append(p)
-    if report["files"]["weight_format"] not in ("safetensors", "gguf") and report["source"]["kind"] != "gguf":
+    if report["files"]["weight_format"] not in WEIGHT_FORMATS and report["source"]["kind"] != "gguf":
         problems.append(f"no safetensors weights (found: {report['files']['weight_format'] or 'none'})")
     return list(dict.fromkeys(problems))
 
 
-def _copy_model_files(src_dir: Path, dst: Path, trust_remote_code: bool, log) -> int:
-    """Copy what a model needs; never pickle weights; .py (custom code) only when trusted."""
+def _copy_model_files(src_dir: Path, dst: Path, trust_remote_code: bool, log, weight_format: str | None) -> int:
+    """Copy what a model needs; never pickle weights; .py (custom code) only when trusted; CTranslate2's model.bin
+    only for a model the check found to be in that format."""
     n, skipped = 0, []
     for p in sorted(src_dir.rglob("*")):
         rel = p.relative_to(src_dir)
         if not p.is_file() or any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
             continue
         ok = p.suffix in ALLOWED_SUFFIXES or p.name in ALLOWED_NAMES
+        if weight_format == "ctranslate2" and rel.as_posix() == "model.bin":
+            ok = True
         if p.suffix == ".py" and not trust_remote_code:
             ok = False
         if not ok:
@@ -204,18 +211,25 @@ def _model_requirements(report: dict) -> tuple[list[str], list[str]]:
     wanted += [r["name"] for r in report["requirements"]["special"] if not r["optional"]]
     have, missing = [], []
     for n in dict.fromkeys(wanted):
-        try:
-            importlib.metadata.version(n)
-            have.append(n)
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(n)
+        (have if _installed(n) else missing).append(n)
     return have, missing
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.version(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def _environment(tmp: Path, models_dir: Path, report: dict, own: bool, log) -> Path:
     """The Python the install runs with, outside the checkout (lib/runtime_env): shared in the models dir, or
     its own venv/ with --venv. Requirements missing here are pip-installed into an own venv (needs network)."""
     have, missing = _model_requirements(report)
+    for dist in HANDLERS[report["verdict"]["kind"]].requires:  # what the server needs for this kind of model
+        (have if _installed(dist) else missing).append(dist)
+    have, missing = list(dict.fromkeys(have)), list(dict.fromkeys(missing))
     if missing and not own:
         raise UserError(f"the model needs {', '.join(missing)}, which is not installed here; install it with pip, "
                         "or install the model with --venv to give it an environment of its own")
@@ -302,10 +316,12 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
             _download_hub(report, model_dir, check_cfg, cfg.trust_remote_code, log)
         else:
             model_dir.mkdir()
-            n = _copy_model_files(Path(src["path"]), model_dir, cfg.trust_remote_code, log)
+            n = _copy_model_files(Path(src["path"]), model_dir, cfg.trust_remote_code, log,
+                                  report["files"]["weight_format"])
             log(f"model: copied {n} files from {src['path']}")
-        if src["kind"] != "gguf" and not any(model_dir.rglob("*.safetensors")):
-            raise UserError(f"{ref}: no safetensors weights ended up in the install; refusing (pickle weights are "
+        weights = WEIGHT_FORMATS.get(report["files"]["weight_format"], "*.safetensors")
+        if src["kind"] != "gguf" and not any(model_dir.rglob(weights)):
+            raise UserError(f"{ref}: no {weights} weights ended up in the install; refusing (pickle weights are "
                             "never installed)")
         # a GGUF (the source itself, or one beside an export) goes to gguf/: 07_serve serves it with llama.cpp
         extras = _copy_extras([src["path"]] if src["kind"] == "gguf" else src.get("extras") or [], tmp / "gguf", log)
@@ -328,24 +344,26 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         write_start_sh(tmp)  # the post-test runs it from here
 
         result = None
+        kind = report["verdict"]["kind"]
         if cfg.post_test and report["verdict"].get("cpu_torch_dtype") is None:
             log("post-install test: skipped: the model does not fit this machine's RAM (it needs the GPU)")
         elif cfg.post_test:
-            log(f"post-install test: ./start.sh --prompt {POST_TEST_PROMPT!r} on the CPU, {cfg.post_test_tokens} "
-                "tokens at most")
-            result = post_install_test(tmp, cfg.post_test_tokens)
+            log(f"post-install test: ./start.sh {shlex.join(HANDLERS[kind].post_test)} on the CPU"
+                + (f", {cfg.post_test_tokens} tokens at most" if kind == "chat" else ""))
+            result = post_install_test(tmp, cfg.post_test_tokens, kind=kind)
             if not result.get("ok"):
                 raise UserError(f"{ref}: the post-install test failed: start.sh does not load or answer with the "
                                 f"installed model ({result.get('error')}). Nothing was installed.")
             log(f"post-install test: ok in {result['seconds']} s ({result['engine']}; peak RSS "
-                f"{fmt_bytes(result['peak_rss_bytes'])}): {result['text']!r}")
+                f"{fmt_bytes(result['peak_rss_bytes'])}): {result['text'][:160]!r}")
 
         date = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         info = {
             "name": name, "installed_at": date, "installer_version": INSTALLER_VERSION, "git_commit": git_commit(),
             "source": {**src, "ref": str(ref)}, "task": report["model"]["task"], "family": report["model"]["family"],
             "architecture": report["model"]["architecture"], "params": report["estimates"]["params"]["total"],
-            "capabilities": {"chat_template": report["model"]["chat_template"], "streaming": True,
+            "kind": kind, "engine": report["verdict"]["engine"], "endpoints": report["verdict"]["endpoints"],
+            "capabilities": {"chat_template": report["model"]["chat_template"], "streaming": kind == "chat",
                              "context_length": context},
             "recommended": report["verdict"]["recommended"], "venv": venv,
             # the temp folder is renamed at the end: record where the venv's python will be

@@ -85,10 +85,13 @@ def list_installed(models_dir: str | Path) -> list[dict]:
             info = read_json(d / INFO)
         except (OSError, json.JSONDecodeError):
             info = {}
+        verdict = (info.get("check") or {}).get("verdict") or {}
         out.append({"name": d.name, "path": str(d), "task": info.get("task"), "size_bytes": info.get("size_bytes"),
+                    "kind": info.get("kind") or verdict.get("kind") or ("chat" if info.get("task") ==
+                                                                         "text-generation" else None),
                     "installed_at": info.get("installed_at"), "source": (info.get("source") or {}).get("ref"),
                     "origin": info.get("origin"), "params": info.get("params"),
-                    "engine": ((info.get("check") or {}).get("verdict") or {}).get("engine"),
+                    "engine": verdict.get("engine"),
                     "weights": _weights_label(info)})
     return out
 

@@ -10,22 +10,47 @@ import subprocess
 import tempfile
 import threading
 import time
+import wave
 from pathlib import Path
 
 import yaml
 
 from lib.config import ServeConfig, to_dict
+from lib.handlers import HANDLERS
 
-POST_TEST_PROMPT = "Hello! What is the capital of France?"
+MAX_TEXT = 400  # of the post-test's answer kept in model_info.json (an embedding prints hundreds of numbers)
 
 
-def post_install_test(folder: Path, tokens: int, timeout: float = 900) -> dict:
-    """Answer one prompt the way the user's first `./start.sh --prompt ...` will: the install's own start.sh, its
-    runtime copy of 07_serve, its environment, engine choice and chat template; on the CPU, greedy. Returns
-    {ok, text, engine, seconds, peak_rss_bytes} (ok False with the error's last lines)."""
+def silent_wav(path: Path, seconds: float = 1.0, rate: int = 16000) -> Path:
+    """A clip of silence: what a speech model's post-test transcribes (it loads and decodes; nothing to hear)."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"\0\0" * int(seconds * rate))
+    return path
+
+
+def post_install_test(folder: Path, tokens: int, timeout: float = 900, kind: str = "chat") -> dict:
+    """Ask the installed model once the way the user's first `./start.sh --prompt ...` will: the install's own
+    start.sh, its runtime copy of 07_serve, its environment, engine choice and chat template; on the CPU, greedy.
+    The handler of `kind` (lib.handlers) says what to ask. Returns {ok, args, text, engine, seconds,
+    peak_rss_bytes} (ok False with the error's last lines)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = ["sh", str(folder / "start.sh"), "--prompt", POST_TEST_PROMPT, "--seed", "0", "--device", "cpu",
-           "--set", f"serve.max_new_tokens={tokens}", "--set", "serve.temperature=0.0"]
+    with tempfile.TemporaryDirectory(prefix="post-test-") as tmp:
+        args = [str(silent_wav(Path(tmp) / "silence.wav")) if a == "SILENCE" else a
+                for a in HANDLERS[kind].post_test]
+        result = _run_start_sh(folder, [*args, "--seed", "0", "--device", "cpu", "--set",
+                                        f"serve.max_new_tokens={tokens}", "--set", "serve.temperature=0.0"],
+                               env, timeout)
+    if result["ok"]:
+        result["args"] = list(HANDLERS[kind].post_test)
+        result["text"] = result["text"][:MAX_TEXT]
+    return result
+
+
+def _run_start_sh(folder: Path, args: list[str], env: dict, timeout: float) -> dict:
+    cmd = ["sh", str(folder / "start.sh"), *args]
     t0 = time.time()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=folder)
@@ -46,12 +71,12 @@ def post_install_test(folder: Path, tokens: int, timeout: float = 900) -> dict:
             return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
         tail = [line for line in log.strip().splitlines() if line.strip()][-3:]
         return {"ok": False, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
-    return {"ok": True, "prompt": POST_TEST_PROMPT, "text": text.strip(), "engine": engine, "seconds": seconds,
+    return {"ok": True, "text": text.strip(), "engine": engine, "seconds": seconds,
             "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
 START_SH = """#!/bin/sh
-# Start the chat server for the installed model "{name}" (written by 06_install.py on {date}).
+# Start the server for the installed model "{name}" (written by 06_install.py on {date}).
 # Everything is found relative to this folder, so it keeps working when the Models at Home checkout is moved or
 # deleted, or this models dir is moved. PYTHON=... overrides the interpreter; extra arguments go to 07_serve.py
 # (e.g. ./start.sh --port 8000). What the server prints on stderr is also appended to logs/server.log.

@@ -370,14 +370,7 @@ class OpenAIServer:
     # -- auth ----------------------------------------------------------------------------------------------
 
     def _auth(self, request: Request) -> None:
-        if not self.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>' with the key the "
-                                "server was started with (--api-key)", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+        check_bearer(request, self.api_key)
 
     # -- shared request handling ---------------------------------------------------------------------------
 
@@ -595,25 +588,40 @@ class OpenAIServer:
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], dependencies=ready)
         app.add_api_route("/v1/completions", self.completions, methods=["POST"], dependencies=ready)
 
-        # The other methods on the service paths: a 405 naming the right one (else the UI mounted at / answers 404).
-        async def wrong_method(request: Request):
-            raise APIError(405, f"{request.method} {request.url.path} is not allowed; use GET",
-                           code="method_not_allowed", headers={"Allow": "GET"})
-
-        for path in SERVICE_ROUTES:
-            app.add_api_route(path, wrong_method, methods=["POST", "PUT", "PATCH", "DELETE"])
-
-        # Everything else under /v1 answers in the API's shape, not with the UI's HTML 404 page.
-        @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], dependencies=auth)
-        async def unknown(request: Request, rest: str):
-            path = f"/v1/{rest}"
-            if path in API_ROUTES:
-                raise APIError(405, f"{request.method} {path} is not allowed; use {API_ROUTES[path]}",
-                               code="method_not_allowed", headers={"Allow": API_ROUTES[path]})
-            raise APIError(404, f"no API endpoint {request.method} {path} (this server has "
-                                f"{', '.join(f'{m} {p}' for p, m in API_ROUTES.items())})", code="not_found")
-
+        add_fallback_routes(app, API_ROUTES, auth)
         return app
+
+
+def check_bearer(request: Request, api_key: str | None) -> None:
+    """With an API key, the request must carry 'Authorization: Bearer <key>' (compared in constant time)."""
+    if not api_key:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>' with the key the "
+                            "server was started with (--api-key)", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def add_fallback_routes(app: FastAPI, api_routes: dict[str, str], auth: list) -> None:
+    """A 405 naming the right method on the service paths and the API's own, and a 404 in the API's shape for
+    anything else under /v1 (else the UI mounted at / answers with its HTML page). Added after the real routes."""
+    async def wrong_method(request: Request):
+        raise APIError(405, f"{request.method} {request.url.path} is not allowed; use GET",
+                       code="method_not_allowed", headers={"Allow": "GET"})
+
+    for path in SERVICE_ROUTES:
+        app.add_api_route(path, wrong_method, methods=["POST", "PUT", "PATCH", "DELETE"])
+
+    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], dependencies=auth)
+    async def unknown(request: Request, rest: str):
+        path = f"/v1/{rest}"
+        if path in api_routes:
+            raise APIError(405, f"{request.method} {path} is not allowed; use {api_routes[path]}",
+                           code="method_not_allowed", headers={"Allow": api_routes[path]})
+        raise APIError(404, f"no API endpoint {request.method} {path} (this server has "
+                            f"{', '.join(f'{m} {p}' for p, m in api_routes.items())})", code="not_found")
 
 
 def _public_reason(reason: str | None) -> str | None:

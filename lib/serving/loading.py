@@ -19,11 +19,11 @@ from lib.chat import end_of_turn_ids, looks_instruction_tuned, serving_template
 from lib.data.tokenizer import load_tokenizer
 from lib.errors import UserError
 from lib.export.convert import gguf_to_hf
+from lib.handlers import torch_engine
 from lib.install.models_dir import verify_install
 from lib.model.generate import stream
 from lib.model.hf_io import load_hf
 from lib.serving import llamacpp
-from lib.serving.engines import torch_engine
 from lib.serving.hf_engine import TransformersLM
 from lib.serving.llamacpp import LlamaCppModel
 from lib.serving.resolve import ModelRef

@@ -24,9 +24,12 @@ from pathlib import Path
 
 from lib.config import Config, ServeConfig, to_dict
 from lib.errors import UserError
+from lib.handlers import HANDLERS
+from lib.install.models_dir import verify_install
 from lib.serving.engine import Engine, Metrics
-from lib.serving.loading import load_model
+from lib.serving.loading import load_model, pick_device
 from lib.serving.resolve import ModelRef, available_models, is_chat_model, latest_pipeline_model, resolve_model
+from lib.serving.task_models import kind_of, load_task_model
 
 API_KEY_ENV = "HOMELLM_API_KEY"
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
@@ -48,6 +51,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "model yet, the studio opens by itself")
     p.add_argument("--cli", action="store_true", help="chat in the terminal instead of serving")
     p.add_argument("--prompt", help="answer this one prompt on stdout and exit ('-' reads it from stdin)")
+    p.add_argument("--documents", nargs="+", metavar="DOC",
+                   help="a reranker's documents to rank for --prompt QUERY (prints them best first as JSON)")
+    p.add_argument("--audio", metavar="FILE", help="a speech-to-text model: transcribe this clip on stdout and exit")
     p.add_argument("--system", help="system prompt for --cli / --prompt")
     p.add_argument("--seed", type=int, help="sampling seed for --cli / --prompt (default: random)")
     p.add_argument("--log-file", help="also append what the server prints on stderr (loading, engine, requests, "
@@ -135,9 +141,7 @@ def build_app(engine: Engine | None, serve: ServeConfig, api_key: str | None = N
     its `start(ref)` what loads that model."""
     # The web stack (FastAPI, and gradio below: seconds to import) loads only when serving; --cli and --prompt
     # never import it.
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
-
-    from lib.serving.api import OpenAIServer, StatusCounter
+    from lib.serving.api import OpenAIServer
 
     server = OpenAIServer(engine, serve, api_key, no_model=no_model_note)
     start = None
@@ -150,15 +154,42 @@ def build_app(engine: Engine | None, serve: ServeConfig, api_key: str | None = N
                     server.attach(load_engine(ref, server.metrics))
                 return server.engine
 
-    app = server.app
+    blocks = None
     if ui:  # gradio only with the UI (--no-ui serves the API without it)
-        import gradio as gr
-
         from lib.serving.ui import build_ui
-        from lib.studio.ui import CSS
 
         blocks = build_ui(engine, serve, list_models or (lambda: []), studio=studio, open_tab=open_tab,
                           no_model_note=no_model_note, start=start, default_model=default_model)
+    outer = _mount(server, blocks, api_key, loopback)
+    outer.start = start
+    return outer
+
+
+def build_task_app(model, serve: ServeConfig, api_key: str | None = None, ui: bool = True, loopback: bool = True):
+    """The ASGI app of a model that is not a chat model (lib.handlers): its API and its page."""
+    from lib.serving.task_api import TaskServer
+
+    blocks = None
+    if ui:
+        from lib.serving.task_ui import build_task_ui
+
+        blocks = build_task_ui(model)
+    return _mount(TaskServer(model, serve, api_key), blocks, api_key, loopback)
+
+
+def _mount(server, blocks, api_key: str | None, loopback: bool):
+    """The API server's app with the Gradio page `blocks` (if any) at /, the Host check on loopback and the status
+    counter outermost (so that it also counts the 500s Starlette's error middleware answers)."""
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    from lib.serving.api import StatusCounter
+
+    app = server.app
+    if blocks is not None:
+        import gradio as gr
+
+        from lib.studio.ui import CSS
+
         auth = None
         if api_key:
             # Any user name; the API key is the password.
@@ -166,12 +197,11 @@ def build_app(engine: Engine | None, serve: ServeConfig, api_key: str | None = N
         app = gr.mount_gradio_app(app, blocks, path="/", auth=auth,
                                   auth_message="Log in with any user name and the server's API key as password.",
                                   ssr_mode=False, mcp_server=False, footer_links=["settings"], css=CSS,
-                                  max_file_size="1gb")  # conversation imports and the studio's corpus uploads
+                                  max_file_size="1gb")  # conversation imports, corpus uploads, audio clips
     if loopback:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOOPBACK_HOSTS)
-    # Outermost, so that it also counts the 500s that Starlette's error middleware answers.
     outer = StatusCounter(app, server.metrics)
-    outer.api, outer.start = server, start
+    outer.api = server
     return outer
 
 
@@ -260,6 +290,11 @@ def serve_command(cfg: Config, args: argparse.Namespace) -> int:
               file=log, flush=True)
         return _serve_page(args, cfg, None, host, port, api_key, warning, open_tab="train")
     ref = resolve_model(args.model, cfg, args.models_dir)
+    kind = kind_of(ref)
+    if kind != "chat":
+        return _serve_task(ref, kind, args, serve, host, port, api_key, warning)
+    if args.audio or args.documents:
+        raise UserError(f"--{'audio' if args.audio else 'documents'}: {ref.id} is a chat model; ask it with --prompt")
     print(f"loading {ref.id} from {ref.path or ref.gguf} …", file=log, flush=True)
     engine = _engine(ref, args, serve)
     try:
@@ -276,6 +311,43 @@ def serve_command(cfg: Config, args: argparse.Namespace) -> int:
                            open_tab="train" if args.studio else "chat")
     finally:
         engine.close()
+
+
+def _serve_task(ref: ModelRef, kind: str | None, args, serve: ServeConfig, host: str, port: int,
+                api_key: str | None, warning: str | None) -> int:
+    """Answer once, or serve the API and page, for a model whose handler is not chat (lib.handlers)."""
+    from lib.serving.task_ui import one_shot
+
+    if kind is None:
+        raise UserError(f"--model {ref.id}: 07_serve serves {', '.join(HANDLERS)} models, and this one is none of "
+                        f"them (05_check.py {ref.path or ref.gguf} says what it is)")
+    if args.cli:
+        raise UserError(f"--cli chats with a chat model; {ref.id} is a {kind} model: use "
+                        f"{HANDLERS[kind].cli}, or serve it")
+    if ref.install_dir is not None:
+        verify_install(ref.install_dir)
+    print(f"loading {ref.id} ({kind}) from {ref.path or ref.gguf} …", file=sys.stderr, flush=True)
+    model = load_task_model(ref, kind, pick_device(args.device))
+    print(f"engine {model.engine} ({kind})", file=sys.stderr, flush=True)
+    if args.prompt is not None or args.audio:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        return one_shot(model, prompt, args.documents, args.audio)
+    sock = bind_socket(host, port)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    app = build_task_app(model, serve, api_key, ui=not args.no_ui, loopback=is_loopback(host))
+    url = url_of(sock)
+    print(f"serving {model.id} ({kind}, {model.parameters / 1e6:.1f}M parameters) with {model.engine}", flush=True)
+    print(f"  page:       {url}" if not args.no_ui else "  page:       off (--no-ui)", flush=True)
+    print(f"  API:        {url}v1  ({', '.join(HANDLERS[kind].endpoints)}; auth: "
+          f"{'Bearer key' if api_key else 'none'})", flush=True)
+    print(f"Running on {url}  (Ctrl+C to stop)", flush=True)
+    try:
+        run_server(app, sock)
+    except KeyboardInterrupt:
+        pass
+    print("server stopped", file=sys.stderr, flush=True)
+    return 0
 
 
 def _engine(ref: ModelRef, args, serve: ServeConfig, metrics: Metrics | None = None) -> Engine:
