@@ -30,4 +30,20 @@ if ! .venv/bin/python -c "import llama_cpp" >/dev/null 2>&1; then
   .venv/bin/pip install -q "llama-cpp-python==0.3.36" \
     || echo "warning: llama-cpp-python could not be built; 07_serve will use its torch engine (slower on CPU)" >&2
 fi
+# llama.cpp's own HF -> GGUF converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py), which the
+# PyPI wheel does not ship: taken from the same llama-cpp-python source release, for `06_install.py --quantize`.
+CONVERT=.venv/share/llama.cpp
+if [ ! -f "$CONVERT/convert_hf_to_gguf.py" ]; then
+  TMP=$(mktemp -d)
+  if .venv/bin/pip download -q --no-deps --no-binary :all: "llama-cpp-python==0.3.36" -d "$TMP" >/dev/null 2>&1; then
+    tar xzf "$TMP"/llama_cpp_python-0.3.36.tar.gz -C "$TMP" --wildcards \
+      "*/vendor/llama.cpp/convert_hf_to_gguf.py" "*/vendor/llama.cpp/conversion/*" "*/vendor/llama.cpp/gguf-py/*" \
+      "*/vendor/llama.cpp/LICENSE"
+    mkdir -p "$CONVERT.tmp" && cp -r "$TMP"/llama_cpp_python-0.3.36/vendor/llama.cpp/* "$CONVERT.tmp"/ \
+      && rm -rf "$CONVERT" && mv "$CONVERT.tmp" "$CONVERT"
+  else
+    echo "warning: could not fetch llama.cpp's converter; 06_install.py --quantize of safetensors models is off" >&2
+  fi
+  rm -rf "$TMP"
+fi
 echo "installed into $(pwd)/.venv"

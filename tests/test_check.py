@@ -81,8 +81,10 @@ def test_our_exported_model(tiny_chat_model, tmp_path, hardware):
     assert fp32["total"] == (fp32["weights"] + fp32["kv_cache"] + fp32["activations"] + fp32["tokenizer"]
                              + RUNTIME_OVERHEAD_BYTES)
     assert e["inference"]["by_dtype"]["bf16"]["load_transient"] == exact * 4  # converting from the stored fp32
-    assert r["verdict"] == {"supported": True, "servable": True, "runnable": True, "problems": [],
-                            "kind": "chat", "engine": "torch", "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/models",
+    quantize = r["verdict"].pop("quantize")
+    assert quantize["suggested"] == "q8_0" and all(quantize["fits"].values())
+    assert r["verdict"] == {"supported": True, "servable": True, "runnable": True, "problems": [], "kind": "chat",
+                            "engine": "torch", "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/models",
                                                              "/health"],
                             "recommended": {"device": "cpu", "dtype": cpu_dtype(hardware),
                                             "torch_dtype": TORCH_DTYPE[cpu_dtype(hardware)]},

@@ -15,7 +15,7 @@ from lib.atomic import atomic_write_json, atomic_write_text
 from lib.check.detect import detect
 from lib.check.formulas import FORMULAS, estimates, fmt_bytes, fmt_params, stored_weights
 from lib.check.source import open_source
-from lib.check.verdict import compatibility, recommend, requirements
+from lib.check.verdict import CLOSE_TO_LIMIT, compatibility, recommend, requirements
 from lib.config import CheckConfig, Config, ServeConfig
 from lib.handlers import HANDLERS, planned_engine
 from lib.hardware import probe_hardware
@@ -45,7 +45,7 @@ def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None 
     headers = src.safetensors_headers() if det.gguf is None else {}
     stored = stored_weights(src, det, headers)
     hw = hardware or probe_hardware(disk_path)
-    est = estimates(src, det, cfg, stored, hw, serve_context or ServeConfig().max_context)
+    est = estimates(src, det, cfg, stored, hw, serve_context or ServeConfig().max_context, ServeConfig().max_active)
     reqs = requirements(src, det)
     compat = compatibility(det, est, hw)
     rec = recommend(compat["inference"], det, hw)
@@ -100,10 +100,22 @@ def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None 
             "runnable": rec is not None and not problems,
             "recommended": rec,
             "cpu_torch_dtype": cpu_rec["torch_dtype"] if cpu_rec else None,
+            "quantize": suggest_quantization(est, hw),
             "problems": problems,
         },
         "check_seconds": round(time.time() - t0, 2),
     }
+
+
+def suggest_quantization(est: dict, hw: dict) -> dict | None:
+    """For a causal LM: which `06_install.py --quantize` types fit this machine's RAM when llama.cpp serves them, and
+    the largest that does (its best quality)."""
+    llama = est.get("llama_cpp")
+    if not llama:
+        return None
+    avail = hw["ram"]["available_bytes"] or 0
+    fits = {q: x["total"] <= CLOSE_TO_LIMIT * avail for q, x in llama["by_quant"].items()}
+    return {"fits": fits, "suggested": next((q for q in ("q8_0", "q5_k_m", "q4_k_m") if fits.get(q)), None)}
 
 
 def format_report(r: dict) -> str:
@@ -149,6 +161,18 @@ def format_report(r: dict) -> str:
                                                ("weights", "kv cache", "activ.", "load tmp", "overhead", "total"))]
         for dt, x in inf["by_dtype"].items():
             lines.append(f"  {dt:<6} " + " ".join(f"{fmt_bytes(x[c]):>10}" for c in cols))
+    if e.get("llama_cpp"):
+        lc, q = e["llama_cpp"], v.get("quantize") or {}
+        lines += ["", f"Serving through llama.cpp ({lc['sequences']} replies x {lc['context']} tokens of f16 KV cache; "
+                      f"06_install.py --quantize TYPE)",
+                  f"  {'weights':<10} " + " ".join(f"{c:>10}" for c in ("file", "kv cache", "tokenizer", "total"))
+                  + "  fits"]
+        for name, x in lc["by_quant"].items():
+            mark = "yes" if q.get("fits", {}).get(name) else "no"
+            mark += " (suggested)" if name == q.get("suggested") else ""
+            lines.append(f"  {name:<10} " + " ".join(f"{fmt_bytes(x[c]):>10}" for c in ("weights", "kv_cache",
+                                                                                        "tokenizer", "total"))
+                         + f"  {mark}")
     if "training" in e:
         cpu = e["training"]["cpu"]
         lines += ["", f"Training memory (batch {cpu['batch_size']} x {cpu['seq_len']} tokens, AdamW, "

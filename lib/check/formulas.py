@@ -346,7 +346,7 @@ def _dtype_key(name: str | None) -> str | None:
 
 
 def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: dict,
-              serve_context: int | None = None) -> dict:
+              serve_context: int | None = None, serve_sequences: int = 4) -> dict:
     """Parameters, disk and memory. Inference is sized at check.seq_len, else at the context a server runs the
     model with: its own context, capped at serve_context (serve.max_context) for a decoder."""
     d = dims_of(det)
@@ -391,12 +391,61 @@ def estimates(src: Source, det: Detection, cfg: CheckConfig, stored: dict, hw: d
                       "by_dtype": inference},
         "weights_bytes": {dt: e["weights"] for dt, e in inference.items()},
     }
+    if det.task == "text-generation" and d.hidden and d.layers and d.vocab:
+        weights = {q: quantized_weight_bytes(int(P), d, q) for q in QUANT_BITS}
+        if det.gguf is not None:  # the file as it is, then what re-quantizing it would give
+            weights = {"as stored": stored["bytes"], **{q: w for q, w in weights.items() if q != "f16"}}
+        gguf_tok = 0 if tok else (d.vocab or 0) * GGUF_TOKENIZER_BYTES_PER_TOKEN
+        out["llama_cpp"] = llama_cpp_estimates(d, weights, min(context, serve_context or context), serve_sequences,
+                                               tok or gguf_tok)
     if det.task == "text-generation" and d.hidden and d.layers:
         cpu_act = activation_dtype(training_precision("auto", "cpu", hw)[0])
         out["training"] = {"cpu": estimate_training(P, d, cfg, cpu_act, "fp32"),
                            "gpu": estimate_training(P, d, cfg, "bf16", "bf16")}
     out["disk"] = disk
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Serving through llama.cpp: what `06_install.py --quantize` would store and what the server then holds.
+
+# Bits per weight of llama.cpp's quantizations: (rows whose length is a multiple of 256, other rows). The k-quants work
+# in 256-value super-blocks; a row of another length falls back to a legacy type (Q5_1 / Q5_0 in the Q5_K_M / Q4_K_M
+# mixes). The embedding (and a tied output head) stays Q8_0 in every mix, an untied output head gets Q6_K.
+QUANT_BITS = {"f16": (16.0, 16.0), "q8_0": (8.5, 8.5), "q5_k_m": (5.7, 6.0), "q4_k_m": (4.9, 5.5)}
+EMBED_BITS, HEAD_BITS = 8.5, 6.5625
+# What a 07_serve process holds besides the model when llama.cpp decodes: python, torch and transformers imported, the
+# serving code, llama.cpp's own buffers and allocator slack. Calibrated by bench/bench_check_llamacpp.py on
+# SmolLM2-135M Q4_1 (07_serve --prompt, peak RSS 1.30 GB).
+LLAMA_CPP_RUNTIME_BYTES = 830 * MiB
+# A tokenizer that transformers rebuilds from a GGUF's token list (no tokenizer.json beside it) holds about 1 KB of
+# Python objects per token (measured on SmolLM2's 49,152 tokens: 48.8 MB).
+GGUF_TOKENIZER_BYTES_PER_TOKEN = 993
+
+
+def quantized_weight_bytes(P: int, d: Dims, qtype: str) -> int:
+    """The weights of a llama.cpp GGUF of quantization `qtype` (see QUANT_BITS)."""
+    aligned, other = QUANT_BITS[qtype]
+    bits = aligned if (d.hidden or 0) % 256 == 0 else other
+    embed = (d.vocab or 0) * (d.hidden or 0)
+    head = 0 if d.tied else embed
+    body = max(0, P - embed - head)
+    embed_bits = 16.0 if qtype == "f16" else EMBED_BITS
+    head_bits = 16.0 if qtype == "f16" else HEAD_BITS
+    return int((body * bits + embed * embed_bits + head * head_bits) / 8)
+
+
+def llama_cpp_estimates(d: Dims, weights: dict[str, int], context: int, sequences: int, tokenizer: int) -> dict:
+    """Memory of serving through llama.cpp with each of `weights` ({name: bytes}): the weights (mapped and all read),
+    an f16 KV cache for `sequences` replies of `context` tokens on every layer (allocated and cleared up front;
+    sliding-window layers, which need less, are not told apart), the tokenizer and the runtime."""
+    kv = int(2 * (d.layers or 0) * (d.kv_heads or 0) * (d.head_dim or 0) * context * sequences * 2)
+    out = {}
+    for name, w in weights.items():
+        total = w + kv + tokenizer + LLAMA_CPP_RUNTIME_BYTES
+        out[name] = {"weights": int(w), "kv_cache": kv, "tokenizer": tokenizer, "runtime": LLAMA_CPP_RUNTIME_BYTES,
+                     "total": total}
+    return {"context": context, "sequences": sequences, "by_quant": out}
 
 
 # ---------------------------------------------------------------------------------------------------------

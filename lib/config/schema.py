@@ -300,6 +300,9 @@ class InstallConfig:
     gguf_hf_copy: bool = False
     # allow models whose config asks for custom Python code (auto_map); off: such models are refused
     trust_remote_code: bool = False
+    # install a chat model as a llama.cpp GGUF of this quantization (made with llama.cpp's converter and quantizer;
+    # the install keeps no full-size weights); None: as it came
+    quantize: Optional[Literal["q4_k_m", "q5_k_m", "q8_0"]] = None
 
 
 @dataclass

@@ -140,6 +140,7 @@ def run_install(cfg: Config, args) -> int:
     icfg = InstallConfig(**{**to_dict(cfg.install), "force": args.force or cfg.install.force,
                             "venv": args.venv or cfg.install.venv,
                             "post_test": cfg.install.post_test and not args.no_test,
+                            "quantize": args.quantize or cfg.install.quantize,
                             "trust_remote_code": args.trust_remote_code or cfg.install.trust_remote_code})
 
     def ask(question: str) -> bool:

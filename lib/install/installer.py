@@ -53,9 +53,11 @@ from lib.check import (
 from lib.config import CheckConfig, InstallConfig, ServeConfig
 from lib.errors import UserError
 from lib.export.convert import gguf_to_hf
-from lib.handlers import HANDLERS
+from lib.export.gguf import write_gguf
+from lib.handlers import HANDLERS, torch_engine
 from lib.hub import endpoint, hub_call, hub_token
 from lib.install.models_dir import INFO, MARKER, SUMS, clean_stale, write_sums
+from lib.install.quantize import hf_to_gguf, perplexity, quantize
 from lib.install.runtime_env import copy_code, own_environment, shared_environment
 from lib.install.scripts import START_SH, post_install_test, serve_config_yaml
 from lib.names import check_name, name_from
@@ -323,8 +325,13 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         if src["kind"] != "gguf" and not any(model_dir.rglob(weights)):
             raise UserError(f"{ref}: no {weights} weights ended up in the install; refusing (pickle weights are "
                             "never installed)")
-        # a GGUF (the source itself, or one beside an export) goes to gguf/: 07_serve serves it with llama.cpp
-        extras = _copy_extras([src["path"]] if src["kind"] == "gguf" else src.get("extras") or [], tmp / "gguf", log)
+        quantization = None
+        if cfg.quantize:  # the quantized GGUF alone goes to gguf/; model/ keeps the config and tokenizer
+            quantization = _quantized(report, model_dir, tmp, name, cfg.quantize, log)
+            extras = [quantization["file"]]
+        else:  # a GGUF (the source itself, or one beside an export) goes to gguf/: 07_serve serves it with llama.cpp
+            extras = _copy_extras([src["path"]] if src["kind"] == "gguf" else src.get("extras") or [], tmp / "gguf",
+                                  log)
         (tmp / "logs").mkdir()
         n_files = write_sums(tmp)
         log(f"manifest: {SUMS} over {n_files} files ({time.time() - t0:.1f} s so far)")
@@ -369,7 +376,7 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
             # the temp folder is renamed at the end: record where the venv's python will be
             "python": str(final / "venv" / "bin" / "python") if venv else python, "origin": origin,
             "gguf_files": [e for e in extras if e.endswith(".gguf")], "modelfile": "Modelfile" in extras,
-            "post_test": result, "check": report,
+            "quantization": quantization, "post_test": result, "check": report,
         }
         write_start_sh(final)
         info["size_bytes"] = _dir_size(tmp)
@@ -378,6 +385,58 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         atomic_write_text(tmp / MARKER, date + "\n")
         _normalise_modes(tmp)
     return final
+
+
+def _quantized(report: dict, model_dir: Path, tmp: Path, name: str, qtype: str, log) -> dict:
+    """Make the install's GGUF of quantization `qtype` with llama.cpp's tools (lib.install.quantize) from the best
+    source there is: an f16/f32 GGUF beside an export, the model's safetensors (converted to f16 first: our own
+    GGUF writer for the Llama models HomeLLM serves, llama.cpp's converter for every other architecture), or the
+    GGUF it came as (re-quantized). Returns what model_info.json records, perplexities included."""
+    if report["verdict"]["kind"] != "chat":
+        raise UserError(f"--quantize is for chat models (causal LMs, served by llama.cpp); this is a "
+                        f"{report['verdict']['kind']} model: install it without --quantize")
+    src = report["source"]
+    ggufs = [Path(e) for e in src.get("extras") or [] if e.endswith(".gguf")]
+    full = [g for g in ggufs if re.search(r"(?i)(^|[-_.])(f16|f32|bf16)$", g.stem)]
+    work = tmp / ".quantize"
+    work.mkdir()
+    t0 = time.time()
+    if src["kind"] == "gguf":
+        source, what = Path(src["path"]), f"the GGUF it came as ({report['model']['gguf'].get('file_type')})"
+        log(f"quantize: re-quantizing {source.name}: its full-precision weights are not there, so the result "
+            "carries the error of both quantizations")
+    elif full:
+        source, what = full[0], f"the export's {full[0].name}"
+    else:
+        source = work / f"{name}-f16.gguf"
+        if torch_engine(_read_config(model_dir)) == "torch":
+            what = "its safetensors, written as f16 GGUF by our exporter"
+            write_gguf(model_dir, source, "f16", name)
+        else:
+            what = "its safetensors, converted to f16 GGUF by llama.cpp's convert_hf_to_gguf.py"
+            hf_to_gguf(model_dir, source, label=src.get("repo_id") or src["path"])
+    log(f"quantize: {qtype} from {what}")
+    (tmp / "gguf").mkdir()
+    out = quantize(source, tmp / "gguf" / f"{name}-{qtype.upper()}.gguf", qtype)
+    ppl_src, ppl_q = perplexity(source), perplexity(out)
+    info = {"type": qtype, "source": what, "file": str(out), "bytes": out.stat().st_size,
+            "source_bytes": source.stat().st_size, "perplexity_source": round(ppl_src, 4),
+            "perplexity_quantized": round(ppl_q, 4), "perplexity_change_pct": round(100 * (ppl_q / ppl_src - 1), 2),
+            "seconds": round(time.time() - t0, 1)}
+    shutil.rmtree(work)
+    for w in model_dir.rglob("*.safetensors") if model_dir.is_dir() else []:
+        w.unlink()  # llama.cpp serves the GGUF; model/ keeps the config and tokenizer it reads
+    log(f"quantize: {out.name}, {fmt_bytes(info['bytes'])} (source {fmt_bytes(info['source_bytes'])}); perplexity "
+        f"on the built-in text {ppl_src:.3f} -> {ppl_q:.3f} ({info['perplexity_change_pct']:+.2f}%)")
+    info["file"] = out.name
+    return info
+
+
+def _read_config(model_dir: Path) -> dict:
+    try:
+        return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def pipeline_origin(config_files: list[str]) -> str:

@@ -57,7 +57,7 @@ class LlamaCppModel:
 
         self.L, self.path = L, Path(gguf)
         L.llama_backend_init()
-        _quiet_logs(L)
+        quiet_logs(L)
         mparams = L.llama_model_default_params()
         mparams.use_extra_bufts = llama_cpp_repack()  # off where repacked quantized weights crash (AMX CPUs)
         self.model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
@@ -267,7 +267,7 @@ class LlamaCppModel:
 _LOG_CALLBACK = None
 
 
-def _quiet_logs(L) -> None:
+def quiet_logs(L) -> None:
     """llama.cpp logs every load detail to stderr; keep its errors only (its warnings are about settings we chose,
     e.g. a shared KV pool larger than one sequence's training context)."""
     global _LOG_CALLBACK
