@@ -269,8 +269,17 @@ def test_list_info_remove_and_config_cli(tiny_chat_model, tmp_path):
     assert res.returncode == 0 and "verify        ok" in res.stdout and "context       256" in res.stdout
     res = run_install_cli("remove", "t1", "--models-dir", models, env=env)  # no terminal to ask on, no --yes
     assert res.returncode == 2 and "confirm with --yes" in res.stderr and visible(models) == ["t1"]
+    # two installs share one environment: removing the first keeps it, removing the last removes it too
+    assert run_install_cli("install", tiny_chat_model, "--models-dir", models, "--name", "t2", "--no-test",
+                           env=env).returncode == 0
+    envs = list((models / ".runtime").iterdir())
+    assert len(envs) == 1
     res = run_install_cli("remove", "t1", "--models-dir", models, "--yes", env=env)
-    assert res.returncode == 0 and visible(models) == []
+    assert res.returncode == 0 and visible(models) == ["t2"] and envs[0].is_dir()
+    assert re.search(r"removed .*t1 \(freed \d+ [KM]B\)", res.stdout) and "shared environment" not in res.stdout
+    res = run_install_cli("remove", "t2", "--models-dir", models, "--yes", env=env)
+    assert res.returncode == 0 and visible(models) == [] and not envs[0].exists(), res.stdout
+    assert f"removed the shared environment {envs[0]}: no install uses it any more" in res.stdout
     res = run_install_cli("info", "t1", "--models-dir", models, env=env)
     assert res.returncode == 2 and "no installed model of that name" in res.stderr
 

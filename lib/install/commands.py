@@ -122,11 +122,14 @@ def run_install(cfg: Config, args) -> int:
             if not sys.stdin.isatty():
                 raise UserError(f"06_install.py remove {args.target}: would delete {folder}; confirm with --yes "
                                 "(there is no terminal to ask on)")
-            if input(f"remove {folder}? [y/N] ").strip().lower() not in ("y", "yes"):
+            size = fmt_bytes((read_json(folder / INFO) if (folder / INFO).is_file() else {}).get("size_bytes"))
+            if input(f"remove {folder} ({size})? [y/N] ").strip().lower() not in ("y", "yes"):
                 print("not removed")
                 return 1
-        remove_installed(args.target, models_dir)
-        print(f"removed {folder}")
+        done = remove_installed(args.target, models_dir)
+        print(f"removed {folder} (freed {fmt_bytes(done['freed_bytes'])})")
+        for env in done["environments"]:
+            print(f"removed the shared environment {env}: no install uses it any more")
         return 0
     # install
     name = args.name or cfg.install.name

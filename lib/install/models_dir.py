@@ -174,14 +174,53 @@ def verify_install(path: str | Path, quick: bool = False) -> dict:
     return {"path": str(folder), "files": len(expected), "hashed": not quick}
 
 
-def remove_installed(name: str, models_dir: str | Path) -> Path:
-    """Delete an install, by name only (never by path). It is first renamed to a hidden name, so it vanishes
-    from `list` at once."""
+def remove_installed(name: str, models_dir: str | Path) -> dict:
+    """Delete an install, by name only (never by path), then the shared environments (<models_dir>/.runtime/<id>/)
+    that no install uses any more. The install is first renamed to a hidden name, so it vanishes from `list` (and
+    from a running server's model picker) at once. Returns {"folder", "freed_bytes", "environments": [removed]}."""
     folder = resolve_installed(check_name(name, "install name"), models_dir)
+    freed = _tree_bytes(folder)
     trash = folder.parent / f".{folder.name}.removing-{os.getpid()}-{int(time.time())}"
     os.replace(folder, trash)
     shutil.rmtree(trash, ignore_errors=True)
-    return folder
+    envs = []
+    for env in unused_environments(folder.parent):
+        freed += _tree_bytes(env, unique=True)
+        shutil.rmtree(env, ignore_errors=True)
+        envs.append(env)
+    return {"folder": folder, "freed_bytes": freed, "environments": envs}
+
+
+def environment_of(install: Path) -> Path | None:
+    """The shared environment an install's start.sh runs with (None: its own venv/ or unreadable)."""
+    try:
+        text = (install / "start.sh").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    m = re.search(r'PYTHON="\$HERE/([^"]+)/bin/python"; fi', text)
+    return (install / m.group(1)).resolve() if m else None
+
+
+def unused_environments(models_dir: Path) -> list[Path]:
+    """Shared environments under models_dir/.runtime that no complete install's start.sh points at."""
+    runtime = Path(models_dir) / ".runtime"
+    if not runtime.is_dir():
+        return []
+    used = {environment_of(d) for d in Path(models_dir).iterdir() if _is_install(d)}
+    return [e for e in sorted(runtime.iterdir()) if e.is_dir() and not e.name.startswith(".") and e.resolve()
+            not in used]
+
+
+def _tree_bytes(path: Path, unique: bool = False) -> int:
+    """Bytes of the files under path; unique: only files with no other hard link (an environment's files are linked
+    from the installer's own, so deleting it frees only what was copied)."""
+    total = 0
+    for p in path.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            st = p.stat()
+            if not unique or st.st_nlink == 1:
+                total += st.st_size
+    return total
 
 
 def clean_stale(models_dir: Path) -> None:
