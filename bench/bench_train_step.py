@@ -52,22 +52,29 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     p.add_argument("--no-hf", action="store_true", help="time ours only (e.g. to size a preset)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (bench/bench_gpu.sh); the matmul peak is measured "
+                                                    "on the same device")
     p.add_argument("--compile", action="store_true", help="also time ours with each block torch.compile'd")
     p.add_argument("--profile-steps", type=int, default=3,
                    help="steps of ours profiled (torch.profiler) after the timed rounds for the breakdown (0 = none)")
     return p.parse_args(argv)
 
 
-def matmul_peak(dtype: torch.dtype, shapes: list[tuple[int, int, int]], clock, seconds: float = 0.5) -> float:
-    """Best GFLOP/s over (M, K, N) GEMMs, each run for ~`seconds`."""
+def matmul_peak(dtype: torch.dtype, shapes: list[tuple[int, int, int]], clock, seconds: float = 0.5,
+                device: str = "cpu") -> float:
+    """Best GFLOP/s over (M, K, N) GEMMs on `device`, each run for ~`seconds`."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     best = 0.0
     for m, k, n in shapes:
-        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        a, b = torch.randn(m, k, device=device).to(dtype), torch.randn(k, n, device=device).to(dtype)
         a @ b
+        sync()
         iters, t0 = 0, clock()
         while clock() - t0 < seconds or iters < 2:
-            a @ b
-            iters += 1
+            for _ in range(10 if device.startswith("cuda") else 1):  # a GPU GEMM takes microseconds
+                a @ b
+                iters += 1
+            sync()
         best = max(best, 2 * m * k * n * iters / (clock() - t0) / 1e9)
     return best
 
@@ -129,7 +136,10 @@ def main(argv=None) -> int:
     clock = time.perf_counter if a.clock == "wall" else time.process_time
     from lib.hardware import cpu_has_fast_bf16
 
-    bf16 = a.precision == "bf16" or (a.precision == "auto" and cpu_has_fast_bf16())
+    cuda = a.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU here")
+    bf16 = a.precision == "bf16" or (a.precision == "auto" and (cuda or cpu_has_fast_bf16()))
     dtype = torch.bfloat16 if bf16 else torch.float32
     policy = "bf16 autocast" if bf16 else "fp32"
     if a.precision == "auto":
@@ -137,17 +147,17 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     args = model_args(ModelConfig(preset=a.preset, max_seq_len=max(a.seq, 8)), a.vocab)
-    ours = HomeLLM(args).train()
+    ours = HomeLLM(args).train().to(a.device)
     models = {"ours (HomeLLM)": ours}
     if not a.no_hf:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         cfg = {k: v for k, v in hf_config(args).items() if k not in ("architectures", "model_type", "torch_dtype")}
-        theirs = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa")).train()
+        theirs = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa")).train().to(a.device)
         theirs.load_state_dict(ours.state_dict())  # same weights: the first losses must agree
         models["transformers LlamaForCausalLM"] = theirs
     if a.compile:
-        compiled = HomeLLM(args).train()
+        compiled = HomeLLM(args).train().to(a.device)
         compiled.load_state_dict(ours.state_dict())
         for block in compiled.model.layers:
             block.compile(dynamic=False)
@@ -166,9 +176,10 @@ def main(argv=None) -> int:
         m, opt = models[name], optims[name]
         with record_function("data"):
             batch = windows.get(count[name], 0, 0, 1)  # the same windows for every model, step by step
-            x, y = batch["x"], batch["y"]
+            x, y = batch["x"].to(a.device, non_blocking=True), batch["y"].to(a.device, non_blocking=True)
             count[name] += 1
-        with record_function("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with record_function("forward"), torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16,
+                                                        enabled=bf16):
             if isinstance(m, HomeLLM):
                 _, loss = m(x, y)
             else:  # y is already shifted: shift_labels stops transformers from shifting it again
@@ -193,7 +204,7 @@ def main(argv=None) -> int:
     peaks = []
     times = {name: [] for name in models}
     for _ in range(a.rounds):
-        peaks.append(matmul_peak(dtype, shapes, clock, seconds=0.15))  # in every round: one may be disturbed
+        peaks.append(matmul_peak(dtype, shapes, clock, 0.15, a.device))  # in every round: one may be disturbed
         for name in models:
             for _ in range(a.steps):
                 t0 = clock()
@@ -204,7 +215,8 @@ def main(argv=None) -> int:
     tokens = a.batch * a.seq
     n_params = ours.num_params()
     flops_6n = 6 * n_params
-    print(f"# training-step benchmark: {a.preset} ({n_params / 1e6:.2f}M params, vocab {a.vocab}), batch {a.batch} x "
+    where = torch.cuda.get_device_name() if cuda else f"{torch.get_num_threads()} CPU threads"
+    print(f"# training-step benchmark on {where}: {a.preset} ({n_params / 1e6:.2f}M params, vocab {a.vocab}), batch {a.batch} x "
           f"seq {a.seq} = {tokens} tokens/step, {policy}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, "
           f"{a.clock} clock, {a.rounds} x {a.steps} interleaved steps per model (tok/s from the best)")

@@ -1,0 +1,23 @@
+"""bench/bench_gpu.sh, the GPU checks prepared for a lent GPU machine, runs end to end on this CPU in its dry mode:
+the training-step benchmark eager and compiled, FSDP and DeepSpeed ZeRO-2 pretraining interrupted and resumed through
+`accelerate launch`, LoRA of SmolLM2 (QLoRA needs CUDA)."""
+
+import os
+import subprocess
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_bench_gpu_dry_run_passes_on_the_cpu(tmp_path):
+    res = subprocess.run(["bash", str(ROOT / "bench" / "bench_gpu.sh"), "--dry"], capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "WORK": str(tmp_path)})
+    out = res.stdout
+    assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
+    assert "ours, torch.compile'd blocks" in out and "matmul peak (bfloat16)" in out
+    for launcher in ("fsdp", "deepspeed_zero2"):
+        assert f"{launcher}: received signal 15: checkpoint saved at step" in out
+        assert f"{launcher}: resuming from" in out and f"{launcher}: done: reached" in out
+    assert "## 3. LoRA of SmolLM2-135M" in out and "instruction-tuned model:" in out
+    assert not (tmp_path / "xdg").exists() or not any((tmp_path / "xdg").rglob("*.json"))  # nothing written to ~
