@@ -18,15 +18,18 @@ here. An existing install is replaced only after a yes, or with --force.
 from lib.cli import stage_main
 from lib.install.commands import run_install
 
-COMMANDS = ("install", "list", "info", "remove", "config")
+COMMANDS = ("install", "list", "info", "remove", "config", "train")
 
 
 def add_args(parser):
     parser.add_argument("command", choices=COMMANDS, help="what to do")
     parser.add_argument("target", nargs="?", default=None,
                         help="install: model dir, .gguf file or hub id (default: the pipeline's export); "
-                             "info/remove: an installed name; config: the models dir to set")
-    parser.add_argument("--name", default=None, help="install under this name (default: from the model)")
+                             "info/remove/train: an installed name (or folder); config: the models dir to set")
+    parser.add_argument("data", nargs="?", default=None,
+                        help="train: the fine-tuning data (a file or folder in any format 04_sft reads)")
+    parser.add_argument("--name", default=None, help="install under this name (default: from the model); train: the "
+                                                     "adapter's name (default: lora-<date>)")
     parser.add_argument("--models-dir", default=None, help="where installed models live (default: ~/LLM/models)")
     parser.add_argument("--force", action="store_true", help="replace an existing install / remove without asking")
     parser.add_argument("--yes", action="store_true", help="remove without asking")

@@ -40,7 +40,8 @@ class Handler:
 
 
 HANDLERS = {h.kind: h for h in (
-    Handler("chat", "Chat", "torch", ("/v1/chat/completions", "/v1/completions"), (),
+    Handler("chat", "Chat", "torch", ("/v1/chat/completions", "/v1/completions"),
+            ("peft", "accelerate", "tensorboard", "matplotlib"),  # train.sh: LoRA SFT with the pipeline's loop
             "--prompt TEXT", ("--prompt", POST_TEST_TEXT), "lora-sft"),
     Handler("embedding", "Embeddings", "sentence-transformers", ("/v1/embeddings",), ("sentence-transformers",),
             "--prompt TEXT (prints the vector as JSON)", ("--prompt", POST_TEST_TEXT), None),

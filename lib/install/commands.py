@@ -16,10 +16,12 @@ from lib.check import (
 from lib.cli import config_files
 from lib.config import Config, InstallConfig, to_dict
 from lib.errors import UserError
+from lib.install.finetune import finetune_install
 from lib.install.installer import install_model, pipeline_origin
 from lib.install.models_dir import (
     INFO,
     SUMS,
+    adapters_of,
     list_installed,
     models_dir_and_origin,
     models_dir_for,
@@ -57,7 +59,8 @@ def format_list(entries: list[dict], models_dir: Path) -> str:
         when = str(e["installed_at"] or "")[:16].replace("T", " ")
         lines.append(f"{e['name']:<32} {fmt_bytes(e['size_bytes']):>10} {str(e.get('kind') or e['task']):<11} "
                      f"{str(e.get('engine') or '-'):<22} {str(e.get('weights') or '-'):<14} {when:<17} "
-                     f"{describe_origin(e.get('origin'), e['source'])}")
+                     f"{describe_origin(e.get('origin'), e['source'])}"
+                     + (f" [adapters: {', '.join(e['adapters'])}]" if e.get("adapters") else ""))
     return "\n".join(lines)
 
 
@@ -92,6 +95,8 @@ def format_info(folder: Path) -> str:
              f"engine        {(info.get('check') or {}).get('verdict', {}).get('engine') or 'unknown'}",
              f"post-test     {('ok: ' + repr(pt.get('text'))) if pt.get('ok') else pt or 'skipped'}",
              f"gguf          {', '.join(info.get('gguf_files') or []) or 'none'}",
+             f"adapters      {', '.join(adapters_of(folder)) or 'none'} (train.sh DATA --name NAME; "
+             "start.sh --adapter NAME)",
              f"verify        {verified}",
              f"start         {folder / 'start.sh'}"]
     return "\n".join(lines)
@@ -110,6 +115,12 @@ def run_install(cfg: Config, args) -> int:
         return 0
     if args.command == "list":
         print(format_list(list_installed(models_dir), models_dir))
+        return 0
+    if args.command == "train":
+        if not (args.target and args.data):
+            raise UserError("06_install.py train NAME DATA: expected an installed model and the data to fine-tune on "
+                            "(an install's train.sh passes its own folder)")
+        finetune_install(resolve_installed(args.target, models_dir), args.data, args.name)
         return 0
     if args.command in ("info", "remove"):
         if not args.target:

@@ -59,7 +59,7 @@ from lib.hub import endpoint, hub_call, hub_token
 from lib.install.models_dir import INFO, MARKER, SUMS, clean_stale, write_sums
 from lib.install.quantize import hf_to_gguf, perplexity, quantize
 from lib.install.runtime_env import copy_code, own_environment, shared_environment
-from lib.install.scripts import START_SH, post_install_test, serve_config_yaml
+from lib.install.scripts import START_SH, TRAIN_SH, post_install_test, serve_config_yaml
 from lib.names import check_name, name_from
 
 INSTALLER_VERSION = "1.1"
@@ -344,9 +344,13 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
 
         def write_start_sh(home: Path) -> None:  # start.sh finds the shared python relative to its folder
             shared = os.path.relpath(python, home) if not venv else "venv/bin/python"
-            atomic_write_text(tmp / "start.sh", START_SH.format(name=name, date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                                                shared_python=shared))
-            os.chmod(tmp / "start.sh", 0o755)
+            date = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            scripts = {"start.sh": START_SH}
+            if HANDLERS[report["verdict"]["kind"]].finetune:
+                scripts["train.sh"] = TRAIN_SH
+            for script, text in scripts.items():
+                atomic_write_text(tmp / script, text.format(name=name, date=date, shared_python=shared))
+                os.chmod(tmp / script, 0o755)
 
         write_start_sh(tmp)  # the post-test runs it from here
 

@@ -72,6 +72,9 @@ def _is_install(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".") and (path / MARKER).is_file()
 
 
+ADAPTERS = "adapters"  # <install>/adapters/NAME/: LoRA adapters trained by the install's train.sh
+
+
 def list_installed(models_dir: str | Path) -> list[dict]:
     """Complete installs under models_dir: name, path, task, size, install date, source, parameters."""
     models_dir = Path(models_dir).expanduser()
@@ -91,7 +94,7 @@ def list_installed(models_dir: str | Path) -> list[dict]:
                                                                          "text-generation" else None),
                     "installed_at": info.get("installed_at"), "source": (info.get("source") or {}).get("ref"),
                     "origin": info.get("origin"), "params": info.get("params"),
-                    "engine": verdict.get("engine"),
+                    "engine": verdict.get("engine"), "adapters": adapters_of(d),
                     "weights": _weights_label(info)})
     return out
 
@@ -172,6 +175,15 @@ def verify_install(path: str | Path, quick: bool = False) -> dict:
         raise UserError(f"{folder}: the installed files do not match {SUMS} ({'; '.join(parts)}). The model may "
                         "have been modified or damaged: reinstall it with 06_install.py install ... --force")
     return {"path": str(folder), "files": len(expected), "hashed": not quick}
+
+
+def adapters_of(install: Path) -> list[str]:
+    """The LoRA adapters trained for an install by its train.sh (adapters/NAME/adapter/): what `info`, the UI and
+    start.sh --adapter offer."""
+    root = Path(install) / ADAPTERS
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "adapter" / "adapter_config.json").is_file())
 
 
 def remove_installed(name: str, models_dir: str | Path) -> dict:

@@ -47,7 +47,8 @@ SERVE_DISTRIBUTIONS = ("torch", "numpy", "transformers", "tokenizers", "safetens
                        "gguf", "tqdm", "packaging")
 # Taken along when installed here: the llama.cpp engine (lib.serving.llamacpp; serving falls back to torch without).
 OPTIONAL_DISTRIBUTIONS = ("llama-cpp-python",)
-CODE = ("07_serve.py", "lib")
+# 06_install.py runs train.sh's `train` command, which trains through 04_sft's stage (its script is fingerprinted)
+CODE = ("04_sft.py", "06_install.py", "07_serve.py", "lib")
 
 
 def _norm(name: str) -> str:

@@ -94,6 +94,19 @@ exec "$PYTHON" "$HERE/runtime/07_serve.py" --model "$HERE" --config "$HERE/confi
 """
 
 
+TRAIN_SH = """#!/bin/sh
+# Fine-tune the installed model "{name}" on your own data (written by 06_install.py on {date}):
+#   ./train.sh DATA [--name NAME]      LoRA, settings chosen for this model, data and machine (printed with reasons)
+# The adapter and its training report go to adapters/NAME/; serve it with ./start.sh --adapter NAME.
+set -e
+HERE="$(cd "$(dirname "$0")" && pwd)"
+if [ -z "$PYTHON" ]; then
+  if [ -x "$HERE/venv/bin/python" ]; then PYTHON="$HERE/venv/bin/python"; else PYTHON="$HERE/{shared_python}"; fi
+fi
+exec "$PYTHON" "$HERE/runtime/06_install.py" train "$HERE" "$@" --config "$HERE/config.yaml" --quiet-config
+"""
+
+
 def serve_config_yaml(name: str, context: int | None, serve: ServeConfig) -> str:
     s = to_dict(serve)
     if context:  # leave room for the prompt: at most half the context for one answer

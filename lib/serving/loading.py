@@ -15,18 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lib.atomic import atomic_dir
 from lib.chat import end_of_turn_ids, looks_instruction_tuned, serving_template
 from lib.data.tokenizer import load_tokenizer
 from lib.errors import UserError
 from lib.export.convert import gguf_to_hf
 from lib.handlers import torch_engine
-from lib.install.models_dir import verify_install
+from lib.install.models_dir import ADAPTERS, adapters_of, verify_install
 from lib.model.generate import stream
-from lib.model.hf_io import load_hf
+from lib.model.hf_io import load_hf, save_model_dir
 from lib.serving import llamacpp
 from lib.serving.hf_engine import TransformersLM
 from lib.serving.llamacpp import LlamaCppModel
 from lib.serving.resolve import ModelRef
+from lib.train.base_model import merge_adapter
 
 
 @dataclass
@@ -76,6 +78,29 @@ class LoadedModel:
             "vocab_size": self.config.get("vocab_size"), "device": self.device, "dtype": self.dtype,
             "chat_template": self.has_chat_template, "stop_token_ids": self.stop_token_ids, "info": self.ref.info,
         }
+
+
+def with_adapter(ref: ModelRef, name: str) -> ModelRef:
+    """An installed chat model with its LoRA adapter `name` (trained by its train.sh) merged in: the merged weights
+    are made once into <install>/adapters/NAME/merged/ (atomically) and served like any HF folder."""
+    if ref.install_dir is None:
+        raise UserError(f"--adapter {name}: adapters belong to installed models (train.sh writes them); "
+                        f"{ref.id} is not an install")
+    folder = ref.install_dir / ADAPTERS / name
+    if name not in adapters_of(ref.install_dir):
+        raise UserError(f"--adapter {name}: {ref.install_dir.name} has no such adapter (it has: "
+                        f"{', '.join(adapters_of(ref.install_dir)) or 'none'}); train one with its train.sh")
+    merged = folder / "merged"
+    if not (merged / "config.json").is_file():
+        adapter = folder / "adapter"
+        base = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+        if not (base / "config.json").is_file():  # the install moved: its model/ (or kept base) is where it is now
+            base = next((p for p in (ref.install_dir / "model", ref.install_dir / ADAPTERS / ".base-hf")
+                         if any(p.glob("*.safetensors"))), base)
+        print(f"merging adapter {name} into {base.name} (once) …", file=sys.stderr, flush=True)
+        with atomic_dir(merged) as tmp:
+            save_model_dir(merge_adapter(base, adapter), tmp, load_tokenizer(base))
+    return ModelRef(id=f"{ref.id}+{name}", path=merged, source=ref.source, info=ref.info, gguf=None)
 
 
 def pick_device(device: str = "auto") -> str:

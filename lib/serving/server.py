@@ -27,7 +27,7 @@ from lib.errors import UserError
 from lib.handlers import HANDLERS
 from lib.install.models_dir import verify_install
 from lib.serving.engine import Engine, Metrics
-from lib.serving.loading import load_model, pick_device
+from lib.serving.loading import load_model, pick_device, with_adapter
 from lib.serving.resolve import ModelRef, available_models, is_chat_model, latest_pipeline_model, resolve_model
 from lib.serving.task_models import kind_of, load_task_model
 
@@ -54,6 +54,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--documents", nargs="+", metavar="DOC",
                    help="a reranker's documents to rank for --prompt QUERY (prints them best first as JSON)")
     p.add_argument("--audio", metavar="FILE", help="a speech-to-text model: transcribe this clip on stdout and exit")
+    p.add_argument("--adapter", metavar="NAME", help="an installed chat model with its LoRA adapter NAME (trained by "
+                                                     "its train.sh) merged in")
     p.add_argument("--system", help="system prompt for --cli / --prompt")
     p.add_argument("--seed", type=int, help="sampling seed for --cli / --prompt (default: random)")
     p.add_argument("--log-file", help="also append what the server prints on stderr (loading, engine, requests, "
@@ -295,6 +297,10 @@ def serve_command(cfg: Config, args: argparse.Namespace) -> int:
         return _serve_task(ref, kind, args, serve, host, port, api_key, warning)
     if args.audio or args.documents:
         raise UserError(f"--{'audio' if args.audio else 'documents'}: {ref.id} is a chat model; ask it with --prompt")
+    if args.adapter:
+        if ref.install_dir is not None:
+            verify_install(ref.install_dir)
+        ref = with_adapter(ref, args.adapter)
     print(f"loading {ref.id} from {ref.path or ref.gguf} …", file=log, flush=True)
     engine = _engine(ref, args, serve)
     try:

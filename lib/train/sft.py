@@ -38,7 +38,7 @@ from lib.train.base_model import (
     resolve_base_model,
 )
 from lib.train.coursework import check_coursework_phase2
-from lib.train.loop import Run, fit, make_accelerator, reuse_or_train, work_dir
+from lib.train.loop import Run, evaluate, fit, make_accelerator, reuse_or_train, work_dir
 from lib.train.sft_batches import SftBatches, encode_examples, pack, split_examples
 from lib.train.tracking import copy_run_logs
 
@@ -218,6 +218,10 @@ def train_sft(cfg: Config) -> Path:
                         "or set sft.lora.enabled: false for full fine-tuning")
     work = work_dir(cfg, "04_sft")
     prompts = t.sample_prompts or CHECK_PROMPTS[:1]
+    base_val = None
+    if val is not None and not sharded:  # the base model's val loss: what the fine-tune is judged against
+        base_val = evaluate(model.to(accelerator.device), val, t.eval_batches, accelerator)
+        log(f"val loss before fine-tuning: {base_val:.4f}")
     result = fit(model, train, val, Run(
         t, work, accelerator, seed=cfg.seed, precision_note=note,
         world_batch_tokens=t.batch_size * t.grad_accum * world * train.mean_len,
@@ -271,7 +275,8 @@ def train_sft(cfg: Config) -> Path:
             "parameters": n_params, "trainable_parameters": trainable, "data": data_stats,
             "steps": result.steps, "tokens": result.tokens, "epochs": result.tokens / train.tokens_per_epoch,
             "stop_reason": result.stop_reason, "precision": result.precision, "train_seconds": result.elapsed_s,
-            "best_val_loss": result.best_val_loss, "final_eval": result.last_val, "history": result.history,
+            "base_val_loss": base_val, "best_val_loss": result.best_val_loss, "final_eval": result.last_val,
+            "history": result.history,
             "coursework": rules, "end_of_turn": check, "processes": world,
         })
     log(f"instruction-tuned model: {final}  (val loss {result.last_val.get('val_loss', float('nan')):.4f}; "

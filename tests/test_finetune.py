@@ -1,0 +1,70 @@
+"""Fine-tuning an installed model from its own folder: train.sh DATA --name NAME (LoRA SFT with settings chosen from
+the model, the data and the machine), adapters/NAME/ with its report, start.sh --adapter NAME serving it."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from lib.config import InstallConfig
+from lib.install.finetune import choose_params
+from lib.install.installer import install_model
+from lib.model.dims import Dims
+
+
+def chats(path, n: int):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Say the number {i}."},
+                                             {"role": "assistant", "content": f"Ahoy, number {i}, matey!"}]}) + "\n")
+    return path
+
+
+def test_settings_follow_the_model_the_data_and_the_memory():
+    d = Dims(hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, ffn=1536, vocab=49152)
+    small = {k: v for k, v, _ in choose_params(135_000_000, d, [40] * 100, 100, 16 * 2**30, 8192)}
+    assert small["sft.lora.rank"] == 8 and small["sft.lora.alpha"] == 16.0 and small["sft.train.seq_len"] == 64
+    assert small["sft.train.max_epochs"] == 5.0
+    assert small["sft.train.batch_size"] * small["sft.train.grad_accum"] == 16
+    big = {k: v for k, v, _ in choose_params(7_000_000_000, d, [900] * 20000, 20000, 4 * 2**30, 4096)}
+    assert big["sft.lora.rank"] == 32 and big["sft.train.seq_len"] == 960 and big["sft.train.batch_size"] == 1
+    assert big["sft.train.max_epochs"] == 1.0
+    for _, _, why in choose_params(135_000_000, d, [40] * 100, 100, 16 * 2**30, 8192):
+        assert why  # every setting says why
+
+
+@pytest.mark.slow
+def test_train_sh_writes_an_adapter_that_start_sh_serves(tiny_chat_model, tmp_path):
+    folder = install_model(str(tiny_chat_model), tmp_path / "models", name="tiny", echo=None,
+                           cfg=InstallConfig(post_test=False))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    data = chats(tmp_path / "pirate.jsonl", 60)
+    res = subprocess.run(["sh", str(folder / "train.sh"), str(data), "--name", "pirate"], capture_output=True,
+                         text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "sft.lora.rank" in res.stdout and "start.sh --adapter pirate" in res.stdout
+    adapter = folder / "adapters" / "pirate"
+    report = json.loads((adapter / "training_report.json").read_text())
+    assert (adapter / "adapter" / "adapter_config.json").is_file() and (adapter / "tensorboard").is_dir()
+    assert report["examples"] == 60 and {s["key"] for s in report["settings"]} >= {"sft.lora.rank", "sft.train.lr"}
+    assert report["val_loss_after"] < report["val_loss_before"]
+    assert not (folder / "adapters" / ".work").exists()
+
+    again = subprocess.run(["sh", str(folder / "train.sh"), str(data), "--name", "pirate"], capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert again.returncode == 2 and "an adapter named pirate exists" in again.stderr
+    missing = subprocess.run(["sh", str(folder / "train.sh"), str(tmp_path / "nope.jsonl")], capture_output=True,
+                             text=True, timeout=300, env=env)
+    assert missing.returncode == 2 and "nope.jsonl: no such file" in missing.stderr
+
+    served = subprocess.run(["sh", str(folder / "start.sh"), "--adapter", "pirate", "--prompt", "Say the number 3.",
+                             "--seed", "0", "--set", "serve.max_new_tokens=8"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert served.returncode == 0 and "loading tiny+pirate" in served.stderr, served.stderr[-2000:]
+    assert (adapter / "merged" / "config.json").is_file()
+    wrong = subprocess.run(["sh", str(folder / "start.sh"), "--adapter", "nope", "--prompt", "x"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert wrong.returncode == 2 and "has no such adapter (it has: pirate)" in wrong.stderr
+    info = subprocess.run(["sh", str(folder / "train.sh")], capture_output=True, text=True, env=env)
+    assert info.returncode == 2 and "expected an installed model and the data" in info.stderr
