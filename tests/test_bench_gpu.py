@@ -4,6 +4,7 @@ the training-step benchmark eager and compiled, FSDP and DeepSpeed ZeRO-2 pretra
 
 import os
 import subprocess
+import sys
 
 import pytest
 from conftest import ROOT
@@ -12,7 +13,7 @@ from conftest import ROOT
 @pytest.mark.slow
 def test_bench_gpu_dry_run_passes_on_the_cpu(tmp_path):
     res = subprocess.run(["bash", str(ROOT / "bench" / "bench_gpu.sh"), "--dry"], capture_output=True, text=True,
-                         timeout=900, env={**os.environ, "WORK": str(tmp_path)})
+                         timeout=900, env={**os.environ, "WORK": str(tmp_path), "PYTHON": sys.executable})
     out = res.stdout
     assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
     assert "ours, torch.compile'd blocks" in out and "matmul peak (bfloat16)" in out

@@ -54,7 +54,7 @@ def installed_tiny(request, tiny_chat_model, tmp_path_factory):
 def test_install_layout_manifest_and_info(installed_tiny, tiny_chat_model):
     folder = installed_tiny
     assert sorted(p.name for p in folder.iterdir()) == [MARKER, "SHA256SUMS", "config.yaml", "install.log", "logs",
-                                                         "model", "model_info.json", "runtime", "start.sh"]
+                                                         "model", "model_info.json", "runtime", "start.sh", "train.sh"]
     assert sorted(p.name for p in (folder / "model").iterdir()) == sorted(p.name for p in tiny_chat_model.iterdir())
     for f in tiny_chat_model.iterdir():
         assert (folder / "model" / f.name).read_bytes() == f.read_bytes()
