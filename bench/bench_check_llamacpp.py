@@ -15,10 +15,8 @@ LLAMA_CPP_RUNTIME_BYTES and is shown for reference.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from lib import ROOT
@@ -27,17 +25,16 @@ TOLERANCE = 0.15
 
 
 def measure(gguf: Path) -> tuple[int, float]:
-    """(peak RSS bytes, seconds) of answering one prompt with the llama.cpp engine."""
+    """(peak RSS bytes, seconds) of answering one prompt with the llama.cpp engine, measured as the installer's
+    post-test measures (lib.install.scripts.run_measured: not counting this process's pages in the child's peak)."""
+    from lib.install.scripts import run_measured
+
     cmd = [sys.executable, str(ROOT / "07_serve.py"), "--model", str(gguf), "--prompt", "What is the capital of France?",
            "--device", "cpu", "--seed", "0", "--set", "serve.max_new_tokens=16"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    t0 = time.time()
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{gguf}: 07_serve failed")
-    return usage.ru_maxrss * 1024, time.time() - t0
+    res = run_measured(cmd, {**os.environ, "HF_HUB_OFFLINE": "1"}, ROOT, 900)
+    if res["rc"] != 0:
+        raise SystemExit(f"{gguf}: 07_serve failed: {res['stderr'][-500:]}")
+    return res["peak_rss_bytes"], res["seconds"]
 
 
 def main(argv=None) -> int:

@@ -416,8 +416,8 @@ QUANT_BITS = {"f16": (16.0, 16.0), "q8_0": (8.5, 8.5), "q5_k_m": (5.7, 6.0), "q4
 EMBED_BITS, HEAD_BITS = 8.5, 6.5625
 # What a 07_serve process holds besides the model when llama.cpp decodes: python, torch and transformers imported, the
 # serving code, llama.cpp's own buffers and allocator slack. Calibrated by bench/bench_check_llamacpp.py on
-# SmolLM2-135M Q4_1 (07_serve --prompt, peak RSS 1.30 GB).
-LLAMA_CPP_RUNTIME_BYTES = 830 * MiB
+# SmolLM2-135M Q4_1 (07_serve --prompt, peak RSS 846 MB).
+LLAMA_CPP_RUNTIME_BYTES = 345 * MiB
 # A tokenizer that transformers rebuilds from a GGUF's token list (no tokenizer.json beside it) holds about 1 KB of
 # Python objects per token (measured on SmolLM2's 49,152 tokens: 48.8 MB).
 GGUF_TOKENIZER_BYTES_PER_TOKEN = 993
