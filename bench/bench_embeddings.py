@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,23 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.bench_serve_load import start_server
 
 
 def corpus(n: int) -> list[str]:
     bible = Path(importlib.util.find_spec("bible").submodule_search_locations[0]) / "data" / "kjv.jsonl"
     with open(bible, encoding="utf-8") as f:
         return [json.loads(line)["text"] for line, _ in zip(f, range(n))]
-
-
-def start_server(model: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "07_serve.py", "--model", model, "--port", "0", "--no-ui"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        if line.startswith("Running on "):
-            return proc, line.split()[2]
-    proc.wait()
-    raise SystemExit(f"the server exited with code {proc.returncode} before serving")
 
 
 def ours(url: str, texts: list[str], request: int, threads: int) -> tuple[float, np.ndarray, int]:
@@ -72,7 +61,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     texts = corpus(args.texts)
 
-    proc, url = start_server(args.model)
+    proc, url = start_server(args.model, ["--no-ui"])
     try:
         runs = {f"ours, 1 client x {args.request} texts/request": ours(url, texts, args.request, 1),
                 f"ours, 4 clients x {args.request} texts/request": ours(url, texts, args.request, 4)}

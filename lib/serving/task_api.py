@@ -56,29 +56,27 @@ def _texts(v, what: str = "input") -> list[str]:
     return items
 
 
-class EmbeddingsBody(_Body):
+class _TextsBody(_Body):
+    """A request naming the model and one text or a list of them as `input`."""
+
     model: str
     input: list[str]
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, v):
+        return _texts(v)
+
+
+class EmbeddingsBody(_TextsBody):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
     truncate: bool = False  # an extension: embed the first tokens of a text the model cannot read whole
 
-    @field_validator("input", mode="before")
-    @classmethod
-    def _input(cls, v):
-        return _texts(v)
 
-
-class ClassifyBody(_Body):
-    model: str
-    input: list[str]
+class ClassifyBody(_TextsBody):
     top_k: int | None = Field(default=None, ge=1)
-
-    @field_validator("input", mode="before")
-    @classmethod
-    def _input(cls, v):
-        return _texts(v)
 
 
 class RerankBody(_Body):
