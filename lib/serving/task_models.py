@@ -151,8 +151,13 @@ class Transcriber(TaskModel):
 
 
 def kind_of(ref: ModelRef) -> str | None:
-    """The handler kind that serves `ref`, from its files (lib.check.detect) as 05_check decides it; None when no
-    handler does (07_serve then says what the model is)."""
+    """The handler kind that serves `ref`: what its install recorded, "chat" for the pipeline's own models, else
+    from its files (lib.check.detect) as 05_check decides it; None when no handler does (07_serve then says what the
+    model is). Detection reads a GGUF's whole metadata (9 s for Gemma 3's 262k-token vocabulary): not at every start."""
+    if ref.info.get("kind"):
+        return ref.info["kind"]
+    if ref.source == "pipeline":
+        return "chat"
     det = detect(open_source(str(ref.path or ref.gguf)))
     h = handler_for(det.task, det.full_config, det.loader)
     return h.kind if h else None
