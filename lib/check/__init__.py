@@ -18,6 +18,7 @@ One module per job, in the order a check runs:
 
 from lib.check.checker import (
                                 REPORT_VERSION,
+                                check_code,
                                 check_model,
                                 default_report_dir,
                                 format_report,
@@ -42,5 +43,5 @@ from lib.check.source import Source, open_source, read_safetensors_header
 
 __all__ = ["Detection", "detect", "FRAMEWORK_BYTES", "RUNTIME_OVERHEAD_BYTES", "TORCH_DTYPE", "GiB", "MiB", "dims_of",
            "estimate_inference", "estimate_training", "fmt_bytes", "kv_cache_bytes", "params_from_config",
-           "REPORT_VERSION", "check_model", "default_report_dir", "format_report", "run_check",
+           "REPORT_VERSION", "check_code", "check_model", "default_report_dir", "format_report", "run_check",
            "write_report", "Source", "open_source", "read_safetensors_header"]

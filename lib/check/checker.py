@@ -17,6 +17,7 @@ from lib.check.formulas import FORMULAS, estimates, fmt_bytes, fmt_params, store
 from lib.check.source import open_source
 from lib.check.verdict import CLOSE_TO_LIMIT, compatibility, recommend, requirements
 from lib.config import CheckConfig, Config, ServeConfig
+from lib.fingerprint import code_fingerprint
 from lib.handlers import HANDLERS, planned_engine
 from lib.hardware import probe_hardware
 from lib.stages import stage_dir
@@ -27,6 +28,15 @@ REPORT_VERSION = 3  # 2: the verdict names the engine and endpoints; inference i
 
 # ---------------------------------------------------------------------------------------------------------
 # The report.
+
+
+def check_code() -> str | None:
+    """Fingerprint of the code that writes the report (05_check.py and lib.check with what it imports): a saved
+    report is reused only while it is the same (lib.install.installer.load_or_run_check)."""
+    try:
+        return code_fingerprint("05_check.py", "lib.check")
+    except OSError:  # an install's runtime copy has no 05_check.py
+        return None
 
 def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None = None,
                 disk_path: str | Path = "~", serve_context: int | None = None) -> dict:
@@ -70,7 +80,7 @@ def check_model(ref: str, cfg: CheckConfig | None = None, hardware: dict | None 
     has_gguf = src.kind == "gguf" or any(str(e).endswith(".gguf") for e in src.extras or [])
     served = planned_engine(det.task, full, has_gguf, rec["device"] if rec else "cpu", det.loader)
     return {
-        "report_version": REPORT_VERSION,
+        "report_version": REPORT_VERSION, "code": check_code(),
         "ref": str(ref),
         "source": {"kind": src.kind, "path": str(src.gguf_file or src.root) if src.kind != "hub" else None,
                    "repo_id": src.repo_id, "revision": src.revision, "fingerprint": src.fingerprint(),

@@ -30,7 +30,7 @@ class Detection:
     family: str  # model_type or GGUF architecture
     architecture: str | None  # class name
     detected_by: str  # which rule fired, for the report
-    loader: str | None  # library that loads it: transformers / sentence-transformers / diffusers / None
+    loader: str | None  # library that loads it: transformers / sentence-transformers / diffusers / llama.cpp
     config: dict = field(default_factory=dict)  # the text model's config (the LLM part of a multimodal model)
     full_config: dict = field(default_factory=dict)
     components: dict = field(default_factory=dict)  # diffusers: name -> {library, class, config}
@@ -138,8 +138,10 @@ def detect_gguf(src: Source) -> Detection | None:
         task = "vision-projector"
     else:
         task = "text-generation"
+    # an embedding GGUF is served by llama.cpp itself (lib.handlers); a chat GGUF may also need transformers (GPU)
+    loader = "llama.cpp" if task == "embedding" else "transformers" if arch in GGUF_CONFIG_MAPPING else None
     det = Detection(task=task, family=arch, architecture=arch, detected_by=f"GGUF general.architecture={arch!r}",
-                    loader="transformers" if arch in GGUF_CONFIG_MAPPING else None, gguf=g,
+                    loader=loader, gguf=g,
                     config={k: g[k] for k in ("hidden", "layers", "heads", "kv_heads", "ffn", "vocab",
                                               "context_length", "experts", "experts_used", "ssm_inner",
                                               "ssm_state", "ssm_conv")})

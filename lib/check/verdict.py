@@ -9,6 +9,7 @@ import re
 from lib.check.detect import HYBRID_SSM_TYPES, SSM_TYPES, Detection
 from lib.check.formulas import FRAMEWORK_BYTES, GPU_CONTEXT_BYTES, TORCH_DTYPE, fmt_bytes
 from lib.check.source import Source
+from lib.handlers import is_hf_whisper
 
 # "close to limit" above this share of the available memory
 CLOSE_TO_LIMIT = 0.85
@@ -60,6 +61,11 @@ def requirements(src: Source, det: Detection) -> dict:
     }
     if det.loader == "faster-whisper":
         libs.append(("faster-whisper", "runs the CTranslate2 Whisper model (ctranslate2, av)"))
+    elif is_hf_whisper(det.full_config, det.loader):
+        libs += [("transformers", "reads the model to convert it"),
+                 ("faster-whisper", "runs it, converted to CTranslate2 at install (ctranslate2, av)")]
+    elif det.loader == "llama.cpp":
+        libs.append(("llama-cpp-python", "runs the GGUF model"))
     else:
         libs += task_libs.get(det.task, [("transformers", det.task)] if det.loader == "transformers" else [])
     if det.loader == "sentence-transformers":

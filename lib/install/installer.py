@@ -45,6 +45,7 @@ from lib.artifacts import git_commit, read_json
 from lib.atomic import atomic_dir, atomic_write_json, atomic_write_text, current_umask
 from lib.check import (
     REPORT_VERSION,
+    check_code,
     check_model,
     fmt_bytes,
     format_report,
@@ -54,7 +55,7 @@ from lib.config import CheckConfig, InstallConfig, ServeConfig
 from lib.errors import UserError
 from lib.export.convert import gguf_to_hf
 from lib.export.gguf import write_gguf
-from lib.handlers import HANDLERS, torch_engine
+from lib.handlers import HANDLERS, is_hf_whisper, torch_engine
 from lib.hub import endpoint, hub_call, hub_token
 from lib.install.models_dir import INFO, MARKER, SUMS, clean_stale, write_sums
 from lib.install.quantize import hf_to_gguf, perplexity, quantize
@@ -115,7 +116,7 @@ def load_or_run_check(ref: str, check_cfg: CheckConfig, report_path: str | Path 
             saved = read_json(report_path)
         except (OSError, json.JSONDecodeError):
             saved = None
-        if saved and saved.get("report_version") == REPORT_VERSION:
+        if saved and saved.get("report_version") == REPORT_VERSION and saved.get("code") == check_code():
             if saved["source"]["fingerprint"] == open_source(ref, check_cfg).fingerprint():
                 log(f"check: using {report_path} (model unchanged since {saved.get('created')})")
                 return saved
@@ -325,6 +326,8 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         if src["kind"] != "gguf" and not any(model_dir.rglob(weights)):
             raise UserError(f"{ref}: no {weights} weights ended up in the install; refusing (pickle weights are "
                             "never installed)")
+        if is_hf_whisper({"model_type": report["model"]["model_type"]}, report["model"]["loader"]):
+            _whisper_to_ctranslate2(model_dir, tmp, ref, log)
         quantization = None
         if cfg.quantize:  # the quantized GGUF alone goes to gguf/; model/ keeps the config and tokenizer
             quantization = _quantized(report, model_dir, tmp, name, cfg.quantize, log)
@@ -434,6 +437,28 @@ def _quantized(report: dict, model_dir: Path, tmp: Path, name: str, qtype: str, 
         f"on the built-in text {ppl_src:.3f} -> {ppl_q:.3f} ({info['perplexity_change_pct']:+.2f}%)")
     info["file"] = out.name
     return info
+
+
+def _whisper_to_ctranslate2(model_dir: Path, tmp: Path, ref: str, log) -> None:
+    """Replace model/ (a Hugging Face Whisper) with its CTranslate2 conversion, what faster-whisper reads: the
+    weights as they are (faster-whisper picks int8 or float at load), tokenizer and feature extractor alongside."""
+    import ctranslate2.converters
+
+    hf = tmp / ".whisper-hf"
+    model_dir.rename(hf)
+    keep = [f for f in ("tokenizer.json", "preprocessor_config.json") if (hf / f).is_file()]
+    if "tokenizer.json" not in keep:
+        raise UserError(f"{ref}: this Whisper has no tokenizer.json, which faster-whisper needs; save its processor "
+                        "with a recent transformers (WhisperProcessor.save_pretrained writes it)")
+    t0 = time.time()
+    try:
+        ctranslate2.converters.TransformersConverter(str(hf), copy_files=keep).convert(str(model_dir))
+    except (ValueError, RuntimeError, OSError, KeyError) as e:
+        raise UserError(f"{ref}: CTranslate2 cannot convert this Whisper model ({type(e).__name__}: {e}); nothing "
+                        "was installed") from None
+    shutil.rmtree(hf)
+    log(f"model: Whisper converted to CTranslate2 (faster-whisper's format) in {time.time() - t0:.1f} s; "
+        "the Hugging Face weights are not kept")
 
 
 def _read_config(model_dir: Path) -> dict:

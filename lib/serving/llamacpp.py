@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lib.errors import UserError
 from lib.hardware import llama_cpp_repack
 
@@ -56,14 +58,7 @@ class LlamaCppModel:
         import llama_cpp as L
 
         self.L, self.path = L, Path(gguf)
-        L.llama_backend_init()
-        quiet_logs(L)
-        mparams = L.llama_model_default_params()
-        mparams.use_extra_bufts = llama_cpp_repack()  # off where repacked quantized weights crash (AMX CPUs)
-        self.model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self.model:
-            raise UserError(f"{self.path}: llama.cpp could not load this GGUF file (damaged, or an architecture this "
-                            "llama.cpp build does not know)")
+        self.model = load_gguf(L, self.path)
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = L.llama_model_n_ctx_train(self.model)
@@ -224,8 +219,6 @@ class LlamaCppModel:
         """For each token from ids[start] on: log p(ids[i] | ids[:i]) and whether it was the most likely token — what
         a multiple-choice benchmark scores (lib.report.evaluate). One sequence, in batch-sized chunks, with logits
         asked for only where they score a token."""
-        import numpy as np
-
         L, b = self.L, self.batch
         ids = list(ids)[:self.n_ctx_seq]
         start = max(1, start)
@@ -262,6 +255,117 @@ class LlamaCppModel:
         buf = (L.llama_token * (len(raw) + 8))()
         n = L.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), bos, False)
         return list(buf[:n])
+
+
+def load_gguf(L, path: Path):
+    """A llama_model* for the GGUF at `path` (a UserError when llama.cpp cannot load it)."""
+    L.llama_backend_init()
+    quiet_logs(L)
+    mparams = L.llama_model_default_params()
+    mparams.use_extra_bufts = llama_cpp_repack()  # off where repacked quantized weights crash (AMX CPUs)
+    model = L.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        raise UserError(f"{path}: llama.cpp could not load this GGUF file (damaged, or an architecture this "
+                        "llama.cpp build does not know)")
+    return model
+
+
+class LlamaCppEmbeddings:
+    """A GGUF embedding model (BERT, nomic-bert, a causal model with last-token pooling, ...) in llama.cpp: one
+    pooled vector per text, with the pooling the GGUF declares, L2-normalised as llama-server returns them. Texts
+    are packed into batches of up to `batch` tokens, one sequence each. Not thread-safe (lib.serving.task_models
+    calls it under a lock)."""
+
+    def __init__(self, gguf: Path, n_threads: int | None = None, batch: int = 2048, max_seqs: int = 64):
+        import llama_cpp as L
+
+        self.L, self.path = L, Path(gguf)
+        self.model = load_gguf(L, self.path)
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.n_ctx_train = L.llama_model_n_ctx_train(self.model)
+        self.n_params = L.llama_model_n_params(self.model)
+        self.dim = L.llama_model_n_embd(self.model)
+        self.batch_size = max(batch, self.n_ctx_train)  # an encoder reads a whole text in one batch
+        self.max_seqs = max_seqs
+        threads = n_threads or max(1, len(os.sched_getaffinity(0)))
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = self.batch_size
+        cparams.n_seq_max = max_seqs
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.embeddings = True
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            raise UserError(f"{self.path}: llama.cpp could not create an embedding context of {self.batch_size} "
+                            "tokens (not enough memory?)")
+        self.pooled = L.llama_pooling_type(self.ctx) != L.LLAMA_POOLING_TYPE_NONE
+        self.encoder = L.llama_model_has_encoder(self.model) and not L.llama_model_has_decoder(self.model)
+        self.batch = L.llama_batch_init(self.batch_size, 0, 1)
+        self.keep_last = L.llama_vocab_get_add_sep(self.vocab) or L.llama_vocab_get_add_eos(self.vocab)
+
+    meta = LlamaCppModel.meta
+
+    def tokenize(self, text: str) -> list[int]:
+        """The model's tokens for `text`, with the special tokens it adds ([CLS] ... [SEP] for BERT)."""
+        L = self.L
+        raw = text.encode("utf-8")
+        buf = (L.llama_token * (len(raw) + 8))()
+        n = L.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), True, False)
+        return list(buf[:n])
+
+    def truncate(self, ids: list[int]) -> list[int]:
+        """The first tokens that fit the model, keeping a closing [SEP]/EOS as the tokenizer placed it."""
+        if len(ids) <= self.n_ctx_train:
+            return ids
+        return ids[:self.n_ctx_train - 1] + ids[-1:] if self.keep_last else ids[:self.n_ctx_train]
+
+    def embed(self, seqs: list[list[int]]) -> np.ndarray:
+        """Unit vectors [len(seqs), dim] (float32) for token sequences no longer than the model's context."""
+        out = np.empty((len(seqs), self.dim), dtype=np.float32)
+        start = 0
+        while start < len(seqs):
+            end, n = start, 0
+            while end < len(seqs) and end - start < self.max_seqs and n + len(seqs[end]) <= self.batch_size:
+                n += len(seqs[end])
+                end += 1
+            out[start:end] = self._run(seqs[start:end])
+            start = end
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+    def _run(self, seqs: list[list[int]]) -> np.ndarray:
+        L, b = self.L, self.batch
+        n, rows = 0, []
+        for s, ids in enumerate(seqs):
+            rows.append((n, n + len(ids)))
+            for i, t in enumerate(ids):
+                b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = t, i, 1, 1
+                b.seq_id[n][0] = s
+                n += 1
+        b.n_tokens = n
+        memory = L.llama_get_memory(self.ctx)
+        if memory:
+            L.llama_memory_clear(memory, True)
+        rc = (L.llama_encode if self.encoder else L.llama_decode)(self.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp could not embed a batch of {n} tokens (code {rc})")
+        vecs = np.empty((len(seqs), self.dim), dtype=np.float32)
+        for s, (lo, hi) in enumerate(rows):
+            if self.pooled:
+                vecs[s] = np.ctypeslib.as_array(L.llama_get_embeddings_seq(self.ctx, s), shape=(self.dim,))
+            else:  # a GGUF without pooling: the mean of its token vectors
+                vecs[s] = np.mean([np.ctypeslib.as_array(L.llama_get_embeddings_ith(self.ctx, i), shape=(self.dim,))
+                                   for i in range(lo, hi)], axis=0)
+        return vecs
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.L.llama_batch_free(self.batch)
+            self.L.llama_free(self.ctx)
+            self.L.llama_model_free(self.model)
+            self.ctx = None
 
 
 _LOG_CALLBACK = None

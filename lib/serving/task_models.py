@@ -22,6 +22,7 @@ from lib.check.detect import detect
 from lib.check.source import open_source
 from lib.errors import UserError
 from lib.handlers import HANDLERS, handler_for
+from lib.serving.llamacpp import LlamaCppEmbeddings
 from lib.serving.resolve import ModelRef
 
 EMBED_BATCH = 32  # sentence-transformers' own default batch size
@@ -67,9 +68,17 @@ class TaskModel:
         pass
 
 
+@dataclass
 class Embedder(TaskModel):
     """sentence-transformers' modules (Transformer → Pooling → Normalize as the model's modules.json says; a plain
-    encoder gets mean pooling), run the way its encode() runs them, in batches of texts of similar length."""
+    encoder gets mean pooling), run the way its encode() runs them, in batches of texts of similar length.
+
+    Requests that arrive while a forward runs are combined: the next request to get the model embeds the texts of
+    every request waiting, sorted by length together, and hands each its own vectors (fuller batches, less
+    padding; each request still gets exactly the vectors it would alone)."""
+
+    _waiting: list = field(default_factory=list, repr=False)
+    _waiting_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def dimensions(self) -> int:
@@ -77,25 +86,69 @@ class Embedder(TaskModel):
 
     def embed(self, texts: list[str], truncate: bool = False) -> tuple[np.ndarray, int]:
         """(vectors as float32 [n, d], tokens read). Too long a text raises InputTooLong unless truncate."""
-        import torch
-        from sentence_transformers.util import batch_to_device
-
-        st = self.model
-        lengths = [len(ids) for ids in st.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+        lengths = self.token_lengths(texts)
         if not truncate:
             for i, n in enumerate(lengths):
                 if n > self.max_tokens:
                     raise InputTooLong(i, n, self.max_tokens)
+        lengths = [min(n, self.max_tokens) for n in lengths]
+        job = {"texts": texts, "lengths": lengths, "out": None, "error": None}
+        with self._waiting_lock:
+            self._waiting.append(job)
+        with self.lock:
+            if job["out"] is None and job["error"] is None:  # nobody took it along: take everyone waiting
+                with self._waiting_lock:
+                    jobs, self._waiting = self._waiting, []
+                try:
+                    out = self.forward([t for j in jobs for t in j["texts"]], [n for j in jobs for n in j["lengths"]])
+                    at = 0
+                    for j in jobs:
+                        j["out"], at = out[at:at + len(j["texts"])], at + len(j["texts"])
+                except Exception as e:  # every request of the batch gets the error
+                    for j in jobs:
+                        j["error"] = e
+        if job["error"] is not None:
+            raise job["error"]
+        return job["out"], sum(lengths)
+
+    def token_lengths(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True,
+                                                         truncation=False)["input_ids"]]
+
+    def forward(self, texts: list[str], lengths: list[int]) -> np.ndarray:
+        """The vectors of `texts` (token lengths after truncation given), under the lock."""
+        import torch
+        from sentence_transformers.util import batch_to_device
+
+        st = self.model
         # batches of texts of equal token length, longest first: sentence-transformers sorts by characters, which
         # pads ~20% more tokens on KJV verses (bench/bench_embeddings.py); the vectors are the same
-        order = np.argsort([-min(n, self.max_tokens) for n in lengths], kind="stable")
+        order = np.argsort([-n for n in lengths], kind="stable")
         out = np.empty((len(texts), self.dimensions), dtype=np.float32)
-        with self.lock, torch.inference_mode():
+        with torch.inference_mode():
             for start in range(0, len(texts), EMBED_BATCH):
                 idx = order[start:start + EMBED_BATCH]
                 features = batch_to_device(st.preprocess([texts[i] for i in idx]), st.device)
                 out[idx] = st(features)["sentence_embedding"].float().cpu().numpy()
-        return out, sum(min(n, self.max_tokens) for n in lengths)
+        return out
+
+
+class GgufEmbedder(Embedder):
+    """A GGUF embedding model through llama.cpp (lib.serving.llamacpp.LlamaCppEmbeddings): the pooling the GGUF
+    declares, unit vectors as llama-server gives them."""
+
+    @property
+    def dimensions(self) -> int:
+        return self.model.dim
+
+    def token_lengths(self, texts: list[str]) -> list[int]:
+        return [len(self.model.tokenize(t)) for t in texts]
+
+    def forward(self, texts: list[str], lengths: list[int]) -> np.ndarray:
+        return self.model.embed([self.model.truncate(self.model.tokenize(t)) for t in texts])
+
+    def close(self) -> None:
+        self.model.close()
 
 
 class Classifier(TaskModel):
@@ -138,11 +191,16 @@ class Transcriber(TaskModel):
 
     def transcribe(self, audio: str | Path, language: str | None = None, prompt: str | None = None,
                    temperature: float | None = None) -> dict:
+        from faster_whisper.audio import decode_audio
+
         kw = {"beam_size": 5, "language": language, "initial_prompt": prompt}
         if temperature is not None:
             kw["temperature"] = temperature
+        samples = decode_audio(str(audio), sampling_rate=self.model.feature_extractor.sampling_rate)
+        if samples.size == 0:  # a file PyAV opens that holds no sound (faster-whisper would fail on it)
+            raise ValueError("it holds no audio samples")
         with self.lock:
-            segments, info = self.model.transcribe(str(audio), **kw)
+            segments, info = self.model.transcribe(samples, **kw)
             segs = [{"id": i, "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text,
                      "avg_logprob": s.avg_logprob, "no_speech_prob": s.no_speech_prob}
                     for i, s in enumerate(segments)]  # decoding happens while iterating
@@ -168,9 +226,11 @@ def load_task_model(ref: ModelRef, kind: str, device: str = "cpu") -> TaskModel:
     import json
 
     folder = ref.path
+    if folder is None and kind == "embedding":
+        return _gguf_embedder(ref)
     if folder is None:
         raise UserError(f"{ref.gguf}: a {kind} model is served from its Hugging Face folder; GGUF {kind} models "
-                        "are not served yet")
+                        "are not served")
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -195,6 +255,12 @@ def _embedder(ref, folder, config, device):
     st.eval()
     return Embedder(ref=ref, kind="embedding", engine="sentence-transformers", model=st, parameters=_count(st),
                     max_tokens=st.max_seq_length, config=config)
+
+
+def _gguf_embedder(ref):
+    m = LlamaCppEmbeddings(ref.gguf)
+    return GgufEmbedder(ref=ref, kind="embedding", engine="llama.cpp", model=m, parameters=m.n_params,
+                        max_tokens=m.n_ctx_train, config={"model_type": m.meta("general.architecture")})
 
 
 def _classifier(ref, folder, config, device):
