@@ -38,6 +38,8 @@ def add_args(parser):
     parser.add_argument("--quantize", choices=["q4_k_m", "q5_k_m", "q8_0"], default=None,
                         help="install a chat model as a llama.cpp GGUF of this quantization (default: as it came; "
                              "05_check lists the memory each needs and suggests one)")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="train: start TensorBoard on 127.0.0.1 over the run's logs while it trains")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a model whose config asks for its own Python code (off by default)")
 

@@ -40,9 +40,10 @@ def test_train_sh_writes_an_adapter_that_start_sh_serves(tiny_chat_model, tmp_pa
                            cfg=InstallConfig(post_test=False))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
     data = chats(tmp_path / "pirate.jsonl", 60)
-    res = subprocess.run(["sh", str(folder / "train.sh"), str(data), "--name", "pirate"], capture_output=True,
-                         text=True, timeout=900, env=env)
+    res = subprocess.run(["sh", str(folder / "train.sh"), str(data), "--name", "pirate", "--tensorboard"],
+                         capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "tensorboard: http://127.0.0.1:" in res.stdout
     assert "sft.lora.rank" in res.stdout and "start.sh --adapter pirate" in res.stdout
     adapter = folder / "adapters" / "pirate"
     report = json.loads((adapter / "training_report.json").read_text())
@@ -63,8 +64,90 @@ def test_train_sh_writes_an_adapter_that_start_sh_serves(tiny_chat_model, tmp_pa
                             timeout=300, env=env)
     assert served.returncode == 0 and "loading tiny+pirate" in served.stderr, served.stderr[-2000:]
     assert (adapter / "merged" / "config.json").is_file()
+    from lib.serving.loading import load_model
+    from lib.serving.resolve import installed_models
+
+    picker = {r.id: r for r in installed_models(tmp_path / "models")}  # the UI's model picker lists the adapter
+    assert list(picker) == ["tiny", "tiny+pirate"] and picker["tiny+pirate"].label == "tiny + LoRA pirate (installed)"
+    loaded = load_model(picker["tiny+pirate"], device="cpu")
+    assert loaded.id == "tiny+pirate" and loaded.ref.path == adapter / "merged"
     wrong = subprocess.run(["sh", str(folder / "start.sh"), "--adapter", "nope", "--prompt", "x"],
                            capture_output=True, text=True, timeout=300, env=env)
     assert wrong.returncode == 2 and "has no such adapter (it has: pirate)" in wrong.stderr
     info = subprocess.run(["sh", str(folder / "train.sh")], capture_output=True, text=True, env=env)
     assert info.returncode == 2 and "expected an installed model and the data" in info.stderr
+
+
+def test_tensorboard_serves_the_runs_logs_on_localhost(tmp_path):
+    import time
+
+    import httpx
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lib.install.finetune import start_tensorboard
+
+    with SummaryWriter(str(tmp_path / "logs" / "run1")) as w:
+        for step in range(3):
+            w.add_scalar("loss/train", 3.0 - step, step)
+    said = []
+    board = start_tensorboard(tmp_path / "logs", said.append)
+    try:
+        url = said[0].split()[1]
+        assert url.startswith("http://127.0.0.1:")
+        for _ in range(120):  # it loads the event files in the background
+            try:
+                tags = httpx.get(url + "data/plugin/scalars/tags", timeout=5).json()
+                if tags.get("run1"):
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        assert "loss/train" in tags["run1"]
+    finally:
+        board.terminate()
+        board.wait()
+
+
+@pytest.mark.slow
+def test_studio_fine_tunes_an_installed_model_as_its_train_sh_does(tiny_chat_model, tmp_path, monkeypatch):
+    import time
+
+    import gradio as gr
+
+    from lib.config import load_config
+    from lib.serving.resolve import installed_models
+    from lib.studio.ui import Studio
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models = tmp_path / "models"
+    folder = install_model(str(tiny_chat_model), models, name="tiny", echo=None, cfg=InstallConfig(post_test=False))
+    ws = tmp_path / "ws"
+    (ws / "config").mkdir(parents=True)
+    (ws / "config" / "mine.yaml").write_text(f"install:\n  models_dir: {models}\n")
+    (ws / "data").mkdir()
+    chats(ws / "data" / "pirate.jsonl", 40)
+    studio = Studio(ws, load_config(ws / "config" / "mine.yaml"))
+    assert [path for _, path in studio.finetune_choices()] == [str(folder)]
+    plan = studio.finetune_plan(str(folder), "data/pirate.jsonl")
+    assert "40 examples" in plan and "`sft.lora.rank`" in plan and "`sft.train.seq_len`" in plan
+    with pytest.raises(gr.Error, match="Pick an installed chat model"):
+        studio.finetune_plan(str(tmp_path), "data/pirate.jsonl")
+    with pytest.raises(gr.Error, match="no such file"):
+        studio.finetune_plan(str(folder), "data/nope.jsonl")
+
+    line, _ = studio.finetune_start(str(folder), "data/pirate.jsonl", "pirate")
+    assert "running" in line and "train.sh" in line
+    with pytest.raises(gr.Error, match="already running"):
+        studio.finetune_start(str(folder), "data/pirate.jsonl", "other")
+    deadline = time.time() + 600
+    while studio.launcher.active() and time.time() < deadline:
+        time.sleep(1)
+    line, log = studio.launch_status()
+    assert line.startswith("**finished: adapter pirate"), line + log[-2000:]
+    assert "sft.lora.rank" in log and (folder / "adapters" / "pirate" / "adapter" / "adapter_config.json").is_file()
+    assert "tiny+pirate" in [r.id for r in installed_models(models)]
+    with pytest.raises(gr.Error, match="already has an adapter named pirate"):
+        studio.finetune_start(str(folder), "data/pirate.jsonl", "pirate")
+    with pytest.raises(gr.Error, match="fine-tune of an installed model"):
+        studio.resume()

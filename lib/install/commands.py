@@ -120,7 +120,8 @@ def run_install(cfg: Config, args) -> int:
         if not (args.target and args.data):
             raise UserError("06_install.py train NAME DATA: expected an installed model and the data to fine-tune on "
                             "(an install's train.sh passes its own folder)")
-        finetune_install(resolve_installed(args.target, models_dir), args.data, args.name)
+        finetune_install(resolve_installed(args.target, models_dir), args.data, args.name,
+                         tensorboard=args.tensorboard)
         return 0
     if args.command in ("info", "remove"):
         if not args.target:

@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -73,42 +76,20 @@ def choose_params(n_params: int, dims: Dims, lengths: list[int], n_examples: int
     return out
 
 
-def finetune_install(install: Path, data: str | Path, name: str | None = None, echo=print) -> Path:
+def finetune_install(install: Path, data: str | Path, name: str | None = None, echo=print,
+                     tensorboard: bool = False) -> Path:
     """Train a LoRA adapter for the installed chat model `install` on `data` (a file or folder in any format
-    04_sft reads) and publish it as <install>/adapters/<name>/ (atomically). Returns that folder."""
+    04_sft reads) and publish it as <install>/adapters/<name>/ (atomically). Returns that folder. With
+    `tensorboard`, TensorBoard serves the run's logs on 127.0.0.1 while it trains."""
     install = Path(install).resolve()
-    info = json.loads((install / INFO).read_text(encoding="utf-8"))
-    if info.get("kind", "chat") != "chat":
-        raise UserError(f"{install}: train.sh fine-tunes chat models; this install is a {info.get('kind')} model")
-    data = Path(data).expanduser().resolve()
-    if not data.exists():
-        raise UserError(f"{data}: no such file or folder (train.sh DATA: a JSONL/JSON/CSV/text file or a folder of "
-                        "them, in any format 04_sft reads)")
     name = check_name(name or time.strftime("lora-%Y%m%d-%H%M%S"), "adapter name")
     final = install / ADAPTERS / name
     if final.exists():
         raise UserError(f"{final}: an adapter named {name} exists; pick another --name or delete that folder")
     work = install / ADAPTERS / ".work"
-    base = _base_weights(install, work, echo)
-
-    tokenizer = load_tokenizer(base)
-    source = SftDataConfig(type="files", path=str(data))
-    cfg = Config()
-    cfg.sft.data = [source]
-    examples, _ = load_sft_examples(cfg.sft, str(data.parent))
-    if not examples:
-        raise UserError(f"{data}: no examples with an assistant reply found; see 04_sft's data formats")
-    encoded, _ = encode_examples(tokenizer, examples, 1 << 30)
-    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    check = info.get("check") or {}
-    dims = Dims(**{k: v for k, v in ((check.get("estimates") or {}).get("dims") or {}).items()
-                   if k in Dims.__dataclass_fields__})
-    context = int(config.get("max_position_embeddings") or 2048)
-    params = choose_params(int(info.get("params") or 0), dims, [len(e.ids) for e in encoded], len(examples),
-                           psutil.virtual_memory().available, context)
-    echo(f"train.sh: LoRA fine-tuning of {install.name} on {data} ({len(examples)} examples); chosen settings:")
-    for key, value, why in params:
-        echo(f"  {key:<22} {value!s:<10} {why}")
+    plan = plan_finetune(install, data, work, echo)
+    data, source, params, examples, base = (plan[k] for k in ("data", "source", "params", "examples", "base"))
+    echo(format_plan(plan))
 
     cfg = Config(artifacts_dir=str(work / "artifacts"))
     cfg.sft.base_model = str(base)
@@ -124,11 +105,17 @@ def finetune_install(install: Path, data: str | Path, name: str | None = None, e
             target = getattr(target, p)
         setattr(target, field, value)
     t0 = time.time()
-    out = run_sft(cfg)
+    board = start_tensorboard(work / "artifacts", echo) if tensorboard else None
+    try:
+        out = run_sft(cfg)
+    finally:
+        if board is not None:
+            board.terminate()
+            board.wait()
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     history = [h for h in manifest.get("history") or [] if "val_loss" in h]
     report = {
-        "name": name, "install": install.name, "data": str(data), "examples": len(examples),
+        "name": name, "install": install.name, "data": str(data), "examples": examples,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "base_weights": str(base),
         "settings": [{"key": k, "value": v, "why": w} for k, v, w in params],
         "val_loss_before": manifest.get("base_val_loss"), "val_loss_after": manifest.get("best_val_loss"),
@@ -150,6 +137,59 @@ def finetune_install(install: Path, data: str | Path, name: str | None = None, e
     echo(format_report(report))
     echo(f"adapter: {final}\nserve it: {install / 'start.sh'} --adapter {name}")
     return final
+
+
+def plan_finetune(install: Path, data: str | Path, work: Path | None = None, echo=print) -> dict:
+    """What train.sh will do, before it trains: the base weights, the examples found in `data` and the settings
+    chosen for them with the reasons ({"install", "info", "data", "source", "base", "examples", "params"}).
+    A UserError names what is wrong with the install or the data."""
+    install = Path(install).resolve()
+    info = json.loads((install / INFO).read_text(encoding="utf-8"))
+    if info.get("kind", "chat") != "chat":
+        raise UserError(f"{install}: train.sh fine-tunes chat models; this install is a {info.get('kind')} model")
+    data = Path(data).expanduser().resolve()
+    if not data.exists():
+        raise UserError(f"{data}: no such file or folder (train.sh DATA: a JSONL/JSON/CSV/text file or a folder of "
+                        "them, in any format 04_sft reads)")
+    base = _base_weights(install, work or install / ADAPTERS / ".work", echo)
+    tokenizer = load_tokenizer(base)
+    source = SftDataConfig(type="files", path=str(data))
+    cfg = Config()
+    cfg.sft.data = [source]
+    examples, _ = load_sft_examples(cfg.sft, str(data.parent))
+    if not examples:
+        raise UserError(f"{data}: no examples with an assistant reply found; see 04_sft's data formats")
+    encoded, _ = encode_examples(tokenizer, examples, 1 << 30)
+    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    check = info.get("check") or {}
+    dims = Dims(**{k: v for k, v in ((check.get("estimates") or {}).get("dims") or {}).items()
+                   if k in Dims.__dataclass_fields__})
+    context = int(config.get("max_position_embeddings") or 2048)
+    params = choose_params(int(info.get("params") or 0), dims, [len(e.ids) for e in encoded], len(examples),
+                           psutil.virtual_memory().available, context)
+    return {"install": install, "info": info, "data": data, "source": source, "base": base,
+            "examples": len(examples), "params": params}
+
+
+def format_plan(plan: dict) -> str:
+    lines = [f"train.sh: LoRA fine-tuning of {plan['install'].name} on {plan['data']} ({plan['examples']} examples); "
+             "chosen settings:"]
+    lines += [f"  {key:<22} {value!s:<10} {why}" for key, value, why in plan["params"]]
+    return "\n".join(lines)
+
+
+def start_tensorboard(logdir: Path, echo, host: str = "127.0.0.1") -> subprocess.Popen:
+    """TensorBoard over `logdir` (it finds the run's event files as they appear) on a free port of `host`."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    logdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host,
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    echo(f"tensorboard: http://{host}:{port}/ (stops when training ends; afterwards: tensorboard --logdir "
+         "adapters/NAME/tensorboard)")
+    return proc
 
 
 def format_report(r: dict) -> str:

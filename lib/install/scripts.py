@@ -114,7 +114,8 @@ exec "$PYTHON" "$HERE/runtime/07_serve.py" --model "$HERE" --config "$HERE/confi
 
 TRAIN_SH = """#!/bin/sh
 # Fine-tune the installed model "{name}" on your own data (written by 06_install.py on {date}):
-#   ./train.sh DATA [--name NAME]      LoRA, settings chosen for this model, data and machine (printed with reasons)
+#   ./train.sh DATA [--name NAME] [--tensorboard]   LoRA, settings chosen for this model, data and machine
+#                                                    (printed with reasons); --tensorboard: live curves on 127.0.0.1
 # The adapter and its training report go to adapters/NAME/; serve it with ./start.sh --adapter NAME.
 set -e
 HERE="$(cd "$(dirname "$0")" && pwd)"

@@ -11,7 +11,7 @@ import json
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,8 @@ def load_model(ref: ModelRef, device: str = "auto", engine: str = "auto", max_ac
     device = pick_device(device)
     if ref.install_dir is not None:  # an installed model is served only if every file matches its SHA256SUMS
         verify_install(ref.install_dir)
+    if ref.adapter:  # picked with its LoRA adapter (the UI lists them): the merged weights
+        ref = with_adapter(replace(ref, id=ref.install_dir.name, adapter=None), ref.adapter)
     engine, note = choose_engine(ref, device, engine)
     if engine == "llama.cpp":
         return _load_llamacpp(ref, note, max_active, max_context)

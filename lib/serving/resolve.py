@@ -15,13 +15,21 @@ Not here: loading the weights (lib.serving.loading).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lib.artifacts import MANIFEST, is_complete, read_json
 from lib.config import Config
 from lib.errors import UserError
-from lib.install.models_dir import INFO, MARKER, list_installed, models_dir_for, resolve_installed, verify_install
+from lib.install.models_dir import (
+    INFO,
+    MARKER,
+    adapters_of,
+    list_installed,
+    models_dir_for,
+    resolve_installed,
+    verify_install,
+)
 from lib.stages import STAGE, model_stages, stage_dir, stages_of
 
 # Stages whose output is a servable HF model directory, furthest first.
@@ -43,6 +51,7 @@ class ModelRef:
     info: dict = field(default_factory=dict, compare=False)  # model_info.json or the stage manifest's summary
     install_dir: Path | None = None  # the install folder, for installed models (verified again before loading)
     gguf: Path | None = None  # the same model as a GGUF file, when there is one
+    adapter: str | None = None  # an install's LoRA adapter (train.sh) to serve merged in (lib.serving.loading)
 
     @property
     def label(self) -> str:
@@ -52,6 +61,8 @@ class ModelRef:
             when = str(self.info.get("created") or "")[:16].replace("T", " ")
             run = self.info.get("config_name") or "pipeline"
             return f"{run} · {STAGE[self.info['stage']].title} · {when} ({self.id[:len(self.info['stage']) + 7]})"
+        if self.source == "installed" and self.adapter:
+            return f"{self.install_dir.name} + LoRA {self.adapter} (installed)"
         if self.source == "installed":
             return f"{self.id} (installed)"
         return f"{self.id} ({self.source})"
@@ -150,13 +161,16 @@ def installed_ref(folder: Path, quick: bool = False) -> ModelRef:
 
 
 def installed_models(models_dir: str | Path) -> list[ModelRef]:
-    """Installed models whose file list is intact; broken ones are left out of the picker."""
+    """Installed models whose file list is intact, each followed by its LoRA adapters (train.sh); broken ones are
+    left out of the picker."""
     refs = []
     for entry in list_installed(models_dir):
         try:
-            refs.append(installed_ref(Path(entry["path"]), quick=True))
+            ref = installed_ref(Path(entry["path"]), quick=True)
         except UserError:
             continue
+        refs.append(ref)
+        refs += [replace(ref, id=f"{ref.id}+{a}", adapter=a) for a in adapters_of(ref.install_dir)]
     return refs
 
 

@@ -85,7 +85,7 @@ class Launcher:
                 return None
             if self._proc is not None and self._proc.pid == state.get("pid"):
                 return state
-            if pid_alive(int(state.get("pid", -1))) and _is_snakemake(int(state["pid"])):
+            if pid_alive(int(state.get("pid", -1))) and _is_ours(int(state["pid"])):
                 return state
             return None
 
@@ -103,22 +103,32 @@ class Launcher:
     # -- actions -------------------------------------------------------------------------------------------
 
     def start(self, config_file: str | Path, target: str = "all") -> dict:
-        running = self.active()
-        if running:
-            raise UserError(f"a pipeline is already running in {self.artifacts}: `{running['command']}` (pid "
-                            f"{running['pid']}, started {time.strftime('%H:%M:%S', time.localtime(running['started']))}"
-                            f"). Stop it first, or wait for it to finish.")
         if not self._path(config_file).is_file():
             raise UserError(f"{self._path(config_file)}: config file not found")
         cmd = self.command(config_file, target)
+        # the interpreter running the studio runs Snakemake, so its rules use the same environment
+        return self._launch([sys.executable, "-m", *cmd], shlex.join(cmd),
+                            {"kind": "pipeline", "config": str(config_file), "target": target})
+
+    def finetune(self, install: str | Path, data: str | Path, name: str) -> dict:
+        """An installed model's own train.sh on `data` (LoRA into <install>/adapters/<name>/), as a user would run
+        it; one training at a time here, pipeline or fine-tune."""
+        cmd = ["sh", str(Path(install) / "train.sh"), str(data), "--name", name]
+        return self._launch(cmd, shlex.join(cmd), {"kind": "finetune", "install": str(install), "adapter": name})
+
+    def _launch(self, argv: list[str], command: str, meta: dict) -> dict:
+        running = self.active()
+        if running:
+            raise UserError(f"a training is already running from {self.artifacts}: `{running['command']}` (pid "
+                            f"{running['pid']}, started {time.strftime('%H:%M:%S', time.localtime(running['started']))}"
+                            f"). Stop it first, or wait for it to finish.")
         self.dir.mkdir(parents=True, exist_ok=True)
         log = self.dir / f"launch-{time.strftime('%Y%m%d-%H%M%S')}.log"
         with self._lock, open(log, "ab") as out:
-            # the interpreter running the studio runs Snakemake, so its rules use the same environment
-            self._proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=self.project, stdout=out,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-            state = {"pid": self._proc.pid, "command": shlex.join(cmd), "config": str(config_file), "target": target,
-                     "started": time.time(), "log": str(log), "ended": None}
+            self._proc = subprocess.Popen(argv, cwd=self.project, stdout=out, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True)
+            state = {"pid": self._proc.pid, "command": command, **meta, "started": time.time(), "log": str(log),
+                     "ended": None}
             atomic_write_json(self.dir / STATE, state)
         return state
 
@@ -162,9 +172,10 @@ def _rel(path: Path, root: Path) -> str:
         return str(path.resolve())
 
 
-def _is_snakemake(pid: int) -> bool:
-    """A pid from launch.json is still our pipeline (not a recycled pid of something else)."""
+def _is_ours(pid: int) -> bool:
+    """A pid from launch.json is still our pipeline or fine-tune (not a recycled pid of something else)."""
     try:
-        return b"snakemake" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"snakemake" in cmdline or b"06_install.py" in cmdline  # train.sh execs 06_install.py train
     except OSError:
         return True  # no /proc (macOS): trust the pid

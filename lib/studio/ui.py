@@ -4,7 +4,8 @@
   training runs overlaid on one loss chart.
 - Train: pick a config, change the common knobs (the parameter count and 05_check's memory estimate follow as you
   move them), start the pipeline (the Snakemake command is shown), stop it (the trainer checkpoints), resume it;
-  the live view of the training run (loss, lr, tokens/s, ETA, samples) updates once a second from metrics.jsonl.
+  the live view of the training run (loss, lr, tokens/s, ETA, samples) updates once a second from metrics.jsonl;
+  fine-tune an installed chat model with LoRA as its train.sh does (the settings shown with their reasons first).
 - Data: a corpus artifact's sources, removals, length histogram, random documents and bytes/token; the SFT data's
   detected format and examples rendered with the chat template, trained tokens marked.
 
@@ -25,8 +26,10 @@ import yaml
 from lib.check import fmt_bytes
 from lib.config import Config, load_config
 from lib.errors import UserError
+from lib.install.finetune import plan_finetune
 from lib.install.models_dir import list_installed, models_dir_for
 from lib.model.homellm import PRESETS
+from lib.names import check_name
 from lib.stages import STAGE
 from lib.studio.configs import (
     CUSTOM,
@@ -400,10 +403,60 @@ class Studio:
         last = self.launcher.last()
         if not last:
             raise gr.Error("Nothing to resume: no pipeline was started from the studio in this directory yet.")
+        if last.get("kind") == "finetune":
+            raise gr.Error("The last run was a fine-tune of an installed model: start it again with its own Start "
+                           "button (a stopped fine-tune starts over; it takes minutes, not hours).")
         try:
             self.launcher.start(last["config"], last.get("target", "all"))
         except UserError as e:
             raise gr.Error(str(e)) from None
+        return self.launch_status()
+
+    # -- fine-tuning an installed model (its train.sh) -----------------------------------------------------
+
+    def finetune_choices(self) -> list[tuple[str, str]]:
+        """Installed chat models that have a train.sh: (label, folder)."""
+        try:
+            entries = list_installed(models_dir_for(self.cfg.install))
+        except (OSError, UserError):
+            return []
+        return [(f"{e['name']} ({e.get('engine') or e.get('kind')})", e["path"]) for e in entries
+                if e.get("kind") == "chat" and (Path(e["path"]) / "train.sh").is_file()]
+
+    def _finetune_args(self, install: str | None, data: str | None) -> tuple[Path, Path]:
+        if install not in {path for _, path in self.finetune_choices()}:
+            raise gr.Error("Pick an installed chat model (06_install.py installs them; the list shows those with "
+                           "a train.sh).")
+        if not data:
+            raise gr.Error("Pick the data to fine-tune on: a file or folder in the project (or upload one).")
+        path = Path(data)
+        return Path(install), path if path.is_absolute() else self.project / path
+
+    def finetune_plan(self, install: str | None, data: str | None) -> str:
+        """The settings train.sh will choose for this model and data, each with its reason (nothing is trained)."""
+        folder, path = self._finetune_args(install, data)
+        try:
+            plan = plan_finetune(folder, path, echo=lambda _m: None)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        rows = "\n".join(f"| `{k}` | {v} | {html.escape(why)} |" for k, v, why in plan["params"])
+        return (f"**{folder.name}** on `{path}`: {plan['examples']} examples\n\n| setting | value | why |\n"
+                f"|---|---|---|\n{rows}")
+
+    def finetune_start(self, install: str | None, data: str | None, name: str):
+        """Start the install's train.sh (LoRA; the adapter lands in <install>/adapters/NAME/)."""
+        if not self.can_launch:
+            raise gr.Error(self.why_not)
+        folder, path = self._finetune_args(install, data)
+        name = (name or "").strip() or time.strftime("lora-%Y%m%d-%H%M%S")
+        try:
+            check_name(name, "adapter name")
+            if (folder / "adapters" / name).exists():
+                raise UserError(f"{folder.name} already has an adapter named {name}; pick another name")
+            state = self.launcher.finetune(folder, path, name)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        gr.Info(f"started: {state['command']}")
         return self.launch_status()
 
     def launch_status(self) -> tuple[str, str]:
@@ -423,7 +476,10 @@ class Studio:
         or which stage failed and why."""
         code = last.get("returncode")
         if code == 0:
-            return "finished"
+            return "finished" + (f": adapter {last['adapter']} is in {last['install']}/adapters/ (the Chat tab's "
+                                 "model picker lists it)" if last.get("kind") == "finetune" else "")
+        if last.get("kind") == "finetune":
+            return ("stopped" if last.get("stopped") else f"failed (exit code {code})") + "; the log below says more"
         since = last.get("started", 0) - 1
         touched = [r for r in self.runs() if r.updated >= since]
         if last.get("stopped"):
@@ -583,6 +639,18 @@ class Studio:
             with gr.Accordion("Pipeline log", open=False):
                 log = gr.Textbox(self.launch_status()[1], lines=12, max_lines=12, show_label=False,
                                  elem_id="launch-log", autoscroll=True)
+            with gr.Accordion("Fine-tune an installed model (LoRA, as its train.sh does)", open=False):
+                with gr.Row():
+                    ft_model = gr.Dropdown(self.finetune_choices(), label="Installed chat model", scale=2,
+                                           elem_id="ft-model")
+                    ft_data = gr.Dropdown(data_files(self.project), value=None, allow_custom_value=True, scale=2,
+                                          label="Data (any format 04_sft reads)", elem_id="ft-data")
+                    ft_name = gr.Textbox("", label="Adapter name", placeholder="lora-<date>", elem_id="ft-name")
+                with gr.Row():
+                    ft_show = gr.Button("Show the settings", elem_id="ft-plan-btn")
+                    ft_start = gr.Button("Fine-tune", variant="primary", elem_id="ft-start-btn",
+                                         interactive=self.can_launch)
+                ft_plan = gr.Markdown(elem_id="ft-plan")
             gr.Markdown("### Live training")
             live_md = gr.Markdown(elem_id="live-status")
             with gr.Row():
@@ -639,6 +707,8 @@ class Studio:
         start.click(self.start, form, [launch_md, log]).then(refresh_runs, None, run_lists)
         stop.click(self.stop, None, [launch_md, log]).then(refresh_runs, None, run_lists)
         resume.click(self.resume, None, [launch_md, log])
+        ft_show.click(self.finetune_plan, [ft_model, ft_data], ft_plan)
+        ft_start.click(self.finetune_start, [ft_model, ft_data, ft_name], [launch_md, log])
 
         last_status = {"line": None}
 
