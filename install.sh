@@ -31,13 +31,15 @@ if ! .venv/bin/python -c "import llama_cpp" >/dev/null 2>&1; then
     || echo "warning: llama-cpp-python could not be built; 07_serve will use its torch engine (slower on CPU)" >&2
 fi
 # llama.cpp's own HF -> GGUF converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py), which the
-# PyPI wheel does not ship: taken from the same llama-cpp-python source release, for `06_install.py --quantize`.
+# PyPI wheel does not ship: taken from the same llama-cpp-python source release, for `06_install.py --quantize`;
+# and its LoRA converter, for `start.sh --adapter` over a GGUF.
 CONVERT=.venv/share/llama.cpp
-if [ ! -f "$CONVERT/convert_hf_to_gguf.py" ]; then
+if [ ! -f "$CONVERT/convert_hf_to_gguf.py" ] || [ ! -f "$CONVERT/convert_lora_to_gguf.py" ]; then
   TMP=$(mktemp -d)
   if .venv/bin/pip download -q --no-deps --no-binary :all: "llama-cpp-python==0.3.36" -d "$TMP" >/dev/null 2>&1; then
     tar xzf "$TMP"/llama_cpp_python-0.3.36.tar.gz -C "$TMP" --wildcards \
-      "*/vendor/llama.cpp/convert_hf_to_gguf.py" "*/vendor/llama.cpp/conversion/*" "*/vendor/llama.cpp/gguf-py/*" \
+      "*/vendor/llama.cpp/convert_hf_to_gguf.py" "*/vendor/llama.cpp/convert_lora_to_gguf.py" \
+      "*/vendor/llama.cpp/conversion/*" "*/vendor/llama.cpp/gguf-py/*" \
       "*/vendor/llama.cpp/LICENSE"
     mkdir -p "$CONVERT.tmp" && cp -r "$TMP"/llama_cpp_python-0.3.36/vendor/llama.cpp/* "$CONVERT.tmp"/ \
       && rm -rf "$CONVERT" && mv "$CONVERT.tmp" "$CONVERT"

@@ -151,3 +151,50 @@ def test_studio_fine_tunes_an_installed_model_as_its_train_sh_does(tiny_chat_mod
         studio.finetune_start(str(folder), "data/pirate.jsonl", "pirate")
     with pytest.raises(gr.Error, match="fine-tune of an installed model"):
         studio.resume()
+
+
+@pytest.mark.slow
+def test_an_adapter_over_a_gguf_install_is_applied_by_llama_cpp_as_merged_torch_computes_it(tiny_chat_model,
+                                                                                           tmp_path):
+    """A model installed as a quantized GGUF: train.sh trains on its dequantised weights; start.sh --adapter applies
+    the adapter with llama.cpp over the same GGUF (converted once by llama.cpp's LoRA converter), and its logits are
+    those of the adapter merged into the same weights through torch."""
+    import numpy as np
+    import torch
+
+    from lib.model.hf_io import load_hf
+    from lib.serving.llamacpp import LlamaCppModel
+    from lib.serving.loading import adapter_ref, load_model
+    from lib.serving.resolve import installed_ref
+
+    folder = install_model(str(tiny_chat_model), tmp_path / "models", name="tinyq", echo=None,
+                           cfg=InstallConfig(post_test=False, quantize="q8_0"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    res = subprocess.run(["sh", str(folder / "train.sh"), str(chats(tmp_path / "pirate.jsonl", 60)), "--name",
+                          "pirate"], capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    served = subprocess.run(["sh", str(folder / "start.sh"), "--adapter", "pirate", "--prompt", "Say the number 3.",
+                             "--seed", "0", "--set", "serve.max_new_tokens=8"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert served.returncode == 0, served.stderr[-2000:]
+    assert "engine llama.cpp" in served.stderr and "LoRA adapter pirate applied" in served.stderr
+    assert (folder / "adapters" / "pirate" / "adapter.gguf").is_file()
+
+    loaded = load_model(adapter_ref(installed_ref(folder), "pirate"), device="cpu")
+    ids = loaded.tokenizer("Hello there, how are you?")["input_ids"]
+    lora = np.array(loaded.model.logits_of_prompt(ids))
+    loaded.model.close()
+    gguf = LlamaCppModel(next((folder / "gguf").glob("*.gguf")), n_ctx_seq=256, n_seq=1)
+    base_cpp = np.array(gguf.logits_of_prompt(ids))
+    gguf.close()
+    merged = load_model(adapter_ref(installed_ref(folder), "pirate"), device="cpu", engine="torch")
+    assert merged.engine == "torch" and "merged" in merged.engine_note
+    plain = load_hf(folder / "adapters" / ".base-hf")
+    with torch.no_grad():
+        want = merged.model(torch.tensor([ids]))[0][0, -1].numpy()
+        base = plain(torch.tensor([ids]))[0][0, -1].numpy()
+    # what the adapter changes, seen through llama.cpp (Q8_0 matmuls) and through torch (the same weights in fp32)
+    d_cpp, d_torch = lora - base_cpp, want - base
+    assert np.abs(d_torch).max() > 1e-3
+    cos = d_cpp @ d_torch / np.linalg.norm(d_cpp) / np.linalg.norm(d_torch)
+    assert cos > 0.8, cos  # measured 0.949 (the Q8_0 activations add noise of the size of the small change)

@@ -84,9 +84,15 @@ def distribution_closure(roots: list[str] | tuple[str, ...]) -> list[md.Distribu
     return sorted(seen.values(), key=lambda d: _norm(d.metadata["Name"]))
 
 
+# llama.cpp's converters (install.sh puts them beside the venv's packages): start.sh --adapter converts a LoRA
+# adapter for llama.cpp with them, so an environment takes them along
+LLAMA_CPP_TOOLS = Path(sys.prefix) / "share" / "llama.cpp"
+
+
 def environment_id(dists: list[md.Distribution]) -> str:
     pins = [f"{_norm(d.metadata['Name'])}=={d.version}" for d in dists]
-    blob = "\n".join([platform.python_version(), sysconfig.get_platform(), *pins])
+    tools = sorted(p.name for p in LLAMA_CPP_TOOLS.glob("*.py"))
+    blob = "\n".join([platform.python_version(), sysconfig.get_platform(), *pins, *tools])
     return f"py{sys.version_info.major}{sys.version_info.minor}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -120,6 +126,10 @@ def build_environment(dest: Path, dists: list[md.Distribution], log: Callable[[s
                 if src.is_file() and not (site / rel).exists():
                     _link_or_copy(src, site / rel)
                     files += 1
+        for src in sorted(LLAMA_CPP_TOOLS.rglob("*")) if LLAMA_CPP_TOOLS.is_dir() else []:
+            if src.is_file() and "__pycache__" not in src.parts:
+                _link_or_copy(src, tmp / "share" / "llama.cpp" / src.relative_to(LLAMA_CPP_TOOLS))
+                files += 1
         (tmp / COMPLETE).write_text("\n".join(f"{d.metadata['Name']}=={d.version}" for d in dists) + "\n")
     log(f"environment: {dest} ({len(dists)} distributions, {files} files linked or copied from {sys.prefix})")
     return dest / "bin" / "python"

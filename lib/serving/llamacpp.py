@@ -54,7 +54,7 @@ class LlamaCppModel:
     Not thread-safe: the engine's worker thread is its only caller."""
 
     def __init__(self, gguf: Path, n_ctx_seq: int | None = None, n_seq: int = 4, n_threads: int | None = None,
-                 batch: int = 512):
+                 batch: int = 512, lora: Path | None = None):
         import llama_cpp as L
 
         self.L, self.path = L, Path(gguf)
@@ -81,6 +81,13 @@ class LlamaCppModel:
             L.llama_model_free(self.model)
             raise UserError(f"{self.path}: llama.cpp could not create a context of {n_seq} x {self.n_ctx_seq} tokens "
                             "(not enough memory?); lower serve.max_active")
+        if lora is not None:  # a LoRA GGUF (convert_lora_to_gguf.py) applied over the weights as they are
+            adapter = L.llama_adapter_lora_init(self.model, str(lora).encode())
+            if not adapter or L.llama_set_adapters_lora(self.ctx, (L.llama_adapter_lora_p_ctypes * 1)(adapter), 1,
+                                                        (ctypes.c_float * 1)(1.0)) != 0:
+                self.close()
+                raise UserError(f"{lora}: llama.cpp cannot apply this LoRA adapter to {self.path.name} (made for "
+                                "another model?)")
         self.memory = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(batch, 0, 1)
         self._free = list(range(n_seq))

@@ -8,6 +8,7 @@ the device, the tokenizer, the stop ids and the context, as one LoadedModel the 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from lib.errors import UserError
 from lib.export.convert import gguf_to_hf
 from lib.handlers import torch_engine
 from lib.install.models_dir import ADAPTERS, adapters_of, verify_install
+from lib.install.quantize import lora_to_gguf
 from lib.model.generate import stream
 from lib.model.hf_io import load_hf, save_model_dir
 from lib.serving import llamacpp
@@ -80,27 +82,47 @@ class LoadedModel:
         }
 
 
-def with_adapter(ref: ModelRef, name: str) -> ModelRef:
-    """An installed chat model with its LoRA adapter `name` (trained by its train.sh) merged in: the merged weights
-    are made once into <install>/adapters/NAME/merged/ (atomically) and served like any HF folder."""
+def adapter_ref(ref: ModelRef, name: str) -> ModelRef:
+    """The installed chat model `ref` with its LoRA adapter `name` (trained by its train.sh), to load: checked
+    here, made ready by load_model for the engine it gets (with_adapter)."""
     if ref.install_dir is None:
         raise UserError(f"--adapter {name}: adapters belong to installed models (train.sh writes them); "
                         f"{ref.id} is not an install")
-    folder = ref.install_dir / ADAPTERS / name
     if name not in adapters_of(ref.install_dir):
         raise UserError(f"--adapter {name}: {ref.install_dir.name} has no such adapter (it has: "
                         f"{', '.join(adapters_of(ref.install_dir)) or 'none'}); train one with its train.sh")
+    return replace(ref, id=f"{ref.install_dir.name}+{name}", adapter=name)
+
+
+def with_adapter(ref: ModelRef, as_lora_gguf: bool) -> ModelRef:
+    """`ref` (see adapter_ref) ready to load. For the llama.cpp engine the adapter is converted once to llama.cpp's
+    LoRA GGUF (<install>/adapters/NAME/adapter.gguf) and applied over the install's GGUF as it is (quantized);
+    for torch its weights are merged once into <install>/adapters/NAME/merged/ (atomically), served like any HF
+    folder."""
+    name = ref.adapter
+    folder = ref.install_dir / ADAPTERS / name
+    adapter = folder / "adapter"
+    base = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+    if not (base / "config.json").is_file():  # the install moved: its model/ (or kept base) is where it is now
+        base = next((p for p in (ref.install_dir / "model", ref.install_dir / ADAPTERS / ".base-hf")
+                     if any(p.glob("*.safetensors"))), base)
+    if as_lora_gguf:
+        lora = folder / "adapter.gguf"
+        if not lora.is_file():
+            print(f"converting adapter {name} to llama.cpp's LoRA format (once) …", file=sys.stderr, flush=True)
+            tmp = folder / f".adapter-{os.getpid()}.gguf"
+            try:
+                lora_to_gguf(adapter, base, tmp, label=f"adapter {name}")
+                os.replace(tmp, lora)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return replace(ref, adapter=None, lora=lora)
     merged = folder / "merged"
     if not (merged / "config.json").is_file():
-        adapter = folder / "adapter"
-        base = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
-        if not (base / "config.json").is_file():  # the install moved: its model/ (or kept base) is where it is now
-            base = next((p for p in (ref.install_dir / "model", ref.install_dir / ADAPTERS / ".base-hf")
-                         if any(p.glob("*.safetensors"))), base)
         print(f"merging adapter {name} into {base.name} (once) …", file=sys.stderr, flush=True)
         with atomic_dir(merged) as tmp:
             save_model_dir(merge_adapter(base, adapter), tmp, load_tokenizer(base))
-    return ModelRef(id=f"{ref.id}+{name}", path=merged, source=ref.source, info=ref.info, gguf=None)
+    return ModelRef(id=ref.id, path=merged, source=ref.source, info=ref.info, gguf=None)
 
 
 def pick_device(device: str = "auto") -> str:
@@ -139,9 +161,10 @@ def load_model(ref: ModelRef, device: str = "auto", engine: str = "auto", max_ac
     device = pick_device(device)
     if ref.install_dir is not None:  # an installed model is served only if every file matches its SHA256SUMS
         verify_install(ref.install_dir)
-    if ref.adapter:  # picked with its LoRA adapter (the UI lists them): the merged weights
-        ref = with_adapter(replace(ref, id=ref.install_dir.name, adapter=None), ref.adapter)
     engine, note = choose_engine(ref, device, engine)
+    if ref.adapter:  # with its LoRA adapter (start.sh --adapter, or picked in the UI)
+        ref = with_adapter(ref, as_lora_gguf=engine == "llama.cpp")
+        note += f"; LoRA adapter {ref.id.rsplit('+', 1)[-1]} " + ("applied" if ref.lora else "merged")
     if engine == "llama.cpp":
         return _load_llamacpp(ref, note, max_active, max_context)
     return _load_torch(ref, device, note, max_context)
@@ -218,7 +241,7 @@ def gguf_tokenizer(gguf: Path):
 def _load_llamacpp(ref: ModelRef, note: str, max_active: int, max_context: int) -> LoadedModel:
 
     tokenizer = load_tokenizer(ref.path) if ref.path is not None else gguf_tokenizer(ref.gguf)
-    model = LlamaCppModel(ref.gguf, n_ctx_seq=max_context, n_seq=max_active)
+    model = LlamaCppModel(ref.gguf, n_ctx_seq=max_context, n_seq=max_active, lora=ref.lora)
     if len(tokenizer) > model.n_vocab:
         raise UserError(f"{ref.gguf}: the tokenizer has {len(tokenizer)} tokens but the GGUF model only {model.n_vocab}"
                         "; the tokenizer files do not belong to this model")

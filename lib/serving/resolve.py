@@ -51,7 +51,8 @@ class ModelRef:
     info: dict = field(default_factory=dict, compare=False)  # model_info.json or the stage manifest's summary
     install_dir: Path | None = None  # the install folder, for installed models (verified again before loading)
     gguf: Path | None = None  # the same model as a GGUF file, when there is one
-    adapter: str | None = None  # an install's LoRA adapter (train.sh) to serve merged in (lib.serving.loading)
+    adapter: str | None = None  # an install's LoRA adapter (train.sh) to serve with it (lib.serving.loading)
+    lora: Path | None = None  # that adapter as a llama.cpp LoRA GGUF, applied over `gguf` by the llama.cpp engine
 
     @property
     def label(self) -> str:

@@ -27,7 +27,7 @@ from lib.errors import UserError
 from lib.handlers import HANDLERS
 from lib.install.models_dir import verify_install
 from lib.serving.engine import Engine, Metrics
-from lib.serving.loading import load_model, pick_device, with_adapter
+from lib.serving.loading import adapter_ref, load_model, pick_device
 from lib.serving.resolve import ModelRef, available_models, is_chat_model, latest_pipeline_model, resolve_model
 from lib.serving.task_models import kind_of, load_task_model
 
@@ -300,7 +300,7 @@ def serve_command(cfg: Config, args: argparse.Namespace) -> int:
     if args.adapter:
         if ref.install_dir is not None:
             verify_install(ref.install_dir)
-        ref = with_adapter(ref, args.adapter)
+        ref = adapter_ref(ref, args.adapter)
     print(f"loading {ref.id} from {ref.path or ref.gguf} …", file=log, flush=True)
     engine = _engine(ref, args, serve)
     try:
