@@ -66,26 +66,16 @@ class LlamaCppModel:
         self.n_ctx_seq = min(n_ctx_seq or self.n_ctx_train, self.n_ctx_train)
         self.n_seq = n_seq
         self.batch_size = batch
-        threads = n_threads or max(1, len(os.sched_getaffinity(0)))
-        cparams = L.llama_context_default_params()
-        cparams.n_ctx = self.n_ctx_seq * n_seq
-        cparams.n_batch = cparams.n_ubatch = batch
-        cparams.n_seq_max = n_seq
-        cparams.n_threads = cparams.n_threads_batch = threads
-        # one KV pool for all sequences: batched decode then attends in one kernel per layer (measured on a
-        # 27.8M model, 8 streams: 1.2-2.1x the aggregate tokens/s of per-sequence caches)
-        cparams.kv_unified = True
-        cparams.no_perf = True
-        self.ctx = L.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
-            L.llama_model_free(self.model)
-            raise UserError(f"{self.path}: llama.cpp could not create a context of {n_seq} x {self.n_ctx_seq} tokens "
-                            "(not enough memory?); lower serve.max_active")
+        self.ctx = new_context(L, self.model, self.n_ctx_seq * n_seq, batch, n_seq, n_threads,
+                               f"{self.path}: llama.cpp could not create a context of {n_seq} x {self.n_ctx_seq} "
+                               "tokens (not enough memory?); lower serve.max_active")
         if lora is not None:  # a LoRA GGUF (convert_lora_to_gguf.py) applied over the weights as they are
             adapter = L.llama_adapter_lora_init(self.model, str(lora).encode())
             if not adapter or L.llama_set_adapters_lora(self.ctx, (L.llama_adapter_lora_p_ctypes * 1)(adapter), 1,
                                                         (ctypes.c_float * 1)(1.0)) != 0:
-                self.close()
+                L.llama_free(self.ctx)
+                L.llama_model_free(self.model)
+                self.ctx = None
                 raise UserError(f"{lora}: llama.cpp cannot apply this LoRA adapter to {self.path.name} (made for "
                                 "another model?)")
         self.memory = L.llama_get_memory(self.ctx)
@@ -277,6 +267,26 @@ def load_gguf(L, path: Path):
     return model
 
 
+def new_context(L, model, n_ctx: int, batch: int, n_seq: int, n_threads: int | None, error: str,
+                embeddings: bool = False):
+    """A llama_context* of `n_ctx` tokens for up to `n_seq` sequences (one KV pool for all of them: batched decode
+    then attends in one kernel per layer; measured on a 27.8M model, 8 streams: 1.2-2.1x the aggregate tokens/s of
+    per-sequence caches). On failure the model is freed and `error` raised."""
+    cparams = L.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = cparams.n_ubatch = batch
+    cparams.n_seq_max = n_seq
+    cparams.n_threads = cparams.n_threads_batch = n_threads or max(1, len(os.sched_getaffinity(0)))
+    cparams.embeddings = embeddings
+    cparams.kv_unified = True
+    cparams.no_perf = True
+    ctx = L.llama_init_from_model(model, cparams)
+    if not ctx:
+        L.llama_model_free(model)
+        raise UserError(error)
+    return ctx
+
+
 class LlamaCppEmbeddings:
     """A GGUF embedding model (BERT, nomic-bert, a causal model with last-token pooling, ...) in llama.cpp: one
     pooled vector per text, with the pooling the GGUF declares, L2-normalised as llama-server returns them. Texts
@@ -294,25 +304,13 @@ class LlamaCppEmbeddings:
         self.dim = L.llama_model_n_embd(self.model)
         self.batch_size = max(batch, self.n_ctx_train)  # an encoder reads a whole text in one batch
         self.max_seqs = max_seqs
-        threads = n_threads or max(1, len(os.sched_getaffinity(0)))
-        cparams = L.llama_context_default_params()
-        cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = self.batch_size
-        cparams.n_seq_max = max_seqs
-        cparams.n_threads = cparams.n_threads_batch = threads
-        cparams.embeddings = True
-        cparams.kv_unified = True
-        cparams.no_perf = True
-        self.ctx = L.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
-            L.llama_model_free(self.model)
-            raise UserError(f"{self.path}: llama.cpp could not create an embedding context of {self.batch_size} "
-                            "tokens (not enough memory?)")
+        self.ctx = new_context(L, self.model, self.batch_size, self.batch_size, max_seqs, n_threads,
+                               f"{self.path}: llama.cpp could not create an embedding context of "
+                               f"{self.batch_size} tokens (not enough memory?)", embeddings=True)
         self.pooled = L.llama_pooling_type(self.ctx) != L.LLAMA_POOLING_TYPE_NONE
         self.encoder = L.llama_model_has_encoder(self.model) and not L.llama_model_has_decoder(self.model)
         self.batch = L.llama_batch_init(self.batch_size, 0, 1)
         self.keep_last = L.llama_vocab_get_add_sep(self.vocab) or L.llama_vocab_get_add_eos(self.vocab)
-
-    meta = LlamaCppModel.meta
 
     def tokenize(self, text: str) -> list[int]:
         """The model's tokens for `text`, with the special tokens it adds ([CLS] ... [SEP] for BERT)."""
@@ -367,12 +365,7 @@ class LlamaCppEmbeddings:
                                    for i in range(lo, hi)], axis=0)
         return vecs
 
-    def close(self) -> None:
-        if getattr(self, "ctx", None):
-            self.L.llama_batch_free(self.batch)
-            self.L.llama_free(self.ctx)
-            self.L.llama_model_free(self.model)
-            self.ctx = None
+    meta, close = LlamaCppModel.meta, LlamaCppModel.close
 
 
 _LOG_CALLBACK = None
