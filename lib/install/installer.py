@@ -50,6 +50,7 @@ from lib.check import (
     fmt_bytes,
     format_report,
     open_source,
+    write_report,
 )
 from lib.config import CheckConfig, InstallConfig, ServeConfig
 from lib.errors import UserError
@@ -57,7 +58,7 @@ from lib.export.convert import gguf_to_hf
 from lib.export.gguf import write_gguf
 from lib.handlers import HANDLERS, is_hf_whisper, torch_engine
 from lib.hub import endpoint, hub_call, hub_token
-from lib.install.models_dir import INFO, MARKER, SUMS, clean_stale, write_sums
+from lib.install.models_dir import INFO, LOGS, MARKER, SUMS, check_log_dir, clean_stale, write_sums
 from lib.install.quantize import hf_to_gguf, perplexity, quantize
 from lib.install.runtime_env import copy_code, own_environment, shared_environment
 from lib.install.scripts import START_SH, TRAIN_SH, post_install_test, serve_config_yaml
@@ -289,13 +290,16 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         echo(msg)
 
     report = load_or_run_check(ref, check_cfg, report_path, models_dir, early, serve_cfg.max_context)
+    name = name or default_name(report)
+    check_name(name, "install name")
+    if name == LOGS:
+        raise UserError(f"install name {name!r} is the models dir's log folder; pick another with --name")
+    kept = write_report(report, check_log_dir(models_dir, name))
     problems = refusal(report, cfg.trust_remote_code)
     if problems:
         echo(format_report(report))
         raise UserError(f"{ref}: cannot install this model here: {'; '.join(problems)}. The check report is above "
-                        "(05_check.py prints it too).")
-    name = name or default_name(report)
-    check_name(name, "install name")
+                        f"and in {kept / 'report.txt'}.")
     final = models_dir / name
     origin = origin or origin_of(report)
     if final.exists():

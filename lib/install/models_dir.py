@@ -3,6 +3,7 @@ installs in it: listed, resolved by name, verified against their checksums, remo
 
     <models_dir>/<name>/   an install (see lib/install/installer.py for its layout); complete iff MARKER exists
     <models_dir>/.runtime/ the shared serving environments (lib/install/runtime_env.py)
+    <models_dir>/logs/     checks/<name>/report.{txt,json}: what 05_check said of each model an install was tried for
 """
 
 
@@ -73,6 +74,12 @@ def _is_install(path: Path) -> bool:
 
 
 ADAPTERS = "adapters"  # <install>/adapters/NAME/: LoRA adapters trained by the install's train.sh
+LOGS = "logs"  # <models_dir>/logs/checks/NAME/: the check report of every install tried, refused ones included
+
+
+def check_log_dir(models_dir: str | Path, name: str) -> Path:
+    """Where an install (or a refusal) of `name` keeps the check report it acted on: report.txt and report.json."""
+    return Path(models_dir) / LOGS / "checks" / name
 
 
 def list_installed(models_dir: str | Path) -> list[dict]:
