@@ -117,16 +117,19 @@ def worker_ours(ref_spec: str, engine_name: str, prompt_len: int, n: int) -> dic
                     best = (ttft, total, toks)
             ttft, total, toks = best
             out.update(ttft_s=ttft, prefill_tps=len(ids) / ttft, decode_tps=(toks - 1) / (total - ttft), tokens=toks)
-            for k in (1, 4, 8):
-                results = []
-                threads = [threading.Thread(target=lambda results=results: results.append(_sse_completion(url, loaded.id, ids, n)))
-                           for _ in range(k)]
-                t0 = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                out[f"aggregate_{k}"] = sum(r[2] for r in results) / (time.perf_counter() - t0)
+            for k in (1, 4, 8):  # best of 3, as the llama.cpp batched baseline is measured
+                best = 0.0
+                for _ in range(3):
+                    results = []
+                    threads = [threading.Thread(target=lambda results=results: results.append(
+                        _sse_completion(url, loaded.id, ids, n))) for _ in range(k)]
+                    t0 = time.perf_counter()
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                    best = max(best, sum(r[2] for r in results) / (time.perf_counter() - t0))
+                out[f"aggregate_{k}"] = best
     finally:
         engine.close()
     out["peak_rss_mb"] = peak_rss_mb()
