@@ -2,6 +2,7 @@
 
     python -m bench.bench_embeddings                       # all-MiniLM-L6-v2, 4,096 KJV verses
     python -m bench.bench_embeddings --texts 2048 --request 64
+    python -m bench.bench_embeddings --gguf                 # also the same model as an f16 GGUF through llama.cpp
 
   ours       07_serve --model <MiniLM> in its own process; the official openai client sends the texts in requests of
              --request texts (base64, as the client asks by default), one request at a time, then from 4 threads
@@ -18,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,16 +60,27 @@ def main(argv=None) -> int:
                                                 .submodule_search_locations[0]) / "model"))
     ap.add_argument("--texts", type=int, default=4096)
     ap.add_argument("--request", type=int, default=256, help="texts per /v1/embeddings request")
+    ap.add_argument("--gguf", action="store_true",
+                    help="also serve the model as an f16 GGUF (llama.cpp's converter) through the llama.cpp engine")
     args = ap.parse_args(argv)
     texts = corpus(args.texts)
 
-    proc, url = start_server(args.model, ["--no-ui"])
-    try:
-        runs = {f"ours, 1 client x {args.request} texts/request": ours(url, texts, args.request, 1),
-                f"ours, 4 clients x {args.request} texts/request": ours(url, texts, args.request, 4)}
-    finally:
-        proc.terminate()
-        proc.wait()
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        served = [("", args.model)]
+        if args.gguf:
+            from lib.install.quantize import hf_to_gguf
+
+            served.append((" (f16 GGUF, llama.cpp)", str(hf_to_gguf(Path(args.model), Path(tmp) / "model-f16.gguf"))))
+        for label, model in served:
+            proc, url = start_server(model, ["--no-ui"])
+            try:
+                for clients in (1, 4):
+                    name = f"ours{label}, {clients} client{'s' if clients > 1 else ''} x {args.request}/request"
+                    runs[name] = ours(url, texts, args.request, clients)
+            finally:
+                proc.terminate()
+                proc.wait()
 
     import torch
     from sentence_transformers import SentenceTransformer
@@ -85,16 +98,16 @@ def main(argv=None) -> int:
 
     print(f"# {Path(args.model).parent.name}: {len(texts)} texts, {n_tokens} tokens, torch threads "
           f"{torch.get_num_threads()}")
-    print(f"{'contender':<44} {'seconds':>8} {'texts/s':>9} {'tokens/s':>10} {'vs baseline':>12} {'min cosine':>11}")
-    print(f"{'baseline: SentenceTransformer.encode, batch 32':<44} {base_s:>8.2f} {len(texts) / base_s:>9.0f} "
+    print(f"{'contender':<50} {'seconds':>8} {'texts/s':>9} {'tokens/s':>10} {'vs baseline':>12} {'min cosine':>11}")
+    print(f"{'baseline: SentenceTransformer.encode, batch 32':<50} {base_s:>8.2f} {len(texts) / base_s:>9.0f} "
           f"{n_tokens / base_s:>10.0f} {'1.00x':>12} {'-':>11}")
     name = f"SentenceTransformer.encode, {args.request} at a time"
-    print(f"{name:<44} {chunk_s:>8.2f} {len(texts) / chunk_s:>9.0f} {n_tokens / chunk_s:>10.0f} "
+    print(f"{name:<50} {chunk_s:>8.2f} {len(texts) / chunk_s:>9.0f} {n_tokens / chunk_s:>10.0f} "
           f"{base_s / chunk_s:>11.2f}x {'-':>11}")
     for name, (secs, vecs, toks) in runs.items():
         cos = (vecs * want).sum(1) / np.linalg.norm(vecs, axis=1) / np.linalg.norm(want, axis=1)
         assert toks == n_tokens, (toks, n_tokens)
-        print(f"{name:<44} {secs:>8.2f} {len(texts) / secs:>9.0f} {toks / secs:>10.0f} "
+        print(f"{name:<50} {secs:>8.2f} {len(texts) / secs:>9.0f} {toks / secs:>10.0f} "
               f"{base_s / secs:>11.2f}x {cos.min():>11.6f}")
     return 0
 
