@@ -179,9 +179,11 @@ def test_a_server_started_without_a_model_serves_the_first_one_that_appears(refs
                       default_model=lambda: appeared[0] if appeared else None)
         waiting = chat.watch()
         assert all(u == gr.update() for u in waiting[:6]) and waiting[6].active  # nothing yet: keep watching
+        assert waiting[7]["choices"] == [(r.label, r.id) for r in refs]  # what can be loaded by hand meanwhile
         appeared.append(refs[1])
-        note, view, picker, status, *_, timer = chat.watch()
+        note, view, picker, status, *_, timer, first = chat.watch()
         assert note["visible"] is False and view["visible"] is True and timer.active is False
+        assert first["visible"] is False
         assert picker["value"] == refs[1].id and refs[1].id in status
         chat.watch()  # a second page: the same engine, not a second load
         assert loads == [refs[1].id]

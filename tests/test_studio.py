@@ -595,3 +595,54 @@ def test_an_installed_copy_of_the_code_shows_runs_but_launches_nothing(tmp_path,
     with pytest.raises(gr.Error, match="installed model's copy"):
         studio.start("config/smoke.yaml", *studio.load_form("config/smoke.yaml"), "all")
     assert studio.runs_table().empty
+
+
+@pytest.mark.slow
+def test_browser_fine_tunes_an_installed_model_and_chats_with_its_adapter(tmp_path, tiny_chat_model, chromium):
+    """The studio's fine-tune section in a real browser: an installed model, its settings with their reasons, the
+    install's train.sh run from the page, then the Chat tab's picker offering the model with its new adapter."""
+    from playwright.sync_api import expect, sync_playwright
+    from test_finetune import chats
+
+    from lib.config import InstallConfig
+    from lib.install.installer import install_model
+
+    ws = workspace(tmp_path)
+    folder = install_model(str(tiny_chat_model), tmp_path / "models", name="tiny", echo=None,
+                           cfg=InstallConfig(post_test=False))
+    (ws / "data").mkdir()
+    chats(ws / "data" / "pirate.jsonl", 40)
+    proc, url = _serve(ws, tmp_path / "serve.log")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(url)
+                page.locator("button[role=tab]:has-text('Train')").first.click()
+                page.get_by_text("Fine-tune an installed model").click()
+                page.locator("#ft-model input").click()
+                page.get_by_role("option", name="tiny (torch)").click()
+                page.locator("#ft-data input").click()
+                page.get_by_role("option", name="data/pirate.jsonl").click()
+                page.locator("#ft-name").get_by_role("textbox").fill("pirate")
+                page.locator("#ft-plan-btn").click()
+                expect(page.locator("#ft-plan")).to_contain_text("40 examples", timeout=60_000)
+                expect(page.locator("#ft-plan")).to_contain_text("sft.lora.rank")
+                page.locator("#ft-start-btn").click()
+                expect(page.locator("#launch-status")).to_contain_text("train.sh", timeout=30_000)
+                expect(page.locator("#launch-status")).to_contain_text("finished: adapter pirate", timeout=600_000)
+                assert (folder / "adapters" / "pirate" / "adapter" / "adapter_config.json").is_file()
+                page.reload()
+                page.locator("button[role=tab]:has-text('Chat')").first.click()
+                page.locator("#first-model-picker input").click()  # no model loaded yet: load one from the list
+                page.get_by_role("option", name="tiny + LoRA pirate (installed)").click()
+                expect(page.locator("#model-status")).to_contain_text("tiny+pirate", timeout=120_000)
+                page.locator("#chat-input textarea").fill("Say the number 3.")
+                page.locator("#send-btn").click()
+                expect(page.locator("#chatbot .message").last).not_to_be_empty(timeout=60_000)
+            finally:
+                browser.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

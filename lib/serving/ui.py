@@ -212,13 +212,15 @@ class ChatUI:
             refs = [current] + refs
         return [(r.label, r.id) for r in refs]
 
-    def watch(self):
-        """With no model yet: load the default model once there is one (the timer and each page load ask).
-        Returns the updates of (note, chat view, picker, status, max tokens, counter, timer)."""
+    def watch(self, ref: ModelRef | None = None):
+        """With no model yet: load `ref`, else the default model once there is one (the timer and each page load
+        ask). Returns the updates of (note, chat view, picker, status, max tokens, counter, timer, first picker)."""
         if self.engine is None:
-            ref = self.default_model() if self.default_model is not None and self.start is not None else None
-            if ref is None:
-                return (gr.update(),) * 6 + (gr.Timer(active=self.start is not None),)
+            if ref is None and self.default_model is not None and self.start is not None:
+                ref = self.default_model()
+            if ref is None or self.start is None:
+                return (gr.update(),) * 6 + (gr.Timer(active=self.start is not None),
+                                             gr.update(choices=self.model_choices()))
             try:
                 self.engine = self.start(ref)
             except UserError as e:
@@ -227,7 +229,16 @@ class ChatUI:
         return (gr.update(visible=False), gr.update(visible=True),
                 gr.update(choices=self.model_choices(), value=self.engine.loaded.id), self.model_status(),
                 gr.update(maximum=ctx, value=min(self.serve.max_new_tokens, ctx)), self.counter([], ""),
-                gr.Timer(active=False))
+                gr.Timer(active=False), gr.update(visible=False))
+
+    def load_first(self, model_id: str | None):
+        """With no model yet: load the one picked from the list of installed models and pipeline outputs."""
+        if not model_id:
+            return self.watch()
+        ref = next((r for r in self.list_models() if r.id == model_id), None)
+        if ref is None:
+            raise gr.Error(f"{model_id}: not in the list of installed models and pipeline outputs any more.")
+        return self.watch(ref)
 
     def switch_model(self, model_id: str):
         """Load the picked model (only ids from the picker's list: the UI never opens arbitrary paths)."""
@@ -259,6 +270,9 @@ class ChatUI:
         waiting = self.engine is None
         ctx = self.serve.max_context if waiting else self.engine.loaded.context_length
         note = gr.Markdown(self.no_model_note, elem_id="no-model", visible=waiting)
+        # with no model yet, what is there already (installed models, earlier runs) can be loaded from here
+        first = gr.Dropdown(self.model_choices() if waiting else [], value=None, label="…or load a model",
+                            elem_id="first-model-picker", visible=waiting and self.start is not None)
         with gr.Row(visible=not waiting) as view:
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chatbot", buttons=["copy"],
@@ -310,9 +324,10 @@ class ChatUI:
             self.counter, [chatbot, system], counter)
         if waiting:
             timer = gr.Timer(self.WATCH_SECONDS, active=self.start is not None)
-            outputs = [note, view, model, status, max_tokens, counter, timer]
+            outputs = [note, view, model, status, max_tokens, counter, timer, first]
             timer.tick(self.watch, None, outputs, show_progress="hidden")
             demo.load(self.watch, None, outputs, show_progress="hidden")
+            first.input(self.load_first, first, outputs)
         else:
             demo.load(lambda: gr.update(choices=self.model_choices(), value=self.engine.loaded.id), None, model)
 
