@@ -35,9 +35,9 @@ def add_args(parser):
     parser.add_argument("--yes", action="store_true", help="remove without asking")
     parser.add_argument("--venv", action="store_true", help="create an isolated venv inside the install")
     parser.add_argument("--no-test", action="store_true", help="skip the post-install load-and-generate test")
-    parser.add_argument("--quantize", choices=["q4_k_m", "q5_k_m", "q8_0"], default=None,
+    parser.add_argument("--quantize", choices=["q4_k_m", "q5_k_m", "q8_0", "f16"], default=None,
                         help="install a chat model as a llama.cpp GGUF of this quantization (default: as it came; "
-                             "05_check lists the memory each needs and suggests one)")
+                             "05_check lists the memory each needs and suggests one; f16: converted, not quantized)")
     parser.add_argument("--tensorboard", action="store_true",
                         help="train: start TensorBoard on 127.0.0.1 over the run's logs while it trains")
     parser.add_argument("--trust-remote-code", action="store_true",

@@ -93,6 +93,11 @@ def test_other_architectures_go_through_llama_cpps_converter(tmp_path):
     info = json.loads((folder / "model_info.json").read_text())
     assert "convert_hf_to_gguf.py" in info["quantization"]["source"]
     assert info["post_test"]["ok"] and info["post_test"]["engine"].startswith("engine llama.cpp on sc2-Q8_0.gguf")
+    # f16: converted for llama.cpp, not quantized (an architecture transformers serves slowly on a CPU)
+    whole = install_model(str(src), tmp_path / "models", name="sc2-f16", echo=None, cfg=InstallConfig(quantize="f16"))
+    info = json.loads((whole / "model_info.json").read_text())
+    assert info["post_test"]["engine"].startswith("engine llama.cpp on sc2-f16-F16.gguf")
+    assert abs(info["quantization"]["perplexity_change_pct"]) < 0.5
 
 
 @pytest.mark.slow

@@ -302,7 +302,7 @@ class InstallConfig:
     trust_remote_code: bool = False
     # install a chat model as a llama.cpp GGUF of this quantization (made with llama.cpp's converter and quantizer;
     # the install keeps no full-size weights); None: as it came
-    quantize: Optional[Literal["q4_k_m", "q5_k_m", "q8_0"]] = None
+    quantize: Optional[Literal["q4_k_m", "q5_k_m", "q8_0", "f16"]] = None
 
 
 @dataclass

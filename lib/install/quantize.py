@@ -1,4 +1,4 @@
-"""Quantizing a causal LM at install (`06_install.py install MODEL --quantize q4_k_m|q5_k_m|q8_0`) with llama.cpp's
+"""Quantizing a causal LM at install (`06_install.py install MODEL --quantize q4_k_m|q5_k_m|q8_0|f16`) with llama.cpp's
 own tools: its HF -> GGUF converter (convert_hf_to_gguf.py, which install.sh takes from the llama-cpp-python source
 release into .venv/share/llama.cpp/) for safetensors models, then its quantizer (llama_model_quantize, through the
 llama-cpp-python binding the server already uses). The install then holds the quantized GGUF, served by llama.cpp,
@@ -24,7 +24,8 @@ from lib.install.runtime_env import LLAMA_CPP_TOOLS
 from lib.serving.llamacpp import LlamaCppModel, quiet_logs
 
 # llama.cpp's file types (LLAMA_FTYPE_MOSTLY_*) by the names its quantize tool takes
-QUANT_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q8_0": 7}
+# f16: no quantization, for an architecture transformers would serve slowly on a CPU: llama.cpp serves it whole
+QUANT_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q8_0": 7, "f16": 1}
 CONVERTER = LLAMA_CPP_TOOLS / "convert_hf_to_gguf.py"
 LORA_CONVERTER = LLAMA_CPP_TOOLS / "convert_lora_to_gguf.py"
 # A short English text to compare perplexities on (written for this project; no model was trained on it).
