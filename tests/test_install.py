@@ -350,8 +350,8 @@ def test_existing_install_needs_force_or_a_yes(tiny_chat_model, tmp_path):
     time.sleep(1.1)
     install_model(str(tiny_chat_model), tmp_path, name="m", force=True, cfg=NO_TEST, echo=None)
     assert json.loads((first / "model_info.json").read_text())["installed_at"] != stamp
-    # no leftovers of the replaced installs; .runtime holds the environment the installs share
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".runtime", "m"]
+    # no leftovers of the replaced installs; .runtime holds the environment the installs share, logs the check reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".runtime", "logs", "m"]
 
 
 @pytest.mark.slow

@@ -79,6 +79,9 @@ class Embedder(TaskModel):
 
     _waiting: list = field(default_factory=list, repr=False)
     _waiting_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # a transformers fast tokenizer is not thread-safe (each call sets its padding and truncation state): request
+    # threads count tokens while the model's forward tokenizes its batch
+    _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def dimensions(self) -> int:
@@ -112,8 +115,9 @@ class Embedder(TaskModel):
         return job["out"], sum(lengths)
 
     def token_lengths(self, texts: list[str]) -> list[int]:
-        return [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True,
-                                                         truncation=False)["input_ids"]]
+        with self._tokenizer_lock:
+            ids = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        return [len(x) for x in ids]
 
     def forward(self, texts: list[str], lengths: list[int]) -> np.ndarray:
         """The vectors of `texts` (token lengths after truncation given), under the lock."""
@@ -128,7 +132,9 @@ class Embedder(TaskModel):
         with torch.inference_mode():
             for start in range(0, len(texts), EMBED_BATCH):
                 idx = order[start:start + EMBED_BATCH]
-                features = batch_to_device(st.preprocess([texts[i] for i in idx]), st.device)
+                with self._tokenizer_lock:
+                    features = st.preprocess([texts[i] for i in idx])
+                features = batch_to_device(features, st.device)
                 out[idx] = st(features)["sentence_embedding"].float().cpu().numpy()
         return out
 
