@@ -89,13 +89,13 @@ class Embedder(TaskModel):
 
     def embed(self, texts: list[str], truncate: bool = False) -> tuple[np.ndarray, int]:
         """(vectors as float32 [n, d], tokens read). Too long a text raises InputTooLong unless truncate."""
-        lengths = self.token_lengths(texts)
+        inputs, lengths = self.tokenize(texts)
         if not truncate:
             for i, n in enumerate(lengths):
                 if n > self.max_tokens:
                     raise InputTooLong(i, n, self.max_tokens)
         lengths = [min(n, self.max_tokens) for n in lengths]
-        job = {"texts": texts, "lengths": lengths, "out": None, "error": None}
+        job = {"inputs": inputs, "lengths": lengths, "out": None, "error": None}
         with self._waiting_lock:
             self._waiting.append(job)
         with self.lock:
@@ -103,10 +103,10 @@ class Embedder(TaskModel):
                 with self._waiting_lock:
                     jobs, self._waiting = self._waiting, []
                 try:
-                    out = self.forward([t for j in jobs for t in j["texts"]], [n for j in jobs for n in j["lengths"]])
+                    out = self.forward([x for j in jobs for x in j["inputs"]], [n for j in jobs for n in j["lengths"]])
                     at = 0
                     for j in jobs:
-                        j["out"], at = out[at:at + len(j["texts"])], at + len(j["texts"])
+                        j["out"], at = out[at:at + len(j["inputs"])], at + len(j["inputs"])
                 except Exception as e:  # every request of the batch gets the error
                     for j in jobs:
                         j["error"] = e
@@ -114,13 +114,15 @@ class Embedder(TaskModel):
             raise job["error"]
         return job["out"], sum(lengths)
 
-    def token_lengths(self, texts: list[str]) -> list[int]:
+    def tokenize(self, texts: list[str]) -> tuple[list, list[int]]:
+        """(what forward() takes for each text, its token count), in the request's thread: here the texts
+        themselves (sentence-transformers tokenizes them in its batches)."""
         with self._tokenizer_lock:
             ids = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        return [len(x) for x in ids]
+        return texts, [len(x) for x in ids]
 
-    def forward(self, texts: list[str], lengths: list[int]) -> np.ndarray:
-        """The vectors of `texts` (token lengths after truncation given), under the lock."""
+    def forward(self, texts: list, lengths: list[int]) -> np.ndarray:
+        """The vectors of what tokenize() gave (token lengths after truncation given), under the lock."""
         import torch
         from sentence_transformers.util import batch_to_device
 
@@ -147,11 +149,12 @@ class GgufEmbedder(Embedder):
     def dimensions(self) -> int:
         return self.model.dim
 
-    def token_lengths(self, texts: list[str]) -> list[int]:
-        return [len(self.model.tokenize(t)) for t in texts]
+    def tokenize(self, texts: list[str]) -> tuple[list, list[int]]:
+        ids = [self.model.tokenize(t) for t in texts]  # llama.cpp's tokenizer: token ids, tokenized once
+        return ids, [len(x) for x in ids]
 
-    def forward(self, texts: list[str], lengths: list[int]) -> np.ndarray:
-        return self.model.embed([self.model.truncate(self.model.tokenize(t)) for t in texts])
+    def forward(self, ids: list, lengths: list[int]) -> np.ndarray:
+        return self.model.embed([self.model.truncate(x) for x in ids])
 
     def close(self) -> None:
         self.model.close()
