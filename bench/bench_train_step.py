@@ -6,7 +6,7 @@ matmul GFLOP/s, all in the same run (the two models interleaved, so a busy neigh
     .venv/bin/python -m bench.bench_train_step --threads 1 --clock cpu  # on a busy shared machine (see below)
     .venv/bin/python -m bench.bench_train_step --preset demo --batch 16 --no-hf   # the demo config's step time
     .venv/bin/python -m bench.bench_train_step --precision bf16         # force bf16 autocast
-    .venv/bin/python -m bench.bench_train_step --compile                # also ours with torch.compile'd blocks
+    .venv/bin/python -m bench.bench_train_step --compile                # also ours compiled (blocks + loss)
 
 Precision "auto" is the pipeline's policy (lib.hardware.training_precision): bf16 autocast where the CPU has bf16
 matrix units (AVX-512 BF16 / AMX), fp32 otherwise, because without them torch emulates bf16 matmuls far slower
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.profiler import record_function
 
 from lib.config import ModelConfig
@@ -54,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--no-hf", action="store_true", help="time ours only (e.g. to size a preset)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (bench/bench_gpu.sh); the matmul peak is measured "
                                                     "on the same device")
-    p.add_argument("--compile", action="store_true", help="also time ours with each block torch.compile'd")
+    p.add_argument("--compile", action="store_true", help="also time ours compiled as training compiles it "
+                                                           "(HomeLLM.compile_for_training: blocks and loss)")
     p.add_argument("--profile-steps", type=int, default=3,
                    help="steps of ours profiled (torch.profiler) after the timed rounds for the breakdown (0 = none)")
     return p.parse_args(argv)
@@ -76,6 +78,34 @@ def matmul_peak(dtype: torch.dtype, shapes: list[tuple[int, int, int]], clock, s
                 iters += 1
             sync()
         best = max(best, 2 * m * k * n * iters / (clock() - t0) / 1e9)
+    return best
+
+
+def gemm_floor(model: HomeLLM, tokens: int, dtype: torch.dtype, clock, device: str = "cpu", chunk: int = 512,
+               rounds: int = 3) -> float:
+    """Seconds that the step's 6N matmuls alone take, at the shapes and memory layouts the step gives them: for every
+    projection x @ W^T forward, g @ W and g^T @ x backward; for the LM head the same three per chunk of `chunk` rows
+    (lib.model.homellm.linear_cross_entropy). Best of `rounds`. A step cannot be faster than this, whatever else is
+    fused away, so 6N x tokens / floor is the share of the peak this machine's GEMMs allow at this shape."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    gemms = []
+    for p_ in model.model.layers.parameters():
+        if p_.dim() == 2:
+            w = torch.randn(p_.shape, device=device).to(dtype)
+            x, g = (torch.randn(tokens, n, device=device).to(dtype) for n in (w.shape[1], w.shape[0]))
+            gemms += [lambda x=x, w=w: F.linear(x, w), lambda g=g, w=w: g @ w, lambda g=g, x=x: g.t() @ x]
+    head = model.lm_head.weight
+    w = torch.randn(head.shape, device=device).to(dtype)
+    x, g = (torch.randn(chunk, n, device=device).to(dtype) for n in (head.shape[1], head.shape[0]))
+    gemms += [lambda: x @ w.t(), lambda: g @ w, lambda: g.t() @ x] * max(1, tokens // chunk)
+    best = float("inf")
+    for _ in range(rounds):
+        sync()
+        t0 = clock()
+        for f in gemms:
+            f()
+        sync()
+        best = min(best, clock() - t0)
     return best
 
 
@@ -159,9 +189,7 @@ def main(argv=None) -> int:
     if a.compile:
         compiled = HomeLLM(args).train().to(a.device)
         compiled.load_state_dict(ours.state_dict())
-        for block in compiled.model.layers:
-            block.compile(dynamic=False)
-        models["ours, torch.compile'd blocks"] = compiled
+        models["ours, compiled (blocks + loss)"] = compiled.compile_for_training()  # what compile: auto runs
 
     # batches as the pretraining loader gives them: random windows of a token file (2M random tokens here)
     tmp = tempfile.TemporaryDirectory(prefix="bench-train-step-")
@@ -211,6 +239,7 @@ def main(argv=None) -> int:
                 step(name)
                 times[name].append(clock() - t0)
     peak = max(peaks)
+    floor = gemm_floor(ours, a.batch * a.seq, dtype, clock, a.device)
 
     tokens = a.batch * a.seq
     n_params = ours.num_params()
@@ -222,6 +251,9 @@ def main(argv=None) -> int:
           f"{a.clock} clock, {a.rounds} x {a.steps} interleaved steps per model (tok/s from the best)")
     print(f"matmul peak ({str(dtype).split('.')[-1]}): {peak:.1f} GFLOP/s (best of {len(shapes)} GEMM shapes, "
           f"measured in each round: {' '.join(f'{p:.0f}' for p in peaks)})")
+    print(f"the step's 6N matmuls alone, at its shapes and layouts: {floor * 1e3:.1f} ms = "
+          f"{6 * n_params * tokens / floor / 1e9:.0f} GFLOP/s = {6 * n_params * tokens / floor / 1e9 / peak:.0%} of the "
+          "peak: the most any step of this shape can reach on this machine")
     print("first-step loss (same weights): " + ", ".join(f"{n} {v:.4f}" for n, v in first.items()))
     if t_compile is not None:
         print(f"compile + first step of the compiled model: {t_compile:.1f} s")
@@ -254,6 +286,9 @@ def main(argv=None) -> int:
               "profiler itself adds a little to each op):")
         for row, sec in rows.items():
             print(f"  {row:<52} {sec * 1e3:>8.1f} ms  {sec / wall:>4.0%}")
+        if "compiled" in name and a.device == "cpu":
+            print("  (compiled on CPU, attention's backward is part of the blocks' compiled backward graph: its matmuls "
+                  "count as matmuls, its softmax maths as elementwise)")
     if a.profile_steps:  # the training loop's choice of AdamW, measured here against the multi-tensor one
         m = models["ours (HomeLLM)"]
         for p_ in m.parameters():

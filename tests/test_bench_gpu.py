@@ -16,7 +16,7 @@ def test_bench_gpu_dry_run_passes_on_the_cpu(tmp_path):
                          timeout=900, env={**os.environ, "WORK": str(tmp_path), "PYTHON": sys.executable})
     out = res.stdout
     assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
-    assert "ours, torch.compile'd blocks" in out and "matmul peak (bfloat16)" in out
+    assert "ours, compiled (blocks + loss)" in out and "matmul peak (bfloat16)" in out
     for launcher in ("fsdp", "deepspeed_zero2"):
         assert f"{launcher}: received signal 15: checkpoint saved at step" in out
         assert f"{launcher}: resuming from" in out and f"{launcher}: done: reached" in out

@@ -76,3 +76,32 @@ def test_cpu_precision_policy(profile):
         assert mixed == "bf16" and ("emulates bf16" in note) != bf16
         with pytest.raises(UserError, match="fp16 is for GPUs"):
             training_precision("fp16", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The compile policy (lib.hardware.training_compile).
+
+
+def test_compile_policy(monkeypatch):
+    from lib.hardware import AUTO_COMPILE_MIN_STEPS, training_compile
+
+    assert training_compile(False, "cpu", None, 1) == (False, "eager (compile: false)")
+    assert training_compile(True, "cpu", 5, 2)[0]  # asked for: honoured
+    monkeypatch.setenv(HARDWARE_ENV, json.dumps({"compiler": True}))
+    assert training_compile("auto", "cpu", None, 1)[0]  # a time budget only: long enough
+    assert training_compile("auto", "cpu", AUTO_COMPILE_MIN_STEPS, 1)[0]
+    on, note = training_compile("auto", "cpu", AUTO_COMPILE_MIN_STEPS - 1, 1)
+    assert not on and "too few" in note
+    on, note = training_compile("auto", "cpu", None, 2)
+    assert not on and "one process" in note
+    monkeypatch.setenv(HARDWARE_ENV, json.dumps({"compiler": False}))
+    on, note = training_compile("auto", "cpu", None, 1)
+    assert not on and "does not work here" in note and "compiler=false" in note
+
+
+def test_compile_trial_finds_a_working_compiler_here(monkeypatch):
+    """This machine has a C++ compiler (install.sh needs one for llama.cpp), so the real trial compile succeeds."""
+    from lib.hardware import torch_compile_works
+
+    monkeypatch.delenv(HARDWARE_ENV, raising=False)
+    assert torch_compile_works("cpu") == (True, "")

@@ -98,8 +98,9 @@ def test_same_config_same_loss_curve_and_weights(workspace):
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_matches_uninterrupted(workspace):
-    extra = ["pretrain.max_steps=40", "pretrain.ckpt_every=3"]
+@pytest.mark.parametrize("compiled", ["false", "true"])  # true: the blocks and loss torch.compile'd, as auto does
+def test_kill_9_then_rerun_matches_uninterrupted(workspace, compiled):
+    extra = ["pretrain.max_steps=40", "pretrain.ckpt_every=3", f"pretrain.compile={compiled}"]
     cfg = clean(workspace, extra)
     run_script([ROOT / "03_pretrain.py"], workspace, extra)
     out = stage_dir(cfg, "03_pretrain")

@@ -126,7 +126,9 @@ class TrainConfig:
     # "auto": bf16 autocast where the CPU/GPU supports it, else fp32
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_checkpointing: bool = False
-    compile: bool = False
+    # pretraining: torch.compile the blocks and the loss, "auto" where it works and the run is long enough
+    # (lib.hardware.training_compile); SFT and preference tuning train eagerly (their batches change shape)
+    compile: Literal["auto", True, False] = "auto"
     eval_every: int = field(default=100, metadata=_range(1))
     eval_batches: int = field(default=20, metadata=_range(1))
     # early stopping: evals without improvement of the val loss before stopping (None = never)

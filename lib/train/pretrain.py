@@ -19,12 +19,13 @@ from lib.artifacts import read_json, require_stage, stage_output
 from lib.config import Config
 from lib.data.tokenizer import load_tokenizer
 from lib.errors import UserError
+from lib.hardware import training_compile
 from lib.model.hf_io import save_hf
 from lib.model.homellm import HomeLLM, model_args
 from lib.stages import stage_dir
 from lib.train.base_model import reply_ids
 from lib.train.coursework import check_coursework_phase1
-from lib.train.loop import Run, fit, make_accelerator, reuse_or_train, work_dir
+from lib.train.loop import Run, fit, make_accelerator, planned_steps, reuse_or_train, work_dir
 from lib.train.tracking import copy_run_logs
 
 
@@ -115,19 +116,21 @@ def train_pretrain(cfg: Config) -> Path:
     model = HomeLLM(args)  # phase 1 always starts from random weights
     if t.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if t.compile:  # compile each block in place: one graph reused 8x, and state_dict names stay Llama's
-        for block in model.model.layers:
-            block.compile(dynamic=False)
     accelerator.print(f"model: {args} — {model.num_params() / 1e6:.2f}M parameters")
     world = accelerator.num_processes
     windows = dict(dtype=meta["dtype"], seq_len=t.seq_len, batch_size=t.batch_size, grad_accum=t.grad_accum,
                    sampling=t.sampling, seed=cfg.seed)
     train = TokenWindows(tokens_dir / "train.bin", what="train", **windows)
     val = TokenWindows(tokens_dir / "val.bin", what="val", **windows)
+    world_batch_tokens = t.batch_size * t.seq_len * t.grad_accum * world
+    compiled, compile_note = training_compile(t.compile, accelerator.device.type,
+                                              planned_steps(t, world_batch_tokens, train.tokens_per_epoch), world)
+    if compiled:
+        model.compile_for_training()
     work = work_dir(cfg, "03_pretrain")
     result = fit(model, train, val, Run(
-        t, work, accelerator, seed=cfg.seed, precision_note=note,
-        world_batch_tokens=t.batch_size * t.seq_len * t.grad_accum * world,
+        t, work, accelerator, seed=cfg.seed, precision_note=f"{note}; {compile_note}",
+        world_batch_tokens=world_batch_tokens,
         flops_per_token=model.estimate_flops_per_token(t.seq_len), bytes_per_token=meta["val_bytes_per_token"],
         sample_fn=sampler(tokenizer, t.sample_prompts, t.sample_tokens, cfg.seed) if t.sample_prompts else None,
         config_name="pretrain", run_name=cfg.name))
