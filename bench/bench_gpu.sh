@@ -32,7 +32,7 @@ echo "# bench_gpu.sh ($MODE): work dir $WORK"
 echo "## 1. training step, bf16, eager and compiled ($DEV)"
 for p in $PRESETS; do
   "$PY" -m bench.bench_train_step --device "$DEV" --preset "$p" --precision bf16 $SHAPE --no-hf --compile \
-    --profile-steps 0 | grep -E "^#|matmul peak|compile|best s|ours|target"
+    --profile-steps 0 | grep -E "^#|matmul peak|matmuls alone|compile|best s|ours|target"
 done
 
 echo "## 2. sharded pretraining: interrupted (SIGTERM) after step $STOP, then resumed by the same command"

@@ -86,8 +86,8 @@ def test_compile_policy(monkeypatch):
     from lib.hardware import AUTO_COMPILE_MIN_STEPS, training_compile
 
     assert training_compile(False, "cpu", None, 1) == (False, "eager (compile: false)")
-    assert training_compile(True, "cpu", 5, 2)[0]  # asked for: honoured
     monkeypatch.setenv(HARDWARE_ENV, json.dumps({"compiler": True}))
+    assert training_compile(True, "cpu", 5, 2)[0]  # asked for: honoured
     assert training_compile("auto", "cpu", None, 1)[0]  # a time budget only: long enough
     assert training_compile("auto", "cpu", AUTO_COMPILE_MIN_STEPS, 1)[0]
     on, note = training_compile("auto", "cpu", AUTO_COMPILE_MIN_STEPS - 1, 1)
@@ -97,6 +97,8 @@ def test_compile_policy(monkeypatch):
     monkeypatch.setenv(HARDWARE_ENV, json.dumps({"compiler": False}))
     on, note = training_compile("auto", "cpu", None, 1)
     assert not on and "does not work here" in note and "compiler=false" in note
+    with pytest.raises(UserError, match=r"pretrain.compile: true, but torch.compile does not work on this machine"):
+        training_compile(True, "cpu", None, 1)  # asked for where it cannot work: a clear error, not a traceback
 
 
 def test_compile_trial_finds_a_working_compiler_here(monkeypatch):

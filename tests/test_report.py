@@ -166,6 +166,7 @@ def test_bundle_is_complete_checksummed_and_deterministic(pipeline, tmp_path):
     resolved = yaml.safe_load((root / "config" / "resolved.yaml").read_text())
     assert resolved["pretrain"]["precision"] == resolved["sft"]["train"]["precision"] == "fp32"  # what ran
     assert resolved["prefs"]["train"]["precision"] == "fp32"
+    assert resolved["pretrain"]["compile"] is False  # what ran: compile auto, but the smoke run is too short for it
     again = run(ws, ROOT / "08_report.py", "bundle", "--config", ws / "config.yaml", "--quiet-config",
                 "--out", tmp_path / "again.tar.gz", env={**os.environ, HARDWARE_ENV: "cpu-fp32"})
     assert "again.tar.gz" in again.stdout

@@ -103,6 +103,8 @@ def _pin_config(cfg: Config, inputs: dict[str, Path]) -> tuple[dict, list[str]]:
         m = read_json(stage_dir(cfg, stage) / MANIFEST)
         # the precision note starts with what ran ("fp32 (this CPU has no bf16 ...)", "bf16 autocast (...)")
         section["precision"] = str(m.get("precision") or "fp32").split()[0]
+        if "compiled" in m:  # compiled kernels sum in another order than eager ones: the re-run takes the same path
+            section["compile"] = bool(m["compiled"])
         if section.get("time_budget_min"):
             section["time_budget_min"] = None
             section["max_steps"] = m["steps"]

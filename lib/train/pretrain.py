@@ -148,6 +148,7 @@ def train_pretrain(cfg: Config) -> Path:
             "stop_reason": result.stop_reason, "precision": result.precision, "train_seconds": result.elapsed_s,
             "best_val_loss": result.best_val_loss, "final_eval": result.last_val, "coursework": rules,
             "weights": "best val loss" if result.best_path else "last step", "processes": world,
+            "compiled": compiled,  # what compile: auto decided; a submission bundle pins it for the re-run
         })
     print(f"pretrained model: {final}  (val loss {result.last_val.get('val_loss', float('nan')):.4f}, "
           f"bpb {result.last_val.get('val_bpb', float('nan')):.4f}; {result.stop_reason})")

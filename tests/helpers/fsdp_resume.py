@@ -64,7 +64,8 @@ def main() -> None:
             save_checkpoint(Path(a.out) / "ckpt", step + 1, model, opt, {"note": "fsdp"}, is_main=rank == 0)
     save_weights(model, Path(a.out) / "final.safetensors", is_main=rank == 0)
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.barrier()  # both ranks tear down together: a rank leaving while the other still writes once aborted
+        dist.destroy_process_group()  # ("terminate called without an active exception", exit -6, once in a full suite)
 
 
 if __name__ == "__main__":
