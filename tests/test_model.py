@@ -400,4 +400,6 @@ def test_compiled_training_matches_eager_and_decoding_stays_eager():
 
     eager.eval(), compiled.eval()
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert generate(compiled, [5, 9, 2, 7], greedy) == generate(eager, [5, 9, 2, 7], greedy)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no graph compiled for any new length
