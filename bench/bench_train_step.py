@@ -23,6 +23,7 @@ Targets: ours >= 1.3x transformers' Llama; 6 x params x tokens/s >= 80% of the m
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import tempfile
 import time
@@ -57,6 +58,9 @@ def parse_args(argv=None):
                                                     "on the same device")
     p.add_argument("--compile", action="store_true", help="also time ours compiled as training compiles it "
                                                            "(HomeLLM.compile_for_training: blocks and loss)")
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="leave glibc's malloc at its defaults instead of training's setting "
+                        "(lib.hardware.keep_freed_memory), to measure what that setting gains")
     p.add_argument("--profile-steps", type=int, default=3,
                    help="steps of ours profiled (torch.profiler) after the timed rounds for the breakdown (0 = none)")
     return p.parse_args(argv)
@@ -164,7 +168,9 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     clock = time.perf_counter if a.clock == "wall" else time.process_time
-    from lib.hardware import cpu_has_fast_bf16
+    from lib.hardware import cpu_has_fast_bf16, keep_freed_memory
+
+    allocator = "glibc's defaults (--malloc-defaults)" if a.malloc_defaults else keep_freed_memory()  # as training
 
     cuda = a.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -231,13 +237,15 @@ def main(argv=None) -> int:
               (a.batch * a.seq, args.dim, args.vocab_size), (2048, 2048, 2048)]
     peaks = []
     times = {name: [] for name in models}
+    faults = {name: 0 for name in models}  # minor page faults: fresh pages the allocator had to map
     for _ in range(a.rounds):
         peaks.append(matmul_peak(dtype, shapes, clock, 0.15, a.device))  # in every round: one may be disturbed
         for name in models:
             for _ in range(a.steps):
-                t0 = clock()
+                f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, clock()
                 step(name)
                 times[name].append(clock() - t0)
+                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     peak = max(peaks)
     floor = gemm_floor(ours, a.batch * a.seq, dtype, clock, a.device)
 
@@ -249,6 +257,7 @@ def main(argv=None) -> int:
           f"seq {a.seq} = {tokens} tokens/step, {policy}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, "
           f"{a.clock} clock, {a.rounds} x {a.steps} interleaved steps per model (tok/s from the best)")
+    print(f"C allocator: {allocator}")
     print(f"matmul peak ({str(dtype).split('.')[-1]}): {peak:.1f} GFLOP/s (best of {len(shapes)} GEMM shapes, "
           f"measured in each round: {' '.join(f'{p:.0f}' for p in peaks)})")
     print(f"the step's 6N matmuls alone, at its shapes and layouts: {floor * 1e3:.1f} ms = "
@@ -258,7 +267,7 @@ def main(argv=None) -> int:
     if t_compile is not None:
         print(f"compile + first step of the compiled model: {t_compile:.1f} s")
     print(f"{'model':<32} {'best s':>7} {'median s':>9} {'tok/s':>7} {'6N GFLOP/s':>11} {'of peak':>8} "
-          f"{'MFU (6N+attn)':>14}")
+          f"{'MFU (6N+attn)':>14} {'faults/step':>12}")
     tps = {}
     for name, ts in times.items():
         t = min(ts)
@@ -266,7 +275,7 @@ def main(argv=None) -> int:
         gf = flops_6n * tps[name] / 1e9
         mfu = ours.estimate_flops_per_token(a.seq) * tps[name] / 1e9 / peak
         print(f"{name:<32} {t:>7.3f} {statistics.median(ts):>9.3f} {tps[name]:>7.0f} {gf:>11.1f} {gf / peak:>7.0%} "
-              f"{mfu:>13.0%}")
+              f"{mfu:>13.0%} {faults[name] / len(ts):>12,.0f}")
     spread = max(statistics.median(ts) / min(ts) for ts in times.values())
     if spread > 1.15 or min(peaks) < 0.85 * peak:
         print(f"WARNING: steps differ by up to {spread - 1:.0%} from the best, the matmul peak by up to "

@@ -107,3 +107,59 @@ def test_compile_trial_finds_a_working_compiler_here(monkeypatch):
 
     monkeypatch.delenv(HARDWARE_ENV, raising=False)
     assert torch_compile_works("cpu") == (True, "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The C allocator (lib.hardware.keep_freed_memory).
+
+_STEP_FAULTS = """
+import resource, sys, torch
+from lib.config import ModelConfig
+from lib.hardware import keep_freed_memory
+from lib.model.homellm import HomeLLM, model_args
+if sys.argv[1] == "keep":
+    print(keep_freed_memory(), file=sys.stderr)
+torch.manual_seed(0)
+model = HomeLLM(model_args(ModelConfig(preset="demo"), 4096))
+opt = torch.optim.AdamW(model.parameters(), fused=True)
+x = torch.randint(0, 4096, (8, 256))
+def step():
+    _, loss = model(x, x); loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+for _ in range(2):
+    step()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 3)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None, reason="glibc only")
+def test_training_steps_reuse_freed_memory_instead_of_faulting_in_fresh_pages():
+    """A demo-shape training step frees and allocates the same activations every step; with glibc's defaults it maps
+    them in afresh (page faults), with training's allocator setting it reuses them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    env["PYTHONPATH"] = str(ROOT)
+
+    def faults(mode: str) -> tuple[float, str]:
+        res = subprocess.run([sys.executable, "-c", _STEP_FAULTS, mode], capture_output=True, text=True, env=env,
+                             cwd=ROOT, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return float(res.stdout.split()[-1]), res.stderr
+
+    default, _ = faults("default")
+    kept, note = faults("keep")
+    assert "glibc malloc keeps freed memory" in note
+    assert default > 5000, f"glibc's defaults no longer fault at this shape ({default:.0f}/step): rethink the test"
+    assert kept < default / 5, (default, kept)
+
+
+def test_the_users_own_allocator_settings_are_left_alone(monkeypatch):
+    from lib.hardware import keep_freed_memory
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    keep_freed_memory.cache_clear()
+    try:
+        assert keep_freed_memory() == "C allocator as configured (MALLOC_TRIM_THRESHOLD_ set)"
+    finally:
+        keep_freed_memory.cache_clear()
