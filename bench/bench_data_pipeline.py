@@ -6,8 +6,8 @@
 
 For each corpus (the config/default.yaml data section, then generated corpora of 10 MB and --size-mb MB) every
 stage runs in its own subprocess through the lib functions, as Snakemake runs them: 01_data, 02_tokenizer,
-02_tokens; then, in the same run, the raw `Tokenizer.encode_batch` speed of the same tokenizer over the same
-documents (only the encode_batch calls timed). 01 / 02_tokens / raw repeat in interleaved rounds and the best
+02_tokens; then, in the same run, the raw `Tokenizer.encode_batch_fast` speed (the library's fastest batch API:
+the ids without character offsets) of the same tokenizer over the same documents (only those calls timed). 01 / 02_tokens / raw repeat in interleaved rounds and the best
 time of each counts, because the machine may be shared; CPU seconds are reported too, as they are disturbed
 less. Each subprocess reports the wall time of its lib call, its CPU time, and its peak RSS: ru_maxrss, and the
 sampled sum over the process and the worker processes that stage 01 forks. Throughput is MB of cleaned corpus
@@ -120,7 +120,7 @@ def _cpu() -> float:
 
 
 def _raw_encode(cfg) -> dict:
-    """The tokenizer alone: encode_batch over the same documents and batch size; only the calls are timed."""
+    """The tokenizer alone: encode_batch_fast over the same documents and batch size; only the calls are timed."""
     import itertools
 
     from tokenizers import Tokenizer
@@ -137,7 +137,7 @@ def _raw_encode(cfg) -> dict:
         docs = iter_documents(data_dir, split)
         while batch := list(itertools.islice(docs, cfg.tokenizer.encode_batch_docs)):
             t, c = time.perf_counter(), _cpu()
-            encs = tok.encode_batch(batch, add_special_tokens=False)
+            encs = tok.encode_batch_fast(batch, add_special_tokens=False)
             spent += time.perf_counter() - t
             cpu += _cpu() - c
             n_tokens += sum(len(e) for e in encs)
@@ -238,7 +238,7 @@ def print_table(rows: list[dict]) -> None:
               f"{r['enc']:>9.2f}{r['e2e']:>9.2f}{r['raw']:>9.2f}{r['e2e'] / r['raw']:>8.0%}{r['enc'] / r['raw']:>8.0%}"
               f"{r['rss01']:>8.0f}{r['rss02']:>8.0f}{r['rss_tok']:>8.0f}{r['bpt'] or 0:>7.2f}{r['s_tok']:>7.1f}")
     print("MB = cleaned corpus text (UTF-8); 01 = stage 01 (read, clean, dedup, split, shards); 02 = stage 02_tokens "
-          "(read shards, encode_batch, write .bin); e2e = MB / (01 s + 02 s); raw = encode_batch calls alone, same "
+          "(read shards, encode_batch_fast, write .bin); e2e = MB / (01 s + 02 s); raw = encode_batch_fast calls alone, same "
           "tokenizer and documents; best of --repeats interleaved runs; RSS in MB: peak of the summed RSS of the stage's "
           "process and its workers (max over runs); tok s = BPE training (not in e2e)")
 
@@ -251,7 +251,7 @@ def check_targets(rows: list[dict]) -> bool:
         good = ratio >= TARGET_RATIO
         ok &= good
         print(f"  [{'ok' if good else 'MISS'}] {r['label']}: end-to-end {r['e2e']:.2f} MB/s = {ratio:.0%} of raw "
-              f"encode_batch {r['raw']:.2f} MB/s (target >= {TARGET_RATIO:.0%}); stage 02_tokens alone "
+              f"encode_batch_fast {r['raw']:.2f} MB/s (target >= {TARGET_RATIO:.0%}); stage 02_tokens alone "
               f"{r['enc'] / r['raw']:.0%} of raw")
         # CPU seconds (all threads) are what a busy shared machine disturbs least: the same ratios in CPU time.
         print(f"       in CPU seconds: raw {r['cpu_raw']:.1f} s vs 01 {r['cpu01']:.1f} s + 02_tokens {r['cpu02']:.1f} s:"

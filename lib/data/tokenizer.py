@@ -329,13 +329,15 @@ def _special_id(tok_dir: Path, backend, key: str) -> int:
 
 
 def _encode_stream(backend, batches: Iterable[list[str]]) -> Iterator[tuple[list[str], list]]:
-    """(batch, encodings) in order. encode_batch runs in Rust on all cores without the GIL, in a helper thread, so
-    reading + JSON-parsing batch k+1 and writing batch k-1 (the caller's work) overlap with encoding batch k."""
+    """(batch, encodings) in order. encode_batch_fast runs in Rust on all cores without the GIL, in a helper thread,
+    so reading + JSON-parsing batch k+1 and writing batch k-1 (the caller's work) overlap with encoding batch k. The
+    _fast variant skips the character offsets, which nothing here reads: the same ids, 1.2x faster (5.2 -> 4.3 s on
+    a 30 MB corpus, bench/bench_data_pipeline.py's generated one)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
         for batch in batches:  # pulling the next batch is the read + parse that overlaps
             # add_special_tokens=False: no template post-processing, the separators are ours
-            future = pool.submit(backend.encode_batch, batch, add_special_tokens=False)
+            future = pool.submit(backend.encode_batch_fast, batch, add_special_tokens=False)
             if pending is not None:
                 yield pending[0], pending[1].result()
             pending = (batch, future)

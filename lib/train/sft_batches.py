@@ -103,7 +103,7 @@ def encode_text(tokenizer, texts: list[str], max_len: int) -> list[Encoded]:
     windows of max_len that overlap by one token, so every token is predicted exactly once."""
     eos = tokenizer.eos_token_id
     out = []
-    for enc in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
+    for enc in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False):  # no offsets needed
         ids = np.asarray(enc.ids + ([eos] if eos is not None else []), dtype=np.int64)
         for start in range(0, max(len(ids) - 1, 1), max_len - 1):
             piece = ids[start:start + max_len]
