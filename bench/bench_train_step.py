@@ -15,7 +15,9 @@ GEMM shapes. --clock cpu measures process CPU time; with --threads 1 that is the
 programs competing for the cores. Step times are reported as the best and the median of the interleaved steps;
 the targets are judged on the best (other programs can only slow a step down, so the best is the closest to a
 quiet machine), and the peak is the best matmul rate measured in any round. A warning says when the rounds
-disagree too much for the figures to mean anything.
+disagree too much for the figures to mean anything. The C allocator is set as training sets it
+(lib.hardware.keep_freed_memory); --malloc-defaults leaves glibc's defaults, and the faults/step column counts the
+fresh pages each step had to map in.
 
 Targets: ours >= 1.3x transformers' Llama; 6 x params x tokens/s >= 80% of the measured matmul peak.
 """
