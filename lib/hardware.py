@@ -275,6 +275,7 @@ def keep_freed_memory() -> str:
     return "glibc malloc keeps freed memory for reuse (mmap threshold 32 MiB, no trimming)"
 
 
+# -----------------------------------------------------------------------------------------------------------
 # The compile policy. bench/bench_train_step.py measured HomeLLM.compile_for_training against eager on a 2-core AMX
 # CPU in bf16: 1.4x faster steps at 512-8-8 (0.736 -> 0.518 s) and 1.5x at the demo shape, for ~9 s of compiling
 # (cached by torch on disk: a rerun compiles in ~1 s). Below this many steps the compile does not pay for itself.
