@@ -172,9 +172,10 @@ def main(argv=None) -> int:
     clock = time.perf_counter if a.clock == "wall" else time.process_time
     from lib.hardware import cpu_has_fast_bf16, keep_freed_memory
 
-    allocator = "glibc's defaults (--malloc-defaults)" if a.malloc_defaults else keep_freed_memory()  # as training
-
     cuda = a.device.startswith("cuda")
+    # the C allocator as training sets it: on CPU only
+    allocator = ("unchanged (GPU)" if cuda else "glibc's defaults (--malloc-defaults)" if a.malloc_defaults
+                 else keep_freed_memory())
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA GPU here")
     bf16 = a.precision == "bf16" or (a.precision == "auto" and (cuda or cpu_has_fast_bf16()))
