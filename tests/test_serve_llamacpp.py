@@ -155,3 +155,46 @@ def test_info_json_is_plain_and_says_what_runs(both):
            {k: torch_side.describe()[k] for k in ("vocab_size", "stop_token_ids")}
     # the context each engine runs with: llama.cpp's KV cache was sized at 512 tokens, torch serves the model's own
     assert lcpp.describe()["context_length"] == 512 < torch_side.describe()["context_length"]
+
+
+_CONTEXT_PROBE = r"""
+import ctypes, json, re, sys
+import llama_cpp as L
+import lib.serving.llamacpp as lc
+lines = []
+@L.llama_log_callback
+def keep(level, text, user_data):
+    lines.append(text.decode("utf-8", "replace"))
+lc._LOG_CALLBACK = keep  # quiet_logs() then leaves this one in place
+L.llama_log_set(keep, ctypes.c_void_p(0))
+out = {}
+for n_ctx_seq in (4096, 8192):
+    lines.clear()
+    model = lc.LlamaCppModel(sys.argv[1], n_ctx_seq=n_ctx_seq, n_seq=2)
+    log = "".join(lines)
+    out[n_ctx_seq] = {"flash_attn": re.search(r"flash_attn\s*=\s*(\w+)", log).group(1),
+                      "n_ctx_seq": int(re.search(r"n_ctx_seq\s*=\s*(\d+)", log).group(1)),
+                      "compute_mib": float(re.search(r"compute buffer size\s*=\s*([\d.]+) MiB", log).group(1))}
+    model.close()
+print(json.dumps(out))
+"""
+
+
+def test_chat_context_decodes_without_flash_attention_and_the_check_counts_its_scores(smollm2_gguf):
+    """The chat engine's llama.cpp context, as llama.cpp itself reports it: flash attention off and a KV stream per
+    sequence (bench_serving_engines: single-stream decode 79 vs 61 tok/s on SmolLM2 with llama.cpp's default "auto"),
+    and the compute buffer that this costs for long contexts is what 05_check adds as attention scores."""
+    from lib.check.formulas import llama_cpp_estimates
+    from lib.model.dims import Dims
+
+    res = subprocess.run([sys.executable, "-c", _CONTEXT_PROBE, str(smollm2_gguf)], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ctx = {int(k): v for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
+    assert {c["flash_attn"] for c in ctx.values()} == {"disabled"}
+    assert [ctx[n]["n_ctx_seq"] for n in (4096, 8192)] == [4096, 8192]  # each of the 2 sequences its own stream
+    grown = (ctx[8192]["compute_mib"] - ctx[4096]["compute_mib"]) * 2**20
+    smol = Dims(hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, vocab=49152)
+    scores = {n: llama_cpp_estimates(smol, {"q": 0}, n, 2, 0)["by_quant"]["q"]["attention_scores"] for n in (4096, 8192)}
+    assert scores[4096] == 0  # up to here the scores fit in the logits' memory: the buffer does not grow
+    assert 0.7 * grown <= scores[8192] - scores[4096] <= 1.3 * grown, (grown, scores)

@@ -418,6 +418,7 @@ EMBED_BITS, HEAD_BITS = 8.5, 6.5625
 # serving code, llama.cpp's own buffers and allocator slack. Calibrated by bench/bench_check_llamacpp.py on
 # SmolLM2-135M Q4_1 (07_serve --prompt, peak RSS 846 MB).
 LLAMA_CPP_RUNTIME_BYTES = 345 * MiB
+LLAMA_CPP_UBATCH = 512  # tokens per llama_decode of a prompt (lib.serving.llamacpp's batch)
 # A tokenizer that transformers rebuilds from a GGUF's token list (no tokenizer.json beside it) holds about 1 KB of
 # Python objects per token (measured on SmolLM2's 49,152 tokens: 48.8 MB).
 GGUF_TOKENIZER_BYTES_PER_TOKEN = 993
@@ -438,13 +439,20 @@ def quantized_weight_bytes(P: int, d: Dims, qtype: str) -> int:
 def llama_cpp_estimates(d: Dims, weights: dict[str, int], context: int, sequences: int, tokenizer: int) -> dict:
     """Memory of serving through llama.cpp with each of `weights` ({name: bytes}): the weights (mapped and all read),
     an f16 KV cache for `sequences` replies of `context` tokens on every layer (allocated and cleared up front;
-    sliding-window layers, which need less, are not told apart), the tokenizer and the runtime."""
+    sliding-window layers, which need less, are not told apart), the attention scores, the tokenizer and the runtime.
+
+    The chat engine runs without flash attention (lib.serving.llamacpp.new_context), so a prompt's ubatch of 512
+    tokens holds its fp32 scores and f16 mask against a whole reply's context for every head. llama.cpp's compute
+    buffer reuses the memory of the ubatch's fp32 logits for them (measured on SmolLM2-135M, 9 heads, vocabulary
+    49,152: 99 MiB up to 4,096 tokens of context, as with flash attention, then 126 MiB at 6,144 and 166 MiB at
+    8,192), so what the scores need beyond the logits is added."""
     kv = int(2 * (d.layers or 0) * (d.kv_heads or 0) * (d.head_dim or 0) * context * sequences * 2)
+    scores = max(0, LLAMA_CPP_UBATCH * (context * (4 * (d.heads or 0) + 2) - 4 * (d.vocab or 0)))
     out = {}
     for name, w in weights.items():
-        total = w + kv + tokenizer + LLAMA_CPP_RUNTIME_BYTES
-        out[name] = {"weights": int(w), "kv_cache": kv, "tokenizer": tokenizer, "runtime": LLAMA_CPP_RUNTIME_BYTES,
-                     "total": total}
+        total = w + kv + scores + tokenizer + LLAMA_CPP_RUNTIME_BYTES
+        out[name] = {"weights": int(w), "kv_cache": kv, "attention_scores": scores, "tokenizer": tokenizer,
+                     "runtime": LLAMA_CPP_RUNTIME_BYTES, "total": total}
     return {"context": context, "sequences": sequences, "by_quant": out}
 
 

@@ -269,16 +269,25 @@ def load_gguf(L, path: Path):
 
 def new_context(L, model, n_ctx: int, batch: int, n_seq: int, n_threads: int | None, error: str,
                 embeddings: bool = False):
-    """A llama_context* of `n_ctx` tokens for up to `n_seq` sequences (one KV pool for all of them: batched decode
-    then attends in one kernel per layer; measured on a 27.8M model, 8 streams: 1.2-2.1x the aggregate tokens/s of
-    per-sequence caches). On failure the model is freed and `error` raised."""
+    """A llama_context* of `n_ctx` tokens for up to `n_seq` sequences. On failure the model is freed and `error`
+    raised.
+
+    Chat (decoding): each sequence its own KV stream of n_ctx / n_seq cells and no flash attention, as llama-cpp-
+    python's `Llama` defaults to. llama.cpp's own default (flash attention "auto", which turns it on for the CPU)
+    decodes far slower here: measured on this 2-core AMX CPU, single stream after a 256-token prompt, SmolLM2-135M
+    Q4_1 84 vs 63 tok/s and our 512-8-8 Q8_0 537 vs 329; after a 900-token prompt 71 vs 45 and 477 vs 193. It
+    prefills 8-25% faster, which loses to the decode from about 20 new tokens on. One KV pool for all sequences
+    (kv_unified) was slower too without flash attention: 8 streams 39 vs 52 tok/s aggregate on SmolLM2.
+    Embeddings: one batch holds many short sequences, so one pool and llama.cpp's default attention."""
     cparams = L.llama_context_default_params()
     cparams.n_ctx = n_ctx
     cparams.n_batch = cparams.n_ubatch = batch
     cparams.n_seq_max = n_seq
     cparams.n_threads = cparams.n_threads_batch = n_threads or max(1, len(os.sched_getaffinity(0)))
     cparams.embeddings = embeddings
-    cparams.kv_unified = True
+    cparams.kv_unified = embeddings
+    if not embeddings:
+        cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
     cparams.no_perf = True
     ctx = L.llama_init_from_model(model, cparams)
     if not ctx:
