@@ -165,14 +165,19 @@ class LlamaCppModel:
         """Feed every live sequence's pending tokens (prompts in chunks that fit the batch) in one llama_decode,
         then sample the next token of each sequence whose input is complete."""
         L, b = self.L, self.batch
-        n, fed = 0, []
         waiting = [s for s in self._live if s.ready is None and s.pending]
         # decode steps (one token each) first, so that a long prompt never delays the others' next token
+        chunks, room = [], self.batch_size
         for s in sorted(waiting, key=lambda s: len(s.pending)):
-            room = self.batch_size - n
             if room <= 0:
                 break
             chunk, s.pending = s.pending[:room], s.pending[room:]
+            chunks.append((s, chunk))
+            room -= len(chunk)
+        # laid out in sequence-id order: llama.cpp splits a batch over per-sequence KV streams more efficiently so
+        # (measured, 8 streams on SmolLM2: 51-53 tok/s in every run; arrival order alternated between 38 and 51)
+        n, fed = 0, []
+        for s, chunk in sorted(chunks, key=lambda c: c[0].seq_id):
             for i, t in enumerate(chunk):
                 b.token[n] = t
                 b.pos[n] = s.pos + i
