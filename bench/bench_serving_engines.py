@@ -31,8 +31,6 @@ import threading
 import time
 from pathlib import Path
 
-CONTENDERS = ("ours/llama.cpp", "ours/torch", "llama.cpp", "llama.cpp batch", "llama.cpp batch FA", "transformers")
-
 
 def peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
