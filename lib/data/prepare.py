@@ -519,7 +519,7 @@ class _Builder:
         offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         for split, sel in (("train", kept[~is_val]), ("val", kept[is_val])):
             if len(sel):
-                # the selected lines' bytes, one slice each (not an index per byte: 10x less work)
+                # the selected lines' bytes, one slice each (not an index per byte of text)
                 self.shards[split].write(b"".join([lines[offsets[i]:offsets[i + 1]] for i in sel.tolist()]),
                                          sizes[sel])
                 st = self.split_stats[split]
