@@ -418,7 +418,7 @@ EMBED_BITS, HEAD_BITS = 8.5, 6.5625
 # serving code, llama.cpp's own buffers and allocator slack. Calibrated by bench/bench_check_llamacpp.py on
 # SmolLM2-135M Q4_1 (07_serve --prompt, peak RSS 846 MB).
 LLAMA_CPP_RUNTIME_BYTES = 345 * MiB
-LLAMA_CPP_UBATCH = 512  # tokens per llama_decode of a prompt (lib.serving.llamacpp's batch)
+LLAMA_CPP_UBATCH = 512  # tokens per llama_decode of a prompt: the chat engine's batch (lib.serving.llamacpp reads it)
 # A tokenizer that transformers rebuilds from a GGUF's token list (no tokenizer.json beside it) holds about 1 KB of
 # Python objects per token (measured on SmolLM2's 49,152 tokens: 48.8 MB).
 GGUF_TOKENIZER_BYTES_PER_TOKEN = 993

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lib.check.formulas import LLAMA_CPP_UBATCH
 from lib.errors import UserError
 from lib.hardware import llama_cpp_repack
 
@@ -54,7 +55,7 @@ class LlamaCppModel:
     Not thread-safe: the engine's worker thread is its only caller."""
 
     def __init__(self, gguf: Path, n_ctx_seq: int | None = None, n_seq: int = 4, n_threads: int | None = None,
-                 batch: int = 512, lora: Path | None = None):
+                 batch: int = LLAMA_CPP_UBATCH, lora: Path | None = None):
         import llama_cpp as L
 
         self.L, self.path = L, Path(gguf)
