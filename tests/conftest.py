@@ -40,6 +40,52 @@ def hardware_profile(name: str):
             os.environ[HARDWARE_ENV] = old
 
 
+# -- the time budget (tests/budget.py): each run reports its time by area, and the quick tier's slow tests ---------
+
+_seconds: dict[str, float] = {}  # nodeid -> setup + call + teardown
+_quick: set[str] = set()  # nodeids outside the slow tier
+
+
+def pytest_collection_modifyitems(config, items):
+    _quick.update(item.nodeid for item in items if item.get_closest_marker("slow") is None)
+
+
+def pytest_runtest_logreport(report):
+    _seconds[report.nodeid] = _seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Seconds per area against its budget, then the tests outside the slow tier over QUICK_TEST_S. A report, not an
+    assertion: the machine decides the figures, and the budget is for the slowest kind (2 cores, AVX2 only)."""
+    from budget import AREAS, FULL_SUITE_S, QUICK_TEST_S, QUICK_TIER_S, area_of
+
+    if not _seconds:
+        return
+    tr = terminalreporter
+    per_area: dict[str, list[float]] = {}
+    for nodeid, s in _seconds.items():
+        area = area_of(Path(nodeid.split("::")[0]).name) or "(no area)"
+        per_area.setdefault(area, []).append(s)
+    quick_only = "not slow" in (config.getoption("markexpr") or "")
+    tr.section("time by area (budgets in tests/budget.py, for the full suite on a 2-core AVX2-only CPU)")
+    tr.write_line(f"{'area':<28} {'tests':>6} {'seconds':>9} {'budget':>7}")
+    for area in [*AREAS, "(no area)"]:
+        if area in per_area:
+            s = per_area[area]
+            budget = AREAS[area][0] if area in AREAS else 0
+            over = "" if quick_only or sum(s) <= budget else "  over budget"
+            tr.write_line(f"{area:<28} {len(s):>6} {sum(s):>9.1f} {budget:>7}{over}")
+    total = sum(_seconds.values())
+    limit = QUICK_TIER_S if quick_only else FULL_SUITE_S
+    tr.write_line(f"{'all (' + ('quick tier' if quick_only else 'full suite') + ')':<28} {len(_seconds):>6} "
+                  f"{total:>9.1f} {limit:>7}")
+    slow = sorted(((s, n) for n, s in _seconds.items() if n in _quick and s > QUICK_TEST_S), reverse=True)
+    if slow:
+        tr.section(f"tests outside the slow tier over {QUICK_TEST_S} s: mark them @pytest.mark.slow or make them cheaper")
+        for s, n in slow:
+            tr.write_line(f"{s:7.1f}s {n}")
+
+
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -171,6 +217,29 @@ def smollm2_hf(smollm2_gguf, tmp_path_factory) -> Path:
     from lib.export.convert import gguf_to_hf
 
     return gguf_to_hf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The smoke config run to the end once per session (`snakemake all`: every stage, the install and the report
+    card), on a CPU without bf16 units (injected, so the run is the same on every machine). Tests that only read a
+    finished run share it and change nothing in it: (workspace, its config file, the environment it ran with, the
+    first run's CompletedProcess). Its config adds two perplexity sentences and 20 items per benchmark task."""
+    import subprocess
+    import sys
+
+    from lib.hardware import HARDWARE_ENV
+
+    ws = tmp_path_factory.mktemp("smoke_run")
+    config = ws / "config.yaml"
+    config.write_text((ROOT / "config" / "smoke.yaml").read_text() + f"\ninstall:\n  models_dir: {ws / 'models'}\n"
+                      "report:\n  sentences: ['And God said, Let there be light.', 'Hello there.']\n  eval_limit: 20\n")
+    env = {**os.environ, HARDWARE_ENV: "cpu-fp32"}
+    res = subprocess.run([sys.executable, "-m", "snakemake", "all", "-s", str(ROOT / "Snakefile"), "--directory",
+                          str(ws), "--cores", "2", "--configfile", str(config)], capture_output=True, text=True,
+                         cwd=ws, timeout=1200, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return ws, config, env, res
 
 
 class FakeHub:

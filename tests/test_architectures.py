@@ -64,6 +64,8 @@ def test_every_installable_architecture_answers_through_start_sh(arch, tiny_chat
     post = json.loads((folder / "model_info.json").read_text())["post_test"]
     assert post["ok"] and post["engine"].startswith(f"engine {v['engine']}"), post
     assert post["peak_rss_bytes"] > 0
+    if arch not in ("llama", "gpt2"):  # the post-test ran start.sh; once more as the user does, for each engine
+        return
 
     # the installed folder itself, as the user runs it
     res = subprocess.run(["sh", str(folder / "start.sh"), "--prompt", "Hello", "--seed", "1", "--device", "cpu",

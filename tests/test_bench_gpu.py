@@ -1,6 +1,6 @@
 """bench/bench_gpu.sh, the GPU checks prepared for a lent GPU machine, runs end to end on this CPU in its dry mode:
 the training-step benchmark eager and compiled, FSDP and DeepSpeed ZeRO-2 pretraining interrupted and resumed through
-`accelerate launch`, LoRA of SmolLM2 (QLoRA needs CUDA)."""
+`accelerate launch`, LoRA of the model they trained (on a GPU: QLoRA of SmolLM2)."""
 
 import os
 import subprocess
@@ -16,9 +16,9 @@ def test_bench_gpu_dry_run_passes_on_the_cpu(tmp_path):
                          timeout=900, env={**os.environ, "WORK": str(tmp_path), "PYTHON": sys.executable})
     out = res.stdout
     assert res.returncode == 0, out[-3000:] + res.stderr[-3000:]
-    assert "ours, compiled (blocks + loss)" in out and "matmul peak (bfloat16)" in out
+    assert "ours, compiled (blocks + loss)" in out and "matmul peak (" in out
     for launcher in ("fsdp", "deepspeed_zero2"):
         assert f"{launcher}: received signal 15: checkpoint saved at step" in out
-        assert f"{launcher}: resuming from" in out and f"{launcher}: done: reached" in out
-    assert "## 3. LoRA of SmolLM2-135M" in out and "instruction-tuned model:" in out
+        assert f"{launcher}: resuming from" in out and f"{launcher}: done: stopped at step 40" in out
+    assert "## 3. LoRA of the tiny model pretrained above" in out and "instruction-tuned model:" in out
     assert not (tmp_path / "xdg").exists() or not any((tmp_path / "xdg").rglob("*.json"))  # nothing written to ~

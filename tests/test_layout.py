@@ -120,3 +120,21 @@ def test_atomic_dir_publishes_whole_and_keeps_the_old_folder_until_the_new_one_i
     with atomic_dir(final, keep_old=True) as tmp:
         (tmp / "b.txt").write_text("two")
     assert sorted(os.listdir(final)) == ["b.txt"] and os.listdir(tmp_path) == ["install"]  # replaced, old removed
+
+
+def test_every_test_file_has_an_area_and_the_readme_states_the_budgets():
+    """tests/budget.py gives each test file one area with its time budget; the README's development section shows
+    the same areas and budgets, which add up to no more than the full suite's."""
+    import re
+
+    from budget import AREAS, FULL_SUITE_S
+
+    files = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
+    homes = {f: [a for a, (_, fs) in AREAS.items() if f in fs] for f in files}
+    assert {f: h for f, h in homes.items() if len(h) != 1} == {}, "each test file needs exactly one area"
+    assert not [f for _, fs in AREAS.values() for f in fs if f not in files], "an area names a file that is gone"
+    assert sum(b for b, _ in AREAS.values()) <= FULL_SUITE_S
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").split("## Development", 1)[1]
+    rows = {m.group(1).strip(): int(m.group(2)) for m in re.finditer(r"^\| ([^|]+?) \| (\d+) s \|", readme, re.M)}
+    assert rows == {a: b for a, (b, _) in AREAS.items()}

@@ -15,11 +15,12 @@ TARGET_RULES = {"all", "data", "tokenizer", "tokens", "pretrained", "sft_model",
                 "report"}
 
 
-def snakemake(ws: Path, *args: str, configfiles=("config.yaml",), root: Path = ROOT) -> subprocess.CompletedProcess:
+def snakemake(ws: Path, *args: str, configfiles=("config.yaml",), root: Path = ROOT,
+              env=None) -> subprocess.CompletedProcess:
     # targets go before --configfile, which takes several values
     cmd = [sys.executable, "-m", "snakemake", *args, "-s", str(root / "Snakefile"), "--directory", str(ws),
            "--cores", "2", "--configfile", *(str(ws / c) for c in configfiles)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
 
 
 def jobs_run(res: subprocess.CompletedProcess) -> dict[str, int]:
@@ -79,11 +80,13 @@ def test_bad_config_stops_before_any_job(ws):
 
 
 @pytest.mark.slow
-def test_full_pipeline_then_nothing_to_do(ws):
-    first = jobs_run(snakemake(ws, "all"))
-    assert {"prepare_data", "train_tokenizer", "encode_corpus", "pretrain"} <= set(first)
+def test_full_pipeline_then_nothing_to_do(smoke_run):
+    ws, _, env, first_run = smoke_run  # the session's `snakemake all` of the smoke config, from an empty directory
+    first = jobs_run(first_run)
+    assert {"prepare_data", "train_tokenizer", "encode_corpus", "pretrain", "sft", "prefs", "export", "check",
+            "install", "report_card"} <= set(first)
     assert all(n == 1 for n in first.values())
-    assert jobs_run(snakemake(ws, "all")) == {}
+    assert jobs_run(snakemake(ws, "all", env=env)) == {}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -52,13 +52,14 @@ def test_homellm_gpu_recipe():
         assert launcher in header and (ROOT / "config" / "accelerate" / launcher).is_file()
 
 
-TINY = {  # size and step keys only
+TINY = {  # size and step keys only (and how much the export and the report card check)
     "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": 64},
     "pretrain": {"seq_len": 32, "batch_size": 4, "grad_accum": 1, "max_steps": 6, "warmup_steps": 2,
                  "eval_every": 3, "eval_batches": 2, "ckpt_every": 3, "log_every": 1, "sample_tokens": 8},
     "sft": {"train": {"seq_len": 64, "batch_size": 4, "grad_accum": 1, "max_steps": 4, "warmup_steps": 1,
                       "eval_every": 2, "eval_batches": 1, "ckpt_every": 2, "log_every": 1, "sample_tokens": 8}},
-    "report": {"sample_tokens": 8},
+    "export": {"gguf": ["f16"]},  # the q8_0 file is the smoke run's to check (tests/test_report.py)
+    "report": {"sample_tokens": 8, "eval_limit": 8},
 }
 
 

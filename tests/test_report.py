@@ -19,7 +19,7 @@ from conftest import CHROMIUM_ARGS, ROOT, pkg_dir
 from lib.config import load_config
 from lib.errors import UserError
 from lib.hardware import HARDWARE_ENV
-from lib.report.bundle import QUICK_STEPS, safe_extract, verify_bundle
+from lib.report.bundle import QUICK_STEPS, compare_rerun, safe_extract
 from lib.stages import stage_dir
 
 pytestmark = pytest.mark.slow
@@ -34,20 +34,14 @@ def run(ws, *args, check=True, env=None):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """The smoke config, run to the end by Snakemake (report included), and its bundle — made on a CPU without bf16
-    units (injected), so the precision the run used must be pinned in the bundle for verify (which runs with this
-    machine's own policy) to re-run it identically."""
-    ws = tmp_path_factory.mktemp("run")
-    text = (ROOT / "config" / "smoke.yaml").read_text()
-    (ws / "config.yaml").write_text(text + f"\ninstall:\n  models_dir: {ws / 'models'}\n"
-                                    "report:\n  sentences: ['And God said, Let there be light.', 'Hello there.']\n  eval_limit: 20\n")
-    fp32_cpu = {**os.environ, HARDWARE_ENV: "cpu-fp32"}
-    run(ws, "-m", "snakemake", "all", "-s", ROOT / "Snakefile", "--directory", ws, "--cores", "2",
-        "--configfile", ws / "config.yaml", env=fp32_cpu)
-    res = run(ws, ROOT / "08_report.py", "bundle", "--config", ws / "config.yaml", "--quiet-config", env=fp32_cpu)
+def pipeline(smoke_run):
+    """The session's smoke run (conftest.smoke_run: Snakemake to the end, report included) and its bundle — made on a
+    CPU without bf16 units (injected), so the precision the run used must be pinned in the bundle for verify (which
+    runs with this machine's own policy) to re-run it identically."""
+    ws, config, fp32_cpu, _ = smoke_run
+    res = run(ws, ROOT / "08_report.py", "bundle", "--config", config, "--quiet-config", env=fp32_cpu)
     bundle = ws / res.stdout.split("submission bundle: ")[1].strip()
-    return ws, load_config(ws / "config.yaml"), bundle
+    return ws, load_config(config), bundle
 
 
 def test_a_local_corpus_and_tokenizer_run_is_location_free(pipeline, tmp_path):
@@ -64,7 +58,8 @@ def test_a_local_corpus_and_tokenizer_run_is_location_free(pipeline, tmp_path):
     text = (ROOT / "config" / "smoke.yaml").read_text()
     (ws / "config.yaml").write_text(text + "\n".join([
         "", "data:", "  sources:", "    - type: files", "      path: corpus/a.txt",
-        "tokenizer:", "  pretrained: tokenizer", f"install:\n  models_dir: {tmp_path / 'models'}", ""]))
+        "tokenizer:", "  pretrained: tokenizer", f"install:\n  models_dir: {tmp_path / 'models'}",
+        "prefs:\n  enabled: false", "report:\n  eval_tasks: []", ""]))  # what is moved matters, not phase 3
     fp32_cpu = {**os.environ, HARDWARE_ENV: "cpu-fp32"}
 
     def snakemake(project, *args):
@@ -82,6 +77,7 @@ def test_a_local_corpus_and_tokenizer_run_is_location_free(pipeline, tmp_path):
         out = run(moved, ROOT / "08_report.py", "verify", bundle, "--quick", "--workdir", where, "--quiet-config").stdout
         for stage in ("01_data", "02_tokenizer", "02_tokens", "03_pretrain"):
             assert re.search(rf"^{stage} +identical ", out, re.M), out
+        assert f"the loss curve of the first {QUICK_STEPS} steps: max |Δ loss| 0" in out  # a bare --quick's default
         assert "verify: OK" in out
 
 
@@ -173,22 +169,28 @@ def test_bundle_is_complete_checksummed_and_deterministic(pipeline, tmp_path):
     assert (tmp_path / "again.tar.gz").read_bytes() == bundle.read_bytes()
 
 
-def test_verify_reruns_every_stage_identically(pipeline, tmp_path):
-    ws, _, bundle = pipeline
-    res = run(tmp_path, ROOT / "08_report.py", "verify", bundle, "--workdir", tmp_path / "full", "--quiet-config")
-    lines = res.stdout.splitlines()
+@pytest.fixture(scope="module")
+def full_verify(pipeline, tmp_path_factory):
+    """`08_report.py verify` of the smoke run's bundle, every stage re-run (through the export): its output and
+    workdir (the bundle extracted under submission/, the re-run under rerun/)."""
+    _, _, bundle = pipeline
+    work = tmp_path_factory.mktemp("verify")
+    res = run(work, ROOT / "08_report.py", "verify", bundle, "--workdir", work / "full", "--quiet-config")
+    return res.stdout, work / "full"
+
+
+def test_verify_reruns_every_stage_identically(pipeline, full_verify, tmp_path):
+    _, _, bundle = pipeline
+    out, _ = full_verify
+    lines = out.splitlines()
     for stage in ("01_data", "02_tokenizer", "02_tokens", "03_pretrain", "04_sft", "04_prefs", "04_export"):
-        assert any(line.startswith(stage) and " identical " in line for line in lines), res.stdout
-    assert "max |Δ weight| 0, max |Δ loss| 0" in res.stdout and "verify: OK" in res.stdout
-    assert "the bytes of train-*.jsonl, val-*.jsonl, stats.json: byte-identical" in res.stdout  # says how
+        assert any(line.startswith(stage) and " identical " in line for line in lines), out
+    assert "max |Δ weight| 0, max |Δ loss| 0" in out and "verify: OK" in out
+    assert "the bytes of train-*.jsonl, val-*.jsonl, stats.json: byte-identical" in out  # says how
     quick = run(tmp_path, ROOT / "08_report.py", "verify", bundle, "--quick", "10", "--workdir", tmp_path / "quick",
                 "--quiet-config")
     assert "the loss curve of the first 10 steps: max |Δ loss| 0" in quick.stdout
     assert re.search(r"^04_sft +- +not re-run \(--quick 10\)$", quick.stdout, re.M), quick.stdout
-    # a bare --quick takes the documented default
-    default = run(tmp_path, ROOT / "08_report.py", "verify", bundle, "--quick", "--workdir", tmp_path / "quick2",
-                  "--quiet-config")
-    assert f"the loss curve of the first {QUICK_STEPS} steps: max |Δ loss| 0" in default.stdout
 
 
 def _repack(bundle, out, edit=None, extra=None):
@@ -205,7 +207,9 @@ def _repack(bundle, out, edit=None, extra=None):
     return out
 
 
-def test_verify_says_different_when_the_submitted_weights_are_not_what_the_config_gives(pipeline, tmp_path):
+def test_verify_says_different_when_the_submitted_weights_are_not_what_the_config_gives(pipeline, full_verify,
+                                                                                         tmp_path):
+    """The forged bundle is compared with the re-run its config gives (the one full_verify made: the same config)."""
     _, _, bundle = pipeline
     from safetensors.torch import load, save
 
@@ -230,7 +234,7 @@ def test_verify_says_different_when_the_submitted_weights_are_not_what_the_confi
 
     fake = _repack(fake, tmp_path / "fake2.tar.gz", fix_sums)
     lines = []
-    assert verify_bundle(fake, tmp_path / "work", echo=lines.append) is False
+    assert compare_rerun(safe_extract(fake, tmp_path / "work"), full_verify[1] / "rerun", echo=lines.append) is False
     row = next(line for line in lines if line.startswith("03_pretrain"))
     assert "different" in row and "max |Δ weight| 0.5" in row
     assert lines[-1] == "verify: DIFFERENT (see above)"

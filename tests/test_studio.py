@@ -301,7 +301,7 @@ def _wait(pred, timeout, what):
 
 @pytest.mark.slow
 def test_launcher_runs_one_pipeline_stops_with_a_checkpoint_and_resumes(tmp_path):
-    ws = workspace(tmp_path, max_steps=1500)
+    ws = workspace(tmp_path, max_steps=600)
     launcher = Launcher(ws, "artifacts")
     state = launcher.start("config/smoke.yaml", "pretrained")
     assert state["command"] == ("snakemake --cores all -s " + str(ROOT / "Snakefile")
@@ -325,7 +325,7 @@ def test_launcher_runs_one_pipeline_stops_with_a_checkpoint_and_resumes(tmp_path
     _wait(lambda: launcher.active() is None, 300, "the resumed pipeline to finish")
     assert launcher.last()["returncode"] == 0, launcher.log_tail()
     run = next(r for r in find_runs(ws / "artifacts") if r.id == run.id)
-    assert run.status == "complete" and run.figures["steps"] == 1500
+    assert run.status == "complete" and run.figures["steps"] == 600
     log = (ws / "artifacts" / "logs" / "03_pretrain" / f"{run.hash}.log").read_text()
     assert f"(step {stopped_at}," in log  # "resuming from ... (step N, ...": it continued, not restarted
 
@@ -408,7 +408,7 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                 page.screenshot(path=str(shots / "studio-chat-no-model.png"), full_page=True)
                 page.locator("button[role=tab]:has-text('Train')").first.click()
                 steps = page.locator("#field-pretrain-max_steps input")
-                steps.fill("1500")
+                steps.fill("1000")
                 steps.press("Enter")
                 layers = page.locator("#field-model-n_layers input")
                 before = page.locator("#estimate").inner_text()
@@ -416,7 +416,7 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                 layers.press("Enter")
                 expect(page.locator("#estimate")).not_to_have_text(before, timeout=20_000)
                 expect(page.locator("#command")).to_contain_text("config/studio/smoke-studio.yaml")
-                expect(page.locator("#command")).to_contain_text("pretrain.max_steps=1500")
+                expect(page.locator("#command")).to_contain_text("pretrain.max_steps=1000")
                 page.locator("#target-picker input").click()
                 page.get_by_role("option", name="report", exact=True).click()
                 expect(page.locator("#command")).to_contain_text(" report --configfile")
@@ -439,7 +439,7 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                 page.locator("#start-btn").click()
                 expect(page.locator("#launch-status")).to_contain_text("running", timeout=30_000)
                 saved = yaml.safe_load((ws / "config" / "studio" / "smoke-studio.yaml").read_text())
-                assert saved["pretrain"]["max_steps"] == 1500 and saved["model"]["n_layers"] == 3
+                assert saved["pretrain"]["max_steps"] == 1000 and saved["model"]["n_layers"] == 3
 
                 # the live view gains points while it trains
                 live = page.locator("#live-status")

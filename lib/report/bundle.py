@@ -284,7 +284,14 @@ def verify_bundle(archive: str | Path, workdir: str | Path, quick_steps: int | N
     if res.returncode != 0:
         raise UserError(f"verify: the re-run failed (Snakemake exit {res.returncode}); its logs are under "
                         f"{run / 'artifacts' / 'logs'}. Last lines: {' | '.join(res.stderr.strip().splitlines()[-4:])}")
-    cfg = load_config([str(root / "config" / "resolved.yaml"), str(extra)])
+    return compare_rerun(root, run, quick_steps, echo)
+
+
+def compare_rerun(root: Path, run: Path, quick_steps: int | None = None, echo=print) -> bool:
+    """Compare an extracted bundle (root) with its re-run (Snakemake ran it in `run`), stage by stage; True when every
+    deterministic stage is identical."""
+    meta = read_json(root / "bundle.json")
+    cfg = load_config([str(root / "config" / "resolved.yaml"), str(run / "verify.yaml")])
     cfg.artifacts_dir = str(run / "artifacts")  # where Snakemake ran it
     all_ok = True
     echo(f"{'stage':<14} {'result':<11} how it was compared")
