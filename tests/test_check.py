@@ -128,6 +128,33 @@ def test_smollm2_hf_folder(smollm2_hf, hardware):
 
 
 @pytest.mark.slow
+def test_gguf_header_reads_what_gguf_py_reads(smollm2_gguf, tmp_path):
+    """lib.check.gguf_meta parses the header itself (it skips the vocabulary's strings, which gguf-py's reader turns
+    into hundreds of thousands of numpy views); every value and tensor it gives is the reference reader's."""
+    import gguf
+
+    from lib.check.gguf_meta import _Header, read_gguf
+
+    ref = gguf.GGUFReader(smollm2_gguf)
+    mine = _Header(smollm2_gguf)
+    for key, field in ref.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        if key in mine.string_arrays:
+            assert mine.string_arrays[key] == len(field.data), key
+        else:
+            want = field.contents()
+            assert mine.fields[key] == (pytest.approx(want) if isinstance(want, float) else want), key
+    assert len(mine.fields) == len(ref.fields) - 3  # the reader adds the version and the two counts
+    assert [(n, d, t) for n, d, t in mine.tensors] == [(t.name, [int(x) for x in t.shape], int(t.tensor_type))
+                                                      for t in ref.tensors]
+    assert read_gguf(smollm2_gguf)["vocab"] == 49152
+    cut = tmp_path / "cut.gguf"  # a download cut short inside its header
+    cut.write_bytes(smollm2_gguf.read_bytes()[:4096])
+    with pytest.raises(UserError, match="not a readable GGUF file"):
+        read_gguf(cut)
+
+
 def test_smollm2_gguf(smollm2_gguf, hardware):
     r = check_model(str(smollm2_gguf), hardware=hardware)
     assert r["source"]["kind"] == "gguf"
