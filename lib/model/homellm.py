@@ -453,13 +453,25 @@ def _ce_chunk_compiled():
     return torch.compile(_ce_chunk, dynamic=None)
 
 
-@torch.compiler.disable  # data-dependent shapes (the masked rows): compiled per chunk instead (fused=True)
 def linear_cross_entropy(h, weight, targets, chunk: int = 512, fused: bool = False):
     """Mean CE of logits h @ weight^T against targets, ignoring targets == -100. h: (N, D), targets: (N,).
     fused: the per-chunk softmax and gradient torch.compile'd (the matmuls stay torch's).
 
     Returns 0 (with zero gradients) when no target is valid, rather than NaN, so a fully masked batch is harmless.
     """
+    if torch.compiler.is_compiling():  # inside a whole-model torch.compile: eager (data-dependent shapes)
+        return _eager_linear_cross_entropy()(h, weight, targets, chunk, fused)
+    return _linear_cross_entropy(h, weight, targets, chunk, fused)
+
+
+@functools.cache
+def _eager_linear_cross_entropy():
+    """The loss behind torch.compiler.disable, made on first need: the decorator imports torch._dynamo, which at
+    import time cost every process 0.9 s of its start (serving, data stages, the post-install test)."""
+    return torch.compiler.disable(_linear_cross_entropy)
+
+
+def _linear_cross_entropy(h, weight, targets, chunk: int, fused: bool):
     targets = targets.long()  # gather needs int64; loaders may hand over int32 ids
     valid = targets != -100
     if not bool(valid.all()):  # SFT masks: skip the masked rows entirely (no logits for them)
