@@ -18,22 +18,23 @@ QUICK_TEST_S = 10
 
 # area -> (budget in seconds for the full suite on a 2-core AVX2-only CPU, the test files it holds)
 AREAS: dict[str, tuple[int, tuple[str, ...]]] = {
-    "data, tokenizer, config": (60, ("test_data.py", "test_tokenizer.py", "test_config.py", "test_coursework.py",
+    "data, tokenizer, config": (15, ("test_data.py", "test_tokenizer.py", "test_config.py", "test_coursework.py",
                                      "test_layout.py", "test_stages.py")),
-    "pipeline (Snakemake)": (150, ("test_pipeline.py", "test_recipes.py")),
-    "training": (210, ("test_model.py", "test_generate.py", "test_pretrain.py", "test_sft.py", "test_prefs.py",
+    "pipeline (Snakemake)": (210, ("test_pipeline.py", "test_recipes.py")),
+    "training": (280, ("test_model.py", "test_generate.py", "test_pretrain.py", "test_sft.py", "test_prefs.py",
                        "test_sharded.py", "test_accelerate_configs.py", "test_hardware.py", "test_bench_gpu.py")),
-    "export, check": (90, ("test_export.py", "test_check.py", "test_quantize.py")),
-    "install": (270, ("test_install.py", "test_architectures.py", "test_handlers.py", "test_finetune.py")),
-    "serving": (120, ("test_serve_api.py", "test_serve_llamacpp.py", "test_chat.py", "test_chat_cli.py",
+    "export, check": (50, ("test_export.py", "test_check.py", "test_quantize.py")),
+    "install": (330, ("test_install.py", "test_architectures.py", "test_handlers.py", "test_finetune.py")),
+    "serving": (60, ("test_serve_api.py", "test_serve_llamacpp.py", "test_chat.py", "test_chat_cli.py",
                       "test_resolve.py")),
-    "studio, browser": (150, ("test_studio.py", "test_serve_ui.py")),
-    "report, eval, bundle": (150, ("test_report.py", "test_evaluate.py")),
-    # the areas the open issues add; each starts at nothing and takes its share when its tests land
-    "router, clients": (90, ()),
-    "lessons": (120, ()),
-    "RL": (90, ()),
-    "image build": (0, ()),
+    "studio, browser": (180, ("test_studio.py", "test_serve_ui.py")),
+    "report, eval, bundle": (120, ("test_report.py", "test_evaluate.py")),
+    # the areas the open issues add; each starts at nothing and takes its share when its tests land (training and
+    # install start over their budgets: their measured 306 and 365 s are a debt the next changes there pay off)
+    "router, clients": (60, ()),
+    "lessons": (110, ()),
+    "RL": (60, ()),
+    "image build": (25, ()),
 }
 
 

@@ -93,6 +93,8 @@ def test_our_exported_model(tiny_chat_model, tmp_path, hardware):
     assert r["compatibility"]["training"] and all(row["fits"] for row in r["compatibility"]["training"])
     json.dumps(r)  # JSON-ready: install stores it
 
+    if hardware["cpu"]["bf16"]:  # the command judges the machine it runs on, not the injected profile: once is enough
+        return
     res = run_check_cli(tiny_chat_model, "--out", tmp_path / "rep")
     assert res.returncode == 0, res.stderr
     saved = json.loads((tmp_path / "rep" / "report.json").read_text())

@@ -57,6 +57,7 @@ def test_a_gguf_scores_like_its_hf_source(tiny_chat_model, tiny_gguf):
     assert scores["n"] == 12 and 0 <= scores["acc"] <= 1 and scores["acc_stderr"] is not None
 
 
+@pytest.mark.slow
 def test_a_quantized_gguf_is_scored_on_any_cpu(tiny_chat_model, tmp_path, monkeypatch):
     """A Q8_0 GGUF through llama.cpp on prompts of many tokens: on a CPU with AMX, llama.cpp's repacked Q8_0 weights
     crashed the process (SIGSEGV) here, so repacking is off there (lib.hardware.llama_cpp_repack). Run in a child

@@ -145,6 +145,7 @@ def test_detection_names_the_kind_05_check_promises(minilm, whisper, classifier_
 # Embeddings.
 
 
+@pytest.mark.slow
 def test_embeddings_equal_sentence_transformers_through_the_openai_client(minilm):
     import openai
     from sentence_transformers import SentenceTransformer
@@ -187,6 +188,7 @@ def test_embeddings_equal_sentence_transformers_through_the_openai_client(minilm
         assert httpx.get(url + "v1/embeddings").status_code == 405
 
 
+@pytest.mark.slow
 def test_gguf_embeddings_through_llama_cpp_equal_sentence_transformers(minilm, minilm_gguf, tmp_path):
     import openai
     from sentence_transformers import SentenceTransformer
@@ -277,6 +279,7 @@ def test_classify_and_rerank_answer_what_the_libraries_compute(classifier_dir, r
 # Speech.
 
 
+@pytest.mark.slow
 def test_transcriptions_in_openais_shape_hear_the_spoken_words(whisper, spoken_wav, tmp_path):
     import httpx
     import openai

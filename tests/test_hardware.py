@@ -101,6 +101,7 @@ def test_compile_policy(monkeypatch):
         training_compile(True, "cpu", None, 1)  # asked for where it cannot work: a clear error, not a traceback
 
 
+@pytest.mark.slow
 def test_compile_trial_finds_a_working_compiler_here(monkeypatch):
     """This machine has a C++ compiler (install.sh needs one for llama.cpp), so the real trial compile succeeds."""
     from lib.hardware import torch_compile_works

@@ -377,6 +377,7 @@ def test_overrides_from_yaml_config(repo_root):
     assert (explicit.n_kv_heads, explicit.head_dim, explicit.ffn_dim) == (2, 16, 128)
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_decoding_stays_eager():
     """compile_for_training (what pretrain.compile: auto turns on) computes the same losses and gradients as the eager
     model: the written-out attention backward (grouped-query heads here) and the fused loss, SFT-style masked rows

@@ -226,6 +226,7 @@ def test_self_play_keeps_failures_and_teaches_a_loop_to_stop_at_a_sentence_end(t
     assert len(pairs_from_reply(tok, spin, prompt, "God did.", ids("And there was light."), True, "x")) == 1
 
 
+@pytest.mark.slow
 def test_held_out_prompts_are_never_trained_on_and_do_not_depend_on_the_replies():
     """The end-of-turn rate is measured on sft.data prompts on the held-out side of the split by prompt: no training
     pair has one of them (every pair of a prompt lands on one side), and the same config gives the same 50."""
