@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 import torch
+from conftest import serve_and_chat
 
 from lib.check import check_model
 from lib.install.installer import install_model
@@ -88,6 +89,9 @@ def test_smollm2_gguf_is_installed_as_it_came_and_answers_through_llama_cpp(smol
     assert not (folder / "model").exists() and (folder / "gguf" / smollm2_gguf.name).is_file()
     post = json.loads((folder / "model_info.json").read_text())["post_test"]
     assert post["engine"].startswith("engine llama.cpp") and "Paris" in post["text"], post
+    # and start.sh's server (its header read by lib.check.gguf_meta to pick the engine) answers over HTTP
+    reply = serve_and_chat(folder / "start.sh", prompt="What is the capital of France?", max_tokens=12)
+    assert reply.strip() and "<|im_" not in reply, reply  # visible text, its own template applied
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CPU_PROFILES, ROOT, hardware_profile
+from conftest import CPU_PROFILES, ROOT, hardware_profile, serve_and_chat
 
 from lib.check import default_report_dir, run_check
 from lib.config import InstallConfig, load_config
@@ -116,41 +116,6 @@ def test_start_sh_runs_07_serve_with_this_folder(installed_tiny, tmp_path):
                                             "--port", "8123"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve_and_chat(start_sh: Path, env: dict) -> str:
-    """Start an install's start.sh on a free loopback port, wait for /health, ask one chat question, stop it."""
-    import httpx
-
-    port = _free_port()
-    proc = subprocess.Popen([str(start_sh), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
-            "model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3})
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["message"]["content"]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-
-
 @pytest.mark.slow
 def test_install_still_starts_after_the_checkout_is_deleted_and_the_models_dir_moved(tiny_chat_model, tmp_path):
     """Install from a throwaway copy of the checkout, delete that copy, move the whole models dir: start.sh still
@@ -179,7 +144,7 @@ def test_install_still_starts_after_the_checkout_is_deleted_and_the_models_dir_m
                            env=env, timeout=120)
     assert where.returncode == 0, where.stderr
     assert all(line.startswith(str(moved)) for line in where.stdout.split()), where.stdout  # nothing from the venv
-    assert isinstance(_serve_and_chat(moved / "tiny" / "start.sh", env), str)
+    assert isinstance(serve_and_chat(moved / "tiny" / "start.sh", env), str)
 
 
 @pytest.mark.slow
