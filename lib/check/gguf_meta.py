@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+import struct
 from pathlib import Path
 
 from lib.errors import UserError
@@ -23,10 +26,6 @@ class _Header:
     CPU, against 0.2 s here)."""
 
     def __init__(self, path: Path):
-        import mmap
-        import struct
-
-        self._unpack = struct.unpack_from
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             self.buf = m
             if m[:4] != _MAGIC:
@@ -37,49 +36,45 @@ class _Header:
             self.pos, self.fields, self.string_arrays = 24, {}, {}
             for _ in range(n_kv):
                 key = self._string()
-                (vtype,) = self._take("<I", 4)
+                (vtype,) = self._take("<I")
                 self.fields[key] = self._value(vtype, key)
             self.tensors = []
             for _ in range(n_tensors):
                 name = self._string()
-                (n_dims,) = self._take("<I", 4)
-                dims = list(self._take(f"<{n_dims}Q", 8 * n_dims))
-                ggml_type, _offset = self._take("<IQ", 12)
+                (n_dims,) = self._take("<I")
+                dims = list(self._take(f"<{n_dims}Q"))
+                ggml_type, _offset = self._take("<IQ")
                 self.tensors.append((name, dims, ggml_type))
             self.buf = None
 
-    def _take(self, fmt: str, size: int) -> tuple:
-        out = self._unpack(fmt, self.buf, self.pos)
-        self.pos += size
+    def _take(self, fmt: str) -> tuple:
+        out = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
         return out
 
     def _string(self) -> str:
-        (n,) = self._take("<Q", 8)
+        (n,) = self._take("<Q")
         s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return s
 
     def _value(self, vtype: int, key: str):
-        import struct
-
         if vtype == _STRING:
             return self._string()
         if vtype in _SCALARS:
-            fmt = "<" + _SCALARS[vtype]
-            return self._take(fmt, struct.calcsize(fmt))[0]
+            return self._take("<" + _SCALARS[vtype])[0]
         if vtype != _ARRAY:
             raise ValueError(f"{key}: unknown value type {vtype}")
-        etype, count = self._take("<IQ", 12)
+        etype, count = self._take("<IQ")
         if etype == _STRING:  # skipped: only their number is kept
             for _ in range(count):
-                (n,) = self._unpack("<Q", self.buf, self.pos)
+                (n,) = struct.unpack_from("<Q", self.buf, self.pos)
                 self.pos += 8 + n
             self.string_arrays[key] = count
             return None
         if etype not in _SCALARS:
             raise ValueError(f"{key}: arrays of type {etype} are not read here")
-        fmt = f"<{count}{_SCALARS[etype]}"
-        return list(self._take(fmt, struct.calcsize(fmt)))
+        return list(self._take(f"<{count}{_SCALARS[etype]}"))
 
 
 def read_gguf(path: Path) -> dict:
@@ -90,7 +85,7 @@ def read_gguf(path: Path) -> dict:
         header = _Header(path)
     except (ValueError, OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not a readable GGUF file ({e})") from None
-    except Exception as e:  # noqa: BLE001 - struct.error: a file cut short inside its header
+    except struct.error as e:  # a file cut short inside its header
         raise UserError(f"{path}: not a readable GGUF file (its header ends early: {e})") from None
 
     def val(key, default=None):
@@ -100,9 +95,7 @@ def read_gguf(path: Path) -> dict:
     arch = val("general.architecture", "unknown")
     tensors = []
     for name, dims, ggml_type in header.tensors:
-        n_elements = 1
-        for d in dims:
-            n_elements *= d
+        n_elements = math.prod(dims)
         block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
         tensors.append((name, dims, gguf.GGMLQuantizationType(ggml_type).name, n_elements,
                         n_elements * type_size // block))

@@ -103,9 +103,8 @@ def evaluate_model(model: Path, tasks: list[str], limit: int | None = None, adap
             scores[name] = row
             try:
                 out = simple_evaluate(model=lm, tasks=[conf], task_manager=manager, limit=limit, num_fewshot=0,
-                                      bootstrap_iters=1000,
-                                      log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                      torch_random_seed=seed, fewshot_random_seed=seed)
+                                      bootstrap_iters=1000, log_samples=False, random_seed=seed,
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
             except AssertionError:  # lm-eval's check that a continuation fits the model's context
                 row["error"] = f"its items do not fit the model's context ({getattr(lm, 'max_length', '?')} tokens)"
                 continue
