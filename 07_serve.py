@@ -21,7 +21,7 @@ from lib.cli import stage_main
 
 
 def main(argv=None) -> int:
-    from lib.serving.server import add_serve_args, serve_command
+    from lib.app import add_serve_args, serve_command
 
     return stage_main(__doc__.splitlines()[0], serve_command, argv, add_serve_args, shows_config=lambda args: False)
 

@@ -96,11 +96,12 @@ def _sse_completion(url: str, model: str, ids: list[int], n: int) -> tuple[float
 
 
 def worker_ours(ref_spec: str, engine_name: str, prompt_len: int, n: int) -> dict:
+    from lib.app import build_app
     from lib.config import Config, ServeConfig
     from lib.serving.engine import Engine
     from lib.serving.loading import load_model
     from lib.serving.resolve import resolve_model
-    from lib.serving.server import BackgroundServer, build_app
+    from lib.serving.server import BackgroundServer
 
     loaded = load_model(resolve_model(ref_spec, Config()), "cpu", engine_name, max_active=8, max_context=1024)
     ids = prompt_ids(loaded.tokenizer, prompt_len)

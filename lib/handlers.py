@@ -31,7 +31,8 @@ class Handler:
     endpoints: tuple[str, ...]
     requires: tuple[str, ...]  # pip distributions the server needs for it (beyond the base runtime)
     cli: str  # how 07_serve answers once on the command line
-    post_test: tuple[str, ...]  # start.sh arguments of the post-install test (see POST_TEST_TEXT)
+    post_test: dict  # the post-install test's request to the install's running server: its endpoint (the first of
+    #                  `endpoints`) and JSON body; "SPEECH" stands for a spoken clip (lib.install.scripts)
     finetune: str | None  # how an installed model of this kind is fine-tuned ("lora-sft"), None: not offered
 
     def engine(self, config: dict, has_gguf: bool, device: str = "cpu") -> str:
@@ -46,17 +47,17 @@ class Handler:
 HANDLERS = {h.kind: h for h in (
     Handler("chat", "Chat", "torch", ("/v1/chat/completions", "/v1/completions"),
             ("peft", "accelerate", "tensorboard", "matplotlib"),  # train.sh: LoRA SFT with the pipeline's loop
-            "--prompt TEXT", ("--prompt", POST_TEST_TEXT), "lora-sft"),
+            "--prompt TEXT", {"messages": [{"role": "user", "content": POST_TEST_TEXT}]}, "lora-sft"),
     Handler("embedding", "Embeddings", "sentence-transformers", ("/v1/embeddings",), ("sentence-transformers",),
-            "--prompt TEXT (prints the vector as JSON)", ("--prompt", POST_TEST_TEXT), None),
+            "--prompt TEXT (prints the vector as JSON)", {"input": POST_TEST_TEXT}, None),
     Handler("classifier", "Classify", "transformers", ("/v1/classify",), (),
-            "--prompt TEXT (prints the labels with scores)", ("--prompt", POST_TEST_TEXT), None),
+            "--prompt TEXT (prints the labels with scores)", {"input": POST_TEST_TEXT}, None),
     Handler("reranker", "Rerank", "sentence-transformers", ("/v1/rerank",), ("sentence-transformers",),
             "--prompt QUERY --documents DOC [DOC ...]",
-            ("--prompt", "capital of France", "--documents", "Paris is the capital of France.",
-             "Bananas are yellow."), None),
+            {"query": "capital of France", "documents": ["Paris is the capital of France.", "Bananas are yellow."]},
+            None),
     Handler("speech", "Transcribe", "faster-whisper", ("/v1/audio/transcriptions",), ("faster-whisper",),
-            "--audio FILE (prints the transcript)", ("--audio", "SILENCE"), None),
+            "--audio FILE (prints the transcript)", {"file": "SPEECH"}, None),
 )}
 
 

@@ -34,3 +34,12 @@ def name_from(text: str, fallback: str = "model") -> str:
     text = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
     text = re.sub(r"\.{2,}", ".", text).strip(".-_")[:MAX_LEN].rstrip(".-_")
     return text if is_valid_name(text) else fallback
+
+
+def run_model_name(export_name: str, config_stem: str, install_name: str | None = None) -> str:
+    """What a pipeline run's model is called outside the pipeline (its install, and 07_serve's "model" for it):
+    install.name, else export.name for the default config and export.name-<config file stem> for any other, so that
+    the models of two configs never share a name by accident."""
+    if install_name:
+        return install_name
+    return export_name if config_stem == "default" else name_from(f"{export_name}-{config_stem}")

@@ -31,7 +31,7 @@ AREAS: dict[str, tuple[int, tuple[str, ...]]] = {
     "report, eval, bundle": (125, ("test_report.py", "test_evaluate.py")),
     # the areas the open issues add; each starts at nothing and takes its share when its tests land (training and
     # install start over their budgets: their measured 303 and 356 s are a debt the next changes there pay off)
-    "router, clients": (60, ()),
+    "router, clients": (60, ("test_clients.py",)),
     "lessons": (110, ()),
     "RL": (55, ()),
     "image build": (20, ()),

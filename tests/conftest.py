@@ -3,6 +3,8 @@
 import contextlib
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is unreachable here; hub paths are tested at the HTTP boundary
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch.compile's kernels: a cache of this run's own (removed at its end), not the shared /tmp/torchinductor_<user>,
+# whose kernels another run built (another checkout, or kernels for other CPU settings) and whose files are the user's
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _INDUCTOR_CACHE = tempfile.mkdtemp(prefix="models-at-home-tests-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _INDUCTOR_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "_INDUCTOR_CACHE" in globals():
+        shutil.rmtree(_INDUCTOR_CACHE, ignore_errors=True)
 
 
 def pkg_dir(module: str) -> Path:

@@ -6,21 +6,24 @@ speaks here, and tiny random BERT classifiers and cross-encoders built at test t
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CHROMIUM_ARGS, pkg_dir
+from conftest import CHROMIUM_ARGS, ROOT, pkg_dir
 
+from lib.app import build_task_app
 from lib.check import check_model
 from lib.config import ServeConfig
 from lib.handlers import HANDLERS, handler_for
 from lib.install.installer import install_model
 from lib.install.scripts import silent_wav
 from lib.serving.resolve import _path_ref
-from lib.serving.server import BackgroundServer, build_task_app
+from lib.serving.server import BackgroundServer
 from lib.serving.task_models import _LOADERS, kind_of, load_task_model
 
 SPOKEN = "The quick brown fox jumps over the lazy dog."
@@ -331,8 +334,17 @@ def test_every_kind_is_installed_and_answers_through_start_sh(source, minilm, mi
         assert (folder / "model" / "model.bin").is_file() and not list(folder.rglob("*.safetensors"))
     info = json.loads((folder / "model_info.json").read_text())
     assert info["kind"] == kind and info["engine"] == info["check"]["verdict"]["engine"]
+    # the post-test is the install's start.sh server (its page included) asked over HTTP, in the install's own
+    # environment, which carries no training stack for these kinds
     post = info["post_test"]
     assert post["ok"] and post["engine"] == f"engine {info['engine']} ({kind})", post
+    assert post["args"][0] == "--port" and post["endpoint"] == HANDLERS[kind].endpoints[0]
+    assert post["text"].strip(), post  # a transcript of espeak-ng's speech, or the answer's JSON
+    python = re.search(r'PYTHON="\$HERE/([^"]+)"; fi', (folder / "start.sh").read_text()).group(1)
+    env_dir = Path(os.path.normpath(folder / python)).parents[1]
+    assert (env_dir / "pyvenv.cfg").is_file() and env_dir != ROOT / ".venv"  # the install's, not the dev venv
+    probe = subprocess.run([str(folder / python), "-c", "import accelerate"], capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'accelerate'" in probe.stderr
     ask = {"embedding": ["--prompt", "hello world"], "classifier": ["--prompt", "I love it"],
            "reranker": ["--prompt", "capital of France", "--documents", "Bananas.", "Paris is in France."],
            "speech": ["--audio", str(spoken_wav)]}[kind]

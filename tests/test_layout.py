@@ -3,6 +3,8 @@ imports included, has no cycle), the stage modules do not reach sideways into ea
 function level only what is heavy or optional."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from lib import ROOT
@@ -54,6 +56,28 @@ def test_stages_do_not_import_each_other_sideways():
         assert not {m for m in graph[low] if m.startswith(("lib.serving", "lib.studio", "lib.train.sft", "lib.train.pretrain"))}
 
 
+def test_serving_is_below_the_app_and_imports_no_training_stack():
+    """lib.app puts the API, the page and the studio together; serving imports neither it nor the studio, and what an
+    embedding or speech install's start.sh imports to serve (the app, the API, both pages) loads with accelerate and
+    peft unimportable and brings in nothing of lib/train or lib/studio: such an install's environment has neither."""
+    graph = lib_imports()
+    for m in (m for m in graph if m.startswith("lib.serving")):
+        assert not {n for n in graph[m] if n.startswith(("lib.studio", "lib.app"))}, (m, graph[m])
+    assert not {n for n in graph["lib.studio.ui"] if n == "lib.app"}
+    code = """import sys
+class Unimportable:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("accelerate", "peft"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, Unimportable())
+import lib.app, lib.serving.api, lib.serving.task_api, lib.serving.task_ui, lib.serving.ui, lib.serving.chat_cli
+print(" ".join(sorted(m for m in sys.modules if m.startswith(("lib.train", "lib.studio", "accelerate", "peft")))))
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == []
+
+
 def test_function_level_lib_imports_are_few_and_explained():
     """A lib import inside a function is either the web stack (gradio/FastAPI, only when serving) or documented."""
     inner = []
@@ -62,7 +86,8 @@ def test_function_level_lib_imports_are_few_and_explained():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lib") and node.col_offset:
                 inner.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.module}")
     allowed = ("lib.serving.api", "lib.serving.ui", "lib.studio.ui", "lib.serving.chat_cli", "lib.serving.task_api",
-               "lib.serving.task_ui")
+               "lib.serving.task_ui", "lib.serving.ollama", "lib.serving.router",
+               "lib.train.base_model")  # serving merges an adapter with peft, which only chat installs carry
     assert [i for i in inner if not i.endswith(allowed)] == [], inner
 
 

@@ -2,6 +2,10 @@
 the chunked loss and its mask, gradient checkpointing, presets and config errors."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -382,7 +386,17 @@ def test_compiled_training_matches_eager_and_decoding_stays_eager():
     """compile_for_training (what pretrain.compile: auto turns on) computes the same losses and gradients as the eager
     model: the written-out attention backward (grouped-query heads here) and the fused loss, SFT-style masked rows
     included (the loss kernel then sees another row count). Greedy decoding with the KV cache, which keeps the eager
-    blocks, gives the same tokens."""
+    blocks, gives the same tokens.
+
+    In an interpreter of its own, as training compiles in one: a fault inside a compiled kernel (a C++ exception in
+    its OpenMP loop aborts the process) then fails this test with the kernel's message instead of ending the run."""
+    code = "import test_model; test_model.compiled_training_matches_eager()"
+    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}, timeout=900)
+    assert res.returncode == 0, res.stderr[-6000:]
+
+
+def compiled_training_matches_eager():
     eager, compiled = tiny().train(), tiny().train().compile_for_training()
     g = torch.Generator().manual_seed(3)
     for masked in (0, 7, 0):

@@ -20,17 +20,19 @@ import openai
 import pytest
 from conftest import ROOT
 
+from lib.app import build_app
 from lib.chat import encode_chat
 from lib.config import Config, ServeConfig
 from lib.errors import UserError
 from lib.serving.engine import Engine, EngineBusy
 from lib.serving.loading import load_model
 from lib.serving.resolve import resolve_model
-from lib.serving.server import BackgroundServer, build_app, check_bind, is_loopback
+from lib.serving.server import BackgroundServer, check_bind, is_loopback
 from lib.serving.text import ContextTooLong, TextStream, fit_conversation
 
 KEY = "test-key-5f1c"
 JSON = {"content-type": "application/json"}
+BROWSER = {"accept": "text/html,application/xhtml+xml"}  # what a browser asks / for (other clients get Ollama's line)
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +211,24 @@ def test_seeded_requests_are_reproducible_while_running_concurrently(client, mid
     assert concurrent == sequential  # each request samples with its own generator, whatever runs beside it
 
 
+def test_n_choices_are_the_seeds_one_after_another_streamed_or_not(client, mid):
+    """n choices (up to 8): choice i is what the same request with seed + i answers alone, the prompt is counted
+    once; streamed, each choice's pieces carry its index and each ends once."""
+    ask = dict(model=mid, messages=user("Hi"), max_tokens=6, temperature=1.0, seed=7)
+    r = client.chat.completions.create(**ask, n=3)
+    alone = [client.chat.completions.create(**{**ask, "seed": 7 + i}).choices[0].message.content for i in range(3)]
+    assert [c.index for c in r.choices] == [0, 1, 2] and [c.message.content for c in r.choices] == alone
+    assert len(set(alone)) > 1 and r.usage.completion_tokens == 18
+    assert r.usage.prompt_tokens == client.chat.completions.create(**ask).usage.prompt_tokens
+    chunks = list(client.chat.completions.create(**ask, n=3, stream=True, stream_options={"include_usage": True}))
+    streamed = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                for i in range(3)}
+    assert list(streamed.values()) == alone and chunks[-1].usage.completion_tokens == 18
+    assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == [0, 1, 2]
+    done = client.completions.create(model=mid, prompt="And God said", max_tokens=4, temperature=0.0, n=2)
+    assert done.choices[0].text == done.choices[1].text  # greedy: the same twice, as llama-server answers
+
+
 def test_sse_wire_format_ends_with_done(url, mid):
     body = {"model": mid, "messages": user("Hi"), "max_tokens": 4, "stream": True}
     with httpx.stream("POST", url + "v1/chat/completions", json=body, timeout=30) as r:
@@ -288,7 +308,7 @@ ERROR_CASES = [
     ("temperature above 2", "POST", "chat/completions", lambda m: {"json": _chat(m, temperature=2.5)}, 400,
      "invalid_value", "temperature"),
     ("top_p above 1", "POST", "chat/completions", lambda m: {"json": _chat(m, top_p=1.5)}, 400, "invalid_value", "top_p"),
-    ("n above 1", "POST", "chat/completions", lambda m: {"json": _chat(m, n=3)}, 400, "unsupported_parameter", "n"),
+    ("n above 8", "POST", "chat/completions", lambda m: {"json": _chat(m, n=9)}, 400, "unsupported_parameter", "n"),
     ("tools", "POST", "chat/completions", lambda m: {"json": _chat(m, tools=[{"type": "function"}])}, 400,
      "unsupported_parameter", "tools"),
     ("five stop sequences", "POST", "chat/completions", lambda m: {"json": _chat(m, stop=list("abcde"))}, 400,
@@ -393,7 +413,7 @@ def test_models_info_and_metrics(url, client, mid):
     assert counters.get("http_5xx", 0) == 0
     assert metrics["latency_s"]["count"] > 0 and metrics["time_to_first_token_s"]["p50"] > 0
     # The UI is served from the same process at /.
-    assert "<html" in httpx.get(url).text.lower()
+    assert "<html" in httpx.get(url, headers=BROWSER).text.lower()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -463,7 +483,7 @@ def test_serve_script_serves_ui_and_api_and_stops_on_ctrl_c(tiny_chat_model_talk
         model = client.models.list().data[0].id
         r = client.chat.completions.create(model=model, messages=user("Hello"), max_tokens=5)
         assert r.usage.completion_tokens == 5 and r.choices[0].message.content
-        assert "<html" in httpx.get(url).text.lower()
+        assert "<html" in httpx.get(url, headers=BROWSER).text.lower()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -506,6 +526,17 @@ def test_resolve_latest_pipeline_model_and_ids(tiny_chat_model, tmp_path):
     assert newest.id == f"04_export/{export.name}" and newest.path == (export / "hf").resolve()
     assert resolve_model(f"04_export/{export.name}", mine).path == newest.path
     assert resolve_model(str(export), mine).id == newest.id  # the stage directory given as a path
+    # on the API it is what 06_install names it (export.name for the default config), never the stage hash; the
+    # stage id the picker and --model use is accepted too
+    engine = Engine(load_model(newest, "cpu"))
+    try:
+        with BackgroundServer(build_app(engine, ServeConfig(), ui=False)) as u:
+            client = openai.OpenAI(base_url=u + "v1", api_key="unused", max_retries=0, timeout=60)
+            assert [m.id for m in client.models.list().data] == ["homellm"]
+            for name in ("homellm", newest.id):
+                assert client.chat.completions.create(model=name, messages=user("Hi"), max_tokens=2).model == "homellm"
+    finally:
+        engine.close()
     with pytest.raises(UserError, match="not a complete stage directory"):
         resolve_model("04_sft/000000000000", mine)
     (tmp_path / "empty").mkdir()

@@ -16,6 +16,7 @@ from conftest import ROOT
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (./install.sh builds it from source)")
 
+from lib.app import build_app  # noqa: E402
 from lib.chat import encode_chat  # noqa: E402
 from lib.config import Config, ServeConfig  # noqa: E402
 from lib.errors import UserError  # noqa: E402
@@ -24,7 +25,7 @@ from lib.model.generate import SamplingParams  # noqa: E402
 from lib.serving.engine import Engine  # noqa: E402
 from lib.serving.loading import choose_engine, load_model  # noqa: E402
 from lib.serving.resolve import resolve_model  # noqa: E402
-from lib.serving.server import BackgroundServer, build_app  # noqa: E402
+from lib.serving.server import BackgroundServer  # noqa: E402
 
 PROMPTS = ["Hello there", "And God said, Let there be light", "What is the capital of France?"]
 

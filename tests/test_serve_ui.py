@@ -10,12 +10,13 @@ import gradio as gr
 import pytest
 from conftest import CHROMIUM_ARGS
 
+from lib.app import build_app
 from lib.chat import encode_chat
 from lib.config import Config, ServeConfig
 from lib.serving.engine import Engine
 from lib.serving.loading import load_model
 from lib.serving.resolve import resolve_model
-from lib.serving.server import BackgroundServer, build_app
+from lib.serving.server import BackgroundServer
 from lib.serving.ui import EXPORT_FORMAT, ChatUI, normalize
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 
 def _range(lo=None, hi=None, **extra):
@@ -325,6 +325,11 @@ class ServeConfig:
     engine: Literal["auto", "torch", "llama.cpp"] = "auto"
     # llama.cpp engine: tokens of context per concurrent reply (its KV cache is allocated up front for max_active)
     max_context: int = field(default=4096, metadata=_range(16, 1_048_576))
+    # 07_serve.py --all (every install behind one port): how long a model stays loaded after its last request, as
+    # Ollama reads it (seconds, or "5m", "1h"; negative: until the server stops); a request's keep_alive overrides it
+    keep_alive: Union[str, float] = "5m"
+    # 07_serve.py --all: RAM kept free when loading a model (05_check's estimate of it against what is available)
+    reserve_gb: float = field(default=1.0, metadata=_range(0.0, 4096.0))
 
 
 @dataclass

@@ -38,6 +38,11 @@ def _convert(value, tp, key: str, errors: list[str]):
         non_none = [a for a in args if a is not type(None)]
         if len(non_none) == 1:
             return _convert(value, non_none[0], key, errors)
+        for arg in non_none:  # the first that takes it (str | float: "5m" or 300)
+            tried: list[str] = []
+            converted = _convert(value, arg, key, tried)
+            if not tried:
+                return converted
     elif origin is Literal:
         if value in typing.get_args(tp):
             return value

@@ -31,17 +31,13 @@ from lib.install.models_dir import (
     settings_path,
     verify_install,
 )
-from lib.names import name_from
+from lib.names import run_model_name
 from lib.stages import stage_dir
 
 
 def pipeline_install_name(cfg: Config, config_file: str | Path) -> str:
-    """install.name, else export.name for the default config and export.name-<config file stem> for any other, so
-    that the installs of two configs never share a name by accident."""
-    if cfg.install.name:
-        return cfg.install.name
-    stem = Path(config_file).stem
-    return cfg.export.name if stem == "default" else name_from(f"{cfg.export.name}-{stem}")
+    """The name the pipeline's model is installed under (lib.names.run_model_name)."""
+    return run_model_name(cfg.export.name, Path(config_file).stem, cfg.install.name)
 
 
 def _pipeline_ref(cfg: Config) -> tuple[str, Path]:

@@ -33,7 +33,6 @@ import importlib.metadata
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -366,12 +365,13 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         if cfg.post_test and report["verdict"].get("cpu_torch_dtype") is None:
             log("post-install test: skipped: the model does not fit this machine's RAM (it needs the GPU)")
         elif cfg.post_test:
-            log(f"post-install test: ./start.sh {shlex.join(HANDLERS[kind].post_test)} on the CPU"
-                + (f", {cfg.post_test_tokens} tokens at most" if kind == "chat" else ""))
+            log(f"post-install test: ./start.sh --port PORT serving on the CPU, asked POST "
+                f"{HANDLERS[kind].endpoints[0]}" + (f", {cfg.post_test_tokens} tokens at most" if kind == "chat" else "")
+                + ", and its page")
             result = post_install_test(tmp, cfg.post_test_tokens, kind=kind)
             if not result.get("ok"):
-                raise UserError(f"{ref}: the post-install test failed: start.sh does not load or answer with the "
-                                f"installed model ({result.get('error')}). Nothing was installed.")
+                raise UserError(f"{ref}: the post-install test failed: the install's start.sh does not serve or answer "
+                                f"with the installed model ({result.get('error')}). Nothing was installed.")
             log(f"post-install test: ok in {result['seconds']} s ({result['engine']}; peak RSS "
                 f"{fmt_bytes(result['peak_rss_bytes'])}): {result['text'][:160]!r}")
 

@@ -1,5 +1,5 @@
-"""What an install writes to run itself: start.sh, its serving config, and the post-install test that loads the
-installed model in the install's own environment and generates a few tokens.
+"""What an install writes to run itself: start.sh, its serving config, and the post-install test: the install's
+own start.sh serving in its own environment, asked once over HTTP the way apps ask it.
 """
 
 
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,10 +17,11 @@ import time
 import wave
 from pathlib import Path
 
+import httpx
 import yaml
 
 from lib.config import ServeConfig, to_dict
-from lib.handlers import HANDLERS
+from lib.handlers import HANDLERS, POST_TEST_TEXT
 
 MAX_TEXT = 400  # of the post-test's answer kept in model_info.json (an embedding prints hundreds of numbers)
 
@@ -33,64 +36,160 @@ def silent_wav(path: Path, seconds: float = 1.0, rate: int = 16000) -> Path:
     return path
 
 
+def spoken_wav(path: Path, text: str = POST_TEST_TEXT) -> tuple[Path, bool]:
+    """`text` spoken by espeak-ng where it is installed (install.sh --dev installs it), else a second of silence;
+    returns (the clip, whether it holds speech)."""
+    exe = shutil.which("espeak-ng")
+    if exe is not None and subprocess.run([exe, "-s", "140", "-w", str(path), text], capture_output=True).returncode == 0:
+        return path, True
+    return silent_wav(path), False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def post_install_test(folder: Path, tokens: int, timeout: float = 900, kind: str = "chat") -> dict:
-    """Ask the installed model once the way the user's first `./start.sh --prompt ...` will: the install's own
-    start.sh, its runtime copy of 07_serve, its environment, engine choice and chat template; on the CPU, greedy.
-    The handler of `kind` (lib.handlers) says what to ask. Returns {ok, args, text, engine, seconds,
-    peak_rss_bytes} (ok False with the error's last lines)."""
+    """Serve the install the way the user's `./start.sh` does (its runtime copy of 07_serve, its environment, engine
+    choice, chat template and page; nothing added but a free loopback port and, for the test, the CPU), wait for
+    /health, then call the handler's endpoint once over HTTP (lib.handlers: a greedy chat completion of at most
+    `tokens` tokens, embeddings, labels, a ranking, the transcript of a spoken clip) and load the page.
+    Returns {ok, args, endpoint, text, engine, seconds, peak_rss_bytes}; ok False with the reason (the server's
+    last lines when it died)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    handler = HANDLERS[kind]
+    args = ["--port", str(free_port())]
+    url = f"http://127.0.0.1:{args[1]}"
     with tempfile.TemporaryDirectory(prefix="post-test-") as tmp:
-        args = [str(silent_wav(Path(tmp) / "silence.wav")) if a == "SILENCE" else a
-                for a in HANDLERS[kind].post_test]
-        result = _run_start_sh(folder, [*args, "--seed", "0", "--device", "cpu", "--set",
-                                        f"serve.max_new_tokens={tokens}", "--set", "serve.temperature=0.0"],
-                               env, timeout)
-    if result["ok"]:
-        result["args"] = list(HANDLERS[kind].post_test)
-        result["text"] = result["text"][:MAX_TEXT]
-    return result
+        server = MeasuredProcess(["sh", str(folder / "start.sh"), *args], env, folder)
+        try:
+            _wait_ready(server, url, timeout)
+            text = _ask(url, handler.endpoints[0], handler.post_test, tokens, Path(tmp), timeout)
+            page = httpx.get(url + "/", headers={"accept": "text/html"}, timeout=60)  # as a browser asks
+            if page.status_code != 200 or "<html" not in page.text.lower():
+                raise PostTestFailed(f"the page at / answered {page.status_code}: {page.text[:200]}")
+            error = None
+        except (PostTestFailed, httpx.HTTPError) as e:
+            error = str(e) or type(e).__name__
+        res = server.stop()
+    log = res["stderr"]
+    if error is not None:
+        tail = [line for line in log.strip().splitlines() if line.strip()][-3:]
+        return {"ok": False, "error": " | ".join([error, *tail])}
+    engine = next((line for line in log.splitlines() if line.startswith("engine ")), "")
+    return {"ok": True, "args": args, "endpoint": handler.endpoints[0], "text": text[:MAX_TEXT], "engine": engine,
+            "seconds": res["seconds"], "peak_rss_bytes": res["peak_rss_bytes"]}
+
+
+class PostTestFailed(Exception):
+    pass
+
+
+def _wait_ready(server: MeasuredProcess, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise PostTestFailed("./start.sh exited before it served")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise PostTestFailed(f"./start.sh did not answer /health within {timeout:.0f} s")
+
+
+def _ask(url: str, endpoint: str, request: dict, tokens: int, tmp: Path, timeout: float) -> str:
+    """POST the handler's request to `endpoint`; what it answered, as text (a chat reply, a transcript, or the
+    answer's JSON for vectors, labels and rankings). A PostTestFailed when it is not the endpoint's shape."""
+    model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    if "file" in request:  # speech: OpenAI's multipart upload
+        clip, speech = spoken_wav(tmp / "speech.wav")
+        with open(clip, "rb") as f:
+            r = httpx.post(url + endpoint, data={"model": model}, files={"file": (clip.name, f, "audio/wav")},
+                           timeout=timeout)
+    else:
+        body = {"model": model, **request}
+        if endpoint == "/v1/chat/completions":
+            body |= {"max_tokens": tokens, "temperature": 0, "seed": 0}
+        r = httpx.post(url + endpoint, json=body, timeout=timeout)
+    if r.status_code != 200:
+        raise PostTestFailed(f"POST {endpoint} answered {r.status_code}: {r.text[:300]}")
+    answer = r.json()
+    try:
+        if endpoint == "/v1/chat/completions":
+            return str(answer["choices"][0]["message"]["content"])
+        if endpoint == "/v1/audio/transcriptions":
+            text = answer["text"].strip()
+            if speech and not text:
+                raise PostTestFailed(f"POST {endpoint}: an empty transcript of spoken words")
+            return text
+        part = {"/v1/embeddings": lambda a: a["data"][0]["embedding"], "/v1/classify": lambda a: a["data"][0]["labels"],
+                "/v1/rerank": lambda a: a["results"]}[endpoint](answer)
+    except (KeyError, IndexError, TypeError) as e:
+        raise PostTestFailed(f"POST {endpoint}: not the endpoint's answer ({e!r} missing): {r.text[:300]}") from None
+    if not part:
+        raise PostTestFailed(f"POST {endpoint}: an empty answer: {r.text[:300]}")
+    return json.dumps(part)
 
 
 # A small interpreter that runs the command and reports its peak RSS. A child forked straight from the installer
 # would count the installer's own pages in its peak (Linux keeps the pre-exec high-water mark of a forked copy:
-# 1.30 GB measured for a 0.87 GB server); forked from this launcher it starts from the launcher's few MB.
-_LAUNCHER = """import json, os, subprocess, sys
+# 1.30 GB measured for a 0.87 GB server); forked from this launcher it starts from the launcher's few MB. It
+# outlives the SIGTERM that stops a server (a handler, which exec resets for the child), to report.
+_LAUNCHER = """import json, os, signal, subprocess, sys
+signal.signal(signal.SIGTERM, lambda *_: None)
 p = subprocess.Popen(sys.argv[2:])
 _, status, usage = os.wait4(p.pid, 0)
 open(sys.argv[1], "w").write(json.dumps({"rc": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss}))
 """
 
 
-def run_measured(cmd: list[str], env: dict, cwd: Path, timeout: float) -> dict:
-    """Run `cmd`: {rc, stdout, stderr, seconds, peak_rss_bytes} (its own peak RSS; rc None when it timed out)."""
-    t0 = time.time()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
-            tempfile.NamedTemporaryFile("r", suffix=".json") as rep:
-        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, rep.name, *cmd], stdout=out, stderr=err,
-                                text=True, env=env, cwd=cwd, start_new_session=True)
+class MeasuredProcess:
+    """`cmd` started in a session of its own from the launcher above; stop() (or its end) gives {rc, stdout, stderr,
+    seconds, peak_rss_bytes} (rc None when it was killed)."""
+
+    def __init__(self, cmd: list[str], env: dict, cwd: Path):
+        self.t0 = time.time()
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.rep = tempfile.NamedTemporaryFile("r", suffix=".json")
+        self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, self.rep.name, *cmd], stdout=self.out,
+                                     stderr=self.err, text=True, env=env, cwd=cwd, start_new_session=True)
+
+    def wait(self, timeout: float | None = None) -> dict:
         try:
-            proc.wait(timeout)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        out.seek(0)
-        err.seek(0)
-        report = json.loads(rep.read() or "{}")
-        return {"rc": report.get("rc"), "stdout": out.read(), "stderr": err.read(),
-                "seconds": round(time.time() - t0, 2), "peak_rss_bytes": report.get("maxrss_kb", 0) * 1024}
+            self._signal(signal.SIGKILL)
+            self.proc.wait()
+        self.out.seek(0)
+        self.err.seek(0)
+        report = json.loads(self.rep.read() or "{}")
+        res = {"rc": report.get("rc"), "stdout": self.out.read(), "stderr": self.err.read(),
+               "seconds": round(time.time() - self.t0, 2), "peak_rss_bytes": report.get("maxrss_kb", 0) * 1024}
+        for f in (self.out, self.err, self.rep):
+            f.close()
+        return res
+
+    def stop(self, grace: float = 30) -> dict:
+        """SIGTERM to the whole session (the server stops as on Ctrl+C), SIGKILL after `grace` seconds."""
+        if self.proc.poll() is None:
+            self._signal(signal.SIGTERM)
+        return self.wait(grace)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
 
-def _run_start_sh(folder: Path, args: list[str], env: dict, timeout: float) -> dict:
-    res = run_measured(["sh", str(folder / "start.sh"), *args], env, folder, timeout)
-    log = res["stderr"]
-    engine = next((line for line in log.splitlines() if line.startswith("engine ")), "")
-    if res["rc"] is None:
-        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
-    if res["rc"] != 0:
-        tail = [line for line in log.strip().splitlines() if line.strip()][-3:]
-        return {"ok": False, "error": " | ".join(tail) or f"exit code {res['rc']}"}
-    return {"ok": True, "text": res["stdout"].strip(), "engine": engine, "seconds": res["seconds"],
-            "peak_rss_bytes": res["peak_rss_bytes"]}
+def run_measured(cmd: list[str], env: dict, cwd: Path, timeout: float) -> dict:
+    """Run `cmd` to its end: {rc, stdout, stderr, seconds, peak_rss_bytes} (its own peak RSS; rc None when it timed
+    out)."""
+    return MeasuredProcess(cmd, env, cwd).wait(timeout)
 
 
 START_SH = """#!/bin/sh

@@ -11,7 +11,7 @@ sends reaches the engine unchecked. With an API key, /v1, /info and /metrics nee
 POST bodies must be sent as application/json: a web page in the user's browser cannot send that cross-site
 without a CORS preflight (which this server never grants), so it cannot drive a server on localhost.
 
-Not here: the engine (lib.serving.engine), binding and mounting the UI (lib.serving.server).
+Not here: the engine (lib.serving.engine), binding (lib.serving.server), mounting the UI (lib.app).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import secrets
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -33,12 +34,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lib.chat import ChatTemplateError, content_text, encode_chat
 from lib.config import ServeConfig
 from lib.serving.engine import Engine, EngineBusy, Metrics
+from lib.serving.ollama import OllamaFace
 from lib.serving.text import ContextTooLong, sampling_params
 
 # After deciding on 413, the rest of an oversized body is read and dropped (never stored) so that the client, still
 # sending, gets to read the answer instead of a reset connection; past this many times the limit we hang up.
 DRAIN_FACTOR = 64
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_N = 8  # choices per request (llama-server and vLLM take more; each one is a generation of its own)
 API_ROUTES = {"/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
 SERVICE_ROUTES = ("/health", "/info", "/metrics")  # GET only
 
@@ -176,8 +179,8 @@ def _unsupported(param: str, why: str) -> APIError:
 
 def _check_unsupported(body: _Sampling) -> None:
     """Parameters OpenAI has and this server cannot honour: an error, never a silent ignore."""
-    if (body.n or 1) > 1:
-        raise _unsupported("n", f"only n=1 is supported (got {body.n}); send several requests instead")
+    if (body.n or 1) > MAX_N:
+        raise _unsupported("n", f"at most {MAX_N} choices per request (got {body.n}); send several requests instead")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name):
             raise _unsupported(name, "not supported (only 0); use repetition_penalty (e.g. 1.1) instead")
@@ -318,6 +321,41 @@ def _now() -> int:
     return int(time.time())
 
 
+def _usage(handles: list) -> dict:
+    """A request's token counts: its prompt once, the completion tokens of all its choices."""
+    prompt, completion = handles[0].prompt_tokens, sum(h.completion_tokens for h in handles)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _merged(handles: list, poll_s: float | None = None):
+    """(choice index, kind, value) from several generations as their events come; with `poll_s`, also
+    (-1, "idle", "") when none had anything for that long. Ends when every one has ended."""
+    if len(handles) == 1:  # the common case, without tasks
+        async for kind, value in handles[0].aiter(poll_s):
+            yield (-1 if kind == "idle" else 0), kind, value
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, h):
+        async for kind, value in h.aiter():
+            await q.put((i, kind, value))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        left = len(handles)
+        while left:
+            try:
+                i, kind, value = await asyncio.wait_for(q.get(), poll_s)
+            except TimeoutError:
+                yield -1, "idle", ""
+                continue
+            left -= kind != "text"
+            yield i, kind, value
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -347,7 +385,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class OpenAIServer:
-    """Routes over one Engine. `app` is the FastAPI application (the UI is mounted on it by lib.serving.server).
+    """Routes over one Engine. `app` is the FastAPI application (the UI is mounted on it by lib.app).
 
     engine=None: a server started without a model (a fresh user opening the studio). Until `attach` gives it an
     engine, it answers in OpenAI's shape that there is nothing to serve yet, and `no_model` says how to get one.
@@ -376,8 +414,8 @@ class OpenAIServer:
 
     def _check_model(self, name: str):
         loaded = self.engine.loaded
-        if name != loaded.id:
-            raise APIError(404, f"The model '{name}' does not exist on this server; it serves '{loaded.id}' "
+        if name not in (loaded.name, loaded.id):  # its API name, or what --model and the picker call it
+            raise APIError(404, f"The model '{name}' does not exist on this server; it serves '{loaded.name}' "
                                 f"(see GET /v1/models)", param="model", code="model_not_found")
         return loaded
 
@@ -402,46 +440,60 @@ class OpenAIServer:
                                self.serve.top_p if body.top_p is None else body.top_p,
                                min(max_tokens or self.serve.max_new_tokens, room), seed=body.seed, **extra)
 
-    def _submit(self, ids, params, stop, loaded):
+    def _submit(self, ids, params, stop, loaded, n: int = 1) -> list:
+        """The request's `n` generations (choices), queued together; a seeded request gives choice i the seed
+        seed + i, so that the choices differ and the request stays reproducible."""
+        handles = []
         try:
-            return self.engine.submit(ids, params, stop, loaded=loaded, loop=asyncio.get_running_loop())
+            for i in range(n):
+                p = params if i == 0 or params.seed is None else replace(params, seed=params.seed + i)
+                handles.append(self.engine.submit(ids, p, stop, loaded=loaded, loop=asyncio.get_running_loop()))
         except EngineBusy as e:
+            for h in handles:
+                h.cancel()
             raise APIError(503, f"the server is busy: {e}", type="server_error", code="server_busy",
                            headers={"Retry-After": "1"}) from None
         except ContextTooLong as e:
             raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+        return handles
 
-    async def _collect(self, request: Request, handle) -> None:
-        """Wait for a non-streamed generation; a client that hangs up cancels it."""
+    async def _collect(self, request: Request, handles: list) -> None:
+        """Wait for a non-streamed request's generations; a client that hangs up cancels them."""
         try:
-            async for kind, value in handle.aiter(poll_s=0.5):
+            async for _, kind, value in _merged(handles, poll_s=0.5):
                 if kind == "idle" and await request.is_disconnected():
-                    handle.cancel()
+                    for h in handles:
+                        h.cancel()
                 elif kind == "error":
                     raise APIError(500, value, type="server_error", code="generation_failed")
         finally:
-            if handle.finish_reason is None:
-                handle.cancel()
+            for h in handles:
+                if h.finish_reason is None:
+                    h.cancel()
 
-    def _stream(self, handle, make_chunk, first: dict | None, include_usage: bool, usage_chunk):
+    def _stream(self, handles: list, make_chunk, first: dict | None, include_usage: bool, usage_chunk):
+        """Server-sent events: make_chunk(choice index, piece, finish_reason) for each piece of each choice as it
+        comes, `first` (the role, an echoed prompt) opening every choice, usage last when asked, then [DONE]."""
         async def events():
-            # Starlette cancels this generator when the client disconnects; `finally` then stops the generation.
+            # Starlette cancels this generator when the client disconnects; `finally` then stops the generations.
             try:
                 if first is not None:
-                    yield _sse(make_chunk(first, None))
-                async for kind, value in handle.aiter():
+                    for i in range(len(handles)):
+                        yield _sse(make_chunk(i, first, None))
+                async for i, kind, value in _merged(handles):
                     if kind == "text":
-                        yield _sse(make_chunk(value, None))
+                        yield _sse(make_chunk(i, value, None))
                     elif kind == "done":
-                        yield _sse(make_chunk(None, value))
+                        yield _sse(make_chunk(i, None, value))
                     elif kind == "error":
                         yield _sse(error_body(value, "server_error", None, "generation_failed"))
                 if include_usage:
                     yield _sse(usage_chunk())
                 yield "data: [DONE]\n\n"
             finally:
-                if handle.finish_reason is None:
-                    handle.cancel()
+                if any(h.finish_reason is None for h in handles):
+                    for h in handles:
+                        h.cancel()
                     self.engine.metrics.inc("client_disconnects")
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -467,25 +519,26 @@ class OpenAIServer:
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
         params = self._params(body, body.max_tokens or body.max_completion_tokens, len(ids), loaded, "messages")
-        handle = self._submit(ids, params, body.stop, loaded)
+        handles = self._submit(ids, params, body.stop, loaded, body.n or 1)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", _now()
 
         if body.stream:
-            def chunk(piece, finish):
+            def chunk(i, piece, finish):
                 delta = piece if isinstance(piece, dict) else ({} if piece is None else {"content": piece})
-                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": loaded.id,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": loaded.name,
+                        "choices": [{"index": i, "delta": delta, "logprobs": None,
                                      "finish_reason": _public_reason(finish)}]}
 
             usage = lambda: {"id": cid, "object": "chat.completion.chunk", "created": created,  # noqa: E731
-                             "model": loaded.id, "choices": [], "usage": handle.usage}
+                             "model": loaded.name, "choices": [], "usage": _usage(handles)}
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return self._stream(handle, chunk, {"role": "assistant", "content": ""}, include, usage)
-        await self._collect(request, handle)
-        return {"id": cid, "object": "chat.completion", "created": created, "model": loaded.id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": handle.text},
-                             "logprobs": None, "finish_reason": _public_reason(handle.finish_reason)}],
-                "usage": handle.usage}
+            return self._stream(handles, chunk, {"role": "assistant", "content": ""}, include, usage)
+        await self._collect(request, handles)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": loaded.name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": h.text},
+                             "logprobs": None, "finish_reason": _public_reason(h.finish_reason)}
+                            for i, h in enumerate(handles)],
+                "usage": _usage(handles)}
 
     async def completions(self, request: Request):
         body: CompletionRequest = await read_json_body(request, CompletionRequest, self.max_body)
@@ -514,36 +567,36 @@ class OpenAIServer:
                 raise APIError(400, "prompt: must not be empty for this model", param="prompt", code="invalid_value")
             ids = [start]
         params = self._params(body, body.max_tokens, len(ids), loaded, "prompt")
-        handle = self._submit(ids, params, body.stop, loaded)
+        handles = self._submit(ids, params, body.stop, loaded, body.n or 1)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", _now()
         echo = prompt_text if body.echo else ""
 
         if body.stream:
-            def chunk(piece, finish):
-                return {"id": cid, "object": "text_completion", "created": created, "model": loaded.id,
-                        "choices": [{"index": 0, "text": piece or "", "logprobs": None,
+            def chunk(i, piece, finish):
+                return {"id": cid, "object": "text_completion", "created": created, "model": loaded.name,
+                        "choices": [{"index": i, "text": piece or "", "logprobs": None,
                                      "finish_reason": _public_reason(finish)}]}
 
             usage = lambda: {"id": cid, "object": "text_completion", "created": created,  # noqa: E731
-                             "model": loaded.id, "choices": [], "usage": handle.usage}
+                             "model": loaded.name, "choices": [], "usage": _usage(handles)}
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return self._stream(handle, chunk, echo or None, include, usage)
-        await self._collect(request, handle)
-        return {"id": cid, "object": "text_completion", "created": created, "model": loaded.id,
-                "choices": [{"index": 0, "text": echo + handle.text, "logprobs": None,
-                             "finish_reason": _public_reason(handle.finish_reason)}],
-                "usage": handle.usage}
+            return self._stream(handles, chunk, echo or None, include, usage)
+        await self._collect(request, handles)
+        return {"id": cid, "object": "text_completion", "created": created, "model": loaded.name,
+                "choices": [{"index": i, "text": echo + h.text, "logprobs": None,
+                             "finish_reason": _public_reason(h.finish_reason)} for i, h in enumerate(handles)],
+                "usage": _usage(handles)}
 
     def _model_card(self) -> dict:
         loaded = self.engine.loaded
-        return {"id": loaded.id, "object": "model", "created": int(self.engine.metrics.started),
-                "owned_by": "models-at-home", "context_length": loaded.context_length}
+        return {"id": loaded.name, "object": "model", "created": int(self.engine.metrics.started),
+                "owned_by": "models-at-home", "kind": "chat", "context_length": loaded.context_length}
 
     def info(self) -> dict:
         return {
             "model": self.engine.loaded.describe(),
             "capabilities": {"chat_completions": True, "completions": True, "streaming": True, "stop": True,
-                             "seed": True, "n": 1, "logprobs": False, "tools": False, "images": False,
+                             "seed": True, "n": MAX_N, "logprobs": False, "tools": False, "images": False,
                              "extensions": ["top_k", "repetition_penalty"]},
             "defaults": {"max_tokens": self.serve.max_new_tokens, "temperature": self.serve.temperature,
                          "top_p": self.serve.top_p, "max_tokens_completions": 16},
@@ -565,7 +618,7 @@ class OpenAIServer:
             if self.engine is None:
                 return {"status": "no model", "model": None}
             alive = self.engine._thread.is_alive()
-            body = {"status": "ok" if alive else "engine stopped", "model": self.engine.loaded.id}
+            body = {"status": "ok" if alive else "engine stopped", "model": self.engine.loaded.name}
             return JSONResponse(body, status_code=200 if alive else 503)
 
         @app.get("/info", dependencies=ready)
@@ -574,7 +627,7 @@ class OpenAIServer:
 
         @app.get("/metrics", dependencies=ready)
         async def get_metrics():
-            return {**metrics.snapshot(), "engine": self.engine.pending(), "model": self.engine.loaded.id}
+            return {**metrics.snapshot(), "engine": self.engine.pending(), "model": self.engine.loaded.name}
 
         @app.get("/v1/models", dependencies=auth)
         async def list_models():
@@ -587,6 +640,7 @@ class OpenAIServer:
 
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], dependencies=ready)
         app.add_api_route("/v1/completions", self.completions, methods=["POST"], dependencies=ready)
+        OllamaFace(self.serve, chat=self).add_routes(app, [self._auth])
 
         add_fallback_routes(app, API_ROUTES, auth)
         return app
@@ -632,7 +686,7 @@ def _public_reason(reason: str | None) -> str | None:
 class StatusCounter:
     """Pure ASGI middleware counting API responses by status class (BaseHTTPMiddleware would break streaming)."""
 
-    PREFIXES = ("/v1/", "/health", "/info", "/metrics")
+    PREFIXES = ("/v1/", "/api/", "/health", "/info", "/metrics")
 
     def __init__(self, app, metrics):
         self.app, self.metrics = app, metrics

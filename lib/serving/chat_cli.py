@@ -76,7 +76,7 @@ def repl(engine: Engine, serve: ServeConfig, system: str | None = None, seed: in
         except ImportError:
             pass
     loaded = engine.loaded
-    print(f"chatting with {loaded.id} (context {loaded.context_length} tokens). /help for commands, /quit to leave.",
+    print(f"chatting with {loaded.name} (context {loaded.context_length} tokens). /help for commands, /quit to leave.",
           file=out, flush=True)
     history: list[dict] = []
     while True:

@@ -30,7 +30,6 @@ from lib.serving import llamacpp
 from lib.serving.hf_engine import TransformersLM
 from lib.serving.llamacpp import LlamaCppModel
 from lib.serving.resolve import ModelRef
-from lib.train.base_model import merge_adapter
 
 
 @dataclass
@@ -59,7 +58,13 @@ class LoadedModel:
 
     @property
     def id(self) -> str:
+        """What the page's model picker keys it by (ModelRef.id)."""
         return self.ref.id
+
+    @property
+    def name(self) -> str:
+        """Its name on the API (ModelRef.served_name)."""
+        return self.ref.served_name
 
     @property
     def has_chat_template(self) -> bool:
@@ -72,7 +77,7 @@ class LoadedModel:
     def describe(self) -> dict:
         """What /info and the UI show about the model."""
         return {
-            "id": self.id, "source": self.ref.source, "path": str(self.ref.path or self.ref.gguf),
+            "id": self.name, "source": self.ref.source, "path": str(self.ref.path or self.ref.gguf),
             "gguf": str(self.ref.gguf) if self.ref.gguf else None, "engine": self.engine,
             "engine_note": self.engine_note,
             "architecture": (self.config.get("architectures") or [self.config.get("model_type")])[0],
@@ -120,6 +125,8 @@ def with_adapter(ref: ModelRef, as_lora_gguf: bool) -> ModelRef:
     merged = folder / "merged"
     if not (merged / "config.json").is_file():
         print(f"merging adapter {name} into {base.name} (once) …", file=sys.stderr, flush=True)
+        from lib.train.base_model import merge_adapter  # peft: a chat install's train.sh brings it, serving does not
+
         with atomic_dir(merged) as tmp:
             save_model_dir(merge_adapter(base, adapter), tmp, load_tokenizer(base))
     return ModelRef(id=ref.id, path=merged, source=ref.source, info=ref.info, gguf=None)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lib.artifacts import MANIFEST, is_complete, read_json
-from lib.config import Config
+from lib.config import Config, ExportConfig
 from lib.errors import UserError
 from lib.install.models_dir import (
     INFO,
@@ -30,6 +30,7 @@ from lib.install.models_dir import (
     resolve_installed,
     verify_install,
 )
+from lib.names import name_from, run_model_name
 from lib.stages import STAGE, model_stages, stage_dir, stages_of
 
 # Stages whose output is a servable HF model directory, furthest first.
@@ -45,7 +46,7 @@ GGUF_PREFERENCE = ("q8_0", "f16", "bf16")
 
 @dataclass(frozen=True)
 class ModelRef:
-    id: str  # the name clients send as "model" (OpenAI API) and the UI shows
+    id: str  # what the picker keys it by and --model accepts: an install name, a stage id, a folder name
     path: Path | None  # an HF-format model directory (None for a GGUF file alone)
     source: str  # "installed", "pipeline" or "path"
     info: dict = field(default_factory=dict, compare=False)  # model_info.json or the stage manifest's summary
@@ -53,6 +54,13 @@ class ModelRef:
     gguf: Path | None = None  # the same model as a GGUF file, when there is one
     adapter: str | None = None  # an install's LoRA adapter (train.sh) to serve with it (lib.serving.loading)
     lora: Path | None = None  # that adapter as a llama.cpp LoRA GGUF, applied over `gguf` by the llama.cpp engine
+    name: str | None = None  # what clients send as "model" when it is not `id`: a pipeline model's run name
+
+    @property
+    def served_name(self) -> str:
+        """The model's name on the API (/v1/models, "model" in requests and answers): an install's name, a pipeline
+        model's install/export name (lib.names.run_model_name), never a stage hash."""
+        return self.name or self.id
 
     @property
     def label(self) -> str:
@@ -95,7 +103,7 @@ def _safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._/-]+", "-", text).strip("-/.") or "model"
 
 
-def _stage_ref(stage_path: Path) -> ModelRef | None:
+def _stage_ref(stage_path: Path, cfg: Config | None = None) -> ModelRef | None:
     hf = find_hf_dir(stage_path) if is_complete(stage_path) else None
     if hf is None:
         return None
@@ -103,7 +111,18 @@ def _stage_ref(stage_path: Path) -> ModelRef | None:
     info = {k: manifest[k] for k in ("stage", "hash", "created", "parameters", "best_val_loss", "config_name")
             if k in manifest}
     return ModelRef(id=f"{stage_path.parent.name}/{stage_path.name}", path=hf, source="pipeline", info=info,
-                     gguf=find_gguf(stage_path))
+                    gguf=find_gguf(stage_path), name=_run_model_name(manifest, cfg))
+
+
+def _run_model_name(manifest: dict, cfg: Config | None) -> str:
+    """A pipeline model's API name: the name its install gets (export.name, -<config> for a config other than the
+    default, install.name where set), with the stage's for a model before the export ("homellm-sft")."""
+    exported = (manifest.get("config") or {}).get("export") or {}
+    export_name = exported.get("name") or (cfg.export.name if cfg is not None else ExportConfig().name)
+    name = run_model_name(export_name, manifest.get("config_name") or "default",
+                          cfg.install.name if cfg is not None else None)
+    stage = STAGE.get(manifest.get("stage"))
+    return name if stage is None or stage.kind == "export" else name_from(f"{name}-{stage.rule}")
 
 
 def pipeline_models(artifacts_dir: str | Path) -> list[ModelRef]:
@@ -128,7 +147,7 @@ def latest_pipeline_model(cfg: Config) -> ModelRef | None:
     """The furthest complete stage of this config; else the newest chat model (SFT or export) under artifacts/,
     else the newest pretrained one: a pretrain-only model is never picked over a chat model."""
     for stage in MODEL_STAGES:
-        ref = _stage_ref(stage_dir(cfg, stage))
+        ref = _stage_ref(stage_dir(cfg, stage), cfg)
         if ref is not None:
             return ref
     newest = pipeline_models(cfg.artifacts_dir)
@@ -193,7 +212,7 @@ def resolve_model(spec: str | None, cfg: Config, models_dir: str | Path | None =
         return _path_ref(Path(spec).expanduser())
     stage = spec.split("/", 1)[0]
     if stage in MODEL_STAGES:  # an id shown by the picker, e.g. "04_sft/ab12cd34ef56"
-        ref = _stage_ref(Path(cfg.artifacts_dir) / spec)
+        ref = _stage_ref(Path(cfg.artifacts_dir) / spec, cfg)
         if ref is None:
             raise UserError(f"--model {spec}: {Path(cfg.artifacts_dir) / spec} is not a complete stage directory")
         return ref

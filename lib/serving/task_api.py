@@ -35,6 +35,7 @@ from lib.serving.api import (
     read_json_body,
 )
 from lib.serving.engine import Metrics
+from lib.serving.ollama import OllamaFace
 from lib.serving.task_models import InputTooLong, TaskModel
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
@@ -114,7 +115,7 @@ def subtitles(result: dict, fmt: str) -> str:
 
 
 class TaskServer:
-    """Routes over one TaskModel; `app` is the FastAPI application (lib.serving.server mounts the page on it)."""
+    """Routes over one TaskModel; `app` is the FastAPI application (lib.app mounts the page on it)."""
 
     def __init__(self, model: TaskModel, serve: ServeConfig, api_key: str | None = None):
         self.model, self.serve, self.api_key = model, serve, api_key
@@ -271,5 +272,6 @@ class TaskServer:
             return self._model_card()
 
         app.add_api_route(path, endpoint, methods=["POST"], dependencies=auth)
+        OllamaFace(self.serve, task=self.model).add_routes(app, [self._auth])
         add_fallback_routes(app, {"/v1/models": "GET", path: "POST"}, auth)
         return app

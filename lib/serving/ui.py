@@ -1,4 +1,4 @@
-"""The Gradio chat UI (Blocks), mounted at / by lib.serving.server next to the API.
+"""The Gradio chat UI (Blocks), mounted at / by lib.app next to the API.
 
 Streaming replies, a system prompt, temperature / top-p / max-tokens, Stop, Regenerate, Clear, export and import
 of the conversation as JSON, a token counter against the model's context, and a model picker over installed
@@ -184,7 +184,7 @@ class ChatUI:
 
     def export(self, history, system: str) -> str:
         path = self._export_dir / f"chat-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.json"
-        atomic_write_json(path, {"format": EXPORT_FORMAT, "version": 1, "model": self.engine.loaded.id,
+        atomic_write_json(path, {"format": EXPORT_FORMAT, "version": 1, "model": self.engine.loaded.name,
                                  "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "system": system or "",
                                  "messages": normalize(history)})
         return str(path)

