@@ -65,7 +65,7 @@ def post_install_test(folder: Path, tokens: int, timeout: float = 900, kind: str
     with tempfile.TemporaryDirectory(prefix="post-test-") as tmp:
         server = MeasuredProcess(["sh", str(folder / "start.sh"), *args], env, folder)
         try:
-            _wait_ready(server, url, timeout)
+            wait_ready(server, url, timeout)
             text = _ask(url, handler.endpoints[0], handler.post_test, tokens, Path(tmp), timeout)
             page = httpx.get(url + "/", headers={"accept": "text/html"}, timeout=60)  # as a browser asks
             if page.status_code != 200 or "<html" not in page.text.lower():
@@ -87,7 +87,7 @@ class PostTestFailed(Exception):
     pass
 
 
-def _wait_ready(server: MeasuredProcess, url: str, timeout: float) -> None:
+def wait_ready(server: MeasuredProcess, url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:

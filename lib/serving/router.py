@@ -1,45 +1,48 @@
 """One server for every install of a models dir (`07_serve.py --all`), as Ollama and llama-server's router mode do:
-each request goes by its "model" to that install's own API (lib.serving.api for chat models, lib.serving.task_api
-for the others, OpenAI's and Ollama's routes alike), the model is loaded on its first request and unloaded after
-`serve.keep_alive` without one (a request's Ollama `keep_alive` sets its own).
+a request goes by its "model" to that install's own server, which the router starts on its first request — the
+install's start.sh on a free loopback port, in the install's own environment, as the user would start it alone
+(its page off) — and stops after `serve.keep_alive` without a request (a request's Ollama `keep_alive` sets its
+own). Like Ollama's runners, each model is a process of its own: models never slow each other down (one process
+holding llama.cpp and torch beside each other decoded 2.2x slower), an embedding install needs no training stack,
+and stopping a model gives its memory back.
 
     router = Router(models_dir, cfg.serve)
     run_server(router.app(), bind_socket("127.0.0.1", 7860))     # GET /v1/models: every install and its kind
 
-Memory: before loading a model, 05_check's estimate of serving it (its report, kept in model_info.json) is held
-against the RAM available less `serve.reserve_gb`; the least recently used idle models are unloaded to make room,
-and when that is not enough the request gets a 503 naming what it needs and what there is. Every model has an
-engine of its own, so requests to different models run at the same time; a model with requests in flight is
-never unloaded under them.
+Memory: before starting a model, 05_check's estimate of serving it (its report, kept in model_info.json) is held
+against the RAM available less `serve.reserve_gb`; the least recently used idle models are stopped to make room,
+and when even that is not enough the request gets a 503 naming what it needs and what there is. Requests to
+different models run at the same time; a model with requests in flight is never stopped under them.
 Not here: the APIs themselves (lib.serving.api, lib.serving.task_api, lib.serving.ollama), binding (server).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import html
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import httpx
 import psutil
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request as StarletteRequest
 
-from lib.check.formulas import FRAMEWORK_BYTES
 from lib.config import ServeConfig
 from lib.errors import UserError
+from lib.install.scripts import MeasuredProcess, PostTestFailed, free_port, wait_ready
 from lib.serving.api import API_ROUTES, APIError, StatusCounter, check_bearer, error_body, install_error_handlers
-from lib.serving.engine import Engine, Metrics
-from lib.serving.loading import load_model, pick_device
+from lib.serving.engine import Metrics
 from lib.serving.ollama import VERSION, OllamaRoot, keep_alive_seconds
 from lib.serving.resolve import ModelRef, installed_models
-from lib.serving.task_models import load_task_model
+from lib.serving.server import LOOPBACK_HOSTS
 
 # The requests that name a model: the router reads "model" from them and hands them to that model's API.
 MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/classify", "/v1/rerank",
@@ -55,9 +58,9 @@ class RouterError(Exception):
 
 
 def need_bytes(info: dict) -> int:
-    """What serving an install adds to a process that already runs Python and torch: 05_check's CPU estimate for
-    the dtype (or GGUF quantization) it is served in, from the report in its model_info.json, less what one process
-    pays once; the installed size when the report has no estimate (speech models)."""
+    """What serving an install takes: 05_check's CPU estimate for the dtype (or GGUF quantization) it is served in,
+    from the report in its model_info.json (a whole process: Python and its libraries included); without an
+    estimate (speech models), the install's post-test peak, else 1.5 x its size."""
     check = info.get("check") or {}
     rows = [r for r in (check.get("compatibility") or {}).get("inference") or [] if r.get("device") == "cpu"]
     want = DTYPES.get((check.get("verdict") or {}).get("cpu_torch_dtype"), "fp32")
@@ -65,18 +68,19 @@ def need_bytes(info: dict) -> int:
         quant = " ".join(str(g) for g in info.get("gguf_files") or []).lower() + str(info.get("quantization") or "")
         want = "int4" if "q4" in quant or "q5" in quant else "int8" if "q8" in quant else "fp16"
     row = next((r for r in rows if r["dtype"] == want), None)
-    if row is None:
-        return int((info.get("size_bytes") or 0) * 1.5)
-    return max(int(row["need_bytes"]) - FRAMEWORK_BYTES, 0)
+    if row is not None:
+        return int(row["need_bytes"])
+    return int((info.get("post_test") or {}).get("peak_rss_bytes") or (info.get("size_bytes") or 0) * 1.5)
 
 
 @dataclass
 class Slot:
-    """A loaded model: its API app and what frees it."""
+    """A running model: its install's server (a process of its own) and the name it answers to."""
     ref: ModelRef
     kind: str
-    app: object
-    close: Callable[[], None]
+    proc: MeasuredProcess
+    url: str
+    name: str  # what the model's own server calls it ("model" in the requests it is handed)
     need: int
     keep_alive: float | None  # seconds after the last request; None: until the server stops
     loaded_at: float = field(default_factory=time.time)
@@ -94,10 +98,14 @@ class Router:
             raise UserError(f"serve.keep_alive {serve.keep_alive!r}: expected seconds or a duration like \"5m\" "
                             f"(negative: keep models loaded)") from None
         self.models_dir, self.serve, self.api_key = models_dir, serve, api_key
-        self.device = pick_device(device)
+        self.device = device  # "auto": each model's server picks (a GPU where there is one)
         self.available, self.clock = available, clock
         self.metrics = Metrics()
         self.slots: dict[str, Slot] = {}
+        self.env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+        self.env.pop("PYTHON", None)  # each install's start.sh picks its own environment
+        self.start_timeout = 600.0
+        self._client: httpx.AsyncClient | None = None
         self._lock = threading.Lock()  # slots and memory decisions
         self._loading: dict[str, threading.Lock] = {}  # one load per model at a time
         self._stop = threading.Event()
@@ -129,6 +137,10 @@ class Router:
             lock = self._loading.setdefault(key, threading.Lock())
         with lock:
             slot = self.slots.get(key)
+            if slot is not None and slot.proc.proc.poll() is not None:  # its server died: start it again
+                with self._lock:
+                    self._unload(slot, "its server had exited")
+                slot = None
             if slot is None:
                 slot = self._load(ref)
             with self._lock:
@@ -143,24 +155,26 @@ class Router:
         need = need_bytes(ref.info)
         self._make_room(ref.served_name, need)
         t0 = time.perf_counter()
-        if kind == "chat":
-            from lib.serving.api import OpenAIServer
-
-            engine = Engine(load_model(ref, self.device, self.serve.engine, self.serve.max_active,
-                                       self.serve.max_context), max_active=self.serve.max_active,
-                            max_queue=self.serve.max_queue, engine=self.serve.engine,
-                            max_context=self.serve.max_context)
-            app, close = OpenAIServer(engine, self.serve).app, engine.close
-        else:
-            from lib.serving.task_api import TaskServer
-
-            model = load_task_model(ref, kind, self.device)
-            app, close = TaskServer(model, self.serve).app, model.close
-        slot = Slot(ref, kind, app, close, need, self.keep_alive)
+        port = free_port()
+        args = ["--port", str(port), "--no-ui", *(["--adapter", ref.adapter] if ref.adapter else [])]
+        if self.device != "auto":
+            args += ["--device", self.device]
+        proc = MeasuredProcess(["sh", str(ref.install_dir / "start.sh"), *args], self.env, ref.install_dir)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(proc, url, self.start_timeout)
+            name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        except (PostTestFailed, httpx.HTTPError, KeyError, IndexError) as e:
+            res = proc.stop()
+            tail = " | ".join([line for line in res["stderr"].splitlines() if line.strip()][-3:])
+            raise RouterError(500, f"'{ref.served_name}' did not start: {e}" + (f" ({tail})" if tail else ""),
+                              "model_failed_to_start") from None
+        slot = Slot(ref, kind, proc, url, name, need, self.keep_alive)
         with self._lock:
             self.slots[ref.served_name] = slot
         self.metrics.inc("models_loaded")
         self.metrics.observe(time.perf_counter() - t0, None, 0)
+        print(f"started {ref.served_name} ({kind}) in {time.perf_counter() - t0:.1f} s", flush=True)
         return slot
 
     def _make_room(self, name: str, need: int) -> None:
@@ -184,10 +198,9 @@ class Router:
 
     def _unload(self, slot: Slot, why: str) -> None:  # holding self._lock
         self.slots.pop(slot.ref.served_name, None)
-        slot.close()
-        gc.collect()
+        slot.proc.stop()
         self.metrics.inc("models_unloaded")
-        print(f"unloaded {slot.ref.served_name} ({why})", flush=True)
+        print(f"stopped {slot.ref.served_name} ({why})", flush=True)
 
     def unload_idle(self) -> list[str]:
         """Unload the models whose keep_alive has run out since their last request; their names."""
@@ -213,10 +226,6 @@ class Router:
 
     def app(self, loopback: bool = True):
         """The ASGI app: model requests dispatched to their model's API, the listings answered here."""
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
-
-        from lib.serving.server import LOOPBACK_HOSTS
-
         listing = self._listing_app()
         listing.add_middleware(OllamaRoot)
         router = self
@@ -253,11 +262,36 @@ class Router:
             return await JSONResponse({"error": e.message} if ollama else error_body(
                 e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)(scope, receive, send)
         try:  # get() counted this request in: the model stays loaded until it is answered
-            await slot.app(scope, _replay(body, receive), send)
+            await self._proxy(slot, scope, receive, send, _renamed(body, slot.name))
         finally:
             with self._lock:
                 slot.active -= 1
                 slot.last_used = self.clock()
+
+    async def _proxy(self, slot: Slot, scope, receive, send, body: bytes) -> None:
+        """Hand the request to the model's server and stream its answer back as it comes; a client that goes away
+        closes the connection to it, which stops the generation there."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30))
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
+                   if k.lower() not in (b"host", b"content-length", b"authorization", b"connection")]
+        query = scope.get("query_string", b"").decode("latin-1")
+        request = self._client.build_request(scope["method"], slot.url + scope["path"] + (f"?{query}" if query else ""),
+                                             headers=headers, content=body)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as e:
+            return await JSONResponse(error_body(f"'{slot.ref.served_name}' did not answer: {e}", "server_error",
+                                                 "model", "model_unavailable"), 502)(scope, receive, send)
+        try:
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()
+                                    if k.lower() not in ("content-length", "transfer-encoding", "connection")]})
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
 
     async def _read_body(self, scope, receive) -> bytes:
         limit = int(self.serve.max_body_mb * 2**20)
@@ -373,6 +407,19 @@ def _installed_at(info: dict) -> float:
         return time.mktime(time.strptime(str(info.get("installed_at"))[:19], "%Y-%m-%dT%H:%M:%S"))
     except ValueError:
         return 0.0
+
+
+def _renamed(body: bytes, name: str) -> bytes:
+    """A JSON body with "model" set to the name the model's own server answers to (an adapter install is
+    NAME+ADAPTER here); a multipart form (speech) as it is (an install's name is its server's)."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return body
+    if isinstance(data, dict) and ("model" in data or "name" in data):
+        data["model" if "model" in data else "name"] = name
+        return json.dumps(data).encode()
+    return body
 
 
 def _replay(body: bytes, receive):
