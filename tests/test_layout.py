@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lib import ROOT
 
 
@@ -56,6 +58,7 @@ def test_stages_do_not_import_each_other_sideways():
         assert not {m for m in graph[low] if m.startswith(("lib.serving", "lib.studio", "lib.train.sft", "lib.train.pretrain"))}
 
 
+@pytest.mark.slow  # a fresh interpreter importing the web stack: 4 s
 def test_serving_is_below_the_app_and_imports_no_training_stack():
     """lib.app puts the API, the page and the studio together; serving imports neither it nor the studio, and what an
     embedding or speech install's start.sh imports to serve (the app, the API, both pages) loads with accelerate and

@@ -242,11 +242,7 @@ class OllamaFace:
                 return {"model": body["model"], "created_at": _now(), "message": {"role": "assistant", "content": ""},
                         "done_reason": "load", "done": True}
             turns = [{"role": m["role"], "content": str(m.get("content") or "")} for m in messages]
-            try:
-                ids = await asyncio.to_thread(encode_chat, loaded.tokenizer, turns)
-            except ChatTemplateError as e:
-                raise OllamaError(400, str(e)) from None
-            return await self._reply(request, body, loaded, ids, chat=True)
+            return await self._reply(request, body, loaded, await _encode(loaded, turns), chat=True)
 
         @app.post("/api/generate", dependencies=deps)
         async def generate(request: Request):
@@ -268,10 +264,7 @@ class OllamaFace:
             else:
                 turns = ([{"role": "system", "content": str(body["system"])}] if body.get("system") else []) \
                     + [{"role": "user", "content": prompt}]
-                try:
-                    ids = await asyncio.to_thread(encode_chat, loaded.tokenizer, turns)
-                except ChatTemplateError as e:
-                    raise OllamaError(400, str(e)) from None
+                ids = await _encode(loaded, turns)
             return await self._reply(request, body, loaded, ids, chat=False)
 
         @app.post("/api/embed", dependencies=deps)
@@ -413,6 +406,14 @@ class OllamaFace:
         except (TypeError, ValueError) as e:
             raise OllamaError(400, f"options: {e}") from None
         return params, stop
+
+
+async def _encode(loaded, turns: list[dict]) -> list[int]:
+    """The conversation through the model's chat template (off the event loop); a 400 when the template refuses it."""
+    try:
+        return await asyncio.to_thread(encode_chat, loaded.tokenizer, turns)
+    except ChatTemplateError as e:
+        raise OllamaError(400, str(e)) from None
 
 
 def _unsupported(body: dict) -> None:
