@@ -131,6 +131,15 @@ def models_dir(tiny_chat_model_talkative, tmp_path_factory):
     return d
 
 
+def settle(router):
+    """Wait until the router has counted every answered request out (it does so just after the answer's last byte)."""
+    import time
+
+    deadline = time.time() + 10
+    while any(s.active for s in router.slots.values()) and time.time() < deadline:
+        time.sleep(0.01)
+
+
 class Clock:
     def __init__(self):
         self.now = 1000.0
@@ -146,7 +155,7 @@ def test_one_server_routes_by_model_loads_on_demand_and_unloads_when_idle(models
     from lib.serving.router import Router
 
     clock = Clock()
-    router = Router(models_dir, ServeConfig(keep_alive="5m"), device="cpu", clock=clock)
+    router = Router(models_dir, ServeConfig(keep_alive="5m"), device="cpu", clock=clock, reap_every=None)
     try:
         with BackgroundServer(router.app()) as url:
             client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
@@ -169,9 +178,12 @@ def test_one_server_routes_by_model_loads_on_demand_and_unloads_when_idle(models
                                       options={"num_predict": 3, "temperature": 0})
             assert said.message.content == reply.choices[0].message.content[:len(said.message.content)]
             assert len(ollama_client.embed(model="minilm", input="hello").embeddings[0]) == 384
+            bad = httpx.post(url + "api/chat", json={"model": "tiny", "keep_alive": "soon", "messages": []})
+            assert bad.status_code == 400 and "keep_alive" in bad.json()["error"]
             # idle models unload after serve.keep_alive; a request's keep_alive (Ollama's) sets its own
             ollama_client.chat(model="tiny", messages=[{"role": "user", "content": "Hi"}], keep_alive="1h",
                                options={"num_predict": 1})
+            settle(router)
             clock.now += 301
             assert router.unload_idle() == ["minilm"] and sorted(router.slots) == ["tiny"]
             clock.now += 3600

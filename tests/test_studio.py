@@ -475,7 +475,9 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                 first = page
                 first.locator("button[role=tab]:has-text('Chat')").first.click()
                 expect(first.locator("#no-model")).to_be_hidden(timeout=30_000)
-                expect(first.locator("#model-status")).to_contain_text("04_", timeout=10_000)
+                # named as 06_install names it, the stage after its run's ("homellm-<config>-sft"), never phase 1's
+                expect(first.locator("#model-status")).to_contain_text("(pipeline)", timeout=10_000)
+                expect(first.locator("#model-status")).not_to_contain_text("-pretrain")
                 box = first.locator("#chat-input textarea")
                 expect(box).to_be_editable()
                 box.fill("Hello")
@@ -483,7 +485,8 @@ def test_browser_fresh_user_trains_from_the_studio(tmp_path, chromium):
                 expect(first.locator("#chatbot .bot.message").last).to_contain_text(re.compile(r"\S"),
                                                                                     timeout=60_000)
                 health = httpx.get(url + "health").json()
-                assert health["status"] == "ok" and health["model"].startswith("04_"), health
+                assert health["status"] == "ok" and health["model"].startswith("homellm-smoke-studio"), health
+                assert not health["model"].endswith("-pretrain"), health  # the run's chat model, not phase 1's
                 first.screenshot(path=str(shots / "studio-chat-after-run.png"), full_page=True)
 
                 # a page opened now shows the finished run without a Refresh: the lists are read at page load

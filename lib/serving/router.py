@@ -40,7 +40,7 @@ from lib.errors import UserError
 from lib.install.scripts import MeasuredProcess, PostTestFailed, free_port, wait_ready
 from lib.serving.api import API_ROUTES, APIError, StatusCounter, check_bearer, error_body, install_error_handlers
 from lib.serving.engine import Metrics
-from lib.serving.ollama import VERSION, OllamaRoot, keep_alive_seconds
+from lib.serving.ollama import VERSION, OllamaError, OllamaRoot, keep_alive_seconds
 from lib.serving.resolve import ModelRef, installed_models
 from lib.serving.server import LOOPBACK_HOSTS
 
@@ -91,7 +91,7 @@ class Slot:
 class Router:
     def __init__(self, models_dir, serve: ServeConfig, device: str = "auto", api_key: str | None = None,
                  available: Callable[[], int] = lambda: psutil.virtual_memory().available,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, reap_every: float | None = 1.0):
         try:
             self.keep_alive = keep_alive_seconds(serve.keep_alive)
         except Exception:
@@ -109,8 +109,9 @@ class Router:
         self._lock = threading.Lock()  # slots and memory decisions
         self._loading: dict[str, threading.Lock] = {}  # one load per model at a time
         self._stop = threading.Event()
-        self._reaper = threading.Thread(target=self._reap, name="router-unload", daemon=True)
-        self._reaper.start()
+        self.reap_every = reap_every  # seconds between looks for idle models (None: only when unload_idle() is called)
+        if reap_every is not None:
+            threading.Thread(target=self._reap, name="router-unload", daemon=True).start()
 
     # -- the catalog ---------------------------------------------------------------------------------------
 
@@ -213,7 +214,7 @@ class Router:
         return [s.ref.served_name for s in done]
 
     def _reap(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(self.reap_every):
             self.unload_idle()
 
     def close(self) -> None:
@@ -253,7 +254,11 @@ class Router:
             if not name:
                 raise RouterError(400, "name the model: \"model\" (GET /v1/models lists them)",
                                   "missing_required_parameter")
+            keep_alive_seconds(keep_alive) if keep_alive is not None else None  # a bad one: 400 before loading
             slot = await asyncio.to_thread(self.get, name, keep_alive)
+        except OllamaError as e:
+            return await JSONResponse({"error": e.message} if ollama else error_body(e.message, param="keep_alive"),
+                                      status_code=e.status)(scope, receive, send)
         except RouterError as e:
             body = {"error": e.message} if ollama else error_body(e.message, "invalid_request_error" if e.status < 500
                                                                    else "server_error", "model", e.code)
