@@ -249,3 +249,56 @@ def test_07_serve_all_serves_every_install_at_one_port(models_dir):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lm-eval's local-completions: a benchmark scored through the API.
+
+
+def _loglikelihoods(results) -> list[float]:
+    return [float(r[0][0]) for s in results["samples"]["home_kjv_cloze"] for r in s["resps"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenized", [True, False])
+def test_lm_eval_local_completions_scores_as_lm_evals_hf_model(chat_url, name, tiny_chat_model_talkative,
+                                                               tokenized):
+    """lm-eval's `local-completions` (echo + logprobs + max_tokens 1, what it sends to score a continuation)
+    through our server gives each request the log-likelihood lm-eval's own `hf` model computes on the same folder
+    (within 1e-3), and so the same accuracy; with token-id prompts and with text prompts."""
+    import lm_eval
+
+    from lib.report.evaluate import _task_manager, task_configs
+
+    tasks, common = task_configs(["home_kjv_cloze"]), dict(limit=6, log_samples=True, task_manager=_task_manager(False))
+    folder = str(tiny_chat_model_talkative)
+    ours = lm_eval.simple_evaluate(
+        model="local-completions", tasks=tasks, **common,
+        model_args=f"base_url={chat_url}v1/completions,model={name},tokenizer={folder},tokenizer_backend=huggingface,"
+                   f"tokenized_requests={tokenized},num_concurrent=1,max_retries=1")
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32,device=cpu",
+                                     tasks=task_configs(["home_kjv_cloze"]), **common)
+    assert len(_loglikelihoods(ours)) == 6 * 4  # six items of four choices each, one request per choice
+    assert _loglikelihoods(ours) == pytest.approx(_loglikelihoods(theirs), abs=1e-3)
+    assert ours["results"]["home_kjv_cloze"]["acc,none"] == theirs["results"]["home_kjv_cloze"]["acc,none"]
+
+
+def test_completions_logprobs_in_openais_legacy_shape(chat_url, name):
+    import openai
+
+    client = openai.OpenAI(base_url=chat_url + "v1", api_key="unused", max_retries=0)
+    scored = client.completions.create(model=name, prompt="And God said", max_tokens=0, echo=True, logprobs=2)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == "And God said" and lp.token_logprobs[0] is None
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == scored.usage.prompt_tokens
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert "".join(lp.tokens) == "And God said" and lp.text_offset[0] == 0
+    greedy = client.completions.create(model=name, prompt="And God said", max_tokens=1, temperature=0, logprobs=1)
+    assert greedy.choices[0].text == client.completions.create(model=name, prompt="And God said", max_tokens=1,
+                                                               temperature=0).choices[0].text
+    assert greedy.choices[0].logprobs.token_logprobs[0] == pytest.approx(
+        max(greedy.choices[0].logprobs.top_logprobs[0].values()))
+    for body, param in [({"max_tokens": 5, "logprobs": 1}, "logprobs"), ({"max_tokens": 0}, "max_tokens"),
+                        ({"max_tokens": 1, "logprobs": 1, "temperature": 0.7}, "logprobs")]:
+        r = httpx.post(chat_url + "v1/completions", json={"model": name, "prompt": "Hi", **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

@@ -71,6 +71,28 @@ def test_greedy_output_is_identical_on_both_engines(both):
         assert (theirs - ref_logits).abs().max() < 0.05 * ref_logits.abs().max()  # f16 weights
 
 
+def test_prompt_scores_agree_on_both_engines_and_through_the_api(both):
+    """LoadedModel.score (what /v1/completions' echo + logprobs answers from) gives llama.cpp's log-probabilities
+    what the torch engine gives (f16 weights against fp32), top tokens included; through the API on llama.cpp too,
+    while replies are being generated beside it."""
+    torch_model, lcpp = both
+    ids = torch_model.tokenizer.encode("And God said, Let there be light: and there was light.")
+    (ta, tt), (la, lt) = torch_model.score(ids, 3), lcpp.model.score(ids, 3)
+    assert len(ta) == len(la) == len(ids) - 1 and len(tt) == len(lt) == len(ids)
+    assert max(abs(a - b) for a, b in zip(ta, la)) < 0.05
+    assert [t[0][0] for t in tt] == [t[0][0] for t in lt]  # the same most likely token at every position
+    engine = Engine(lcpp)
+    try:
+        with BackgroundServer(build_app(engine, ServeConfig(), ui=False)) as url:
+            busy = engine.submit(ids, SamplingParams(max_new_tokens=64, temperature=0.8, seed=1))
+            r = httpx.post(url + "v1/completions", timeout=60, json={
+                "model": lcpp.name, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1}).json()
+            assert r["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(la, abs=1e-4)
+            busy.cancel()
+    finally:
+        engine.close()
+
+
 def test_sampling_knobs_mean_the_same(both):
     _, lcpp = both
     ids = encode_chat(lcpp.tokenizer, [{"role": "user", "content": "Hello"}])

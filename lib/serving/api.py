@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lib.chat import ChatTemplateError, content_text, encode_chat
 from lib.config import ServeConfig
 from lib.serving.engine import Engine, EngineBusy, Metrics
+from lib.serving.llamacpp import NoFreeSequence
 from lib.serving.ollama import OllamaFace
 from lib.serving.text import ContextTooLong, sampling_params
 
@@ -152,9 +153,9 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Any
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for this endpoint; 0 with echo scores the prompt
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=20)
 
@@ -186,8 +187,9 @@ def _check_unsupported(body: _Sampling) -> None:
             raise _unsupported(name, "not supported (only 0); use repetition_penalty (e.g. 1.1) instead")
     if body.logit_bias:
         raise _unsupported("logit_bias", "not supported")
-    if body.logprobs:
-        raise _unsupported("logprobs", "log probabilities are not returned by this server")
+    if body.logprobs and isinstance(body, ChatCompletionRequest):
+        raise _unsupported("logprobs", "log probabilities of chat replies are not returned by this server yet; "
+                                       "/v1/completions returns them (echo: the prompt's)")
     if isinstance(body, ChatCompletionRequest):
         if body.top_logprobs:
             raise _unsupported("top_logprobs", "log probabilities are not returned by this server")
@@ -203,6 +205,17 @@ def _check_unsupported(body: _Sampling) -> None:
                 and body.max_tokens != body.max_completion_tokens:
             raise APIError(400, "max_tokens and max_completion_tokens differ; send one of them", param="max_tokens")
     else:
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 returns nothing without echo (echo with logprobs scores the prompt)",
+                           param="max_tokens", code="invalid_value")
+        if body.logprobs is not None:  # answered by scoring the prompt in one forward pass (_score)
+            if (body.max_tokens or 0) > 1:
+                raise _unsupported("logprobs", "log probabilities come with at most one new token (max_tokens 0 or "
+                                               "1: what scoring a text with echo needs)")
+            if body.max_tokens == 1 and (body.temperature or 0) > 0:
+                raise _unsupported("logprobs", "with a new token, only greedy (temperature 0)")
+            if body.stream:
+                raise _unsupported("stream", "log probabilities are not streamed")
         if body.suffix:
             raise _unsupported("suffix", "insertion (suffix) is not supported")
         if (body.best_of or 1) > 1:
@@ -566,6 +579,8 @@ class OpenAIServer:
             if start is None:
                 raise APIError(400, "prompt: must not be empty for this model", param="prompt", code="invalid_value")
             ids = [start]
+        if body.logprobs is not None or body.max_tokens == 0:
+            return await self._score(body, loaded, ids, prompt_text)
         params = self._params(body, body.max_tokens, len(ids), loaded, "prompt")
         handles = self._submit(ids, params, body.stop, loaded, body.n or 1)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", _now()
@@ -587,6 +602,48 @@ class OpenAIServer:
                              "finish_reason": _public_reason(h.finish_reason)} for i, h in enumerate(handles)],
                 "usage": _usage(handles)}
 
+    async def _score(self, body: CompletionRequest, loaded, ids: list[int], prompt_text: str) -> dict:
+        """A completion answered from one forward pass over the prompt: with echo, the prompt's tokens and their
+        log-probabilities (OpenAI's legacy shape: the first token has none); with max_tokens 1, the greedy next token
+        and its own. What lm-eval's local-completions sends to score a continuation (echo, logprobs, max_tokens
+        0 or 1)."""
+        if len(ids) + (body.max_tokens or 0) > loaded.context_length:
+            raise APIError(400, f"This model's maximum context length is {loaded.context_length} tokens; the prompt "
+                                f"is {len(ids)}", param="prompt", code="context_length_exceeded")
+        top = body.logprobs or 0
+        try:
+            logps, tops = await asyncio.wrap_future(self.engine.call(lambda m: m.score(ids, max(top, 1))))
+        except NoFreeSequence as e:
+            raise APIError(503, f"the server is busy: {e}", type="server_error", code="server_busy",
+                           headers={"Retry-After": "1"}) from None
+        tok = loaded.tokenizer
+        piece = lambda i: tok.decode([i])  # noqa: E731
+        tokens, token_logprobs, top_logprobs = [], [], []
+        if body.echo:
+            tokens = [piece(i) for i in ids]
+            token_logprobs = [None, *logps]
+            top_logprobs = [None, *({piece(i): v for i, v in t[:top]} for t in tops[:-1])]
+        text = prompt_text if body.echo else ""
+        if body.max_tokens:
+            new, value = tops[-1][0]
+            tokens.append(piece(new))
+            token_logprobs.append(value)
+            top_logprobs.append({piece(i): v for i, v in tops[-1][:top]})
+            text += piece(new)
+        offsets, at = [], 0
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        self.engine.metrics.inc("scored_tokens", len(ids))
+        done = body.max_tokens or 0
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": _now(),
+                "model": loaded.name,
+                "choices": [{"index": 0, "text": text, "finish_reason": "length",
+                             "logprobs": None if body.logprobs is None else {
+                                 "tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                                 "text_offset": offsets}}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done}}
+
     def _model_card(self) -> dict:
         loaded = self.engine.loaded
         return {"id": loaded.name, "object": "model", "created": int(self.engine.metrics.started),
@@ -596,7 +653,7 @@ class OpenAIServer:
         return {
             "model": self.engine.loaded.describe(),
             "capabilities": {"chat_completions": True, "completions": True, "streaming": True, "stop": True,
-                             "seed": True, "n": MAX_N, "logprobs": False, "tools": False, "images": False,
+                             "seed": True, "n": MAX_N, "logprobs": "completions (echo: the prompt's; greedy: one new token)", "tools": False, "images": False,
                              "extensions": ["top_k", "repetition_penalty"]},
             "defaults": {"max_tokens": self.serve.max_new_tokens, "temperature": self.serve.temperature,
                          "top_p": self.serve.top_p, "max_tokens_completions": 16},

@@ -28,6 +28,7 @@ sampling maths (lib.model.generate).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import queue
 import sys
@@ -169,6 +170,13 @@ class _Request:
 
 
 @dataclass
+class _Call:
+    """A function to run on the worker thread, between rounds (what needs the model's context to itself)."""
+    fn: Any
+    future: Any  # concurrent.futures.Future
+
+
+@dataclass
 class _Active:
     req: _Request
     tokens: Iterator[int]
@@ -242,6 +250,15 @@ class Engine:
         self.metrics.inc("generations_submitted")
         return handle
 
+    def call(self, fn) -> concurrent.futures.Future:
+        """Run fn(loaded model) on the worker thread, between two rounds of generation (llama.cpp's context is the
+        worker's alone); its result or exception comes through the Future."""
+        if self._closed:
+            raise EngineBusy("the server is shutting down")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(_Call(fn, future))
+        return future
+
     def generate_text(self, prompt_ids: list[int], params, stop: Sequence[str] = ()) -> tuple[str, Handle]:
         """Blocking convenience: the whole reply and its handle (finish_reason, usage)."""
         handle = self.submit(prompt_ids, params, stop)
@@ -287,6 +304,12 @@ class Engine:
                 return True
             if req is None:
                 return False
+            if isinstance(req, _Call):
+                try:
+                    req.future.set_result(req.fn(self._loaded))
+                except Exception as e:  # the caller's to report
+                    req.future.set_exception(e)
+                continue
             if req.handle.cancelled:
                 self.metrics.inc("generations_cancelled")
                 req.handle.finish_reason = "cancelled"

@@ -251,6 +251,40 @@ class LlamaCppModel:
             self._free.append(slot)
         return logps, greedy
 
+    def score(self, ids: list[int], top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """lib.serving.loading.LoadedModel.score through llama.cpp: logits at every position of one sequence."""
+        L, b = self.L, self.batch
+        ids = list(ids)
+        if len(ids) > self.n_ctx_seq:
+            raise ValueError(f"{len(ids)} tokens: more than the {self.n_ctx_seq} of a sequence's context")
+        if not self._free:
+            raise NoFreeSequence(f"all {len(self._live)} sequences of the context are generating replies")
+        slot = self._free.pop()
+        logps, tops = [], []
+        try:
+            for pos in range(0, len(ids), self.batch_size):
+                chunk = ids[pos:pos + self.batch_size]
+                for i, t in enumerate(chunk):
+                    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos + i, 1, 1
+                    b.seq_id[i][0] = slot
+                b.n_tokens = len(chunk)
+                if L.llama_decode(self.ctx, b) != 0:
+                    raise RuntimeError("llama_decode failed (KV cache full or bad batch)")
+                for i in range(len(chunk)):
+                    row = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+                    row = row.astype(np.float64)
+                    m = row.max()
+                    lp = row - m - np.log(np.exp(row - m).sum())
+                    if pos + i + 1 < len(ids):
+                        logps.append(float(lp[ids[pos + i + 1]]))
+                    best = np.argpartition(-lp, max(top, 1) - 1)[:max(top, 1)]
+                    best = best[np.argsort(-lp[best], kind="stable")]
+                    tops.append([(int(t), float(lp[t])) for t in best])
+        finally:
+            L.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            self._free.append(slot)
+        return logps, tops
+
     def tokenize(self, text: str, bos: bool) -> list[int]:
         """llama.cpp's tokenization of `text` (special tokens as plain text)."""
         L = self.L
@@ -258,6 +292,10 @@ class LlamaCppModel:
         buf = (L.llama_token * (len(raw) + 8))()
         n = L.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), bos, False)
         return list(buf[:n])
+
+
+class NoFreeSequence(RuntimeError):
+    """Every sequence of a context is in use (the engine's replies); scoring waits for one to end (HTTP 503)."""
 
 
 def load_gguf(L, path: Path):

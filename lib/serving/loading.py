@@ -56,6 +56,22 @@ class LoadedModel:
             return self.model.stream(prompt_ids, params)
         return stream(self.model, prompt_ids, params)  # HomeLLM (engine "torch") or TransformersLM
 
+    def score(self, ids: list[int], top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+        """What the prompt `ids` says of itself: log p(ids[i] | ids[:i]) for i >= 1, and at every position the `top`
+        most likely next tokens with their log-probabilities (the last position's: the token that would come next).
+        One forward pass over the whole prompt (llama.cpp: in batch-sized chunks); call it on the engine's thread."""
+        if self.engine == "llama.cpp":
+            return self.model.score(ids, top)
+        import torch
+
+        with torch.inference_mode():
+            x = torch.tensor([ids], device=self.device)
+            logits = self.model(x)[0] if self.engine == "torch" else self.model.hf(input_ids=x).logits
+            lp = torch.log_softmax(logits[0].float(), dim=-1)  # (T, vocab)
+            target = lp[:-1].gather(1, x[0, 1:, None])[:, 0]
+            values, indices = lp.topk(max(top, 1), dim=-1)
+        return target.tolist(), [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+
     @property
     def id(self) -> str:
         """What the page's model picker keys it by (ModelRef.id)."""
