@@ -71,28 +71,6 @@ def test_greedy_output_is_identical_on_both_engines(both):
         assert (theirs - ref_logits).abs().max() < 0.05 * ref_logits.abs().max()  # f16 weights
 
 
-def test_prompt_scores_agree_on_both_engines_and_through_the_api(both):
-    """LoadedModel.score (what /v1/completions' echo + logprobs answers from) gives llama.cpp's log-probabilities
-    what the torch engine gives (f16 weights against fp32), top tokens included; through the API on llama.cpp too,
-    while replies are being generated beside it."""
-    torch_model, lcpp = both
-    ids = torch_model.tokenizer.encode("And God said, Let there be light: and there was light.")
-    (ta, tt), (la, lt) = torch_model.score(ids, 3), lcpp.model.score(ids, 3)
-    assert len(ta) == len(la) == len(ids) - 1 and len(tt) == len(lt) == len(ids)
-    assert max(abs(a - b) for a, b in zip(ta, la)) < 0.05
-    assert [t[0][0] for t in tt] == [t[0][0] for t in lt]  # the same most likely token at every position
-    engine = Engine(lcpp)
-    try:
-        with BackgroundServer(build_app(engine, ServeConfig(), ui=False)) as url:
-            busy = engine.submit(ids, SamplingParams(max_new_tokens=64, temperature=0.8, seed=1))
-            r = httpx.post(url + "v1/completions", timeout=60, json={
-                "model": lcpp.name, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1}).json()
-            assert r["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(la, abs=1e-4)
-            busy.cancel()
-    finally:
-        engine.close()
-
-
 def test_sampling_knobs_mean_the_same(both):
     _, lcpp = both
     ids = encode_chat(lcpp.tokenizer, [{"role": "user", "content": "Hello"}])
@@ -221,3 +199,66 @@ def test_chat_context_decodes_without_flash_attention_and_the_check_counts_its_s
     scores = {n: llama_cpp_estimates(smol, {"q": 0}, n, 2, 0)["by_quant"]["q"]["attention_scores"] for n in (4096, 8192)}
     assert scores[4096] == 0  # up to here the scores fit in the logits' memory: the buffer does not grow
     assert 0.7 * grown <= scores[8192] - scores[4096] <= 1.3 * grown, (grown, scores)
+
+
+# after the batching test: these run replies on the same llama.cpp model, whose decode counters it reads
+def test_prompt_scores_agree_on_both_engines_and_through_the_api(both):
+    """LoadedModel.score (what /v1/completions' echo + logprobs answers from) gives llama.cpp's log-probabilities
+    what the torch engine gives (f16 weights against fp32), top tokens included; through the API on llama.cpp too,
+    while replies are being generated beside it."""
+    torch_model, lcpp = both
+    ids = torch_model.tokenizer.encode("And God said, Let there be light: and there was light.")
+    (ta, tt), (la, lt) = torch_model.score(ids, 3), lcpp.model.score(ids, 3)
+    assert len(ta) == len(la) == len(ids) - 1 and len(tt) == len(lt) == len(ids)
+    assert max(abs(a - b) for a, b in zip(ta, la)) < 0.05
+    assert [t[0][0] for t in tt] == [t[0][0] for t in lt]  # the same most likely token at every position
+    engine = Engine(lcpp)
+    try:
+        with BackgroundServer(build_app(engine, ServeConfig(), ui=False)) as url:
+            busy = engine.submit(ids, SamplingParams(max_new_tokens=64, temperature=0.8, seed=1))
+            r = httpx.post(url + "v1/completions", timeout=60, json={
+                "model": lcpp.name, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1}).json()
+            assert r["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(la, abs=1e-4)
+            busy.cancel()
+    finally:
+        engine.close()
+
+
+def test_json_schema_and_json_object_replies_follow_the_grammar(both):
+    """response_format (OpenAI) and format (Ollama) on the llama.cpp engine: even a random-weight model's replies
+    parse and are valid against the schema; a keyword the grammar cannot express is a 400 naming it, and so is a
+    schema for a model the torch engine serves."""
+    import jsonschema
+    import ollama
+
+    torch_model, lcpp = both
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"},
+                                               "score": {"type": "integer"}},
+              "required": ["answer", "sure", "score"], "additionalProperties": False}
+    engine, other = Engine(lcpp), Engine(torch_model)
+    try:
+        with BackgroundServer(build_app(engine, ServeConfig(), ui=False)) as url:
+            client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
+            ask = dict(model=lcpp.name, messages=[{"role": "user", "content": "Is the sky blue?"}], max_tokens=200)
+            for seed in range(3):
+                r = client.chat.completions.create(**ask, seed=seed, temperature=1.0, response_format={
+                    "type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}})
+                jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+            r = client.chat.completions.create(**ask, temperature=0, response_format={"type": "json_object"})
+            reply = r.choices[0].message.content  # an object at the top (random weights: it may run to max_tokens)
+            assert reply.startswith("{") and (r.choices[0].finish_reason == "length"
+                                              or isinstance(json.loads(reply), dict)), reply
+            said = ollama.Client(host=url.rstrip("/")).chat(model=lcpp.name, messages=ask["messages"], format=schema,
+                                                             options={"num_predict": 200, "seed": 4})
+            jsonschema.validate(json.loads(said.message.content), schema)
+            bad = {**schema, "properties": {**schema["properties"], "tags": {"type": "array", "uniqueItems": True}}}
+            with pytest.raises(openai.BadRequestError, match="properties.tags.uniqueItems"):
+                client.chat.completions.create(**ask, response_format={
+                    "type": "json_schema", "json_schema": {"name": "v", "schema": bad}})
+        with BackgroundServer(build_app(other, ServeConfig(), ui=False)) as url:
+            with pytest.raises(openai.BadRequestError, match="llama.cpp engine"):
+                openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0).chat.completions.create(
+                    model=torch_model.name, messages=ask["messages"], response_format={"type": "json_object"})
+    finally:
+        engine.close()
+        other.close()

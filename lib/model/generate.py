@@ -45,6 +45,9 @@ class SamplingParams:
     stop_strings: Sequence[str] = field(default_factory=list)
     # seed of the sampling generator (None = a fresh random seed)
     seed: Optional[int] = None
+    # a GBNF grammar the output must follow (lib.serving.constrain: JSON, a JSON schema); the llama.cpp engine's
+    # sampler applies it, this module's sampling does not (the API refuses it for models served here)
+    grammar: Optional[str] = None
 
     def __post_init__(self):
         problems = []

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lib.chat import ChatTemplateError, content_text, encode_chat
 from lib.config import ServeConfig
+from lib.serving.constrain import grammar_for
 from lib.serving.engine import Engine, EngineBusy, Metrics
 from lib.serving.llamacpp import NoFreeSequence
 from lib.serving.ollama import OllamaFace
@@ -199,8 +200,6 @@ def _check_unsupported(body: _Sampling) -> None:
         for name in ("tool_choice", "function_call"):
             if getattr(body, name) not in (None, "none"):
                 raise _unsupported(name, "tool / function calling is not supported by this model")
-        if body.response_format and body.response_format.get("type") != "text":
-            raise _unsupported("response_format", 'only {"type": "text"} is supported')
         if body.max_tokens is not None and body.max_completion_tokens is not None \
                 and body.max_tokens != body.max_completion_tokens:
             raise APIError(400, "max_tokens and max_completion_tokens differ; send one of them", param="max_tokens")
@@ -332,6 +331,20 @@ async def read_json_body(request: Request, model: type[BaseModel], limit: int) -
 
 def _now() -> int:
     return int(time.time())
+
+
+def _grammar(response_format: dict | None, loaded) -> str | None:
+    """The grammar `response_format` asks for (lib.serving.constrain), or a 400 naming what cannot be done."""
+    if response_format is None or response_format.get("type") == "text":
+        return None
+    if loaded.engine != "llama.cpp":
+        raise _unsupported("response_format", f"{response_format.get('type')}: constrained decoding runs on the "
+                                              f"llama.cpp engine (a model with a GGUF, on the CPU); this model is "
+                                              f"served by {loaded.engine}")
+    try:
+        return grammar_for(response_format)
+    except ValueError as e:
+        raise APIError(400, f"response_format: {e}", param="response_format", code="invalid_value") from None
 
 
 def _usage(handles: list) -> dict:
@@ -532,6 +545,9 @@ class OpenAIServer:
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
         params = self._params(body, body.max_tokens or body.max_completion_tokens, len(ids), loaded, "messages")
+        grammar = _grammar(body.response_format, loaded)
+        if grammar is not None:
+            params = replace(params, grammar=grammar)
         handles = self._submit(ids, params, body.stop, loaded, body.n or 1)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", _now()
 
@@ -653,7 +669,9 @@ class OpenAIServer:
         return {
             "model": self.engine.loaded.describe(),
             "capabilities": {"chat_completions": True, "completions": True, "streaming": True, "stop": True,
-                             "seed": True, "n": MAX_N, "logprobs": "completions (echo: the prompt's; greedy: one new token)", "tools": False, "images": False,
+                             "seed": True, "n": MAX_N, "logprobs": "completions (echo: the prompt's; greedy: one new token)", "tools": False,
+                             "response_format": ["text", "json_object", "json_schema"] if
+                             self.engine.loaded.engine == "llama.cpp" else ["text"], "images": False,
                              "extensions": ["top_k", "repetition_penalty"]},
             "defaults": {"max_tokens": self.serve.max_new_tokens, "temperature": self.serve.temperature,
                          "top_p": self.serve.top_p, "max_tokens_completions": 16},

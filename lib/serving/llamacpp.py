@@ -135,9 +135,17 @@ class LlamaCppModel:
     def _sampler(self, params, prompt: list[int]):
         L = self.L
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if getattr(params, "grammar", None):  # only tokens the grammar allows next (llama.cpp's grammar sampler)
+            grammar = L.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                L.llama_sampler_free(chain)
+                raise ValueError("llama.cpp could not parse the grammar")
+            L.llama_sampler_chain_add(chain, grammar)
         if params.repetition_penalty != 1.0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
-                self.n_vocab, -1, float(params.repetition_penalty), 0.0, 0.0))
+            penalties = L.llama_sampler_init_penalties(self.n_vocab, -1, float(params.repetition_penalty), 0.0, 0.0)
+            for t in prompt:  # the penalty covers the prompt, as lib.model.generate's does (the grammar never sees it)
+                L.llama_sampler_accept(penalties, t)
+            L.llama_sampler_chain_add(chain, penalties)
         if params.temperature == 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
         else:
@@ -148,9 +156,6 @@ class LlamaCppModel:
                 L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(float(params.top_p), 1))
             seed = params.seed if params.seed is not None else L.LLAMA_DEFAULT_SEED  # the default = random
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(int(seed) & 0xFFFFFFFF))
-        if params.repetition_penalty != 1.0:
-            for t in prompt:  # the penalty covers the prompt, as lib.model.generate's does
-                L.llama_sampler_accept(chain, t)
         return chain
 
     def _release(self, seq: _Seq) -> None:
@@ -200,9 +205,9 @@ class LlamaCppModel:
         self.rounds += 1
         self.round_sequences += len(fed)
         for s in fed:
-            token = L.llama_sampler_sample(s.sampler, self.ctx, s.logits_index)
-            L.llama_sampler_accept(s.sampler, token)
-            s.ready = int(token)
+            # llama_sampler_sample accepts the token into the chain itself (the penalties' history, the grammar's
+            # state): accepting it again would count it twice, and a grammar would reject the repeat
+            s.ready = int(L.llama_sampler_sample(s.sampler, self.ctx, s.logits_index))
 
     def logits_of_prompt(self, prompt_ids: list[int]) -> list[float]:
         """The next-token logits after `prompt_ids` (tests compare them with the torch path's)."""

@@ -54,6 +54,8 @@ class LoadedModel:
         """New token ids for a prompt (lib.model.generate.stream's contract), from whichever decoder serves this model."""
         if self.engine == "llama.cpp":
             return self.model.stream(prompt_ids, params)
+        if params.grammar:
+            raise ValueError(f"a grammar needs the llama.cpp engine; this model is served by {self.engine}")
         return stream(self.model, prompt_ids, params)  # HomeLLM (engine "torch") or TransformersLM
 
     def score(self, ids: list[int], top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:

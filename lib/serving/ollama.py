@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from lib.chat import ChatTemplateError, encode_chat
+from lib.serving.constrain import ollama_grammar
 from lib.serving.engine import EngineBusy
 from lib.serving.text import ContextTooLong, sampling_params
 
@@ -310,6 +312,9 @@ class OllamaFace:
     async def _reply(self, request: Request, body: dict, loaded, ids: list[int], chat: bool):
         options = body.get("options") or {}
         params, stop = self._params(options, loaded, len(ids))
+        grammar = _grammar(body, loaded)
+        if grammar is not None:
+            params = replace(params, grammar=grammar)
         engine = self.chat.engine
         t0 = time.perf_counter()
         try:
@@ -417,10 +422,21 @@ async def _encode(loaded, turns: list[dict]) -> list[int]:
 
 
 def _unsupported(body: dict) -> None:
-    for key, why in (("tools", "tool calling is not supported by this server yet"),
-                     ("format", "constrained output (format) is not supported by this server yet")):
-        if body.get(key):
-            raise OllamaError(400, f"{key}: {why}")
+    if body.get("tools"):
+        raise OllamaError(400, "tools: tool calling is not supported by this server yet")
+
+
+def _grammar(body: dict, loaded) -> str | None:
+    """The grammar Ollama's `format` asks for ("json" or a JSON schema; lib.serving.constrain), on llama.cpp."""
+    if body.get("format") in (None, ""):
+        return None
+    if loaded.engine != "llama.cpp":
+        raise OllamaError(400, f"format: constrained output runs on the llama.cpp engine (a model with a GGUF, on the "
+                               f"CPU); this model is served by {loaded.engine}")
+    try:
+        return ollama_grammar(body["format"])
+    except ValueError as e:
+        raise OllamaError(400, f"format: {e}") from None
 
 
 async def _json(request: Request, limit: int) -> dict:
