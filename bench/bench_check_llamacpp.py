@@ -26,8 +26,8 @@ TOLERANCE = 0.15
 
 def measure(gguf: Path) -> tuple[int, float]:
     """(peak RSS bytes, seconds) of answering one prompt with the llama.cpp engine, measured as the installer's
-    post-test measures (lib.install.scripts.run_measured: not counting this process's pages in the child's peak)."""
-    from lib.install.scripts import run_measured
+    post-test measures (lib.serving.process.run_measured: not counting this process's pages in the child's peak)."""
+    from lib.serving.process import run_measured
 
     cmd = [sys.executable, str(ROOT / "07_serve.py"), "--model", str(gguf), "--prompt", "What is the capital of France?",
            "--device", "cpu", "--seed", "0", "--set", "serve.max_new_tokens=16"]

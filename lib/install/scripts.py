@@ -8,12 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 import wave
 from pathlib import Path
 
@@ -22,6 +18,7 @@ import yaml
 
 from lib.config import ServeConfig, to_dict
 from lib.handlers import HANDLERS, POST_TEST_TEXT
+from lib.serving.process import MeasuredProcess, NotServing, free_port, wait_ready
 
 MAX_TEXT = 400  # of the post-test's answer kept in model_info.json (an embedding prints hundreds of numbers)
 
@@ -45,12 +42,6 @@ def spoken_wav(path: Path, text: str = POST_TEST_TEXT) -> tuple[Path, bool]:
     return silent_wav(path), False
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post_install_test(folder: Path, tokens: int, timeout: float = 900, kind: str = "chat") -> dict:
     """Serve the install the way the user's `./start.sh` does (its runtime copy of 07_serve, its environment, engine
     choice, chat template and page; nothing added but a free loopback port and, for the test, the CPU), wait for
@@ -71,7 +62,7 @@ def post_install_test(folder: Path, tokens: int, timeout: float = 900, kind: str
             if page.status_code != 200 or "<html" not in page.text.lower():
                 raise PostTestFailed(f"the page at / answered {page.status_code}: {page.text[:200]}")
             error = None
-        except (PostTestFailed, httpx.HTTPError) as e:
+        except (PostTestFailed, NotServing, httpx.HTTPError) as e:
             error = str(e) or type(e).__name__
         res = server.stop()
     log = res["stderr"]
@@ -85,20 +76,6 @@ def post_install_test(folder: Path, tokens: int, timeout: float = 900, kind: str
 
 class PostTestFailed(Exception):
     pass
-
-
-def wait_ready(server: MeasuredProcess, url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise PostTestFailed("./start.sh exited before it served")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise PostTestFailed(f"./start.sh did not answer /health within {timeout:.0f} s")
 
 
 def _ask(url: str, endpoint: str, request: dict, tokens: int, tmp: Path, timeout: float) -> str:
@@ -133,63 +110,6 @@ def _ask(url: str, endpoint: str, request: dict, tokens: int, tmp: Path, timeout
     if not part:
         raise PostTestFailed(f"POST {endpoint}: an empty answer: {r.text[:300]}")
     return json.dumps(part)
-
-
-# A small interpreter that runs the command and reports its peak RSS. A child forked straight from the installer
-# would count the installer's own pages in its peak (Linux keeps the pre-exec high-water mark of a forked copy:
-# 1.30 GB measured for a 0.87 GB server); forked from this launcher it starts from the launcher's few MB. It
-# outlives the SIGTERM that stops a server (a handler, which exec resets for the child), to report.
-_LAUNCHER = """import json, os, signal, subprocess, sys
-signal.signal(signal.SIGTERM, lambda *_: None)
-p = subprocess.Popen(sys.argv[2:])
-_, status, usage = os.wait4(p.pid, 0)
-open(sys.argv[1], "w").write(json.dumps({"rc": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss}))
-"""
-
-
-class MeasuredProcess:
-    """`cmd` started in a session of its own from the launcher above; stop() (or its end) gives {rc, stdout, stderr,
-    seconds, peak_rss_bytes} (rc None when it was killed)."""
-
-    def __init__(self, cmd: list[str], env: dict, cwd: Path):
-        self.t0 = time.time()
-        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        self.rep = tempfile.NamedTemporaryFile("r", suffix=".json")
-        self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, self.rep.name, *cmd], stdout=self.out,
-                                     stderr=self.err, text=True, env=env, cwd=cwd, start_new_session=True)
-
-    def wait(self, timeout: float | None = None) -> dict:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-            self.proc.wait()
-        self.out.seek(0)
-        self.err.seek(0)
-        report = json.loads(self.rep.read() or "{}")
-        res = {"rc": report.get("rc"), "stdout": self.out.read(), "stderr": self.err.read(),
-               "seconds": round(time.time() - self.t0, 2), "peak_rss_bytes": report.get("maxrss_kb", 0) * 1024}
-        for f in (self.out, self.err, self.rep):
-            f.close()
-        return res
-
-    def stop(self, grace: float = 30) -> dict:
-        """SIGTERM to the whole session (the server stops as on Ctrl+C), SIGKILL after `grace` seconds."""
-        if self.proc.poll() is None:
-            self._signal(signal.SIGTERM)
-        return self.wait(grace)
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def run_measured(cmd: list[str], env: dict, cwd: Path, timeout: float) -> dict:
-    """Run `cmd` to its end: {rc, stdout, stderr, seconds, peak_rss_bytes} (its own peak RSS; rc None when it timed
-    out)."""
-    return MeasuredProcess(cmd, env, cwd).wait(timeout)
 
 
 START_SH = """#!/bin/sh

@@ -37,10 +37,10 @@ from starlette.requests import Request as StarletteRequest
 
 from lib.config import ServeConfig
 from lib.errors import UserError
-from lib.install.scripts import MeasuredProcess, PostTestFailed, free_port, wait_ready
 from lib.serving.api import API_ROUTES, APIError, StatusCounter, check_bearer, error_body, install_error_handlers
 from lib.serving.engine import Metrics
 from lib.serving.ollama import VERSION, OllamaError, OllamaRoot, keep_alive_seconds
+from lib.serving.process import MeasuredProcess, NotServing, free_port, wait_ready
 from lib.serving.resolve import ModelRef, installed_models
 from lib.serving.server import LOOPBACK_HOSTS
 
@@ -77,13 +77,11 @@ def need_bytes(info: dict) -> int:
 class Slot:
     """A running model: its install's server (a process of its own) and the name it answers to."""
     ref: ModelRef
-    kind: str
     proc: MeasuredProcess
     url: str
     name: str  # what the model's own server calls it ("model" in the requests it is handed)
     need: int
     keep_alive: float | None  # seconds after the last request; None: until the server stops
-    loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0
 
@@ -102,8 +100,7 @@ class Router:
         self.available, self.clock = available, clock
         self.metrics = Metrics()
         self.slots: dict[str, Slot] = {}
-        self.env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
-        self.env.pop("PYTHON", None)  # each install's start.sh picks its own environment
+        self.env = {k: v for k, v in os.environ.items() if k != "PYTHON"}  # each install's start.sh picks its own environment
         self.start_timeout = 600.0
         self._client: httpx.AsyncClient | None = None
         self._lock = threading.Lock()  # slots and memory decisions
@@ -145,7 +142,7 @@ class Router:
             if slot is None:
                 slot = self._load(ref)
             with self._lock:
-                slot.active += 1  # the caller's request, until it calls done()
+                slot.active += 1  # the caller's request, until _dispatch has answered it
                 slot.last_used = self.clock()
                 if keep_alive is not None:
                     slot.keep_alive = keep_alive_seconds(keep_alive)
@@ -165,12 +162,12 @@ class Router:
         try:
             wait_ready(proc, url, self.start_timeout)
             name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        except (PostTestFailed, httpx.HTTPError, KeyError, IndexError) as e:
+        except (NotServing, httpx.HTTPError, KeyError, IndexError) as e:
             res = proc.stop()
             tail = " | ".join([line for line in res["stderr"].splitlines() if line.strip()][-3:])
             raise RouterError(500, f"'{ref.served_name}' did not start: {e}" + (f" ({tail})" if tail else ""),
                               "model_failed_to_start") from None
-        slot = Slot(ref, kind, proc, url, name, need, self.keep_alive)
+        slot = Slot(ref, proc, url, name, need, self.keep_alive)
         with self._lock:
             self.slots[ref.served_name] = slot
         self.metrics.inc("models_loaded")
