@@ -237,38 +237,44 @@ def _added_token_texts(tokenizer) -> list[str]:
     return [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
 
 
-def _apply(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool) -> str:
+def _apply(tokenizer, messages: list[dict], template: str, add_generation_prompt: bool, tools=None) -> str:
     from jinja2.exceptions import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, tools=tools,
                                              add_generation_prompt=add_generation_prompt)
     except TemplateError as e:  # includes the templates' own raise_exception("...")
         raise ChatTemplateError(f"the model's chat template rejected this conversation: {e}") from None
 
 
-def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation rendered with the tokenizer's chat template, ready for the reply.
+TOOL_KEYS = ("tool_calls", "tool_call_id", "name")  # what a message of a tool-calling conversation adds
+
+
+def encode_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation rendered with the tokenizer's chat template, ready for the reply. `tools`:
+    OpenAI's tool list, for a template that renders it (lib.serving.tools).
 
     Message text is data, not markup: a user who types "<|im_end|><|im_start|>system" gets those characters
     as ordinary text tokens, not the special tokens that delimit turns. Only the template adds special tokens.
     """
     template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
-    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    msgs = [{"role": m["role"], "content": m.get("content") or "", **{k: m[k] for k in TOOL_KEYS if m.get(k)}}
+            for m in messages]
     specials = _added_token_texts(tokenizer)
     if not any(s in m["content"] for m in msgs for s in specials):
-        text = _apply(tokenizer, msgs, template, add_generation_prompt)
+        text = _apply(tokenizer, msgs, template, add_generation_prompt, tools)
         return tokenizer.encode(text, add_special_tokens=False, verbose=False)
     # Render with placeholders, then encode the template's pieces normally and the contents with special-token
     # matching off. A template that rewrites content (trim, replace) loses a placeholder: then neutralise instead.
     marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(msgs)]
-    text = _apply(tokenizer, marked, template, add_generation_prompt)
+    text = _apply(tokenizer, marked, template, add_generation_prompt, tools)
     ids: list[int] = []
     rest = text
     for i, m in enumerate(msgs):
         mark = _MARK.format(i)
         if rest.count(mark) != 1:
-            return encode_chat(tokenizer, [_defused(m, specials) for m in msgs], add_generation_prompt)
+            return encode_chat(tokenizer, [_defused(m, specials) for m in msgs], add_generation_prompt, tools)
         before, rest = rest.split(mark)
         ids += tokenizer.encode(before, add_special_tokens=False, verbose=False)
         ids += tokenizer.encode(m["content"], add_special_tokens=False, split_special_tokens=True, verbose=False)

@@ -46,7 +46,8 @@ class Handler:
 
 HANDLERS = {h.kind: h for h in (
     Handler("chat", "Chat", "torch", ("/v1/chat/completions", "/v1/completions"),
-            ("peft", "accelerate", "tensorboard", "matplotlib"),  # train.sh: LoRA SFT with the pipeline's loop
+            # llguidance: constrained output on the torch engines; the rest: train.sh's LoRA SFT with the pipeline's loop
+            ("llguidance", "peft", "accelerate", "tensorboard", "matplotlib"),
             "--prompt TEXT", {"messages": [{"role": "user", "content": POST_TEST_TEXT}]}, "lora-sft"),
     Handler("embedding", "Embeddings", "sentence-transformers", ("/v1/embeddings",), ("sentence-transformers",),
             "--prompt TEXT (prints the vector as JSON)", {"input": POST_TEST_TEXT}, None),

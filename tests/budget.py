@@ -26,7 +26,7 @@ AREAS: dict[str, tuple[int, tuple[str, ...]]] = {
     "export, check": (50, ("test_export.py", "test_check.py", "test_quantize.py")),
     "install": (330, ("test_install.py", "test_architectures.py", "test_handlers.py", "test_finetune.py")),
     "serving": (65, ("test_serve_api.py", "test_serve_llamacpp.py", "test_chat.py", "test_chat_cli.py",
-                      "test_resolve.py")),
+                      "test_resolve.py", "test_tools.py")),
     "studio, browser": (175, ("test_studio.py", "test_serve_ui.py")),
     "report, eval, bundle": (125, ("test_report.py", "test_evaluate.py")),
     # the areas the open issues add; each starts at nothing and takes its share when its tests land (training and

@@ -2,6 +2,8 @@
 beside OpenAI's on the same port, for a chat model (the tiny talkative HomeLLM) and an embedding model (real
 all-MiniLM-L6-v2, compared with what /v1/embeddings answers)."""
 
+import json
+
 import httpx
 import numpy as np
 import ollama
@@ -71,7 +73,7 @@ def test_ollama_errors_are_ollamas_shape(chat_url, name):
         client.chat(model="llama3.2", messages=[{"role": "user", "content": "Hi"}])
     assert e.value.status_code == 404 and "not found" in e.value.error
     for body, words in [({"options": {"mirostat": 2}}, "mirostat"), ({"options": {"warp": 1}}, "unknown option"),
-                        ({"format": "json"}, "format"), ({"keep_alive": "soon"}, "keep_alive"),
+                        ({"format": "xml"}, "format"), ({"keep_alive": "soon"}, "keep_alive"),
                         ({"messages": [{"role": "robot", "content": "x"}]}, "role")]:
         r = httpx.post(chat_url + "api/chat", timeout=30,
                        json={"model": name, "messages": [{"role": "user", "content": "Hi"}], **body})
@@ -110,6 +112,12 @@ def test_ollama_embed_equals_the_openai_embeddings():
         legacy = client.embeddings(model=model.id, prompt=texts[0])
         assert np.allclose(legacy.embedding, ours[0]["embedding"], atol=1e-6)
         assert client.show(model.id).capabilities == ["embedding"]
+        from langchain_openai import OpenAIEmbeddings  # LangChain's (check_embedding_ctx_length: tiktoken's download)
+
+        lc = OpenAIEmbeddings(base_url=url + "v1", api_key="unused", model=model.id, check_embedding_ctx_length=False,
+                              max_retries=0)
+        assert np.allclose(lc.embed_documents(texts), [d["embedding"] for d in ours], atol=1e-6)
+        assert np.allclose(lc.embed_query(texts[1]), ours[1]["embedding"], atol=1e-6)
         with pytest.raises(ollama.ResponseError, match="does not support generate"):
             client.generate(model=model.id, prompt="Hi")
 
@@ -302,3 +310,97 @@ def test_completions_logprobs_in_openais_legacy_shape(chat_url, name):
                         ({"max_tokens": 1, "logprobs": 1, "temperature": 0.7}, "logprobs")]:
         r = httpx.post(chat_url + "v1/completions", json={"model": name, "prompt": "Hi", **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tools and structured output through the openai client and LangChain (lib/serving/tools.py, constrain.py), on the
+# torch engine: llguidance holds even a random-weight model's reply to the tool's schema.
+
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                   "unit": {"enum": ["c", "f"]}},
+                  "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now",
+                                           "parameters": WEATHER_SCHEMA}},
+         {"type": "function", "function": {"name": "what_time", "parameters": {"type": "object", "properties": {}}}}]
+
+
+def test_tool_calls_through_the_openai_client(chat_url, name):
+    import jsonschema
+    import openai
+
+    client = openai.OpenAI(base_url=chat_url + "v1", api_key="unused", max_retries=0, timeout=120)
+    asked = [{"role": "user", "content": "What is the weather in Paris?"}]
+    ask = dict(model=name, messages=asked, tools=TOOLS, max_tokens=80, temperature=0.8, seed=42)
+    r = client.chat.completions.create(**ask, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_SCHEMA)
+    required = client.chat.completions.create(**ask, tool_choice="required").choices[0].message.tool_calls
+    assert required and required[0].function.name in ("get_weather", "what_time")
+
+    # streamed: the call arrives as deltas (id and name, then the arguments) that add up to the same call
+    parts, finish = {}, None
+    for chunk in client.chat.completions.create(**ask, tool_choice="required", stream=True):
+        for d in chunk.choices[0].delta.tool_calls or []:
+            got = parts.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+            got["id"] = got["id"] or d.id
+            got["name"] += d.function.name or ""
+            got["arguments"] += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and parts[0]["name"] == required[0].function.name
+    assert parts[0]["arguments"] == required[0].function.arguments  # seeded: the same call
+
+    # the round trip: the call and its result go back, and the model answers in text
+    result = [*asked, choice.message.model_dump(exclude_none=True),
+              {"role": "tool", "tool_call_id": call.id, "content": "22 C, sunny"}]
+    answer = client.chat.completions.create(**{**ask, "messages": result}, tool_choice="none").choices[0]
+    assert answer.finish_reason in ("stop", "length") and answer.message.content and not answer.message.tool_calls
+    auto = client.chat.completions.create(**ask).choices[0].message  # auto: a call, or an answer that is not JSON
+    assert auto.tool_calls or not auto.content.lstrip().startswith('{"response"')
+
+    bad = [({"tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice"),
+           ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+           ({"messages": [*asked, {"role": "tool", "content": "x"}]}, "messages.1"),
+           ({"response_format": {"type": "json_object"}, "tool_choice": "required"}, "response_format")]
+    for body, param in bad:
+        r = httpx.post(chat_url + "v1/chat/completions", json={"model": name, "messages": asked, "tools": TOOLS,
+                                                                "max_tokens": 4, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+
+def test_langchain_invoke_stream_batch_structured_output_and_tools(chat_url, name):
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    llm = ChatOpenAI(base_url=chat_url + "v1", api_key="unused", model=name, max_tokens=12, temperature=0.8,
+                     seed=42, max_retries=0, timeout=120)
+    said = llm.invoke("Hello there")
+    assert said.content and said.response_metadata["finish_reason"] in ("stop", "length")
+    assert "".join(c.content for c in llm.stream("Hello there")) == said.content  # seeded: the same reply
+    assert [m.content for m in llm.batch(["Hello there", "Hello there"])] == [said.content] * 2
+
+    class Verdict(BaseModel):
+        """Whether the sky is blue."""
+        answer: str = Field(pattern="^(yes|no)$")
+        sure: bool
+
+    roomy = llm.model_copy(update={"max_tokens": 60})
+    verdict = roomy.with_structured_output(Verdict).invoke("Is the sky blue?")
+    assert isinstance(verdict, Verdict) and verdict.answer in ("yes", "no")
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city now."""
+        return f"22 C and sunny in {city}"
+
+    with_tools = roomy.bind_tools([get_weather], tool_choice="get_weather")
+    asked = [HumanMessage("What is the weather in Paris?")]
+    called = with_tools.invoke(asked)
+    (call,) = called.tool_calls
+    assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
+    answer = llm.invoke([*asked, called, ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"])])
+    assert answer.content and not answer.tool_calls

@@ -309,8 +309,10 @@ ERROR_CASES = [
      "invalid_value", "temperature"),
     ("top_p above 1", "POST", "chat/completions", lambda m: {"json": _chat(m, top_p=1.5)}, 400, "invalid_value", "top_p"),
     ("n above 8", "POST", "chat/completions", lambda m: {"json": _chat(m, n=9)}, 400, "unsupported_parameter", "n"),
-    ("tools", "POST", "chat/completions", lambda m: {"json": _chat(m, tools=[{"type": "function"}])}, 400,
-     "unsupported_parameter", "tools"),
+    ("a tool without its function", "POST", "chat/completions", lambda m: {"json": _chat(m, tools=[{"type": "function"}])},
+     400, "invalid_value", "tools[0]"),
+    ("the deprecated functions", "POST", "chat/completions", lambda m: {"json": _chat(m, functions=[{"name": "f"}])},
+     400, "unsupported_parameter", "functions"),
     ("five stop sequences", "POST", "chat/completions", lambda m: {"json": _chat(m, stop=list("abcde"))}, 400,
      "invalid_value", "stop"),
     ("misspelt parameter", "POST", "chat/completions", lambda m: {"json": _chat(m, max_token=5)}, 400,
@@ -405,7 +407,7 @@ def test_models_info_and_metrics(url, client, mid):
     assert client.models.retrieve(mid).id == mid
     info = httpx.get(url + "info").json()
     assert info["model"]["id"] == mid and info["model"]["context_length"] == 1024
-    assert info["capabilities"]["streaming"] and not info["capabilities"]["tools"] and info["auth"] == "none"
+    assert info["capabilities"]["streaming"] and info["capabilities"]["tools"] == "generic" and info["auth"] == "none"
     httpx.post(url + "v1/chat/completions", json={"model": mid})  # one more 4xx
     metrics = httpx.get(url + "metrics").json()
     counters = metrics["counters"]

@@ -225,9 +225,9 @@ def test_prompt_scores_agree_on_both_engines_and_through_the_api(both):
 
 
 def test_json_schema_and_json_object_replies_follow_the_grammar(both):
-    """response_format (OpenAI) and format (Ollama) on the llama.cpp engine: even a random-weight model's replies
-    parse and are valid against the schema; a keyword the grammar cannot express is a 400 naming it, and so is a
-    schema for a model the torch engine serves."""
+    """response_format (OpenAI) and format (Ollama) on both engines (llama.cpp's grammar sampler; llguidance's mask
+    for torch): even a random-weight model's replies parse and are valid against the schema; a keyword the grammar
+    cannot express is a 400 naming it."""
     import jsonschema
     import ollama
 
@@ -237,28 +237,26 @@ def test_json_schema_and_json_object_replies_follow_the_grammar(both):
               "required": ["answer", "sure", "score"], "additionalProperties": False}
     engine, other = Engine(lcpp), Engine(torch_model)
     try:
-        with BackgroundServer(build_app(engine, ServeConfig(), ui=False)) as url:
-            client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
-            ask = dict(model=lcpp.name, messages=[{"role": "user", "content": "Is the sky blue?"}], max_tokens=200)
-            for seed in range(3):
-                r = client.chat.completions.create(**ask, seed=seed, temperature=1.0, response_format={
-                    "type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}})
-                jsonschema.validate(json.loads(r.choices[0].message.content), schema)
-            r = client.chat.completions.create(**ask, temperature=0, response_format={"type": "json_object"})
-            reply = r.choices[0].message.content  # an object at the top (random weights: it may run to max_tokens)
-            assert reply.startswith("{") and (r.choices[0].finish_reason == "length"
-                                              or isinstance(json.loads(reply), dict)), reply
-            said = ollama.Client(host=url.rstrip("/")).chat(model=lcpp.name, messages=ask["messages"], format=schema,
-                                                             options={"num_predict": 200, "seed": 4})
-            jsonschema.validate(json.loads(said.message.content), schema)
-            bad = {**schema, "properties": {**schema["properties"], "tags": {"type": "array", "uniqueItems": True}}}
-            with pytest.raises(openai.BadRequestError, match="properties.tags.uniqueItems"):
-                client.chat.completions.create(**ask, response_format={
-                    "type": "json_schema", "json_schema": {"name": "v", "schema": bad}})
-        with BackgroundServer(build_app(other, ServeConfig(), ui=False)) as url:
-            with pytest.raises(openai.BadRequestError, match="llama.cpp engine"):
-                openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0).chat.completions.create(
-                    model=torch_model.name, messages=ask["messages"], response_format={"type": "json_object"})
+        for served, seeds in ((lcpp, range(3)), (torch_model, range(2))):
+            with BackgroundServer(build_app(engine if served is lcpp else other,
+                                            ServeConfig(), ui=False)) as url:
+                client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
+                ask = dict(model=served.name, messages=[{"role": "user", "content": "Is the sky blue?"}], max_tokens=200)
+                for seed in seeds:
+                    r = client.chat.completions.create(**ask, seed=seed, temperature=1.0, response_format={
+                        "type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}})
+                    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+                r = client.chat.completions.create(**ask, temperature=0, response_format={"type": "json_object"})
+                reply = r.choices[0].message.content  # an object at the top (random weights: it may run to max_tokens)
+                assert reply.startswith("{") and (r.choices[0].finish_reason == "length"
+                                                  or isinstance(json.loads(reply), dict)), reply
+                said = ollama.Client(host=url.rstrip("/")).chat(model=served.name, messages=ask["messages"],
+                                                                 format=schema, options={"num_predict": 200, "seed": 4})
+                jsonschema.validate(json.loads(said.message.content), schema)
+                bad = {**schema, "properties": {**schema["properties"], "tags": {"type": "array", "uniqueItems": True}}}
+                with pytest.raises(openai.BadRequestError, match="properties.tags.uniqueItems"):
+                    client.chat.completions.create(**ask, response_format={
+                        "type": "json_schema", "json_schema": {"name": "v", "schema": bad}})
     finally:
         engine.close()
         other.close()

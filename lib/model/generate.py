@@ -46,7 +46,7 @@ class SamplingParams:
     # seed of the sampling generator (None = a fresh random seed)
     seed: Optional[int] = None
     # a GBNF grammar the output must follow (lib.serving.constrain: JSON, a JSON schema); the llama.cpp engine's
-    # sampler applies it, this module's sampling does not (the API refuses it for models served here)
+    # sampler applies it, and `stream` through the `constraint` lib.serving.loading builds from it
     grammar: Optional[str] = None
 
     def __post_init__(self):
@@ -137,11 +137,13 @@ def decoder_of(model) -> tuple[int, int, torch.device, Callable[[int], Callable]
 
 @torch.inference_mode()
 def stream(model, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
-           decode: Optional[Callable[[list[int]], str]] = None) -> Iterator[int]:
+           decode: Optional[Callable[[list[int]], str]] = None, constraint=None) -> Iterator[int]:
     """Yield new token ids one at a time: one prefill pass over the prompt, then one cached step per token.
 
     Stops at max_new_tokens, a stop token id, a stop string (checked on `decode(new_ids)`), or the model's context:
-    a prompt longer than the context keeps its last context - 1 tokens. `model`: see decoder_of.
+    a prompt longer than the context keeps its last context - 1 tokens. `model`: see decoder_of. `constraint`
+    (lib.serving.constrain.GrammarMask): `apply(logits)` masks what may not come next (None: nothing may, the
+    output ends), `accept(token)` follows the sampled token.
     """
     params = params or SamplingParams()
     if params.stop_strings and decode is None:
@@ -174,9 +176,16 @@ def stream(model, prompt_ids: Sequence[int], params: Optional[SamplingParams] = 
         out: list[int] = []
         emitted = 0  # out[emitted:] is held back: it may be the beginning of a stop string
         for step in range(max_new):
-            token = sample_next(logits.float(), params, generator, seen)
+            logits = logits.float()
+            if constraint is not None:
+                logits = constraint.apply(logits)
+                if logits is None:
+                    break
+            token = sample_next(logits, params, generator, seen)
             if token in stop_ids:
                 return
+            if constraint is not None:
+                constraint.accept(token)
             out.append(token)
             maybe_stop = False
             if params.stop_strings:

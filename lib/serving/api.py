@@ -28,7 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lib.chat import ChatTemplateError, content_text, encode_chat
@@ -38,6 +38,7 @@ from lib.serving.engine import Engine, EngineBusy, Metrics
 from lib.serving.llamacpp import NoFreeSequence
 from lib.serving.ollama import OllamaFace
 from lib.serving.text import ContextTooLong, sampling_params
+from lib.serving.tools import ToolError, ToolPlan, as_text_messages, template_knows_tools
 
 # After deciding on 413, the rest of an oversized body is read and dropped (never stored) so that the client, still
 # sending, gets to read the answer instead of a reset connection; past this many times the limit we hang up.
@@ -81,20 +82,44 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class FunctionCall(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=1_000_000)  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Any
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = Field(None, max_length=256)  # the call a "tool" message answers
+    refusal: str | None = None  # echoed back by some clients on assistant messages; nothing to render
 
     @field_validator("content", mode="before")
     @classmethod
     def _text_only(cls, v):
         """A string, or a list of {"type": "text", "text": ...} parts (joined); no images or audio."""
+        if v is None:
+            return None
         try:
             return content_text(v, strict=True)
         except ValueError:
             raise ValueError('expected a string or a list of {"type": "text", "text": "..."} parts '
                              '(this model reads text only)') from None
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may leave it out)")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
 
 
 def _check_stop(v):
@@ -194,12 +219,12 @@ def _check_unsupported(body: _Sampling) -> None:
     if isinstance(body, ChatCompletionRequest):
         if body.top_logprobs:
             raise _unsupported("top_logprobs", "log probabilities are not returned by this server")
-        for name in ("tools", "functions"):
-            if getattr(body, name):
-                raise _unsupported(name, "tool / function calling is not supported by this model")
-        for name in ("tool_choice", "function_call"):
-            if getattr(body, name) not in (None, "none"):
-                raise _unsupported(name, "tool / function calling is not supported by this model")
+        if body.functions or body.function_call not in (None, "none"):
+            raise _unsupported("functions" if body.functions else "function_call",
+                               "the deprecated functions API is not supported; send tools and tool_choice")
+        if body.tools and body.response_format and body.response_format.get("type") != "text" \
+                and body.tool_choice not in (None, "none"):
+            raise _unsupported("response_format", "with tools, the reply's form is the tool call's; send one of them")
         if body.max_tokens is not None and body.max_completion_tokens is not None \
                 and body.max_tokens != body.max_completion_tokens:
             raise APIError(400, "max_tokens and max_completion_tokens differ; send one of them", param="max_tokens")
@@ -333,14 +358,10 @@ def _now() -> int:
     return int(time.time())
 
 
-def _grammar(response_format: dict | None, loaded) -> str | None:
+def _grammar(response_format: dict | None) -> str | None:
     """The grammar `response_format` asks for (lib.serving.constrain), or a 400 naming what cannot be done."""
     if response_format is None or response_format.get("type") == "text":
         return None
-    if loaded.engine != "llama.cpp":
-        raise _unsupported("response_format", f"{response_format.get('type')}: constrained decoding runs on the "
-                                              f"llama.cpp engine (a model with a GGUF, on the CPU); this model is "
-                                              f"served by {loaded.engine}")
     try:
         return grammar_for(response_format)
     except ValueError as e:
@@ -497,9 +518,10 @@ class OpenAIServer:
                 if h.finish_reason is None:
                     h.cancel()
 
-    def _stream(self, handles: list, make_chunk, first: dict | None, include_usage: bool, usage_chunk):
+    def _stream(self, handles: list, make_chunk, first: dict | None, include_usage: bool, usage_chunk, held=None):
         """Server-sent events: make_chunk(choice index, piece, finish_reason) for each piece of each choice as it
-        comes, `first` (the role, an echoed prompt) opening every choice, usage last when asked, then [DONE]."""
+        comes, `first` (the role, an echoed prompt) opening every choice, usage last when asked, then [DONE].
+        held(handle) -> (deltas, finish_reason): a choice's pieces are sent only once it is finished, as these."""
         async def events():
             # Starlette cancels this generator when the client disconnects; `finally` then stops the generations.
             try:
@@ -507,8 +529,13 @@ class OpenAIServer:
                     for i in range(len(handles)):
                         yield _sse(make_chunk(i, first, None))
                 async for i, kind, value in _merged(handles):
-                    if kind == "text":
+                    if kind == "text" and held is None:
                         yield _sse(make_chunk(i, value, None))
+                    elif kind == "done" and held is not None:
+                        deltas, reason = held(handles[i])
+                        for delta in deltas:
+                            yield _sse(make_chunk(i, delta, None))
+                        yield _sse(make_chunk(i, None, reason))
                     elif kind == "done":
                         yield _sse(make_chunk(i, None, value))
                     elif kind == "error":
@@ -532,8 +559,14 @@ class OpenAIServer:
         _check_unsupported(body)
         loaded = self._check_model(body.model)
         self.engine.metrics.inc("requests_chat")
+        try:
+            plan = ToolPlan.make(body.tools, body.tool_choice, loaded.tokenizer)
+        except ToolError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from None
         # "developer" is the newer name of "system"; chat templates know only the latter.
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+        messages = [{**m.model_dump(exclude_none=True, exclude={"refusal"}),
+                     "role": "system" if m.role == "developer" else m.role} for m in body.messages]
+        messages, tools = plan.conversation(messages) if plan else (as_text_messages(messages), None)
         n_chars = sum(len(m["content"]) for m in messages)
         if loaded.surely_too_long(n_chars):
             raise APIError(400, f"This model's maximum context length is {loaded.context_length} tokens; the messages "
@@ -541,15 +574,21 @@ class OpenAIServer:
                            code="context_length_exceeded")
         try:
             # Tokenizing a long conversation takes a while: off the event loop, which keeps serving meanwhile.
-            ids = await run_in_threadpool(encode_chat, loaded.tokenizer, messages)
+            ids = await run_in_threadpool(encode_chat, loaded.tokenizer, messages, True, tools)
         except ChatTemplateError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value") from None
         params = self._params(body, body.max_tokens or body.max_completion_tokens, len(ids), loaded, "messages")
-        grammar = _grammar(body.response_format, loaded)
+        grammar = plan.grammar if plan else _grammar(body.response_format)
         if grammar is not None:
             params = replace(params, grammar=grammar)
         handles = self._submit(ids, params, body.stop, loaded, body.n or 1)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", _now()
+
+        def message(h) -> tuple[dict, str | None]:
+            """A finished choice's message and finish reason (its tool calls parsed out of the text)."""
+            content, calls = plan.parse(h.text) if plan else (h.text, [])
+            reason = "tool_calls" if calls else _public_reason(h.finish_reason)
+            return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}, reason
 
         if body.stream:
             def chunk(i, piece, finish):
@@ -558,16 +597,31 @@ class OpenAIServer:
                         "choices": [{"index": i, "delta": delta, "logprobs": None,
                                      "finish_reason": _public_reason(finish)}]}
 
+            def held(h) -> tuple[list[dict], str | None]:
+                """With tools, a choice is sent once finished: its text, or its calls as OpenAI's deltas (the
+                call's id and name, then its arguments)."""
+                said, reason = message(h)
+                if "tool_calls" not in said:
+                    return ([{"content": said["content"]}] if said["content"] else []), reason
+                deltas = [{"content": said["content"]}] if said["content"] else []
+                for k, c in enumerate(said["tool_calls"]):
+                    deltas.append({"tool_calls": [{"index": k, "id": c["id"], "type": "function",
+                                                   "function": {"name": c["function"]["name"], "arguments": ""}}]})
+                    deltas.append({"tool_calls": [{"index": k, "function": {"arguments": c["function"]["arguments"]}}]})
+                return deltas, reason
+
             usage = lambda: {"id": cid, "object": "chat.completion.chunk", "created": created,  # noqa: E731
                              "model": loaded.name, "choices": [], "usage": _usage(handles)}
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return self._stream(handles, chunk, {"role": "assistant", "content": ""}, include, usage)
+            return self._stream(handles, chunk, {"role": "assistant", "content": ""}, include, usage,
+                                held=held if plan else None)
         await self._collect(request, handles)
+        choices = []
+        for i, h in enumerate(handles):
+            said, reason = message(h)
+            choices.append({"index": i, "message": said, "logprobs": None, "finish_reason": reason})
         return {"id": cid, "object": "chat.completion", "created": created, "model": loaded.name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": h.text},
-                             "logprobs": None, "finish_reason": _public_reason(h.finish_reason)}
-                            for i, h in enumerate(handles)],
-                "usage": _usage(handles)}
+                "choices": choices, "usage": _usage(handles)}
 
     async def completions(self, request: Request):
         body: CompletionRequest = await read_json_body(request, CompletionRequest, self.max_body)
@@ -669,9 +723,9 @@ class OpenAIServer:
         return {
             "model": self.engine.loaded.describe(),
             "capabilities": {"chat_completions": True, "completions": True, "streaming": True, "stop": True,
-                             "seed": True, "n": MAX_N, "logprobs": "completions (echo: the prompt's; greedy: one new token)", "tools": False,
-                             "response_format": ["text", "json_object", "json_schema"] if
-                             self.engine.loaded.engine == "llama.cpp" else ["text"], "images": False,
+                             "seed": True, "n": MAX_N, "logprobs": "completions (echo: the prompt's; greedy: one new token)",
+                             "tools": "native" if template_knows_tools(self.engine.loaded.tokenizer) else "generic",
+                             "response_format": ["text", "json_object", "json_schema"], "images": False,
                              "extensions": ["top_k", "repetition_penalty"]},
             "defaults": {"max_tokens": self.serve.max_new_tokens, "temperature": self.serve.temperature,
                          "top_p": self.serve.top_p, "max_tokens_completions": 16},

@@ -1,17 +1,22 @@
-"""Constrained output: what `response_format` (OpenAI) and `format` (Ollama) ask for, as a GBNF grammar that the
-llama.cpp engine's sampler follows token by token, so a reply is valid JSON (json_object) or valid against a JSON
-schema (json_schema) whatever the model would have written.
+"""Constrained output: what `response_format` (OpenAI), `format` (Ollama) and a forced tool call ask for, as one
+GBNF grammar that every engine's sampler follows token by token, so a reply is valid JSON (json_object) or valid
+against a JSON schema (json_schema) whatever the model would have written.
 
     grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "x", "schema": {...}}})
+    mask = GrammarMask(grammar, tokenizer, vocab_size, end_ids)     # the torch engines (llama.cpp has its own)
+    logits = mask.apply(logits); token = sample(logits); mask.accept(token)
 
 The schema goes through llama.cpp's own converter (llama-cpp-python's json_schema_to_gbnf, as llama-server does).
 A keyword it cannot express is refused by name (a ValueError the APIs answer with a 400), never silently dropped.
-Not here: sampling (lib.serving.llamacpp applies the grammar; the torch engines have no grammar sampler yet).
+The llama.cpp engine hands the grammar to llama.cpp's grammar sampler (lib.serving.llamacpp); the torch and
+transformers engines follow the same grammar through llguidance (GBNF read by its converter, a token mask per step).
+Not here: sampling itself (lib.model.generate, lib.serving.llamacpp).
 """
 
 from __future__ import annotations
 
 import json
+import weakref
 
 # JSON Schema keywords llama.cpp's converter does not turn into grammar rules (it would ignore them)
 UNSUPPORTED_KEYWORDS = ("not", "if", "then", "else", "dependentSchemas", "dependentRequired", "patternProperties",
@@ -19,11 +24,11 @@ UNSUPPORTED_KEYWORDS = ("not", "if", "then", "else", "dependentSchemas", "depend
                         "contains", "minContains", "maxContains", "exclusiveMinimum", "exclusiveMaximum")
 
 
-def _unsupported_keyword(schema, path: str = "schema", names: bool = False) -> str | None:
+def unsupported_keyword(schema, path: str = "schema", names: bool = False) -> str | None:
     """The first keyword of `schema` the grammar cannot express, as a path; None when there is none. names: the
     keys of this dict are property or definition names, not keywords."""
     if isinstance(schema, list):
-        return next((w for i, v in enumerate(schema) if (w := _unsupported_keyword(v, f"{path}[{i}]"))), None)
+        return next((w for i, v in enumerate(schema) if (w := unsupported_keyword(v, f"{path}[{i}]"))), None)
     if not isinstance(schema, dict):
         return None
     for key, value in schema.items():
@@ -31,7 +36,7 @@ def _unsupported_keyword(schema, path: str = "schema", names: bool = False) -> s
             return f"{path}.{key}"
         if not names and key in ("enum", "const", "default", "examples", "description", "title"):
             continue  # values, not schemas
-        where = _unsupported_keyword(value, f"{path}.{key}", names=not names and key in ("properties", "$defs",
+        where = unsupported_keyword(value, f"{path}.{key}", names=not names and key in ("properties", "$defs",
                                                                                        "definitions"))
         if where:
             return where
@@ -42,11 +47,15 @@ def schema_grammar(schema) -> str:
     """The GBNF of JSON documents valid against `schema` (a dict); ValueError naming what cannot be expressed."""
     if not isinstance(schema, dict):
         raise ValueError("the schema must be a JSON object")
-    where = _unsupported_keyword(schema)
+    where = unsupported_keyword(schema)
     if where:
         raise ValueError(f"{where}: this keyword cannot be enforced by constrained decoding (llama.cpp's JSON "
                          "schema grammar); leave it out or check it after the reply")
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
+    try:
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+    except ImportError:
+        raise ValueError("a JSON schema is turned into a grammar by llama-cpp-python's converter, which this "
+                         "environment lacks (./install.sh builds it)") from None
 
     try:
         return json_schema_to_gbnf(json.dumps(schema))
@@ -85,3 +94,54 @@ def ollama_grammar(fmt) -> str | None:
     if isinstance(fmt, dict):
         return schema_grammar(fmt)
     raise ValueError(f"{fmt!r}: expected \"json\" or a JSON schema object")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The torch engines: llguidance computes which tokens the grammar allows next.
+
+_ll_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(vocab, ends): LLTokenizer}
+
+
+def _ll_tokenizer(tokenizer, vocab_size: int, end_ids: tuple[int, ...]):
+    """llguidance's view of a transformers fast tokenizer (about a second to build, so kept per tokenizer)."""
+    from llguidance.hf import from_tokenizer
+
+    per = _ll_tokenizers.setdefault(tokenizer, {})
+    key = (vocab_size, end_ids)
+    if key not in per:
+        per[key] = from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(end_ids))
+    return per[key]
+
+
+class GrammarMask:
+    """The tokens a GBNF grammar allows next, for a sampling loop over torch logits: `apply` sets every other
+    token's logit to -inf (None when nothing is allowed: the grammar is finished and no end token fits), `accept`
+    moves the grammar past the sampled token. The end-of-turn ids are allowed once the grammar is complete."""
+
+    def __init__(self, grammar: str, tokenizer, vocab_size: int, end_ids):
+        import numpy as np
+        from llguidance import LLMatcher, grammar_from
+
+        self._np = np
+        try:
+            lark = grammar_from("gbnf", grammar)
+        except ValueError as e:
+            raise ValueError(f"the grammar cannot be read by llguidance: {e}") from None
+        self.vocab_size = vocab_size
+        self.matcher = LLMatcher(_ll_tokenizer(tokenizer, vocab_size, tuple(sorted(set(end_ids)))), lark, log_level=0)
+        if self.matcher.is_error():
+            raise ValueError(f"the grammar cannot be used: {self.matcher.get_error()}")
+
+    def apply(self, logits):
+        import torch
+
+        bits = self._np.unpackbits(self._np.frombuffer(self.matcher.compute_bitmask(), dtype=self._np.uint8),
+                                   bitorder="little")[:logits.shape[-1]]
+        if not bits.any():
+            return None
+        allowed = torch.from_numpy(bits.astype(bool)).to(logits.device)
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"the grammar rejected token {token}: {self.matcher.get_error()}")

@@ -24,9 +24,10 @@ from lib.export.convert import gguf_to_hf
 from lib.handlers import torch_engine
 from lib.install.models_dir import ADAPTERS, adapters_of, verify_install
 from lib.install.quantize import lora_to_gguf
-from lib.model.generate import stream
+from lib.model.generate import decoder_of, stream
 from lib.model.hf_io import load_hf, save_model_dir
 from lib.serving import llamacpp
+from lib.serving.constrain import GrammarMask
 from lib.serving.hf_engine import TransformersLM
 from lib.serving.llamacpp import LlamaCppModel
 from lib.serving.resolve import ModelRef
@@ -54,9 +55,15 @@ class LoadedModel:
         """New token ids for a prompt (lib.model.generate.stream's contract), from whichever decoder serves this model."""
         if self.engine == "llama.cpp":
             return self.model.stream(prompt_ids, params)
+        return self._torch_stream(prompt_ids, params)
+
+    def _torch_stream(self, prompt_ids: list[int], params) -> Iterator[int]:
+        """HomeLLM (engine "torch") or TransformersLM, through a GrammarMask when params has a grammar (built on the
+        first token, so that a bad grammar fails the request, not the engine's thread)."""
+        constraint = None
         if params.grammar:
-            raise ValueError(f"a grammar needs the llama.cpp engine; this model is served by {self.engine}")
-        return stream(self.model, prompt_ids, params)  # HomeLLM (engine "torch") or TransformersLM
+            constraint = GrammarMask(params.grammar, self.tokenizer, decoder_of(self.model)[1], self.stop_token_ids)
+        yield from stream(self.model, prompt_ids, params, constraint=constraint)
 
     def score(self, ids: list[int], top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
         """What the prompt `ids` says of itself: log p(ids[i] | ids[:i]) for i >= 1, and at every position the `top`

@@ -312,7 +312,7 @@ class OllamaFace:
     async def _reply(self, request: Request, body: dict, loaded, ids: list[int], chat: bool):
         options = body.get("options") or {}
         params, stop = self._params(options, loaded, len(ids))
-        grammar = _grammar(body, loaded)
+        grammar = _grammar(body)
         if grammar is not None:
             params = replace(params, grammar=grammar)
         engine = self.chat.engine
@@ -426,13 +426,10 @@ def _unsupported(body: dict) -> None:
         raise OllamaError(400, "tools: tool calling is not supported by this server yet")
 
 
-def _grammar(body: dict, loaded) -> str | None:
-    """The grammar Ollama's `format` asks for ("json" or a JSON schema; lib.serving.constrain), on llama.cpp."""
+def _grammar(body: dict) -> str | None:
+    """The grammar Ollama's `format` asks for ("json" or a JSON schema; lib.serving.constrain)."""
     if body.get("format") in (None, ""):
         return None
-    if loaded.engine != "llama.cpp":
-        raise OllamaError(400, f"format: constrained output runs on the llama.cpp engine (a model with a GGUF, on the "
-                               f"CPU); this model is served by {loaded.engine}")
     try:
         return ollama_grammar(body["format"])
     except ValueError as e:
