@@ -404,3 +404,55 @@ def test_langchain_invoke_stream_batch_structured_output_and_tools(chat_url, nam
     assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
     answer = llm.invoke([*asked, called, ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"])])
     assert answer.content and not answer.tool_calls
+
+
+@pytest.fixture(scope="module")
+def smol_url(smollm2_gguf):
+    """SmolLM2-135M-Instruct (a real instruction-tuned model, its template without tools) on llama.cpp."""
+    engine = Engine(load_model(resolve_model(str(smollm2_gguf), Config()), "cpu"))
+    with BackgroundServer(build_app(engine, ServeConfig(), ui=False)) as url:
+        yield url, engine.loaded.name
+    engine.close()
+
+
+@pytest.mark.slow
+def test_a_real_model_calls_a_tool_through_ollama_and_langchain(smol_url):
+    """Ollama's tools (no tool_choice there: auto, which a template without tools answers in the generic JSON form)
+    and LangChain's bind_tools with auto, on SmolLM2: asked to use the tool, it calls it with the city as argument
+    (arguments as an object in Ollama's shape); the result goes back as role "tool" into the prompt, and the reply
+    is read as an answer or a call (what a 135M model does with the result is its own: the closing note says)."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    url, name = smol_url
+    client = ollama.Client(host=url.rstrip("/"))
+    asked = [{"role": "user", "content": "Use the get_weather tool to get the weather in Paris."}]
+    options = {"num_predict": 60, "temperature": 0}
+    said = client.chat(model=name, messages=asked, tools=TOOLS, options=options)
+    (call,) = said.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments["city"] == "Paris"
+    streamed = list(client.chat(model=name, messages=asked, tools=TOOLS, stream=True, options=options))
+    assert [c.message.tool_calls for c in streamed if c.message.tool_calls] == [said.message.tool_calls]
+    answer = client.chat(model=name, options=options, tools=TOOLS, messages=[
+        *asked, {"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_name": "get_weather", "content": "22 C, sunny"}])
+    assert answer.prompt_eval_count > said.prompt_eval_count + 10  # the call and its result are in the prompt
+    assert answer.message.tool_calls or answer.message.content and not answer.message.content.startswith("{")
+    with pytest.raises(ollama.ResponseError, match="tools"):
+        client.chat(model=name, messages=asked, tools=[{"type": "function", "function": {"name": "a b"}}])
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city."""
+        return f"22 C, sunny in {city}"
+
+    llm = ChatOpenAI(base_url=url + "v1", api_key="unused", model=name, max_tokens=60, temperature=0, max_retries=0)
+    asked = [HumanMessage("Use the get_weather tool to get the weather in Paris.")]
+    called = llm.bind_tools([get_weather]).invoke(asked)
+    (lc_call,) = called.tool_calls
+    assert lc_call["name"] == "get_weather" and lc_call["args"] == {"city": "Paris"}
+    result = ToolMessage(get_weather.invoke(lc_call["args"]), tool_call_id=lc_call["id"])
+    final = llm.bind_tools([get_weather]).invoke([*asked, called, result])
+    assert final.usage_metadata["input_tokens"] > called.usage_metadata["input_tokens"] + 10
+    assert final.tool_calls or final.content and not final.content.startswith("{")

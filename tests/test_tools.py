@@ -61,7 +61,7 @@ def test_a_template_without_tools_gets_them_in_a_system_turn_and_a_json_reply(to
     assert tools is None and [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert "get_weather" in messages[0]["content"] and messages[0]["content"].endswith("Be brief.")
     assert json.loads(messages[2]["content"]) == {"tool_call": {"name": "get_weather", "arguments": {"city": "Paris"}}}
-    assert json.loads(messages[3]["content"])["tool_result"]["content"] == "22 C, sunny"
+    assert messages[3]["content"] == "Result of get_weather: 22 C, sunny"
     text = plain.decode(encode_chat(plain, messages))
     assert "22 C, sunny" in text and "what_time" in text
 

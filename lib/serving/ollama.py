@@ -34,6 +34,7 @@ from lib.chat import ChatTemplateError, encode_chat
 from lib.serving.constrain import ollama_grammar
 from lib.serving.engine import EngineBusy
 from lib.serving.text import ContextTooLong, sampling_params
+from lib.serving.tools import ToolError, ToolPlan, as_text_messages
 
 VERSION = "0.12.6"  # the Ollama API release whose answers these follow (clients compare it for features)
 RUNNING = "Ollama is running"
@@ -239,18 +240,21 @@ class OllamaFace:
                     raise OllamaError(400, "images: this model reads text only")
                 if m.get("role") not in ("system", "user", "assistant", "tool"):
                     raise OllamaError(400, f"messages: unknown role {m.get('role')!r}")
-            _unsupported(body)
             if not messages:  # Ollama: an empty conversation loads the model
                 return {"model": body["model"], "created_at": _now(), "message": {"role": "assistant", "content": ""},
                         "done_reason": "load", "done": True}
-            turns = [{"role": m["role"], "content": str(m.get("content") or "")} for m in messages]
-            return await self._reply(request, body, loaded, await _encode(loaded, turns), chat=True)
+            try:
+                plan = ToolPlan.make(body.get("tools") or None, "auto", loaded.tokenizer)
+            except ToolError as e:
+                raise OllamaError(400, str(e)) from None
+            turns = [_turn(m, i) for i, m in enumerate(messages)]
+            turns, tools = plan.conversation(turns) if plan else (as_text_messages(turns), None)
+            return await self._reply(request, body, loaded, await _encode(loaded, turns, tools), chat=True, plan=plan)
 
         @app.post("/api/generate", dependencies=deps)
         async def generate(request: Request):
             body = await _json(request, self.max_body)
             loaded = self._check(body, "completion")
-            _unsupported(body)
             prompt = body.get("prompt") or ""
             if not isinstance(prompt, str):
                 raise OllamaError(400, "prompt: expected a string")
@@ -309,10 +313,12 @@ class OllamaFace:
 
     # -- generating ------------------------------------------------------------------------------------------
 
-    async def _reply(self, request: Request, body: dict, loaded, ids: list[int], chat: bool):
+    async def _reply(self, request: Request, body: dict, loaded, ids: list[int], chat: bool, plan=None):
         options = body.get("options") or {}
         params, stop = self._params(options, loaded, len(ids))
-        grammar = _grammar(body)
+        if plan is not None and plan.grammar and body.get("format"):
+            raise OllamaError(400, "format: with tools, the reply's form is the tool call's; send one of them")
+        grammar = plan.grammar if plan is not None and plan.grammar else _grammar(body)
         if grammar is not None:
             params = replace(params, grammar=grammar)
         engine = self.chat.engine
@@ -325,9 +331,18 @@ class OllamaFace:
             raise OllamaError(400, str(e)) from None
         name = body["model"]
 
-        def line(piece: str, done_reason: str | None = None, first_at: float | None = None) -> dict:
+        def line(piece: str, done_reason: str | None = None, first_at: float | None = None, whole: bool = False) -> dict:
+            """One NDJSON line; whole: `piece` is the finished reply, read for tool calls when tools were given."""
             out = {"model": name, "created_at": _now()}
-            out |= {"message": {"role": "assistant", "content": piece}} if chat else {"response": piece}
+            message = {"role": "assistant", "content": piece}
+            if whole and plan is not None:
+                content, calls = plan.parse(piece)
+                message["content"] = content or ""
+                if calls:  # Ollama's shape: arguments as an object, no ids
+                    message["tool_calls"] = [{"function": {"name": c["function"]["name"],
+                                                           "arguments": json.loads(c["function"]["arguments"])}}
+                                             for c in calls]
+            out |= {"message": message} if chat else {"response": piece}
             out["done"] = done_reason is not None
             if done_reason is not None:
                 end = time.perf_counter()
@@ -345,8 +360,11 @@ class OllamaFace:
                     async for kind, value in handle.aiter():
                         if kind == "text":
                             first_at = first_at or time.perf_counter()
-                            yield json.dumps(line(value)) + "\n"
+                            if plan is None:  # with tools, the reply goes out once whole (it may be a call)
+                                yield json.dumps(line(value)) + "\n"
                         elif kind == "done":
+                            if plan is not None:
+                                yield json.dumps(line(handle.text, whole=True)) + "\n"
                             yield json.dumps(line("", value, first_at)) + "\n"
                         elif kind == "error":
                             yield json.dumps({"error": value}) + "\n"
@@ -367,7 +385,7 @@ class OllamaFace:
         finally:
             if handle.finish_reason is None:
                 handle.cancel()
-        return line(handle.text, handle.finish_reason, first_at)
+        return line(handle.text, handle.finish_reason, first_at, whole=True)
 
     def _params(self, options: dict, loaded, prompt_len: int):
         if not isinstance(options, dict):
@@ -413,17 +431,29 @@ class OllamaFace:
         return params, stop
 
 
-async def _encode(loaded, turns: list[dict]) -> list[int]:
+def _turn(m: dict, i: int) -> dict:
+    """An Ollama message in OpenAI's terms (lib.serving.tools reads those): calls get ids, a tool's result names the
+    call by its tool's name (Ollama's `tool_name`), as the calls' ids are made up here."""
+    turn = {"role": m["role"], "content": str(m.get("content") or "")}
+    calls = m.get("tool_calls")
+    if m["role"] == "assistant" and calls:
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                  and isinstance(c["function"].get("name"), str) for c in calls):
+            raise OllamaError(400, f"messages[{i}].tool_calls: expected [{{\"function\": {{\"name\", \"arguments\"}}}}]")
+        turn["tool_calls"] = [{"id": c["function"]["name"], "type": "function",
+                               "function": {"name": c["function"]["name"],
+                                            "arguments": c["function"].get("arguments") or {}}} for c in calls]
+    if m["role"] == "tool":
+        turn["tool_call_id"] = str(m.get("tool_name") or m.get("name") or "tool")
+    return turn
+
+
+async def _encode(loaded, turns: list[dict], tools: list | None = None) -> list[int]:
     """The conversation through the model's chat template (off the event loop); a 400 when the template refuses it."""
     try:
-        return await asyncio.to_thread(encode_chat, loaded.tokenizer, turns)
+        return await asyncio.to_thread(encode_chat, loaded.tokenizer, turns, True, tools)
     except ChatTemplateError as e:
         raise OllamaError(400, str(e)) from None
-
-
-def _unsupported(body: dict) -> None:
-    if body.get("tools"):
-        raise OllamaError(400, "tools: tool calling is not supported by this server yet")
 
 
 def _grammar(body: dict) -> str | None:

@@ -31,8 +31,7 @@ NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 NO_PARAMETERS = {"type": "object", "properties": {}}
 GENERIC_PROMPT = ("You can call these tools (JSON Schema of each one's arguments):\n{tools}\n\nTo call a tool, reply "
                   'with only {{"tool_call": {{"name": <tool name>, "arguments": <arguments>}}}}.{answer}')
-GENERIC_ANSWER = (' To answer without a tool, reply with only {"response": <your answer>}; a tool\'s result comes back '
-                  'as {"tool_result": ...}, to answer with.')
+GENERIC_ANSWER = ' To answer without a tool, reply with only {"response": <your answer>}.'
 RESPONSE_START = re.compile(r'^\s*\{\s*"response"\s*:\s*"')
 
 
@@ -213,9 +212,10 @@ def as_text_messages(messages: list[dict]) -> list[dict]:
     want user and assistant to alternate). A conversation without any is returned as it is."""
     if not any(m["role"] in ("tool", "system") or m.get("tool_calls") for m in messages[1:]):
         return messages
+    names = {c.get("id"): c["function"]["name"] for m in messages for c in m.get("tool_calls") or []}
     out: list[dict] = []
     for m in messages:
-        m = _generic_message(m)
+        m = _generic_message(m, names)
         if out and out[-1]["role"] == m["role"] and m["role"] != "assistant":
             out[-1] = {**out[-1], "content": out[-1]["content"] + "\n\n" + m["content"]}
         else:
@@ -223,10 +223,10 @@ def as_text_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-def _generic_message(m: dict) -> dict:
-    if m["role"] == "tool":
-        result = {"tool_result": {"tool_call_id": m.get("tool_call_id"), "content": m.get("content") or ""}}
-        return {"role": "user", "content": json.dumps(result, ensure_ascii=False)}
+def _generic_message(m: dict, names: dict) -> dict:
+    if m["role"] == "tool":  # plain words: small models answer from these, where a JSON result made them call again
+        tool = names.get(m.get("tool_call_id"), m.get("tool_call_id"))
+        return {"role": "user", "content": f"Result of {tool}: {m.get('content') or ''}"}
     if m.get("tool_calls"):
         said = [m["content"]] if m.get("content") else []
         said += [json.dumps({"tool_call": {"name": c["function"]["name"],
