@@ -48,6 +48,9 @@ class SamplingParams:
     # a GBNF grammar the output must follow (lib.serving.constrain: JSON, a JSON schema); the llama.cpp engine's
     # sampler applies it, and `stream` through the `constraint` lib.serving.loading builds from it
     grammar: Optional[str] = None
+    # log-probabilities of the sampled tokens under the model (before penalties, temperature or a grammar), with this
+    # many most likely alternatives each (0: the token's own only); None = not wanted. `stream`'s `record` gets them.
+    logprobs: Optional[int] = None
 
     def __post_init__(self):
         problems = []
@@ -101,6 +104,13 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log p(token) under next-token logits (V,), and the `top` most likely tokens as (id, logprob), best first."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    best = lp.topk(top) if top else None
+    return float(lp[token]), ([] if best is None else list(zip(best.indices.tolist(), best.values.tolist())))
+
+
 def _longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of `text` that is a proper beginning of a stop string (0 = none)."""
     best = 0
@@ -137,13 +147,15 @@ def decoder_of(model) -> tuple[int, int, torch.device, Callable[[int], Callable]
 
 @torch.inference_mode()
 def stream(model, prompt_ids: Sequence[int], params: Optional[SamplingParams] = None,
-           decode: Optional[Callable[[list[int]], str]] = None, constraint=None) -> Iterator[int]:
+           decode: Optional[Callable[[list[int]], str]] = None, constraint=None,
+           record: Optional[Callable[[int, float, list], None]] = None) -> Iterator[int]:
     """Yield new token ids one at a time: one prefill pass over the prompt, then one cached step per token.
 
     Stops at max_new_tokens, a stop token id, a stop string (checked on `decode(new_ids)`), or the model's context:
     a prompt longer than the context keeps its last context - 1 tokens. `model`: see decoder_of. `constraint`
     (lib.serving.constrain.GrammarMask): `apply(logits)` masks what may not come next (None: nothing may, the
-    output ends), `accept(token)` follows the sampled token.
+    output ends), `accept(token)` follows the sampled token. `record(token, logprob, top)` with params.logprobs:
+    each new token's log-probability and the params.logprobs most likely tokens as (id, logprob), best first.
     """
     params = params or SamplingParams()
     if params.stop_strings and decode is None:
@@ -177,6 +189,7 @@ def stream(model, prompt_ids: Sequence[int], params: Optional[SamplingParams] = 
         emitted = 0  # out[emitted:] is held back: it may be the beginning of a stop string
         for step in range(max_new):
             logits = logits.float()
+            raw = logits
             if constraint is not None:
                 logits = constraint.apply(logits)
                 if logits is None:
@@ -186,6 +199,8 @@ def stream(model, prompt_ids: Sequence[int], params: Optional[SamplingParams] = 
                 return
             if constraint is not None:
                 constraint.accept(token)
+            if record is not None and params.logprobs is not None:
+                record(token, *token_logprobs(raw, token, params.logprobs))
             out.append(token)
             maybe_stop = False
             if params.stop_strings:

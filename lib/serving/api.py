@@ -17,6 +17,7 @@ Not here: the engine (lib.serving.engine), binding (lib.serving.server), mountin
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import secrets
 import time
@@ -213,12 +214,9 @@ def _check_unsupported(body: _Sampling) -> None:
             raise _unsupported(name, "not supported (only 0); use repetition_penalty (e.g. 1.1) instead")
     if body.logit_bias:
         raise _unsupported("logit_bias", "not supported")
-    if body.logprobs and isinstance(body, ChatCompletionRequest):
-        raise _unsupported("logprobs", "log probabilities of chat replies are not returned by this server yet; "
-                                       "/v1/completions returns them (echo: the prompt's)")
     if isinstance(body, ChatCompletionRequest):
-        if body.top_logprobs:
-            raise _unsupported("top_logprobs", "log probabilities are not returned by this server")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         if body.functions or body.function_call not in (None, "none"):
             raise _unsupported("functions" if body.functions else "function_call",
                                "the deprecated functions API is not supported; send tools and tool_choice")
@@ -232,14 +230,14 @@ def _check_unsupported(body: _Sampling) -> None:
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens 0 returns nothing without echo (echo with logprobs scores the prompt)",
                            param="max_tokens", code="invalid_value")
-        if body.logprobs is not None:  # answered by scoring the prompt in one forward pass (_score)
+        if body.logprobs is not None and body.echo:  # the prompt's, from one forward pass over it (_score)
             if (body.max_tokens or 0) > 1:
-                raise _unsupported("logprobs", "log probabilities come with at most one new token (max_tokens 0 or "
-                                               "1: what scoring a text with echo needs)")
+                raise _unsupported("logprobs", "with echo, log probabilities come with at most one new token "
+                                               "(max_tokens 0 or 1: what scoring a text needs)")
             if body.max_tokens == 1 and (body.temperature or 0) > 0:
-                raise _unsupported("logprobs", "with a new token, only greedy (temperature 0)")
-            if body.stream:
-                raise _unsupported("stream", "log probabilities are not streamed")
+                raise _unsupported("logprobs", "with echo and a new token, only greedy (temperature 0)")
+        if body.logprobs is not None and body.stream:
+            raise _unsupported("stream", "log probabilities of completions are not streamed (chat's are)")
         if body.suffix:
             raise _unsupported("suffix", "insertion (suffix) is not supported")
         if (body.best_of or 1) > 1:
@@ -366,6 +364,24 @@ def _grammar(response_format: dict | None) -> str | None:
         return grammar_for(response_format)
     except ValueError as e:
         raise APIError(400, f"response_format: {e}", param="response_format", code="invalid_value") from None
+
+
+def chat_logprobs(tokenizer, entries: list) -> list[dict]:
+    """Handle.logprobs entries in chat's shape: token text, logprob, UTF-8 bytes, and the most likely alternatives."""
+    def one(i: int, value: float) -> dict:
+        text = tokenizer.decode([i])
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    return [{**one(t, v), "top_logprobs": [one(i, lv) for i, lv in top]} for t, v, top in entries]
+
+
+def legacy_logprobs(tokenizer, entries: list) -> dict:
+    """Handle.logprobs entries in the completions endpoint's (legacy) shape."""
+    tokens = [tokenizer.decode([t]) for t, _, _ in entries]
+    offsets = [0, *itertools.accumulate(len(t) for t in tokens)][:len(tokens)]
+    return {"tokens": tokens, "token_logprobs": [v for _, v, _ in entries],
+            "top_logprobs": [{tokenizer.decode([i]): lv for i, lv in top} for _, _, top in entries],
+            "text_offset": offsets}
 
 
 def _usage(handles: list) -> dict:
@@ -581,8 +597,18 @@ class OpenAIServer:
         grammar = plan.grammar if plan else _grammar(body.response_format)
         if grammar is not None:
             params = replace(params, grammar=grammar)
+        if body.logprobs:
+            params = replace(params, logprobs=body.top_logprobs or 0)
         handles = self._submit(ids, params, body.stop, loaded, body.n or 1)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", _now()
+        sent = [0] * len(handles)  # log-probability entries already streamed, per choice
+
+        def logprobs(i: int) -> dict | None:
+            """The choice's log-probabilities not sent yet, in chat's shape (None when not asked for)."""
+            if not body.logprobs:
+                return None
+            entries, sent[i] = handles[i].logprobs[sent[i]:], len(handles[i].logprobs)
+            return {"content": chat_logprobs(loaded.tokenizer, entries), "refusal": None}
 
         def message(h) -> tuple[dict, str | None]:
             """A finished choice's message and finish reason (its tool calls parsed out of the text)."""
@@ -594,7 +620,7 @@ class OpenAIServer:
             def chunk(i, piece, finish):
                 delta = piece if isinstance(piece, dict) else ({} if piece is None else {"content": piece})
                 return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": loaded.name,
-                        "choices": [{"index": i, "delta": delta, "logprobs": None,
+                        "choices": [{"index": i, "delta": delta, "logprobs": logprobs(i) if delta else None,
                                      "finish_reason": _public_reason(finish)}]}
 
             def held(h) -> tuple[list[dict], str | None]:
@@ -619,7 +645,7 @@ class OpenAIServer:
         choices = []
         for i, h in enumerate(handles):
             said, reason = message(h)
-            choices.append({"index": i, "message": said, "logprobs": None, "finish_reason": reason})
+            choices.append({"index": i, "message": said, "logprobs": logprobs(i), "finish_reason": reason})
         return {"id": cid, "object": "chat.completion", "created": created, "model": loaded.name,
                 "choices": choices, "usage": _usage(handles)}
 
@@ -649,9 +675,11 @@ class OpenAIServer:
             if start is None:
                 raise APIError(400, "prompt: must not be empty for this model", param="prompt", code="invalid_value")
             ids = [start]
-        if body.logprobs is not None or body.max_tokens == 0:
+        if body.max_tokens == 0 or body.echo and body.logprobs is not None:
             return await self._score(body, loaded, ids, prompt_text)
         params = self._params(body, body.max_tokens, len(ids), loaded, "prompt")
+        if body.logprobs is not None:
+            params = replace(params, logprobs=body.logprobs)
         handles = self._submit(ids, params, body.stop, loaded, body.n or 1)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", _now()
         echo = prompt_text if body.echo else ""
@@ -668,7 +696,8 @@ class OpenAIServer:
             return self._stream(handles, chunk, echo or None, include, usage)
         await self._collect(request, handles)
         return {"id": cid, "object": "text_completion", "created": created, "model": loaded.name,
-                "choices": [{"index": i, "text": echo + h.text, "logprobs": None,
+                "choices": [{"index": i, "text": echo + h.text,
+                             "logprobs": None if body.logprobs is None else legacy_logprobs(tok, h.logprobs),
                              "finish_reason": _public_reason(h.finish_reason)} for i, h in enumerate(handles)],
                 "usage": _usage(handles)}
 
@@ -723,7 +752,7 @@ class OpenAIServer:
         return {
             "model": self.engine.loaded.describe(),
             "capabilities": {"chat_completions": True, "completions": True, "streaming": True, "stop": True,
-                             "seed": True, "n": MAX_N, "logprobs": "completions (echo: the prompt's; greedy: one new token)",
+                             "seed": True, "n": MAX_N, "logprobs": "chat and completions (top 20 at most; completions' echo: the prompt's)",
                              "tools": "native" if template_knows_tools(self.engine.loaded.tokenizer) else "generic",
                              "response_format": ["text", "json_object", "json_schema"], "images": False,
                              "extensions": ["top_k", "repetition_penalty"]},

@@ -111,6 +111,9 @@ class Handle:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.text = ""
+        # with params.logprobs: (token id, logprob, [(id, logprob) of the most likely]) per new token, appended by
+        # the worker thread before the token's text is sent
+        self.logprobs: list[tuple[int, float, list]] = []
         self._cancel = threading.Event()
         self._loop = loop
         self._q: Any = asyncio.Queue() if loop is not None else queue.Queue()
@@ -316,7 +319,9 @@ class Engine:
                 req.handle._emit("done", "cancelled")
                 continue
             self.metrics.inc("prompt_tokens", len(req.prompt_ids))
-            tokens = req.loaded.stream(req.prompt_ids, req.params)
+            record = (lambda *entry, h=req.handle: h.logprobs.append(entry)) if req.params.logprobs is not None \
+                else None
+            tokens = req.loaded.stream(req.prompt_ids, req.params, record)
             self._active.append(_Active(req, tokens, TextStream(req.loaded.tokenizer, req.stop)))
         return True
 

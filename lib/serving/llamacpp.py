@@ -48,6 +48,8 @@ class _Seq:
     ready: int | None = None  # the token sampled at the last decode, not yet taken
     logits_index: int = -1
     done: bool = False
+    logprobs: int | None = None  # params.logprobs: log-probabilities wanted for each sampled token
+    ready_logprobs: tuple | None = None  # (logprob, top) of `ready`, read before the next decode overwrites the logits
 
 
 class LlamaCppModel:
@@ -107,16 +109,18 @@ class LlamaCppModel:
 
     # -- one request -------------------------------------------------------------------------------------
 
-    def stream(self, prompt_ids: list[int], params) -> Iterator[int]:
+    def stream(self, prompt_ids: list[int], params, record=None) -> Iterator[int]:
         """New token ids one at a time for `params` (lib.model.generate.SamplingParams); ends at a stop token id (not
-        yielded), max_new_tokens or the sequence's context. Closing the iterator frees the sequence's slot."""
+        yielded), max_new_tokens or the sequence's context. Closing the iterator frees the sequence's slot.
+        `record(token, logprob, top)` as lib.model.generate.stream's."""
         prompt = list(prompt_ids)[-(self.n_ctx_seq - 1):]
         max_new = min(params.max_new_tokens, self.n_ctx_seq - len(prompt))
         if not prompt or max_new <= 0:
             return
         if not self._free:
             raise RuntimeError("llama.cpp: no free sequence slot (the engine admits at most n_seq requests)")
-        seq = _Seq(self._free.pop(), pending=prompt, sampler=self._sampler(params, prompt))
+        seq = _Seq(self._free.pop(), pending=prompt, sampler=self._sampler(params, prompt),
+                   logprobs=params.logprobs if record is not None else None)
         self._live.append(seq)
         stop_ids = set(params.stop_token_ids or ())
         try:
@@ -126,6 +130,8 @@ class LlamaCppModel:
                 token, seq.ready = seq.ready, None
                 if token in stop_ids:
                     return
+                if seq.ready_logprobs is not None:
+                    record(token, *seq.ready_logprobs)
                 if i + 1 < max_new:  # queued before yielding, so the next round feeds it with everyone else's
                     seq.pending = [token]
                 yield token
@@ -208,6 +214,13 @@ class LlamaCppModel:
             # llama_sampler_sample accepts the token into the chain itself (the penalties' history, the grammar's
             # state): accepting it again would count it twice, and a grammar would reject the repeat
             s.ready = int(L.llama_sampler_sample(s.sampler, self.ctx, s.logits_index))
+            if s.logprobs is not None:
+                s.ready_logprobs = row_logprobs(self._row(s.logits_index), s.ready, s.logprobs)
+
+    def _row(self, index: int) -> np.ndarray:
+        """The logits of batch row `index` of the last decode, as float64."""
+        return np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,)).astype(
+            np.float64)
 
     def logits_of_prompt(self, prompt_ids: list[int]) -> list[float]:
         """The next-token logits after `prompt_ids` (tests compare them with the torch path's)."""
@@ -276,15 +289,10 @@ class LlamaCppModel:
                 if L.llama_decode(self.ctx, b) != 0:
                     raise RuntimeError("llama_decode failed (KV cache full or bad batch)")
                 for i in range(len(chunk)):
-                    row = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
-                    row = row.astype(np.float64)
-                    m = row.max()
-                    lp = row - m - np.log(np.exp(row - m).sum())
+                    lp = log_softmax(self._row(i))
                     if pos + i + 1 < len(ids):
                         logps.append(float(lp[ids[pos + i + 1]]))
-                    best = np.argpartition(-lp, max(top, 1) - 1)[:max(top, 1)]
-                    best = best[np.argsort(-lp[best], kind="stable")]
-                    tops.append([(int(t), float(lp[t])) for t in best])
+                    tops.append(_best(lp, max(top, 1)))
         finally:
             L.llama_memory_seq_rm(self.memory, slot, -1, -1)
             self._free.append(slot)
@@ -297,6 +305,25 @@ class LlamaCppModel:
         buf = (L.llama_token * (len(raw) + 8))()
         n = L.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), bos, False)
         return list(buf[:n])
+
+
+def log_softmax(row: np.ndarray) -> np.ndarray:
+    m = row.max()
+    return row - m - np.log(np.exp(row - m).sum())
+
+
+def _best(lp: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k largest log-probabilities as (token id, logprob), best first."""
+    best = np.argpartition(-lp, k - 1)[:k]
+    best = best[np.argsort(-lp[best], kind="stable")]
+    return [(int(t), float(lp[t])) for t in best]
+
+
+def row_logprobs(row: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log p(token) under one row of logits, and the `top` most likely tokens (lib.model.generate.token_logprobs's
+    answer, from llama.cpp's logits)."""
+    lp = log_softmax(row)
+    return float(lp[token]), (_best(lp, top) if top else [])
 
 
 class NoFreeSequence(RuntimeError):

@@ -51,19 +51,20 @@ class LoadedModel:
     engine: str = "torch"  # "torch", "transformers" or "llama.cpp"
     engine_note: str = ""  # why this engine (shown at start and in /info)
 
-    def stream(self, prompt_ids: list[int], params) -> Iterator[int]:
-        """New token ids for a prompt (lib.model.generate.stream's contract), from whichever decoder serves this model."""
+    def stream(self, prompt_ids: list[int], params, record=None) -> Iterator[int]:
+        """New token ids for a prompt (lib.model.generate.stream's contract, `record` included), from whichever
+        decoder serves this model."""
         if self.engine == "llama.cpp":
-            return self.model.stream(prompt_ids, params)
-        return self._torch_stream(prompt_ids, params)
+            return self.model.stream(prompt_ids, params, record)
+        return self._torch_stream(prompt_ids, params, record)
 
-    def _torch_stream(self, prompt_ids: list[int], params) -> Iterator[int]:
+    def _torch_stream(self, prompt_ids: list[int], params, record=None) -> Iterator[int]:
         """HomeLLM (engine "torch") or TransformersLM, through a GrammarMask when params has a grammar (built on the
         first token, so that a bad grammar fails the request, not the engine's thread)."""
         constraint = None
         if params.grammar:
             constraint = GrammarMask(params.grammar, self.tokenizer, decoder_of(self.model)[1], self.stop_token_ids)
-        yield from stream(self.model, prompt_ids, params, constraint=constraint)
+        yield from stream(self.model, prompt_ids, params, constraint=constraint, record=record)
 
     def score(self, ids: list[int], top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
         """What the prompt `ids` says of itself: log p(ids[i] | ids[:i]) for i >= 1, and at every position the `top`
