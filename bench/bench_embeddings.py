@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         served = [("", args.model)]
         if args.gguf:
-            from lib.install.quantize import hf_to_gguf
+            from lib.export.llama_tools import hf_to_gguf
 
             served.append((" (f16 GGUF, llama.cpp)", str(hf_to_gguf(Path(args.model), Path(tmp) / "model-f16.gguf"))))
         for label, model in served:

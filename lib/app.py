@@ -21,7 +21,7 @@ from pathlib import Path
 from lib.config import Config, ServeConfig, to_dict
 from lib.errors import UserError
 from lib.handlers import HANDLERS
-from lib.install.models_dir import models_dir_for, verify_install
+from lib.models_dir import models_dir_for, verify_install
 from lib.serving.engine import Engine, Metrics
 from lib.serving.loading import adapter_ref, load_model, pick_device
 from lib.serving.resolve import ModelRef, available_models, is_chat_model, latest_pipeline_model, resolve_model

@@ -191,7 +191,7 @@ def test_an_adapter_over_a_gguf_install_is_applied_by_llama_cpp_as_merged_torch_
     assert merged.engine == "torch" and "merged" in merged.engine_note
     plain = load_hf(folder / "adapters" / ".base-hf")
     with torch.no_grad():
-        want = merged.model(torch.tensor([ids]))[0][0, -1].numpy()
+        want = merged.model.net(torch.tensor([ids]))[0][0, -1].numpy()
         base = plain(torch.tensor([ids]))[0][0, -1].numpy()
     # what the adapter changes, seen through llama.cpp (Q8_0 matmuls) and through torch (the same weights in fp32)
     d_cpp, d_torch = lora - base_cpp, want - base

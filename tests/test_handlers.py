@@ -22,9 +22,10 @@ from lib.config import ServeConfig
 from lib.handlers import HANDLERS, handler_for
 from lib.install.installer import install_model
 from lib.install.scripts import silent_wav
+from lib.serving.engines import ENGINES, loader
 from lib.serving.resolve import _path_ref
 from lib.serving.server import BackgroundServer
-from lib.serving.task_models import _LOADERS, kind_of, load_task_model
+from lib.serving.task_models import kind_of, load_task_model
 
 SPOKEN = "The quick brown fox jumps over the lazy dog."
 TEXTS = ["hello world", "The capital of France is Paris.", "Bananas are yellow and sweet.",
@@ -39,7 +40,7 @@ def minilm():
 @pytest.fixture(scope="module")
 def minilm_gguf(minilm, tmp_path_factory):
     """all-MiniLM-L6-v2 as an f16 GGUF, made here by llama.cpp's own converter."""
-    from lib.install.quantize import hf_to_gguf
+    from lib.export.llama_tools import hf_to_gguf
 
     return hf_to_gguf(minilm, tmp_path_factory.mktemp("gguf") / "minilm-f16.gguf")
 
@@ -118,10 +119,20 @@ def _serve(folder, kind=None):
 # The registry.
 
 
-def test_every_handler_has_a_loader_and_what_it_requires():
+def test_every_engine_a_handler_picks_is_registered_and_loads_its_kind():
+    """The handler table names engines; the engine registry (lib/serving/engines.py) loads each kind with them."""
     import importlib.metadata
 
-    assert set(HANDLERS) - {"chat"} == set(_LOADERS)
+    configs = [({"model_type": "llama"}, False), ({"model_type": "qwen2"}, False), ({}, True),
+               ({"model_type": "llama"}, True), ({"model_type": "bert"}, False)]
+    for h in HANDLERS.values():
+        picked = {h.engine(config, gguf, device) for config, gguf in configs for device in ("cpu", "cuda")}
+        for name in picked:
+            assert h.kind in ENGINES[name].loaders, (h.kind, name)
+            assert callable(loader(name, h.kind))
+    assert {k for e in ENGINES.values() for k in e.loaders} == set(HANDLERS)
+    with pytest.raises(KeyError, match="faster-whisper serves speech, not chat"):
+        loader("faster-whisper", "chat")
     for h in HANDLERS.values():
         assert h.endpoints and h.post_test and h.title
         for dist in h.requires:  # what the install's environment takes along must be installed here
@@ -366,7 +377,7 @@ def test_every_kind_is_installed_and_answers_through_start_sh(source, minilm, mi
     chat = subprocess.run(["sh", str(folder / "start.sh"), "--cli"], capture_output=True, text=True, timeout=300)
     assert chat.returncode != 0 and f"is a {kind} model" in chat.stderr and "Traceback" not in chat.stderr
     from lib.install.commands import format_list
-    from lib.install.models_dir import list_installed
+    from lib.models_dir import list_installed
 
     assert kind in format_list(list_installed(tmp_path / "models"), tmp_path / "models")
 

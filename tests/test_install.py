@@ -18,7 +18,7 @@ from lib.check import default_report_dir, run_check
 from lib.config import InstallConfig, load_config
 from lib.errors import UserError
 from lib.install.installer import install_model, name_from
-from lib.install.models_dir import (
+from lib.models_dir import (
     MARKER,
     list_installed,
     models_dir_for,

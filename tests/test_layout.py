@@ -60,12 +60,14 @@ def test_stages_do_not_import_each_other_sideways():
 
 @pytest.mark.slow  # a fresh interpreter importing the web stack: 4 s
 def test_serving_is_below_the_app_and_imports_no_training_stack():
-    """lib.app puts the API, the page and the studio together; serving imports neither it nor the studio, and what an
-    embedding or speech install's start.sh imports to serve (the app, the API, both pages) loads with accelerate and
-    peft unimportable and brings in nothing of lib/train or lib/studio: such an install's environment has neither."""
+    """lib.app puts the API, the page and the studio together; serving imports neither it nor the studio nor the
+    installer (which stands above serving: its post-test runs the server; both read installs through lib.models_dir),
+    and what an embedding or speech install's start.sh imports to serve (the app, the API, both pages) loads with
+    accelerate and peft unimportable and brings in nothing of lib/train or lib/studio: such an install's environment
+    has neither."""
     graph = lib_imports()
     for m in (m for m in graph if m.startswith("lib.serving")):
-        assert not {n for n in graph[m] if n.startswith(("lib.studio", "lib.app"))}, (m, graph[m])
+        assert not {n for n in graph[m] if n.startswith(("lib.studio", "lib.app", "lib.install"))}, (m, graph[m])
     assert not {n for n in graph["lib.studio.ui"] if n == "lib.app"}
     code = """import sys
 class Unimportable:

@@ -12,8 +12,9 @@ from conftest import hardware_profile, pkg_dir
 from lib.check import check_model
 from lib.config import InstallConfig
 from lib.errors import UserError
+from lib.export.llama_tools import CONVERTER
 from lib.install.installer import install_model
-from lib.install.quantize import CONVERTER, perplexity, quantize
+from lib.install.quantize import perplexity, quantize
 
 
 def gpt2_tokenizer():

@@ -550,7 +550,7 @@ def test_resolve_and_verify_installed_models(tiny_chat_model, tmp_path):
     import shutil
 
     from lib.config import from_dict
-    from lib.install.models_dir import INFO, MARKER, write_sums
+    from lib.models_dir import INFO, MARKER, write_sums
     from lib.serving.resolve import available_models
 
     models = tmp_path / "models"

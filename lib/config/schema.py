@@ -287,7 +287,7 @@ class InstallConfig:
     """06_install: a self-contained model folder under models_dir."""
 
     # where installed models live. Left at this default, the directory set with `06_install.py config DIR`
-    # (if any) is used instead; `--models-dir` beats both (see lib.install.models_dir.models_dir_for)
+    # (if any) is used instead; `--models-dir` beats both (see lib.models_dir.models_dir_for)
     models_dir: str = "~/LLM/models"
     # install name (None: derived from the model: owner_name for a hub id, the folder or file name otherwise)
     name: Optional[str] = None

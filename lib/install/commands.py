@@ -18,7 +18,7 @@ from lib.config import Config, InstallConfig, to_dict
 from lib.errors import UserError
 from lib.install.finetune import finetune_install
 from lib.install.installer import install_model, pipeline_origin
-from lib.install.models_dir import (
+from lib.models_dir import (
     INFO,
     SUMS,
     adapters_of,

@@ -30,8 +30,8 @@ from lib.data.sft_data import load_sft_examples
 from lib.data.tokenizer import load_tokenizer
 from lib.errors import UserError
 from lib.export.convert import gguf_to_hf
-from lib.install.models_dir import ADAPTERS, INFO
 from lib.model.dims import Dims
+from lib.models_dir import ADAPTERS, GGUF, INFO, MODEL
 from lib.names import check_name
 from lib.train.sft import run_sft
 from lib.train.sft_batches import encode_examples
@@ -206,10 +206,10 @@ def format_report(r: dict) -> str:
 def _base_weights(install: Path, work: Path, echo) -> Path:
     """The install's HF weights to train on: model/ when it holds safetensors, else its GGUF dequantised (fp32)
     into the work folder once."""
-    model = install / "model"
+    model = install / MODEL
     if any(model.glob("*.safetensors")):
         return model
-    ggufs = sorted((install / "gguf").glob("*.gguf")) if (install / "gguf").is_dir() else []
+    ggufs = sorted((install / GGUF).glob("*.gguf")) if (install / GGUF).is_dir() else []
     if not ggufs:
         raise UserError(f"{install}: no weights to fine-tune (neither model/*.safetensors nor gguf/*.gguf)")
     out = install / ADAPTERS / ".base-hf"  # kept: start.sh --adapter merges into it

@@ -55,12 +55,27 @@ from lib.config import CheckConfig, InstallConfig, ServeConfig
 from lib.errors import UserError
 from lib.export.convert import gguf_to_hf
 from lib.export.gguf import write_gguf
+from lib.export.llama_tools import hf_to_gguf
 from lib.handlers import HANDLERS, is_hf_whisper, torch_engine
 from lib.hub import endpoint, hub_call, hub_token
-from lib.install.models_dir import INFO, LOGS, MARKER, SUMS, check_log_dir, clean_stale, write_sums
-from lib.install.quantize import hf_to_gguf, perplexity, quantize
+from lib.install.quantize import perplexity, quantize
 from lib.install.runtime_env import copy_code, own_environment, shared_environment
 from lib.install.scripts import START_SH, TRAIN_SH, post_install_test, serve_config_yaml
+from lib.models_dir import (
+    CODE,
+    GGUF,
+    INFO,
+    LOGS,
+    MARKER,
+    MODEL,
+    START,
+    SUMS,
+    TRAIN,
+    VENV,
+    check_log_dir,
+    clean_stale,
+    write_sums,
+)
 from lib.names import check_name, name_from
 
 INSTALLER_VERSION = "1.1"
@@ -310,7 +325,7 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         with open(tmp / "install.log", "a", encoding="utf-8") as f:
             f.write("".join(m + "\n" for m in messages))
         log(f"install: {ref} -> {final} (installer {INSTALLER_VERSION}, python {sys.version.split()[0]})")
-        model_dir = tmp / "model"
+        model_dir = tmp / MODEL
         src = report["source"]
         t0 = time.time()
         if src["kind"] == "gguf":  # served as it came by llama.cpp: no HF copy (cfg.gguf_hf_copy asks for one)
@@ -336,12 +351,12 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
             quantization = _quantized(report, model_dir, tmp, name, cfg.quantize, log)
             extras = [quantization["file"]]
         else:  # a GGUF (the source itself, or one beside an export) goes to gguf/: 07_serve serves it with llama.cpp
-            extras = _copy_extras([src["path"]] if src["kind"] == "gguf" else src.get("extras") or [], tmp / "gguf",
+            extras = _copy_extras([src["path"]] if src["kind"] == "gguf" else src.get("extras") or [], tmp / GGUF,
                                   log)
         (tmp / "logs").mkdir()
         n_files = write_sums(tmp)
         log(f"manifest: {SUMS} over {n_files} files ({time.time() - t0:.1f} s so far)")
-        n_code = copy_code(tmp / "runtime", git_commit())
+        n_code = copy_code(tmp / CODE, git_commit())
         log(f"runtime: {n_code} files of serving code copied to runtime/")
         py = _environment(tmp, models_dir, report, venv, log)
         python = str(py)
@@ -351,9 +366,9 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         def write_start_sh(home: Path) -> None:  # start.sh finds the shared python relative to its folder
             shared = os.path.relpath(python, home) if not venv else "venv/bin/python"
             date = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            scripts = {"start.sh": START_SH}
+            scripts = {START: START_SH}
             if HANDLERS[report["verdict"]["kind"]].finetune:
-                scripts["train.sh"] = TRAIN_SH
+                scripts[TRAIN] = TRAIN_SH
             for script, text in scripts.items():
                 atomic_write_text(tmp / script, text.format(name=name, date=date, shared_python=shared))
                 os.chmod(tmp / script, 0o755)
@@ -385,7 +400,7 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
                              "context_length": context},
             "recommended": report["verdict"]["recommended"], "venv": venv,
             # the temp folder is renamed at the end: record where the venv's python will be
-            "python": str(final / "venv" / "bin" / "python") if venv else python, "origin": origin,
+            "python": str(final / VENV / "bin" / "python") if venv else python, "origin": origin,
             "gguf_files": [e for e in extras if e.endswith(".gguf")], "modelfile": "Modelfile" in extras,
             "quantization": quantization, "post_test": result, "check": report,
         }
@@ -427,8 +442,8 @@ def _quantized(report: dict, model_dir: Path, tmp: Path, name: str, qtype: str, 
             what = "its safetensors, converted to f16 GGUF by llama.cpp's convert_hf_to_gguf.py"
             hf_to_gguf(model_dir, source, label=src.get("repo_id") or src["path"])
     log(f"quantize: {qtype} from {what}")
-    (tmp / "gguf").mkdir()
-    out = quantize(source, tmp / "gguf" / f"{name}-{qtype.upper()}.gguf", qtype)
+    (tmp / GGUF).mkdir()
+    out = quantize(source, tmp / GGUF / f"{name}-{qtype.upper()}.gguf", qtype)
     ppl_src, ppl_q = perplexity(source), perplexity(out)
     info = {"type": qtype, "source": what, "file": str(out), "bytes": out.stat().st_size,
             "source_bytes": source.stat().st_size, "perplexity_source": round(ppl_src, 4),

@@ -8,26 +8,22 @@ and the perplexity of the quantized model against its source on a short built-in
     q = quantize(f16, install / "gguf" / "model-Q4_K_M.gguf", "q4_k_m")
     perplexity(q), perplexity(f16)
 
-Not here: the install itself (lib.install.installer), what each quantization weighs (lib.check.formulas).
+Not here: the install itself (lib.install.installer), llama.cpp's converters (lib.export.llama_tools), what each
+quantization weighs (lib.check.formulas).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from lib.errors import UserError
-from lib.install.runtime_env import LLAMA_CPP_TOOLS
 from lib.serving.llamacpp import LlamaCppModel, quiet_logs
 
 # llama.cpp's file types (LLAMA_FTYPE_MOSTLY_*) by the names its quantize tool takes
 # f16: no quantization, for an architecture transformers would serve slowly on a CPU: llama.cpp serves it whole
 QUANT_TYPES = {"q4_k_m": 15, "q5_k_m": 17, "q8_0": 7, "f16": 1}
-CONVERTER = LLAMA_CPP_TOOLS / "convert_hf_to_gguf.py"
-LORA_CONVERTER = LLAMA_CPP_TOOLS / "convert_lora_to_gguf.py"
 # A short English text to compare perplexities on (written for this project; no model was trained on it).
 PPL_TEXT = (
     "The village stood at the edge of a wide valley, where the river slowed and spread into shallow pools. Every "
@@ -40,35 +36,6 @@ PPL_TEXT = (
     "packed their bags and took the early train, promising to write letters and to come back for the summer "
     "festival. Most of them kept their promise, at least for the first few years."
 )
-
-
-def hf_to_gguf(hf_dir: Path, out: Path, outtype: str = "f16", label: str | None = None) -> Path:
-    """llama.cpp's converter run on `hf_dir` (any architecture it knows): a GGUF at `out`. A UserError, naming the
-    model as `label` (default: hf_dir), says why not."""
-    return _convert(CONVERTER, [str(hf_dir)], out, outtype, label or str(hf_dir),
-                    "Install it without --quantize to serve it through transformers.")
-
-
-def lora_to_gguf(adapter_dir: Path, base_dir: Path, out: Path, label: str | None = None) -> Path:
-    """A PEFT LoRA adapter as a llama.cpp LoRA GGUF (llama.cpp applies it over the GGUF it was trained for);
-    `base_dir` is the HF folder (config) of that model."""
-    return _convert(LORA_CONVERTER, ["--base", str(base_dir), str(adapter_dir)], out, "f32", label or str(adapter_dir),
-                    "Serve it merged instead: start.sh --adapter NAME --engine torch.")
-
-
-def _convert(script: Path, args: list[str], out: Path, outtype: str, label: str, instead: str) -> Path:
-    if not script.is_file():
-        raise UserError(f"{script}: llama.cpp's converter is not installed; run ./install.sh (it fetches it from "
-                        f"the llama-cpp-python source release). {instead}")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("NO_LOCAL_GGUF", None)  # the converter's own gguf-py, the version it was written with
-    res = subprocess.run([sys.executable, str(script), *args, "--outfile", str(out), "--outtype", outtype],
-                         capture_output=True, text=True, env=env)
-    if res.returncode != 0 or not out.is_file():
-        lines = [line for line in res.stderr.strip().splitlines() if line.strip() and not line.startswith("INFO")]
-        raise UserError(f"{label}: llama.cpp's converter ({script.name}) cannot convert this model: "
-                        f"{lines[-1] if lines else 'exit code ' + str(res.returncode)}. {instead}")
-    return out
 
 
 def quantize(src: Path, out: Path, qtype: str, threads: int | None = None) -> Path:

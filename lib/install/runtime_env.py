@@ -37,8 +37,9 @@ from packaging.requirements import InvalidRequirement, Requirement
 from lib import ROOT
 from lib.atomic import atomic_dir
 from lib.errors import UserError
+from lib.export.llama_tools import LLAMA_CPP_TOOLS  # an environment takes them along (start.sh --adapter)
+from lib.models_dir import RUNTIME_DIR, VENV
 
-RUNTIME_DIR = ".runtime"  # under the models dir: the shared environments
 COMPLETE = ".complete"
 # What 07_serve.py imports (lib.serving, lib.config, lib.model.generate, the model and its loaders); their requirements
 # follow from the packages' own metadata.
@@ -82,11 +83,6 @@ def distribution_closure(roots: list[str] | tuple[str, ...]) -> list[md.Distribu
             if req.marker is None or req.marker.evaluate(env):
                 todo.append(_norm(req.name))
     return sorted(seen.values(), key=lambda d: _norm(d.metadata["Name"]))
-
-
-# llama.cpp's converters (install.sh puts them beside the venv's packages): start.sh --adapter converts a LoRA
-# adapter for llama.cpp with them, so an environment takes them along
-LLAMA_CPP_TOOLS = Path(sys.prefix) / "share" / "llama.cpp"
 
 
 def environment_id(dists: list[md.Distribution]) -> str:
@@ -151,7 +147,7 @@ def shared_environment(models_dir: Path, extra: list[str], log: Callable[[str], 
 
 def own_environment(folder: Path, extra: list[str], log: Callable[[str], None]) -> Path:
     """An environment inside the install folder (--venv): the folder alone is then all it needs."""
-    return build_environment(Path(folder) / "venv", distribution_closure([*SERVE_DISTRIBUTIONS, *extra]), log)
+    return build_environment(Path(folder) / VENV, distribution_closure([*SERVE_DISTRIBUTIONS, *extra]), log)
 
 
 def copy_code(dest: Path, commit: str | None) -> int:

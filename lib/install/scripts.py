@@ -18,6 +18,7 @@ import yaml
 
 from lib.config import ServeConfig, to_dict
 from lib.handlers import HANDLERS, POST_TEST_TEXT
+from lib.models_dir import START
 from lib.serving.process import MeasuredProcess, NotServing, free_port, wait_ready
 
 MAX_TEXT = 400  # of the post-test's answer kept in model_info.json (an embedding prints hundreds of numbers)
@@ -54,7 +55,7 @@ def post_install_test(folder: Path, tokens: int, timeout: float = 900, kind: str
     args = ["--port", str(free_port())]
     url = f"http://127.0.0.1:{args[1]}"
     with tempfile.TemporaryDirectory(prefix="post-test-") as tmp:
-        server = MeasuredProcess(["sh", str(folder / "start.sh"), *args], env, folder)
+        server = MeasuredProcess(["sh", str(folder / START), *args], env, folder)
         try:
             wait_ready(server, url, timeout)
             text = _ask(url, handler.endpoints[0], handler.post_test, tokens, Path(tmp), timeout)

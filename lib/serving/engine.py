@@ -12,11 +12,13 @@ One thread owns the model, so requests from the API, the UI and the CLI never ra
 short one, and a cancelled request (client gone, Stop button) is dropped at its next token. Requests beyond that
 wait in a bounded queue.
 
-Two decoders sit behind the same token iterators (`LoadedModel.stream`), picked by `choose_engine` (lib.serving.loading):
+The decoders behind the token iterators (`LoadedModel.stream`) follow one protocol (lib.serving.engines.Decoder),
+picked by `choose_engine` (lib.serving.loading):
 - llama.cpp (lib.serving.llamacpp) for a model that has a GGUF file, on a CPU: llama.cpp's own speed, and one
   batched decode per round for all active requests;
-- torch (lib.model.generate.stream, a KV cache per request) for GPUs and for models without a GGUF. It also serves a
-  GGUF when llama-cpp-python is missing (converted to HF weights on load), and says why that is slower.
+- torch and transformers (lib.serving.torch_engine: lib.model.generate.stream, a KV cache per request) for GPUs and
+  for models without a GGUF. They also serve a GGUF when llama-cpp-python is missing (converted to HF weights on
+  load), and say why that is slower.
 
 Text comes out through `TextStream` (lib.serving.text): UTF-8-complete pieces only, stop strings cut off, and any
 text that could be the start of a stop string held back until it is known not to be one.

@@ -7,6 +7,7 @@ the device, the tokenizer, the stop ids and the context, as one LoadedModel the 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -21,23 +22,23 @@ from lib.chat import end_of_turn_ids, looks_instruction_tuned, serving_template
 from lib.data.tokenizer import load_tokenizer
 from lib.errors import UserError
 from lib.export.convert import gguf_to_hf
+from lib.export.llama_tools import lora_to_gguf
 from lib.handlers import torch_engine
-from lib.install.models_dir import ADAPTERS, adapters_of, verify_install
-from lib.install.quantize import lora_to_gguf
-from lib.model.generate import decoder_of, stream
 from lib.model.hf_io import load_hf, save_model_dir
+from lib.models_dir import ADAPTERS, MODEL, adapters_of, verify_install
 from lib.serving import llamacpp
-from lib.serving.constrain import GrammarMask
+from lib.serving.engines import loader
 from lib.serving.hf_engine import TransformersLM
 from lib.serving.llamacpp import LlamaCppModel
 from lib.serving.resolve import ModelRef
+from lib.serving.torch_engine import TorchDecoder
 
 
 @dataclass
 class LoadedModel:
     ref: ModelRef
-    # lib.model.homellm.HomeLLM in eval mode (engine "torch"), lib.serving.hf_engine.TransformersLM ("transformers")
-    # or lib.serving.llamacpp.LlamaCppModel ("llama.cpp")
+    # the decoder (lib.serving.engines.Decoder): lib.serving.torch_engine.TorchDecoder over HomeLLM (engine "torch")
+    # or TransformersLM ("transformers"), or lib.serving.llamacpp.LlamaCppModel ("llama.cpp")
     model: Any
     tokenizer: Any  # transformers PreTrainedTokenizerFast
     context_length: int
@@ -52,35 +53,14 @@ class LoadedModel:
     engine_note: str = ""  # why this engine (shown at start and in /info)
 
     def stream(self, prompt_ids: list[int], params, record=None) -> Iterator[int]:
-        """New token ids for a prompt (lib.model.generate.stream's contract, `record` included), from whichever
-        decoder serves this model."""
-        if self.engine == "llama.cpp":
-            return self.model.stream(prompt_ids, params, record)
-        return self._torch_stream(prompt_ids, params, record)
-
-    def _torch_stream(self, prompt_ids: list[int], params, record=None) -> Iterator[int]:
-        """HomeLLM (engine "torch") or TransformersLM, through a GrammarMask when params has a grammar (built on the
-        first token, so that a bad grammar fails the request, not the engine's thread)."""
-        constraint = None
-        if params.grammar:
-            constraint = GrammarMask(params.grammar, self.tokenizer, decoder_of(self.model)[1], self.stop_token_ids)
-        yield from stream(self.model, prompt_ids, params, constraint=constraint, record=record)
+        """New token ids for a prompt (lib.model.generate.stream's contract, `record` included)."""
+        return self.model.stream(prompt_ids, params, record)
 
     def score(self, ids: list[int], top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
         """What the prompt `ids` says of itself: log p(ids[i] | ids[:i]) for i >= 1, and at every position the `top`
         most likely next tokens with their log-probabilities (the last position's: the token that would come next).
         One forward pass over the whole prompt (llama.cpp: in batch-sized chunks); call it on the engine's thread."""
-        if self.engine == "llama.cpp":
-            return self.model.score(ids, top)
-        import torch
-
-        with torch.inference_mode():
-            x = torch.tensor([ids], device=self.device)
-            logits = self.model(x)[0] if self.engine == "torch" else self.model.hf(input_ids=x).logits
-            lp = torch.log_softmax(logits[0].float(), dim=-1)  # (T, vocab)
-            target = lp[:-1].gather(1, x[0, 1:, None])[:, 0]
-            values, indices = lp.topk(max(top, 1), dim=-1)
-        return target.tolist(), [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+        return self.model.score(ids, top)
 
     @property
     def id(self) -> str:
@@ -135,7 +115,7 @@ def with_adapter(ref: ModelRef, as_lora_gguf: bool) -> ModelRef:
     adapter = folder / "adapter"
     base = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
     if not (base / "config.json").is_file():  # the install moved: its model/ (or kept base) is where it is now
-        base = next((p for p in (ref.install_dir / "model", ref.install_dir / ADAPTERS / ".base-hf")
+        base = next((p for p in (ref.install_dir / MODEL, ref.install_dir / ADAPTERS / ".base-hf")
                      if any(p.glob("*.safetensors"))), base)
     if as_lora_gguf:
         lora = folder / "adapter.gguf"
@@ -198,36 +178,55 @@ def load_model(ref: ModelRef, device: str = "auto", engine: str = "auto", max_ac
     if ref.adapter:  # with its LoRA adapter (start.sh --adapter, or picked in the UI)
         ref = with_adapter(ref, as_lora_gguf=engine == "llama.cpp")
         note += f"; LoRA adapter {ref.id.rsplit('+', 1)[-1]} " + ("applied" if ref.lora else "merged")
-    if engine == "llama.cpp":
-        return _load_llamacpp(ref, note, max_active, max_context)
-    return _load_torch(ref, device, note, max_context)
+    if engine == "torch":  # the torch engines: ours for the Llama architecture, transformers' for the rest
+        engine = torch_engine(_read_config(_hf_folder(ref)))
+    return loader(engine, "chat")(ref, device, note, max_active, max_context)
 
 
-def _load_torch(ref: ModelRef, device: str, note: str, max_context: int = 4096) -> LoadedModel:
-    """A model from its HF folder (safetensors only): our HomeLLM for the Llama architecture (model_type "llama"),
-    transformers' own class for every other causal LM (engine "transformers"). Replies use at most max_context
-    tokens of the model's context (serve.max_context, as llama.cpp's cache; 05_check sizes memory at it)."""
+def _hf_folder(ref: ModelRef) -> Path:
+    """The model's HF folder; a GGUF alone is dequantised into one first (once per process)."""
+    return ref.path if ref.path is not None else _gguf_as_hf(ref.gguf)
+
+
+def _read_config(hf_dir: Path) -> dict:
+    try:
+        return json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{hf_dir / 'config.json'}: cannot read the model config ({e})") from None
+
+
+def load_homellm(ref: ModelRef, device: str, note: str, max_active: int = 4, max_context: int = 4096) -> LoadedModel:
+    """Engine "torch": our HomeLLM from the HF folder (the Llama architecture, model_type "llama")."""
+    def net(hf_dir, dtype):
+        model = load_hf(hf_dir, device=device, dtype=dtype)
+        return model.eval(), model.args.max_seq_len
+
+    return _load_torch(ref, device, note, max_context, "torch", net)
+
+
+def load_transformers(ref: ModelRef, device: str, note: str, max_active: int = 4,
+                      max_context: int = 4096) -> LoadedModel:
+    """Engine "transformers": transformers' own class for any other causal LM (safetensors only, no remote code)."""
+    def net(hf_dir, dtype):
+        model = TransformersLM.load(hf_dir, device, dtype)
+        return model, model.context_length
+
+    return _load_torch(ref, device, note, max_context, "transformers", net)
+
+
+def _load_torch(ref: ModelRef, device: str, note: str, max_context: int, engine: str, load_net) -> LoadedModel:
+    """A model from its HF folder (safetensors only), decoded by lib.model.generate through TorchDecoder. Replies use
+    at most max_context tokens of the model's context (serve.max_context, as llama.cpp's cache; 05_check sizes
+    memory at it)."""
     import torch
 
-    hf_dir = ref.path
-    if hf_dir is None:  # a GGUF alone: dequantised into an HF folder first (once per process)
-        hf_dir = _gguf_as_hf(ref.gguf)
-    config_path = hf_dir / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{config_path}: cannot read the model config ({e})") from None
+    hf_dir = _hf_folder(ref)
+    config = _read_config(hf_dir)
     tokenizer = load_tokenizer(hf_dir)
     # bf16 halves memory and is fast on GPUs; CPUs serve in fp32 (bf16 matmuls are slow on most of them).
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    engine = torch_engine(config)
-    if engine == "torch":
-        model = load_hf(hf_dir, device=device, dtype=dtype)
-        model.eval()
-        context = config.get("max_position_embeddings") or getattr(tokenizer, "model_max_length", None) or 2048
-    else:
-        model = TransformersLM.load(hf_dir, device, dtype)
-        context = model.context_length
+    net, context = load_net(hf_dir, dtype)
+    if engine == "transformers":
         note = note.replace("engine torch", f"engine transformers ({config.get('model_type')})", 1)
     n_vocab = config.get("vocab_size")
     largest_id = max(tokenizer.get_vocab().values())
@@ -235,9 +234,10 @@ def _load_torch(ref: ModelRef, device: str, note: str, max_context: int = 4096) 
         raise UserError(f"{hf_dir}: the tokenizer has token id {largest_id} but the model's vocab_size is {n_vocab} "
                         f"(config.json); the tokenizer files do not belong to this model")
     note = _with_template(tokenizer, note, hf_dir.name, hf_dir.parent.name, config.get("_name_or_path"))
-    return LoadedModel(ref=ref, model=model, tokenizer=tokenizer, context_length=min(int(context), max_context),
-                       stop_token_ids=sorted(end_of_turn_ids(tokenizer, hf_dir)), device=device, dtype=str(dtype).split(".")[-1],
-                       parameters=model.num_params(), config=config,
+    stop_ids = sorted(end_of_turn_ids(tokenizer, hf_dir))
+    return LoadedModel(ref=ref, model=TorchDecoder(net, tokenizer, stop_ids), tokenizer=tokenizer,
+                       context_length=min(int(context), max_context), stop_token_ids=stop_ids, device=device,
+                       dtype=str(dtype).split(".")[-1], parameters=net.num_params(), config=config,
                        # a byte-level token's string has one character per byte, so it bounds the decoded length
                        max_token_chars=max(len(t) for t in tokenizer.get_vocab()), engine=engine, engine_note=note)
 
@@ -250,6 +250,7 @@ def _with_template(tokenizer, note: str, *names) -> str:
     return f"{note}; {why}" if why else note
 
 
+@functools.cache
 def _gguf_as_hf(gguf: Path) -> Path:
     import tempfile
 
@@ -271,8 +272,8 @@ def gguf_tokenizer(gguf: Path):
                         "the model instead") from None
 
 
-def _load_llamacpp(ref: ModelRef, note: str, max_active: int, max_context: int) -> LoadedModel:
-
+def load_llamacpp(ref: ModelRef, device: str, note: str, max_active: int = 4, max_context: int = 4096) -> LoadedModel:
+    """Engine "llama.cpp": the GGUF file on the CPU (its tokenizer from the HF folder beside it, else from the GGUF)."""
     tokenizer = load_tokenizer(ref.path) if ref.path is not None else gguf_tokenizer(ref.gguf)
     model = LlamaCppModel(ref.gguf, n_ctx_seq=max_context, n_seq=max_active, lora=ref.lora)
     if len(tokenizer) > model.n_vocab:

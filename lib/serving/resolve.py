@@ -21,9 +21,11 @@ from pathlib import Path
 from lib.artifacts import MANIFEST, is_complete, read_json
 from lib.config import Config, ExportConfig
 from lib.errors import UserError
-from lib.install.models_dir import (
+from lib.models_dir import (
+    GGUF,
     INFO,
     MARKER,
+    MODEL,
     adapters_of,
     list_installed,
     models_dir_for,
@@ -36,7 +38,7 @@ from lib.stages import STAGE, model_stages, stage_dir, stages_of
 # Stages whose output is a servable HF model directory, furthest first.
 MODEL_STAGES = model_stages()
 # Where the HF directory may sit inside a stage or install folder (the folder itself first).
-_HF_SUBDIRS = (".", "model", "hf")
+_HF_SUBDIRS = (".", MODEL, "hf")  # a folder itself, an install, a pipeline export
 
 
 # Which GGUF to serve when a folder has several: 8-bit first (llama.cpp's fastest at full quality on a CPU), then
@@ -88,7 +90,7 @@ def find_hf_dir(folder: Path) -> Path | None:
 
 def find_gguf(folder: Path) -> Path | None:
     """The GGUF file to serve from `folder` or its gguf/ subfolder (see GGUF_PREFERENCE), None when there is none."""
-    found = [p for sub in (".", "gguf") if (folder / sub).is_dir() for p in (folder / sub).glob("*.gguf") if p.is_file()]
+    found = [p for sub in (".", GGUF) if (folder / sub).is_dir() for p in (folder / sub).glob("*.gguf") if p.is_file()]
 
     def rank(p: Path) -> tuple[int, str]:
         name = p.stem.lower()
@@ -161,7 +163,7 @@ def is_chat_model(ref: ModelRef) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Installed models (lib.install.models_dir owns the folder layout: <models_dir>/<name>/{model/, model_info.json, SHA256SUMS}).
+# Installed models (lib.models_dir owns the folder layout: <models_dir>/<name>/{model/, model_info.json, SHA256SUMS}).
 
 
 def models_dir_of(cfg: Config, override: str | Path | None = None) -> Path:

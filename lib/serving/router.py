@@ -37,6 +37,7 @@ from starlette.requests import Request as StarletteRequest
 
 from lib.config import ServeConfig
 from lib.errors import UserError
+from lib.models_dir import START
 from lib.serving.api import API_ROUTES, APIError, StatusCounter, check_bearer, error_body, install_error_handlers
 from lib.serving.engine import Metrics
 from lib.serving.ollama import VERSION, OllamaError, OllamaRoot, keep_alive_seconds
@@ -157,7 +158,7 @@ class Router:
         args = ["--port", str(port), "--no-ui", *(["--adapter", ref.adapter] if ref.adapter else [])]
         if self.device != "auto":
             args += ["--device", self.device]
-        proc = MeasuredProcess(["sh", str(ref.install_dir / "start.sh"), *args], self.env, ref.install_dir)
+        proc = MeasuredProcess(["sh", str(ref.install_dir / START), *args], self.env, ref.install_dir)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(proc, url, self.start_timeout)

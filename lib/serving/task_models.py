@@ -22,6 +22,7 @@ from lib.check.detect import detect
 from lib.check.source import open_source
 from lib.errors import UserError
 from lib.handlers import HANDLERS, handler_for
+from lib.serving.engines import loader
 from lib.serving.llamacpp import LlamaCppEmbeddings
 from lib.serving.resolve import ModelRef
 
@@ -236,7 +237,7 @@ def load_task_model(ref: ModelRef, kind: str, device: str = "cpu") -> TaskModel:
 
     folder = ref.path
     if folder is None and kind == "embedding":
-        return _gguf_embedder(ref)
+        return loader("llama.cpp", kind)(ref, None, {}, device)
     if folder is None:
         raise UserError(f"{ref.gguf}: a {kind} model is served from its Hugging Face folder; GGUF {kind} models "
                         "are not served")
@@ -247,8 +248,9 @@ def load_task_model(ref: ModelRef, kind: str, device: str = "cpu") -> TaskModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr, in every start.sh's log
+    load = loader(HANDLERS[kind].engine(config, has_gguf=False, device=device), kind)
     try:
-        return _LOADERS[kind](ref, folder, config, device)
+        return load(ref, folder, config, device)
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{folder}: cannot load it as a {kind} model ({type(e).__name__}: {e})") from None
 
@@ -257,7 +259,7 @@ def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _embedder(ref, folder, config, device):
+def load_embedder(ref, folder, config, device):
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(folder), device=device, local_files_only=True, trust_remote_code=False)
@@ -266,13 +268,13 @@ def _embedder(ref, folder, config, device):
                     max_tokens=st.max_seq_length, config=config)
 
 
-def _gguf_embedder(ref):
+def load_gguf_embedder(ref, folder, config, device):
     m = LlamaCppEmbeddings(ref.gguf)
     return GgufEmbedder(ref=ref, kind="embedding", engine="llama.cpp", model=m, parameters=m.n_params,
                         max_tokens=m.n_ctx_train, config={"model_type": m.meta("general.architecture")})
 
 
-def _classifier(ref, folder, config, device):
+def load_classifier(ref, folder, config, device):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True).to(device).eval()
@@ -282,7 +284,7 @@ def _classifier(ref, folder, config, device):
                       max_tokens=limit, config=config, tokenizer=tok)
 
 
-def _reranker(ref, folder, config, device):
+def load_reranker(ref, folder, config, device):
     from sentence_transformers import CrossEncoder
 
     ce = CrossEncoder(str(folder), device=device, local_files_only=True, trust_remote_code=False)
@@ -291,7 +293,7 @@ def _reranker(ref, folder, config, device):
                     max_tokens=limit, config=config)
 
 
-def _transcriber(ref, folder, config, device):
+def load_transcriber(ref, folder, config, device):
     import os
 
     import ctranslate2
@@ -304,6 +306,3 @@ def _transcriber(ref, folder, config, device):
     size = (folder / "model.bin").stat().st_size
     return Transcriber(ref=ref, kind="speech", engine="faster-whisper", model=model, parameters=size // 2,
                        max_tokens=None, config=config)
-
-
-_LOADERS = {"embedding": _embedder, "classifier": _classifier, "reranker": _reranker, "speech": _transcriber}

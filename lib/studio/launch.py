@@ -29,6 +29,7 @@ from lib import ROOT
 from lib.artifacts import read_json
 from lib.atomic import atomic_write_json
 from lib.errors import UserError
+from lib.models_dir import TRAIN
 from lib.stages import STAGES
 from lib.studio.runs import pid_alive
 
@@ -113,7 +114,7 @@ class Launcher:
     def finetune(self, install: str | Path, data: str | Path, name: str) -> dict:
         """An installed model's own train.sh on `data` (LoRA into <install>/adapters/<name>/), as a user would run
         it; one training at a time here, pipeline or fine-tune."""
-        cmd = ["sh", str(Path(install) / "train.sh"), str(data), "--name", name]
+        cmd = ["sh", str(Path(install) / TRAIN), str(data), "--name", name]
         return self._launch(cmd, shlex.join(cmd), {"kind": "finetune", "install": str(install), "adapter": name})
 
     def _launch(self, argv: list[str], command: str, meta: dict) -> dict:

@@ -27,8 +27,8 @@ from lib.check import fmt_bytes
 from lib.config import Config, load_config
 from lib.errors import UserError
 from lib.install.finetune import plan_finetune
-from lib.install.models_dir import list_installed, models_dir_for
 from lib.model.homellm import PRESETS
+from lib.models_dir import MODEL, TRAIN, list_installed, models_dir_for
 from lib.names import check_name
 from lib.stages import STAGE
 from lib.studio.configs import (
@@ -285,7 +285,7 @@ class Studio:
         """What phase 2 can tune: this run's phase-1 model, or an installed model (its folder)."""
         try:
             installed = [e["path"] + "/model" for e in list_installed(models_dir_for(self.cfg.install))
-                         if (Path(e["path"]) / "model" / "config.json").is_file()]
+                         if (Path(e["path"]) / MODEL / "config.json").is_file()]
         except (OSError, UserError):
             installed = []
         return [FROM_PHASE1, *installed]
@@ -423,7 +423,7 @@ class Studio:
         except (OSError, UserError):
             return []
         return [(f"{e['name']} ({e.get('engine') or e.get('kind')})", e["path"]) for e in entries
-                if e.get("kind") == "chat" and (Path(e["path"]) / "train.sh").is_file()]
+                if e.get("kind") == "chat" and (Path(e["path"]) / TRAIN).is_file()]
 
     def _finetune_args(self, install: str | None, data: str | None) -> tuple[Path, Path]:
         if install not in {path for _, path in self.finetune_choices()}:

@@ -1,9 +1,22 @@
-"""The models dir: where installs live (~/LLM/models unless configured), what makes a folder an install, and the
-installs in it: listed, resolved by name, verified against their checksums, removed.
+"""The models dir and the install folders in it: where installs live (~/LLM/models unless configured), the layout of
+an install (declared here once: every module that reads or writes one uses these names), what makes a folder an
+install, and the installs in it: listed, resolved by name, verified against their checksums, removed.
 
-    <models_dir>/<name>/   an install (see lib/install/installer.py for its layout); complete iff MARKER exists
-    <models_dir>/.runtime/ the shared serving environments (lib/install/runtime_env.py)
-    <models_dir>/logs/     checks/<name>/report.{txt,json}: what 05_check said of each model an install was tried for
+    <models_dir>/<name>/            an install, complete iff MARKER exists
+        model/           MODEL      HF files: config, safetensors weights, tokenizer, chat template
+        gguf/            GGUF       GGUF files + Ollama Modelfile (a GGUF install, an export that had them, --quantize)
+        adapters/NAME/   ADAPTERS   LoRA adapters trained by its train.sh
+        model_info.json  INFO       the check report + install date, installer version, capabilities
+        start.sh         START      starts runtime/07_serve.py --model <this folder>, paths relative to itself
+        train.sh         TRAIN      (chat) fine-tunes it: lib/install/finetune.py
+        runtime/         CODE       the serving code it was installed with
+        venv/            VENV       with --venv only: an environment of its own
+        SHA256SUMS       SUMS       sha256 of every file under model/ and gguf/
+        .install_complete MARKER    written last
+    <models_dir>/.runtime/<id>/     RUNTIME_DIR: the shared serving environments (lib/install/runtime_env.py)
+    <models_dir>/logs/checks/<name>/ LOGS: what 05_check said of each model an install was tried for
+
+Not here: making an install (lib/install), serving one (lib/serving).
 """
 
 
@@ -23,9 +36,18 @@ from lib.errors import UserError
 from lib.fingerprint import sha256_file
 from lib.names import check_name
 
-MARKER = ".install_complete"
-SUMS = "SHA256SUMS"
+MODEL = "model"
+GGUF = "gguf"
+ADAPTERS = "adapters"
 INFO = "model_info.json"
+START = "start.sh"
+TRAIN = "train.sh"
+CODE = "runtime"
+VENV = "venv"
+SUMS = "SHA256SUMS"
+MARKER = ".install_complete"
+RUNTIME_DIR = ".runtime"
+LOGS = "logs"
 DEFAULT_MODELS_DIR = InstallConfig().models_dir
 
 
@@ -73,8 +95,6 @@ def _is_install(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".") and (path / MARKER).is_file()
 
 
-ADAPTERS = "adapters"  # <install>/adapters/NAME/: LoRA adapters trained by the install's train.sh
-LOGS = "logs"  # <models_dir>/logs/checks/NAME/: the check report of every install tried, refused ones included
 
 
 def check_log_dir(models_dir: str | Path, name: str) -> Path:
@@ -133,7 +153,7 @@ def resolve_installed(name_or_path: str | Path, models_dir: str | Path) -> Path:
 
 
 def _manifest_files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for sub in ("model", "gguf") if (folder / sub).is_dir()
+    return sorted(str(p.relative_to(folder)) for sub in (MODEL, GGUF) if (folder / sub).is_dir()
                   for p in (folder / sub).rglob("*") if p.is_file())
 
 
@@ -213,7 +233,7 @@ def remove_installed(name: str, models_dir: str | Path) -> dict:
 def environment_of(install: Path) -> Path | None:
     """The shared environment an install's start.sh runs with (None: its own venv/ or unreadable)."""
     try:
-        text = (install / "start.sh").read_text(encoding="utf-8")
+        text = (install / START).read_text(encoding="utf-8")
     except OSError:
         return None
     m = re.search(r'PYTHON="\$HERE/([^"]+)/bin/python"; fi', text)
@@ -222,7 +242,7 @@ def environment_of(install: Path) -> Path | None:
 
 def unused_environments(models_dir: Path) -> list[Path]:
     """Shared environments under models_dir/.runtime that no complete install's start.sh points at."""
-    runtime = Path(models_dir) / ".runtime"
+    runtime = Path(models_dir) / RUNTIME_DIR
     if not runtime.is_dir():
         return []
     used = {environment_of(d) for d in Path(models_dir).iterdir() if _is_install(d)}
