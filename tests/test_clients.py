@@ -3,12 +3,13 @@ beside OpenAI's on the same port, for a chat model (the tiny talkative HomeLLM) 
 all-MiniLM-L6-v2, compared with what /v1/embeddings answers)."""
 
 import json
+import re
 
 import httpx
 import numpy as np
 import ollama
 import pytest
-from conftest import pkg_dir
+from conftest import CHROMIUM_ARGS, pkg_dir
 
 from lib.app import build_app, build_task_app
 from lib.config import Config, ServeConfig
@@ -180,6 +181,8 @@ def test_one_server_routes_by_model_loads_on_demand_unloads_when_idle_and_keeps_
                                                    max_tokens=4, temperature=0)
             assert reply.model == "tiny" and reply.usage.completion_tokens == 4
             assert sorted(router.slots) == ["tiny"]  # loaded by its first request; the other one not
+            runner = router.slots["tiny"].url  # its own server answers nobody but the router
+            assert httpx.post(runner + "/v1/chat/completions", json={"model": "tiny", "messages": []}).status_code == 401
             vectors = client.embeddings.create(model="minilm", input=["hello", "world"])
             assert len(vectors.data) == 2 and len(vectors.data[0].embedding) == 384
             with pytest.raises(openai.NotFoundError, match="installed: tiny, minilm|installed: minilm, tiny"):
@@ -222,13 +225,16 @@ def test_one_server_routes_by_model_loads_on_demand_unloads_when_idle_and_keeps_
 
 
 @pytest.mark.slow
-def test_07_serve_all_serves_every_install_at_one_port(models_dir):
+def test_07_serve_all_serves_every_install_at_one_port(models_dir, chromium):
+    """The one-port server as a user starts it, called by clients and used in a browser: its page's picker per kind
+    chats with the chat model (streamed) and embeds with the embedding model."""
     import signal
     import subprocess
     import sys
     import time
 
     from conftest import ROOT
+    from playwright.sync_api import expect, sync_playwright
 
     proc = subprocess.Popen([sys.executable, "07_serve.py", "--all", "--models-dir", str(models_dir), "--port", "0",
                              "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -246,6 +252,21 @@ def test_07_serve_all_serves_every_install_at_one_port(models_dir):
         assert r.status_code == 200 and len(r.json()["embeddings"]) == 2
         assert httpx.get(url).text == RUNNING
         assert "minilm" in httpx.get(url, headers={"accept": "text/html"}).text
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(url)
+                assert page.locator("#pick-chat option").all_inner_texts() == ["tiny"]
+                page.fill("#embedding-in", "hello")
+                page.click("#embedding-go")
+                expect(page.locator("#embedding-out")).to_contain_text("384 dimensions", timeout=60_000)
+                page.fill("#chat-in", "Hello there")
+                page.click("#chat-go")
+                expect(page.locator("#chat-out")).not_to_have_text(re.compile(r"^(…|)$"), timeout=60_000)
+                assert "error" not in page.locator("#chat-out").inner_text()
+            finally:
+                browser.close()
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)

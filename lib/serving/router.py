@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import html
 import json
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +43,8 @@ from lib.serving.engine import Metrics
 from lib.serving.ollama import VERSION, OllamaError, OllamaRoot, keep_alive_seconds
 from lib.serving.process import MeasuredProcess, NotServing, free_port, wait_ready
 from lib.serving.resolve import ModelRef, installed_models
-from lib.serving.server import LOOPBACK_HOSTS
+from lib.serving.router_page import router_page
+from lib.serving.server import API_KEY_ENV, LOOPBACK_HOSTS
 
 # The requests that name a model: the router reads "model" from them and hands them to that model's API.
 MODEL_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/classify", "/v1/rerank",
@@ -101,7 +102,12 @@ class Router:
         self.available, self.clock = available, clock
         self.metrics = Metrics()
         self.slots: dict[str, Slot] = {}
-        self.env = {k: v for k, v in os.environ.items() if k != "PYTHON"}  # each install's start.sh picks its own environment
+        # each install's start.sh picks its own environment; its server takes requests only with this process's own
+        # key (through the environment, which `ps` does not show), so that nothing else on the machine reaches it
+        # around this server's key and limits
+        self._runner_key = secrets.token_urlsafe(24)
+        self.env = {**{k: v for k, v in os.environ.items() if k != "PYTHON"}, API_KEY_ENV: self._runner_key}
+        self._runner_auth = {"Authorization": f"Bearer {self._runner_key}"}
         self.start_timeout = 600.0
         self._client: httpx.AsyncClient | None = None
         self._lock = threading.Lock()  # slots and memory decisions
@@ -162,7 +168,7 @@ class Router:
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(proc, url, self.start_timeout)
-            name = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+            name = httpx.get(url + "/v1/models", headers=self._runner_auth, timeout=30).json()["data"][0]["id"]
         except (NotServing, httpx.HTTPError, KeyError, IndexError) as e:
             res = proc.stop()
             tail = " | ".join([line for line in res["stderr"].splitlines() if line.strip()][-3:])
@@ -278,6 +284,7 @@ class Router:
             self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30))
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
                    if k.lower() not in (b"host", b"content-length", b"authorization", b"connection")]
+        headers += list(self._runner_auth.items())
         query = scope.get("query_string", b"").decode("latin-1")
         request = self._client.build_request(scope["method"], slot.url + scope["path"] + (f"?{query}" if query else ""),
                                              headers=headers, content=body)
@@ -322,13 +329,8 @@ class Router:
 
         @app.get("/", response_class=HTMLResponse)
         async def page():  # a browser's look at what this server has (clients get Ollama's line: OllamaRoot)
-            rows = "".join(f"<tr><td>{html.escape(ref.served_name)}</td><td>{html.escape(str(c['kind']))}</td>"
-                           f"<td>{html.escape(str(c['engine']))}</td><td>{'loaded' if c['loaded'] else ''}</td></tr>"
-                           for ref in self.catalog().values() for c in [self._card(ref)])
-            return (f"<html><head><title>Models at Home</title></head><body><h1>Models at Home</h1><p>Every model "
-                    f"installed in {html.escape(str(self.models_dir))}, on OpenAI's API at <code>/v1</code> and "
-                    f"Ollama's at <code>/api</code>; a model loads on its first request.</p><table><tr><th>model</th>"
-                    f"<th>kind</th><th>engine</th><th></th></tr>{rows}</table></body></html>")
+            return router_page([self._card(ref) for ref in self.catalog().values()], str(self.models_dir),
+                               needs_key=bool(self.api_key))
 
         @app.get("/health")
         async def health():
