@@ -5,6 +5,7 @@ install, and the installs in it: listed, resolved by name, verified against thei
     <models_dir>/<name>/            an install, complete iff MARKER exists
         model/           MODEL      HF files: config, safetensors weights, tokenizer, chat template
         gguf/            GGUF       GGUF files + Ollama Modelfile (a GGUF install, an export that had them, --quantize)
+        gguf/tokenizer/  TOKENIZER  a chat GGUF's tokenizer as HF files (rebuilding it from the GGUF takes seconds)
         adapters/NAME/   ADAPTERS   LoRA adapters trained by its train.sh
         model_info.json  INFO       the check report + install date, installer version, capabilities
         start.sh         START      starts runtime/07_serve.py --model <this folder>, paths relative to itself
@@ -38,6 +39,7 @@ from lib.names import check_name
 
 MODEL = "model"
 GGUF = "gguf"
+TOKENIZER = "tokenizer"
 ADAPTERS = "adapters"
 INFO = "model_info.json"
 START = "start.sh"

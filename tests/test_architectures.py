@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import serve_and_chat
 
-from lib.check import check_model
+from lib.check import check_model, write_report
 from lib.install.installer import install_model
 
 SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -51,9 +51,16 @@ def tiny_model(arch: str, tokenizer_dir, out):
     return out
 
 
+@pytest.fixture(scope="module")
+def shared_models(tmp_path_factory):
+    """One models dir for the architectures' installs, as a user's: they share one serving environment (built once,
+    then reused: lib/install/runtime_env.py), each under its own name."""
+    return tmp_path_factory.mktemp("models")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
-def test_every_installable_architecture_answers_through_start_sh(arch, tiny_chat_model, tmp_path):
+def test_every_installable_architecture_answers_through_start_sh(arch, tiny_chat_model, shared_models, tmp_path):
     model_dir = tiny_model(arch, tiny_chat_model, tmp_path / arch)
     report = check_model(str(model_dir), disk_path=tmp_path)
     v = report["verdict"]
@@ -61,7 +68,7 @@ def test_every_installable_architecture_answers_through_start_sh(arch, tiny_chat
     assert v["engine"] == ("torch" if arch == "llama" else "transformers")
     assert "/v1/chat/completions" in v["endpoints"]
 
-    folder = install_model(str(model_dir), tmp_path / "models", name=arch.replace("_", "-"), echo=None)
+    folder = install_model(str(model_dir), shared_models, name=arch.replace("_", "-"), echo=None)
     post = json.loads((folder / "model_info.json").read_text())["post_test"]
     assert post["ok"] and post["engine"].startswith(f"engine {v['engine']}"), post
     assert post["peak_rss_bytes"] > 0
@@ -80,12 +87,12 @@ def test_every_installable_architecture_answers_through_start_sh(arch, tiny_chat
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_is_installed_as_it_came_and_answers_through_llama_cpp(smollm2_gguf, tmp_path):
+def test_smollm2_gguf_is_installed_as_it_came_and_answers_through_llama_cpp(smollm2_gguf, shared_models, tmp_path):
     """A GGUF is served by llama.cpp: the install keeps the file (no fp32 HF copy) and its post-test answers
     through llama.cpp with the GGUF's own chat template."""
     report = check_model(str(smollm2_gguf), disk_path=tmp_path)
     assert report["verdict"]["engine"] == "llama.cpp" and report["verdict"]["runnable"]
-    folder = install_model(str(smollm2_gguf), tmp_path / "models", name="smol", echo=None)
+    folder = install_model(str(smollm2_gguf), shared_models, name="smol", echo=None)
     assert not (folder / "model").exists() and (folder / "gguf" / smollm2_gguf.name).is_file()
     post = json.loads((folder / "model_info.json").read_text())["post_test"]
     assert post["engine"].startswith("engine llama.cpp") and "Paris" in post["text"], post
@@ -104,7 +111,9 @@ def test_a_gemma3_base_gguf_without_a_chat_template_is_served_as_plain_completio
     v, inf = report["verdict"], report["estimates"]["inference"]
     assert v["engine"] == "llama.cpp" and v["runnable"] and report["estimates"]["context_length"] == 32768
     assert inf["seq_len"] == 4096
-    folder = install_model(str(gemma3_gguf), tmp_path / "models", name="gemma3", echo=None)
+    write_report(report, tmp_path / "check")  # the install reuses it, as 06_install reuses 05_check's
+    folder = install_model(str(gemma3_gguf), tmp_path / "models", name="gemma3", echo=None,
+                           report_path=tmp_path / "check" / "report.json")
     assert not (folder / "model").exists()  # no fp32 copy of a GGUF that llama.cpp serves
     post = json.loads((folder / "model_info.json").read_text())["post_test"]
     assert post["engine"].startswith("engine llama.cpp") and "plain completion" in post["engine"], post

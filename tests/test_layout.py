@@ -92,7 +92,9 @@ def test_function_level_lib_imports_are_few_and_explained():
                 inner.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.module}")
     allowed = ("lib.serving.api", "lib.serving.ui", "lib.studio.ui", "lib.serving.chat_cli", "lib.serving.task_api",
                "lib.serving.task_ui", "lib.serving.ollama", "lib.serving.router",
-               "lib.train.base_model")  # serving merges an adapter with peft, which only chat installs carry
+               "lib.train.base_model",  # serving merges an adapter with peft, which only chat installs carry
+               # 06_install.py's list, info, remove and config answer without the installer and the training stack
+               "lib.install.installer", "lib.install.finetune")
     assert [i for i in inner if not i.endswith(allowed)] == [], inner
 
 

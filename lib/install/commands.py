@@ -16,8 +16,6 @@ from lib.check import (
 from lib.cli import config_files
 from lib.config import Config, InstallConfig, to_dict
 from lib.errors import UserError
-from lib.install.finetune import finetune_install
-from lib.install.installer import install_model, pipeline_origin
 from lib.models_dir import (
     INFO,
     SUMS,
@@ -116,6 +114,8 @@ def run_install(cfg: Config, args) -> int:
         if not (args.target and args.data):
             raise UserError("06_install.py train NAME DATA: expected an installed model and the data to fine-tune on "
                             "(an install's train.sh passes its own folder)")
+        from lib.install.finetune import finetune_install  # the training stack: only `train` needs it
+
         finetune_install(resolve_installed(args.target, models_dir), args.data, args.name,
                          tensorboard=args.tensorboard)
         return 0
@@ -139,7 +139,10 @@ def run_install(cfg: Config, args) -> int:
         for env in done["environments"]:
             print(f"removed the shared environment {env}: no install uses it any more")
         return 0
-    # install
+    # install (the installer, with 05_check and the conversions, is imported only here: list, info, remove and
+    # config answer without it, at once)
+    from lib.install.installer import install_model, pipeline_origin
+
     name = args.name or cfg.install.name
     origin = None
     if args.target:

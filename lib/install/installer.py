@@ -70,6 +70,7 @@ from lib.models_dir import (
     MODEL,
     START,
     SUMS,
+    TOKENIZER,
     TRAIN,
     VENV,
     check_log_dir,
@@ -77,6 +78,7 @@ from lib.models_dir import (
     write_sums,
 )
 from lib.names import check_name, name_from
+from lib.serving.loading import gguf_tokenizer
 
 INSTALLER_VERSION = "1.1"
 # What may be copied from a model folder: configs, safetensors, tokenizer files, chat templates, docs.
@@ -353,6 +355,11 @@ def install_model(ref: str, models_dir: str | Path, name: str | None = None, for
         else:  # a GGUF (the source itself, or one beside an export) goes to gguf/: 07_serve serves it with llama.cpp
             extras = _copy_extras([src["path"]] if src["kind"] == "gguf" else src.get("extras") or [], tmp / GGUF,
                                   log)
+        if src["kind"] == "gguf" and not model_dir.is_dir() and report["verdict"]["kind"] == "chat":
+            t1 = time.time()  # transformers rebuilds a GGUF's tokenizer slowly (15 s for Gemma 3's 262k tokens)
+            gguf_tokenizer(Path(src["path"])).save_pretrained(tmp / GGUF / TOKENIZER)
+            log(f"tokenizer: the GGUF's, saved as HF tokenizer files in {GGUF}/{TOKENIZER}/ for start.sh to load "
+                f"({time.time() - t1:.1f} s)")
         (tmp / "logs").mkdir()
         n_files = write_sums(tmp)
         log(f"manifest: {SUMS} over {n_files} files ({time.time() - t0:.1f} s so far)")

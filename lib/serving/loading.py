@@ -25,7 +25,7 @@ from lib.export.convert import gguf_to_hf
 from lib.export.llama_tools import lora_to_gguf
 from lib.handlers import torch_engine
 from lib.model.hf_io import load_hf, save_model_dir
-from lib.models_dir import ADAPTERS, MODEL, adapters_of, verify_install
+from lib.models_dir import ADAPTERS, MODEL, TOKENIZER, adapters_of, verify_install
 from lib.serving import llamacpp
 from lib.serving.engines import loader
 from lib.serving.hf_engine import TransformersLM
@@ -274,7 +274,9 @@ def gguf_tokenizer(gguf: Path):
 
 def load_llamacpp(ref: ModelRef, device: str, note: str, max_active: int = 4, max_context: int = 4096) -> LoadedModel:
     """Engine "llama.cpp": the GGUF file on the CPU (its tokenizer from the HF folder beside it, else from the GGUF)."""
-    tokenizer = load_tokenizer(ref.path) if ref.path is not None else gguf_tokenizer(ref.gguf)
+    saved = ref.gguf.parent / TOKENIZER  # an install's copy of the GGUF's tokenizer
+    tokenizer = (load_tokenizer(ref.path) if ref.path is not None else load_tokenizer(saved)
+                 if (saved / "tokenizer_config.json").is_file() else gguf_tokenizer(ref.gguf))
     model = LlamaCppModel(ref.gguf, n_ctx_seq=max_context, n_seq=max_active, lora=ref.lora)
     if len(tokenizer) > model.n_vocab:
         raise UserError(f"{ref.gguf}: the tokenizer has {len(tokenizer)} tokens but the GGUF model only {model.n_vocab}"
