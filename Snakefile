@@ -11,8 +11,10 @@
 # depends on it; reverting the edit finds the old directories again, so nothing runs. A directory is complete iff
 # its manifest.json exists, and that file is each rule's declared output.
 #
-# Neither the config files nor the code are rule inputs: their mtimes would rerun everything on any edit. The
-# hashes in the output paths carry them instead.
+# Neither the config files nor the code (the scripts included) are rule inputs: their mtimes would rerun everything
+# on any edit. The hashes in the output paths carry them instead, and the workflow profile (profiles/default/) turns
+# off Snakemake's own rerun triggers (mtime, input set, params, code), which a copied, moved or upgraded project
+# would set off with nothing changed: moving the project folder reruns nothing.
 #   snakemake --cores all --configfile config/smoke.yaml --configfile mine.yaml   # merged in order, later wins
 #   snakemake --cores all --config 'tokenizer={"vocab_size": 1024}'              # or tokenizer.vocab_size=1024
 
@@ -46,6 +48,18 @@ def config_args(wildcards, output):
     return CONFIG_ARGS
 
 
+def interpreter(wildcards, output):
+    """The interpreter the scripts run with (a function of the output, as config_args: a new venv elsewhere is not
+    a new result)."""
+    return shlex.quote(PY)
+
+
+def script_of(name):
+    """The stage's script, found beside the Snakefile wherever the project lives (not a rule input: its contents
+    are in the stage hash, and its path and mtime change when the project is copied or moved)."""
+    return lambda wildcards, output: shlex.quote(str(SRC / name))
+
+
 def done(stage):
     """The declared output of a stage: its manifest, written last."""
     return f"{stage_dir(CFG, stage)}/manifest.json"
@@ -71,7 +85,6 @@ for st in STAGES:
         name:
             st.rule
         input:
-            script=str(SRC / st.script),
             upstream=[done(u) for u in st.reads(CFG)],
         output:
             manifest=done(st.name),
@@ -81,13 +94,14 @@ for st in STAGES:
             f"{LOGS}/{st.name}/{folder.name}.benchmark.tsv"
         threads: workflow.cores if st.threads_env else 1
         params:
-            py=PY,
+            py=interpreter,
+            script=script_of(st.script),
             config=config_args,
             args=" ".join(st.args),
         conda:
             ENV
         shell:
-            f"{env}{{params.py}} {{input.script}} {{params.args}} {{params.config}} > {{log}} 2>&1"
+            f"{env}{{params.py}} {{params.script}} {{params.args}} {{params.config}} > {{log}} 2>&1"
 
     rule:
         name:

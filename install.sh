@@ -8,6 +8,8 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# A venv that came along when the project folder was moved or copied: its scripts still name the old place
+.venv/bin/python -m lib.relocate .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if [ "${1:-}" = "--dev" ]; then
   .venv/bin/pip install -q -r requirements-dev.txt

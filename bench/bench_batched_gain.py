@@ -132,7 +132,6 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
-    sys.path.insert(0, str(ROOT))
     if a.gguf is None:
         import importlib.util
 

@@ -38,8 +38,10 @@ def measure(gguf: Path) -> tuple[int, float]:
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import pkg_dir
+    import importlib.util
+
+    def pkg_dir(module: str) -> Path:  # a data package's folder (importing some of them fails)
+        return Path(importlib.util.find_spec(module).submodule_search_locations[0])
 
     from lib.check import check_model, fmt_bytes
     from lib.export.convert import gguf_to_hf

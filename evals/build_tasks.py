@@ -1,7 +1,7 @@
 """Builds the JSONL of the local evaluation tasks beside this file from the offline data the project's packages ship
 (seeded: the same files every run). The YAML files next to them are the tasks lm-evaluation-harness reads.
 
-    python evals/build_tasks.py
+    python -m evals.build_tasks            # from the project's folder, like every other script
 
 - home_kjv_cloze: a King James verse without its last word; four candidate words (the true one and the last words
   of three other verses). LAMBADA's idea on offline text; chance 0.25.
@@ -12,12 +12,9 @@
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lib.data.loaders import packaged_file  # noqa: E402
+from lib.data.loaders import packaged_file
 
 HERE = Path(__file__).resolve().parent
 N = 300

@@ -179,3 +179,31 @@ def test_editing_the_code_reruns_the_stages_that_run_it_and_nothing_else_does(ws
     # a lib module the data stage imports indirectly reruns everything downstream
     edit("lib/data/sources.py", "\ndef ", "\nEDITED = True\n\n\ndef ")
     assert dry_run() == TOKENS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A project moved with its venv (the whole-project move itself: test_report.py, on a finished run).
+
+
+def test_a_moved_venv_is_pointed_at_its_new_place(tmp_path):
+    """What install.sh does first (lib/relocate.py): a venv that moved with the project has scripts whose first line
+    names the old place (pip's #! line, or its sh wrapper for long paths) and an activate file that does; after
+    the repair they run the venv where it is now."""
+    from lib.relocate import repair_venv
+
+    there = tmp_path / "old-place" / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(there)], check=True)
+    (there / "bin" / "hello").write_text(f"#!{there}/bin/python\nimport sys\nprint(sys.prefix)\n")
+    (there / "bin" / "long").write_text(f"#!/bin/sh\n'''exec' '{there}/bin/python' \"$0\" \"$@\"\n' '''\n"
+                                        "import sys\nprint(sys.prefix)\n")
+    for name in ("hello", "long"):
+        (there / "bin" / name).chmod(0o755)
+    assert repair_venv(there) is None  # where it was made: nothing to do
+    shutil.move(str(there.parent), str(tmp_path / "moved"))  # the project folder renamed
+    here = tmp_path / "moved" / ".venv"
+    assert repair_venv(here) == str(there)
+    for name in ("hello", "long"):
+        out = subprocess.run([str(here / "bin" / name)], capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == str(here), (name, out.stderr)
+    assert str(here) in (here / "bin" / "activate").read_text() and str(there) not in (here / "bin" / "activate").read_text()
+    assert repair_venv(here) is None

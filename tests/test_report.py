@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -44,34 +45,69 @@ def pipeline(smoke_run):
     return ws, load_config(config), bundle
 
 
-def test_a_local_corpus_and_tokenizer_run_is_location_free(pipeline, tmp_path):
-    """A coursework-shaped run: the corpus is a local text file and the tokenizer a local pretrained folder, both
-    given relative to the config. Moving the project reruns nothing, and its bundle verifies identical both inside
-    the project and in another directory (the re-run reads the bundle's copies of both, from other paths)."""
+def _whole_project(dest: Path, snakefile: str) -> Path:
+    """The project as a user has it: its Snakefile (`snakefile`'s text), numbered scripts, lib/, config/ and envs/."""
+    dest.mkdir(parents=True)
+    for p in ROOT.iterdir():
+        if p.name in ("lib", "config", "envs"):
+            shutil.copytree(p, dest / p.name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif re.match(r"^\d\d_\w+\.py$", p.name):
+            shutil.copy2(p, dest / p.name)
+    (dest / "Snakefile").write_text(snakefile)
+    return dest
+
+
+def test_a_whole_project_upgraded_copied_and_moved_reruns_nothing_and_verifies_anywhere(pipeline, tmp_path):
+    """A coursework-shaped run in a whole project folder (Snakefile, scripts, lib/, config; the corpus a local text
+    file and the tokenizer a local pretrained folder, both given relative to the config), finished by the previous
+    Snakefile (scripts as absolute rule inputs, Snakemake's default rerun triggers). Upgraded to this Snakefile and
+    its workflow profile, copied with `cp -r` (new mtimes), moved with `mv` and run with another interpreter (a venv
+    made elsewhere, hard-linked as installs make theirs): nothing is scheduled again; a corpus line edited after the
+    move schedules data and everything after it. Its bundle verifies identical inside the project and in another
+    directory (the re-run reads the bundle's copies of the corpus and tokenizer, from other paths)."""
+    from lib.install.runtime_env import build_environment, distribution_closure
+
     ws_done, cfg_done, _ = pipeline
-    ws = tmp_path / "project"
-    (ws / "corpus").mkdir(parents=True)
+    new = (ROOT / "Snakefile").read_text()
+    old = new.replace("            upstream=[done(u) for u in st.reads(CFG)],",
+                      "            script=str(SRC / st.script),\n            upstream=[done(u) for u in st.reads(CFG)],"
+                      ).replace("{{params.script}}", "{{input.script}}")
+    assert "input.script" in old
+    ws = _whole_project(tmp_path / "project", old)
+    (ws / "corpus").mkdir()
     with open(pkg_dir("bible") / "data" / "kjv.jsonl", encoding="utf-8") as f:
         verses = [json.loads(next(f))["text"] for _ in range(2500)]
     (ws / "corpus" / "a.txt").write_text("\n\n".join(verses) + "\n", encoding="utf-8")
     shutil.copytree(ws_done / stage_dir(cfg_done, "02_tokenizer"), ws / "tokenizer")  # any HF tokenizer folder
     text = (ROOT / "config" / "smoke.yaml").read_text()
-    (ws / "config.yaml").write_text(text + "\n".join([
+    (ws / "mine.yaml").write_text(text + "\n".join([
         "", "data:", "  sources:", "    - type: files", "      path: corpus/a.txt",
         "tokenizer:", "  pretrained: tokenizer", f"install:\n  models_dir: {tmp_path / 'models'}",
         "prefs:\n  enabled: false", "report:\n  eval_tasks: []", ""]))  # what is moved matters, not phase 3
     fp32_cpu = {**os.environ, HARDWARE_ENV: "cpu-fp32"}
 
-    def snakemake(project, *args):
-        return run(project, "-m", "snakemake", *args, "-s", ROOT / "Snakefile", "--directory", project, "--cores",
-                   "2", "--configfile", project / "config.yaml", env=fp32_cpu)
+    def snakemake(project, *args, python=sys.executable):  # as the README runs it: in the project, its Snakefile
+        res = subprocess.run([str(python), "-m", "snakemake", *args, "--cores", "2", "--configfile", "mine.yaml"],
+                             cwd=project, capture_output=True, text=True, timeout=900, env=fp32_cpu)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return res.stdout + res.stderr
 
     snakemake(ws, "report")
+    (ws / "Snakefile").write_text(new)  # the upgrade: this Snakefile and its workflow profile
+    shutil.copytree(ROOT / "profiles", ws / "profiles")
+    assert "Nothing to be done" in snakemake(ws, "report", "-n")
+    copied = tmp_path / "copied"
+    subprocess.run(["cp", "-r", str(ws), str(copied)], check=True)  # every file gets a new mtime
+    assert "Nothing to be done" in snakemake(copied, "report", "-n")
     moved = tmp_path / "elsewhere" / "moved-project"
     moved.parent.mkdir()
-    shutil.move(ws, moved)
-    assert "Nothing to be done" in snakemake(moved, "report", "-n").stdout  # moved: nothing is scheduled again
-    res = run(moved, ROOT / "08_report.py", "bundle", "--config", moved / "config.yaml", "--quiet-config", env=fp32_cpu)
+    subprocess.run(["mv", str(ws), str(moved)], check=True)
+    names = [line.split("==")[0].split()[0] for line in (ROOT / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith(("#", "-"))]
+    python = build_environment(tmp_path / "venv-elsewhere", distribution_closure(names), lambda _: None)
+    assert "Nothing to be done" in snakemake(moved, "report", "-n", python=python)
+
+    res = run(moved, ROOT / "08_report.py", "bundle", "--config", moved / "mine.yaml", "--quiet-config", env=fp32_cpu)
     bundle = moved / res.stdout.split("submission bundle: ")[1].strip()
     for where in (moved / "verify-here", tmp_path / "verify-elsewhere"):
         out = run(moved, ROOT / "08_report.py", "verify", bundle, "--quick", "--workdir", where, "--quiet-config").stdout
@@ -79,6 +115,12 @@ def test_a_local_corpus_and_tokenizer_run_is_location_free(pipeline, tmp_path):
             assert re.search(rf"^{stage} +identical ", out, re.M), out
         assert f"the loss curve of the first {QUICK_STEPS} steps: max |Δ loss| 0" in out  # a bare --quick's default
         assert "verify: OK" in out
+
+    corpus = moved / "corpus" / "a.txt"
+    corpus.write_text(corpus.read_text(encoding="utf-8").replace("In the beginning", "At the start", 1))
+    planned = snakemake(moved, "report", "-n")
+    assert "Nothing to be done" not in planned and re.search(r"^prepare_data\s+1$", planned, re.M), planned
+    assert re.search(r"^total\s+\d+$", planned, re.M)
 
 
 def test_report_card_has_every_figure(pipeline):
