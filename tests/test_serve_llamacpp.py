@@ -232,16 +232,23 @@ def test_json_schema_and_json_object_replies_follow_the_grammar(both):
     import ollama
 
     torch_model, lcpp = both
-    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"},
-                                               "score": {"type": "integer"}},
-              "required": ["answer", "sure", "score"], "additionalProperties": False}
+    verdict = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"},
+                                                "score": {"type": "integer"}},
+               "required": ["answer", "sure", "score"], "additionalProperties": False}
+    # a long string: llama.cpp's GBNF nests an optional per character, 32 deep, beyond what llguidance's Lark reader
+    # takes; the torch engines compile the schema itself (lib.serving.constrain.Grammar)
+    # (and a score from a list: llguidance's integers have no digit limit, and this model repeats its last token)
+    wordy = {**verdict, "properties": {**verdict["properties"], "score": {"enum": [1, 2, 3]},
+                                       "why": {"type": "string", "maxLength": 32}},
+             "required": [*verdict["required"], "why"]}
     engine, other = Engine(lcpp), Engine(torch_model)
     try:
-        for served, seeds in ((lcpp, range(3)), (torch_model, range(2))):
+        for served, seeds, schema, room in ((lcpp, range(3), verdict, 200), (torch_model, range(2), wordy, 600)):
             with BackgroundServer(build_app(engine if served is lcpp else other,
                                             ServeConfig(), ui=False)) as url:
                 client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
-                ask = dict(model=served.name, messages=[{"role": "user", "content": "Is the sky blue?"}], max_tokens=200)
+                ask = dict(model=served.name, messages=[{"role": "user", "content": "Is the sky blue?"}],
+                           max_tokens=room)
                 for seed in seeds:
                     r = client.chat.completions.create(**ask, seed=seed, temperature=1.0, response_format={
                         "type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}})
@@ -251,12 +258,13 @@ def test_json_schema_and_json_object_replies_follow_the_grammar(both):
                 assert reply.startswith("{") and (r.choices[0].finish_reason == "length"
                                                   or isinstance(json.loads(reply), dict)), reply
                 said = ollama.Client(host=url.rstrip("/")).chat(model=served.name, messages=ask["messages"],
-                                                                 format=schema, options={"num_predict": 200, "seed": 4})
+                                                                 format=schema, options={"num_predict": room, "seed": 4})
                 jsonschema.validate(json.loads(said.message.content), schema)
-                bad = {**schema, "properties": {**schema["properties"], "tags": {"type": "array", "uniqueItems": True}}}
-                with pytest.raises(openai.BadRequestError, match="properties.tags.uniqueItems"):
-                    client.chat.completions.create(**ask, response_format={
-                        "type": "json_schema", "json_schema": {"name": "v", "schema": bad}})
+                for keyword, value in (("uniqueItems", True), ("maximum", 9)):  # llama.cpp's converter ignores both
+                    bad = {**schema, "properties": {**schema["properties"], "tags": {"type": "array", keyword: value}}}
+                    with pytest.raises(openai.BadRequestError, match=f"properties.tags.{keyword}"):
+                        client.chat.completions.create(**ask, response_format={
+                            "type": "json_schema", "json_schema": {"name": "v", "schema": bad}})
     finally:
         engine.close()
         other.close()

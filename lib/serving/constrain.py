@@ -21,7 +21,8 @@ import weakref
 # JSON Schema keywords llama.cpp's converter does not turn into grammar rules (it would ignore them)
 UNSUPPORTED_KEYWORDS = ("not", "if", "then", "else", "dependentSchemas", "dependentRequired", "patternProperties",
                         "propertyNames", "unevaluatedProperties", "unevaluatedItems", "uniqueItems", "multipleOf",
-                        "contains", "minContains", "maxContains", "exclusiveMinimum", "exclusiveMaximum")
+                        "contains", "minContains", "maxContains", "minimum", "maximum", "exclusiveMinimum",
+                        "exclusiveMaximum")
 
 
 def unsupported_keyword(schema, path: str = "schema", names: bool = False) -> str | None:
@@ -43,7 +44,20 @@ def unsupported_keyword(schema, path: str = "schema", names: bool = False) -> st
     return None
 
 
-def schema_grammar(schema) -> str:
+class Grammar(str):
+    """A GBNF grammar (the string itself, what llama.cpp's sampler takes) that keeps the JSON schema it was made
+    from: the torch engines compile the schema with llguidance's own JSON compiler, which takes long strings in
+    stride where the GBNF's nested optionals (maxLength: 40 is 40 levels deep) are beyond its Lark reader."""
+
+    schema: dict
+
+    def __new__(cls, gbnf: str, schema: dict):
+        self = super().__new__(cls, gbnf)
+        self.schema = schema
+        return self
+
+
+def schema_grammar(schema) -> Grammar:
     """The GBNF of JSON documents valid against `schema` (a dict); ValueError naming what cannot be expressed."""
     if not isinstance(schema, dict):
         raise ValueError("the schema must be a JSON object")
@@ -58,12 +72,12 @@ def schema_grammar(schema) -> str:
                          "environment lacks (./install.sh builds it)") from None
 
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return Grammar(json_schema_to_gbnf(json.dumps(schema)), schema)
     except (ValueError, AssertionError, KeyError, TypeError) as e:
         raise ValueError(f"the schema cannot be turned into a grammar: {e}") from None
 
 
-def json_grammar() -> str:
+def json_grammar() -> Grammar:
     """The GBNF of any JSON object (OpenAI's json_object: an object at the top)."""
     return schema_grammar({"type": "object"})
 
@@ -99,6 +113,9 @@ def ollama_grammar(fmt) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 # The torch engines: llguidance computes which tokens the grammar allows next.
 
+# JSON as llama.cpp's grammar writes it: ", " and ": " between items, no other whitespace (which a model could
+# otherwise pad a reply with until it runs out of tokens); keywords are checked by unsupported_keyword, not here
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
 _ll_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(vocab, ends): LLTokenizer}
 
 
@@ -123,8 +140,10 @@ class GrammarMask:
         from llguidance import LLMatcher, grammar_from
 
         self._np = np
+        schema = getattr(grammar, "schema", None)
         try:
-            lark = grammar_from("gbnf", grammar)
+            lark = LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT) if schema is not None \
+                else grammar_from("gbnf", grammar)
         except ValueError as e:
             raise ValueError(f"the grammar cannot be read by llguidance: {e}") from None
         self.vocab_size = vocab_size
