@@ -472,7 +472,7 @@ def test_a_real_model_calls_a_tool_through_ollama_and_langchain(smol_url):
     assert final.tool_calls or final.content and not final.content.startswith("{")
 
 
-@pytest.mark.parametrize("engine", ["torch", "llama.cpp"])
+@pytest.mark.parametrize("engine", ["torch", pytest.param("llama.cpp", marks=pytest.mark.slow)])  # loads SmolLM2
 def test_chat_and_completion_logprobs_are_the_models_own(engine, request):
     """logprobs + top_logprobs on chat (whole and streamed) and on completions: one entry per new token, the token's
     text adding up to the reply, its value the model's log-probability, which a scoring pass over prompt + reply
