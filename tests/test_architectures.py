@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 
+import httpx
 import pytest
 import torch
 from conftest import serve_and_chat
 
 from lib.check import check_model, write_report
 from lib.install.installer import install_model
+from lib.serving.process import MeasuredProcess, free_port, wait_ready
 
 SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
@@ -75,12 +77,26 @@ def test_every_installable_architecture_answers_through_start_sh(arch, tiny_chat
     if arch not in ("llama", "gpt2"):  # the post-test ran start.sh; once more as the user does, for each engine
         return
 
-    # the installed folder itself, as the user runs it
-    res = subprocess.run(["sh", str(folder / "start.sh"), "--prompt", "Hello", "--seed", "1", "--device", "cpu",
-                          "--set", "serve.max_new_tokens=4"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert f"engine {v['engine']}" in res.stderr
+    # the installed folder's server, as the user starts it (only a port added), in the install's own environment,
+    # asked what apps send beyond a plain chat: a JSON-schema reply (llguidance, which the torch and transformers
+    # engines constrain with, comes with a chat install's environment; a forced tool call: test_clients' router)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = MeasuredProcess(["sh", str(folder / "start.sh"), "--port", str(port)],
+                             {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}, folder)
+    try:
+        wait_ready(server, url, 300)
+        name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        ask = {"model": name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 120, "seed": 1}
+        schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                  "additionalProperties": False}
+        r = httpx.post(url + "/v1/chat/completions", timeout=120, json={**ask, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "ok", "schema": schema}}})
+        assert r.status_code == 200 and isinstance(json.loads(r.json()["choices"][0]["message"]["content"])["ok"],
+                                                   bool), r.text
+    finally:
+        res = server.stop()
+    assert f"engine {v['engine']}" in res["stderr"]
     # start.sh keeps what the server printed: the post-test's run, then this one
     log = (folder / "logs" / "server.log").read_text()
     assert log.count("--- ") == 2 and log.count(f"engine {v['engine']}") == 2

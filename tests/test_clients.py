@@ -182,6 +182,10 @@ def test_one_server_routes_by_model_loads_on_demand_unloads_when_idle_and_keeps_
             assert reply.model == "tiny" and reply.usage.completion_tokens == 4
             assert sorted(router.slots) == ["tiny"]  # loaded by its first request; the other one not
             runner = router.slots["tiny"].url  # its own server answers nobody but the router
+            # a forced tool call, answered by the install's own start.sh server in its own environment (llguidance)
+            call = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                  tools=TOOLS, tool_choice="required", max_tokens=60, seed=1)
+            assert call.choices[0].message.tool_calls[0].function.name in ("get_weather", "what_time")
             assert httpx.post(runner + "/v1/chat/completions", json={"model": "tiny", "messages": []}).status_code == 401
             vectors = client.embeddings.create(model="minilm", input=["hello", "world"])
             assert len(vectors.data) == 2 and len(vectors.data[0].embedding) == 384

@@ -9,7 +9,8 @@ against a JSON schema (json_schema) whatever the model would have written.
 The schema goes through llama.cpp's own converter (llama-cpp-python's json_schema_to_gbnf, as llama-server does).
 A keyword it cannot express is refused by name (a ValueError the APIs answer with a 400), never silently dropped.
 The llama.cpp engine hands the grammar to llama.cpp's grammar sampler (lib.serving.llamacpp); the torch and
-transformers engines follow the same grammar through llguidance (GBNF read by its converter, a token mask per step).
+transformers engines follow the same schema through llguidance (its JSON compiler, a token mask per step), or a
+grammar that came without a schema through its GBNF reader.
 Not here: sampling itself (lib.model.generate, lib.serving.llamacpp).
 """
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import json
 import weakref
+
+import numpy as np
 
 # JSON Schema keywords llama.cpp's converter does not turn into grammar rules (it would ignore them)
 UNSUPPORTED_KEYWORDS = ("not", "if", "then", "else", "dependentSchemas", "dependentRequired", "patternProperties",
@@ -131,22 +134,19 @@ def _ll_tokenizer(tokenizer, vocab_size: int, end_ids: tuple[int, ...]):
 
 
 class GrammarMask:
-    """The tokens a GBNF grammar allows next, for a sampling loop over torch logits: `apply` sets every other
+    """The tokens a Grammar allows next, for a sampling loop over torch logits: `apply` sets every other
     token's logit to -inf (None when nothing is allowed: the grammar is finished and no end token fits), `accept`
     moves the grammar past the sampled token. The end-of-turn ids are allowed once the grammar is complete."""
 
     def __init__(self, grammar: str, tokenizer, vocab_size: int, end_ids):
-        import numpy as np
         from llguidance import LLMatcher, grammar_from
 
-        self._np = np
         schema = getattr(grammar, "schema", None)
         try:
             lark = LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT) if schema is not None \
                 else grammar_from("gbnf", grammar)
         except ValueError as e:
             raise ValueError(f"the grammar cannot be read by llguidance: {e}") from None
-        self.vocab_size = vocab_size
         self.matcher = LLMatcher(_ll_tokenizer(tokenizer, vocab_size, tuple(sorted(set(end_ids)))), lark, log_level=0)
         if self.matcher.is_error():
             raise ValueError(f"the grammar cannot be used: {self.matcher.get_error()}")
@@ -154,8 +154,8 @@ class GrammarMask:
     def apply(self, logits):
         import torch
 
-        bits = self._np.unpackbits(self._np.frombuffer(self.matcher.compute_bitmask(), dtype=self._np.uint8),
-                                   bitorder="little")[:logits.shape[-1]]
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8),
+                             bitorder="little")[:logits.shape[-1]]
         if not bits.any():
             return None
         allowed = torch.from_numpy(bits.astype(bool)).to(logits.device)

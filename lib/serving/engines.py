@@ -1,7 +1,7 @@
 """Engines: what runs a model, declared once. lib/handlers.py says which engine serves a model of each kind
-(Handler.engine); this registry says what each engine is — the kinds it serves, the pip distributions it imports, and
-the function that loads a model of a kind with it (named as "module:function", imported when first used, so that a
-serving environment imports only the engines it uses).
+(Handler.engine, which also names the pip distributions a kind's environment needs); this registry says what each
+engine is and the function that loads a model of each kind it serves (named as "module:function", imported when
+first used, so that a serving environment imports only the engines it uses).
 
 Every chat engine hands the engine thread (lib.serving.engine) a decoder with one protocol, Decoder; the other kinds
 load into lib.serving.task_models' classes (embed, classify, rerank, transcribe).
@@ -39,26 +39,24 @@ class Decoder(Protocol):
 class EngineSpec:
     name: str
     loaders: dict[str, str]  # handler kind -> "module:function" that loads a model of that kind with this engine
-    requires: tuple[str, ...]  # the pip distributions it imports
-    about: str
 
 
 # Loader signatures by kind: chat (ref, device, note, max_active, max_context) -> lib.serving.loading.LoadedModel;
 # every other kind (ref, folder, config, device) -> lib.serving.task_models.TaskModel.
 ENGINES: dict[str, EngineSpec] = {e.name: e for e in (
-    EngineSpec("torch", {"chat": "lib.serving.loading:load_homellm"}, ("torch",),
-               "our own model (HomeLLM, Llama-compatible), decoded by lib.model.generate; GPUs, and CPUs without a GGUF"),
+    # our own model (HomeLLM, Llama-compatible), decoded by lib.model.generate: GPUs, and CPUs without a GGUF
+    EngineSpec("torch", {"chat": "lib.serving.loading:load_homellm"}),
+    # transformers' own classes: every other causal LM, sequence classifiers
     EngineSpec("transformers", {"chat": "lib.serving.loading:load_transformers",
-                                "classifier": "lib.serving.task_models:load_classifier"}, ("torch", "transformers"),
-               "transformers' own classes: every other causal LM, sequence classifiers"),
+                                "classifier": "lib.serving.task_models:load_classifier"}),
+    # GGUF files on the CPU, one batched decode per round for every active request
     EngineSpec("llama.cpp", {"chat": "lib.serving.loading:load_llamacpp",
-                             "embedding": "lib.serving.task_models:load_gguf_embedder"}, ("llama-cpp-python",),
-               "GGUF files on the CPU, one batched decode per round for every active request"),
+                             "embedding": "lib.serving.task_models:load_gguf_embedder"}),
+    # embedding models (bi-encoders) and rerankers (cross-encoders)
     EngineSpec("sentence-transformers", {"embedding": "lib.serving.task_models:load_embedder",
-                                         "reranker": "lib.serving.task_models:load_reranker"},
-               ("sentence-transformers",), "embedding models (bi-encoders) and rerankers (cross-encoders)"),
-    EngineSpec("faster-whisper", {"speech": "lib.serving.task_models:load_transcriber"}, ("faster-whisper",),
-               "Whisper in CTranslate2's format (an HF Whisper is converted at install)"),
+                                         "reranker": "lib.serving.task_models:load_reranker"}),
+    # Whisper in CTranslate2's format (an HF Whisper is converted at install)
+    EngineSpec("faster-whisper", {"speech": "lib.serving.task_models:load_transcriber"}),
 )}
 
 

@@ -259,11 +259,9 @@ class LlamaCppModel:
                 if L.llama_decode(self.ctx, b) != 0:
                     raise RuntimeError("llama_decode failed (KV cache full or bad batch)")
                 for i in rows:
-                    row = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
-                    row = row.astype(np.float64)
-                    top, target = row.max(), ids[pos + i + 1]
-                    logps.append(float(row[target] - top - np.log(np.exp(row - top).sum())))
-                    greedy.append(int(row.argmax()) == target)
+                    lp, target = log_softmax(self._row(i)), ids[pos + i + 1]
+                    logps.append(float(lp[target]))
+                    greedy.append(int(lp.argmax()) == target)
         finally:
             L.llama_memory_seq_rm(self.memory, slot, -1, -1)
             self._free.append(slot)
